@@ -1,0 +1,101 @@
+"""Encoder forward+backward: deberta_ds vs transformers.DebertaV2Model on the same weights.
+
+Timed alternately in one process (median of N rounds); peak memory is the growth of the
+process's peak resident set over one step of each model (median of 3, Linux only).
+
+    python benchmarks/model_bench.py [--rounds 10] [--batch 8 --length 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.hf_helpers builds the HF oracle
+
+from deberta_ds.config import preset
+from deberta_ds.convert import encoder_from_hf
+from tests.hf_helpers import random_hf_model
+
+
+def build(args, hf_dir: str):
+    config = preset("tiny", vocab_size=8000, hidden_size=args.hidden, num_layers=args.layers,
+                    num_heads=args.hidden // 64, intermediate_size=4 * args.hidden, position_buckets=256,
+                    max_relative_positions=512, hidden_dropout=0.0, attention_dropout=0.0,
+                    attention_impl="reference")
+    hf = random_hf_model(config)
+    hf.save_pretrained(hf_dir)
+    return hf.train(), encoder_from_hf(hf_dir).train(), config
+
+
+def step(model, ids, mask, is_hf: bool) -> None:
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state if is_hf else model(ids, mask)
+    out.float().pow(2).mean().backward()
+
+
+def _proc_status_mb(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory_mb(model, ids, mask, is_hf: bool) -> float:
+    """Peak resident-memory growth of one step: Linux resets VmHWM on writing 5 to clear_refs."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _proc_status_mb("VmRSS")
+    step(model, ids, mask, is_hf)
+    return _proc_status_mb("VmHWM") - before
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as hf_dir:
+        hf, ours, config = build(args, hf_dir)
+    ids = torch.randint(4, config.vocab_size, (args.batch, args.length))
+    mask = torch.ones_like(ids)
+    mask[0, args.length // 2:] = 0
+    for model, is_hf in ((hf, True), (ours, False)):  # warm-up
+        step(model, ids, mask, is_hf)
+    times = {"hf": [], "ours": []}
+    for _ in range(args.rounds):
+        for name, model, is_hf in (("hf", hf, True), ("ours", ours, False)):
+            start = time.perf_counter()
+            step(model, ids, mask, is_hf)
+            times[name].append(time.perf_counter() - start)
+    hf_ms, ours_ms = (statistics.median(times[n]) * 1e3 for n in ("hf", "ours"))
+    hf_mb = statistics.median(peak_memory_mb(hf, ids, mask, True) for _ in range(3))
+    ours_mb = statistics.median(peak_memory_mb(ours, ids, mask, False) for _ in range(3))
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"shape: B={args.batch} L={args.length} H={args.hidden} layers={args.layers} buckets=256")
+    print("| model | fwd+bwd ms (median) | peak RSS growth MB |")
+    print("|---|---|---|")
+    print(f"| transformers DebertaV2Model | {hf_ms:.1f} | {hf_mb:.0f} |")
+    print(f"| deberta_ds Encoder | {ours_ms:.1f} | {ours_mb:.0f} |")
+    print(f"| ratio ours / HF | {ours_ms / hf_ms:.2f} | {ours_mb / hf_mb:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Typed configuration for DeBERTaV3 encoders and the RTD generator/discriminator pair.
+
+Every field is validated in ``__post_init__``; a bad value raises ``ValueError`` naming the
+field and what to do. Configs round-trip through JSON (``to_json`` / ``from_json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+POS_ATT_TYPES = ("c2p", "p2c")
+EMBEDDING_SHARING_MODES = ("gdes", "es", "nes")
+ATTENTION_IMPLS = ("reference", "fused", "auto")
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field_name}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and regularisation of one DeBERTaV3 encoder (names follow the paper, not HF)."""
+
+    vocab_size: int = 128100
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    position_buckets: int = 256
+    max_relative_positions: int = 512
+    share_att_key: bool = True
+    pos_att_type: tuple[str, ...] = ("p2c", "c2p")
+    layer_norm_eps: float = 1e-7
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    attention_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.pos_att_type = tuple(self.pos_att_type)
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "position_buckets", "max_relative_positions", "max_position_embeddings"):
+            _require(int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
+        _require(self.hidden_size % self.num_heads == 0, "hidden_size",
+                 f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        _require(self.position_buckets <= self.max_relative_positions, "position_buckets",
+                 f"{self.position_buckets} buckets exceed max_relative_positions={self.max_relative_positions}")
+        _require(self.position_buckets >= 2, "position_buckets", "needs at least 2 buckets")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)}")
+        unknown = [t for t in self.pos_att_type if t not in POS_ATT_TYPES]
+        _require(not unknown, "pos_att_type", f"unsupported terms {unknown}; use a subset of {POS_ATT_TYPES}")
+        _require(len(set(self.pos_att_type)) == len(self.pos_att_type), "pos_att_type", "duplicated term")
+        _require(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+                 f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        _require(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", "must be a valid token id")
+        _require(self.layer_norm_eps > 0, "layer_norm_eps", "must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def attention_scale(self) -> float:
+        """1 / sqrt(d * (1 + number of positional terms)): one scale for c2c, c2p and p2c."""
+        return (self.head_dim * (1 + len(self.pos_att_type))) ** -0.5
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RTDConfig:
+    """An ELECTRA-style generator/discriminator pair as trained for DeBERTaV3."""
+
+    discriminator: ModelConfig = field(default_factory=ModelConfig)
+    generator_layers: int | None = None  # None: half the discriminator's layers
+    embedding_sharing: str = "gdes"
+    rtd_lambda: float = 50.0  # the paper's weight; the published script uses 10
+    temperature: float = 1.0
+    mask_token_id: int = 128000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.discriminator, dict):
+            self.discriminator = ModelConfig(**self.discriminator)
+        if self.generator_layers is None:
+            self.generator_layers = max(1, self.discriminator.num_layers // 2)
+        _require(self.generator_layers >= 1, "generator_layers", "must be at least 1")
+        _require(self.embedding_sharing in EMBEDDING_SHARING_MODES, "embedding_sharing",
+                 f"{self.embedding_sharing!r} is not one of {EMBEDDING_SHARING_MODES}")
+        _require(self.rtd_lambda > 0, "rtd_lambda", "must be positive")
+        _require(self.temperature > 0, "temperature", "must be positive")
+        _require(0 < self.mask_token_id < self.discriminator.vocab_size, "mask_token_id",
+                 f"{self.mask_token_id} is outside the vocabulary (vocab_size={self.discriminator.vocab_size})")
+
+    @property
+    def generator(self) -> ModelConfig:
+        """Same width, heads and FFN as the discriminator, fewer layers."""
+        return self.discriminator.replace(num_layers=self.generator_layers)
+
+
+def _config_from_dict(cls, data: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields are {sorted(known)}")
+    return cls(**data)
+
+
+def to_dict(config) -> dict:
+    data = dataclasses.asdict(config)
+    return json.loads(json.dumps(data))  # tuples -> lists, a plain JSON-able dict
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    return _config_from_dict(ModelConfig, data)
+
+
+def rtd_config_from_dict(data: dict) -> RTDConfig:
+    data = dict(data)
+    data["discriminator"] = model_config_from_dict(data.get("discriminator", {}))
+    return _config_from_dict(RTDConfig, data)
+
+
+def save_json(config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+PRESETS: dict[str, dict] = {
+    # A few-thousand-parameter model for tests and the CPU quickstart.
+    "tiny": dict(vocab_size=1024, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128,
+                 position_buckets=32, max_relative_positions=128),
+    # Published DeBERTaV3 shapes (discriminator; the generator has half the layers).
+    "xsmall": dict(hidden_size=384, num_layers=12, num_heads=6, intermediate_size=1536),
+    "small": dict(hidden_size=768, num_layers=6, num_heads=12, intermediate_size=3072),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"model preset: unknown name {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,39 @@
+"""Attention kernels and the single dispatch point the model calls.
+
+``disentangled_attention`` has one signature for every implementation; the pure-PyTorch
+reference defines the semantics. ``attention_impl``: ``reference`` always uses it,
+``fused`` requires the fused Triton kernel, ``auto`` uses the fused kernel on CUDA when it
+is available and the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deberta_ds.kernels.reference import disentangled_attention_reference
+
+# The fused Triton implementation registers itself here when it is importable.
+FUSED_IMPLEMENTATION = None
+
+
+def select_attention(impl: str, device: torch.device):
+    if impl == "reference":
+        return disentangled_attention_reference
+    if impl == "fused":
+        if FUSED_IMPLEMENTATION is None:
+            raise ValueError("attention_impl='fused': the fused Triton kernel is not available in this "
+                             "installation; use attention_impl='reference' or 'auto'")
+        return FUSED_IMPLEMENTATION
+    if impl == "auto":
+        if FUSED_IMPLEMENTATION is not None and device.type == "cuda":
+            return FUSED_IMPLEMENTATION
+        return disentangled_attention_reference
+    raise ValueError(f"attention_impl: {impl!r} is not one of reference, fused, auto")
+
+
+def disentangled_attention(q, k, v, pos_key, pos_query, attention_mask, *, position_buckets,
+                           max_relative_positions, scale=None, dropout_p=0.0, seed=None, impl="auto"):
+    attention = select_attention(impl, q.device)
+    return attention(q, k, v, pos_key, pos_query, attention_mask, position_buckets=position_buckets,
+                     max_relative_positions=max_relative_positions, scale=scale, dropout_p=dropout_p,
+                     seed=seed)

@@ -1,0 +1,74 @@
+"""Pure-PyTorch disentangled attention: the semantics every fused kernel must reproduce.
+
+score[i, j] = (q_i.k_j + q_i.Kr[s(i, j)] + k_j.Qr[s(i, j)]) * scale, s = relative slot.
+Scores, softmax and the row max live in fp32 (fp64 stays fp64) whatever the input dtype,
+so fp16/bf16 never overflow; only the probabilities are cast back for the PV product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deberta_ds.relative_position import relative_slots
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_scale(head_dim: int, pos_key, pos_query) -> float:
+    positional_terms = (pos_key is not None) + (pos_query is not None)
+    return (head_dim * (1 + positional_terms)) ** -0.5
+
+
+def attention_scores(q, k, pos_key, pos_query, *, position_buckets, max_relative_positions, scale):
+    """c2c + c2p + p2c, scaled, in the score dtype: [B, h, L, L]."""
+    seq_len = q.shape[-2]
+    dtype = _score_dtype(q.dtype)
+    q_scaled = q.to(dtype) * scale                                    # [B, h, L, d]
+    k_scaled = k.to(dtype) * scale
+    scores = q_scaled @ k.to(dtype).transpose(-1, -2)                # [B, h, L, L]
+    if pos_key is None and pos_query is None:
+        return scores
+    slots = relative_slots(seq_len, seq_len, position_buckets, max_relative_positions, q.device)
+    # Only slots [first, last] are reachable at this length: project against those rows only.
+    first, last = int(slots[0, -1]), int(slots[-1, 0])
+    slots = (slots - first).expand(*scores.shape)                   # [B, h, L, L]
+    if pos_key is not None:
+        c2p = q_scaled @ pos_key[:, first:last + 1].to(dtype).transpose(-1, -2)   # [B, h, L, R]
+        scores = scores + c2p.gather(-1, slots)
+    if pos_query is not None:
+        p2c = k_scaled @ pos_query[:, first:last + 1].to(dtype).transpose(-1, -2)  # [B, h, L(key), R]
+        # p2c[i, j] = K_j . Qr[s(i, j)]: gather along slots for key row j, then transpose.
+        scores = scores + p2c.gather(-1, slots.transpose(-1, -2)).transpose(-1, -2)
+    return scores
+
+
+def disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask, *, position_buckets,
+                                     max_relative_positions, scale=None, dropout_p=0.0, seed=None):
+    """q, k, v [B, h, L, d]; pos_key, pos_query [h, 2k, d] or None; attention_mask [B, L] or None.
+
+    Returns [B, h, L, d] in v's dtype; padded query rows are exactly 0.
+    """
+    if scale is None:
+        scale = default_scale(q.shape[-1], pos_key, pos_query)
+    scores = attention_scores(q, k, pos_key, pos_query, position_buckets=position_buckets,
+                              max_relative_positions=max_relative_positions, scale=scale)
+    if attention_mask is not None:
+        keep = attention_mask.bool()                                  # [B, L]
+        scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    if attention_mask is not None:
+        probs = probs * keep[:, None, :, None]                        # padded query rows -> 0
+    if dropout_p > 0.0:
+        probs = probs * dropout_mask(probs.shape, dropout_p, seed, probs.device, probs.dtype)
+    return probs.to(v.dtype) @ v
+
+
+def dropout_mask(shape, dropout_p: float, seed, device, dtype) -> torch.Tensor:
+    """Inverted-dropout multipliers (0 or 1/(1-p)); from `seed` when given, else the global RNG."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    keep = torch.rand(shape, generator=generator, device=device) >= dropout_p
+    return keep.to(dtype) / (1.0 - dropout_p)

@@ -1,0 +1,149 @@
+"""The DeBERTaV3 backbone: embeddings, disentangled self-attention, post-LN layers.
+
+Plain PyTorch, top to bottom. Attention scores go through ``deberta_ds.kernels``, the one
+dispatch point between the reference path and the fused kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deberta_ds.config import ModelConfig
+from deberta_ds.kernels import disentangled_attention
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """DeBERTa init: Linear/Embedding N(0, std), biases 0, LayerNorm (1, 0), padding row 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Embeddings(nn.Module):
+    """word embedding -> LayerNorm -> zero padded positions -> dropout (no absolute positions)."""
+
+    def __init__(self, config: ModelConfig, own_word_embeddings: bool = True):
+        super().__init__()
+        self.pad_token_id = config.pad_token_id
+        # Without its own table (GDES/ES discriminator) the caller passes the weight to use.
+        self.word_embeddings = (nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+                                if own_word_embeddings else None)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids, attention_mask, inputs_embeds=None, word_embedding_weight=None):
+        if inputs_embeds is None:
+            weight = self.word_embeddings.weight if word_embedding_weight is None else word_embedding_weight
+            inputs_embeds = F.embedding(input_ids, weight, padding_idx=self.pad_token_id)  # [B, L, H]
+        hidden = self.norm(inputs_embeds) * attention_mask.unsqueeze(-1).to(inputs_embeds.dtype)
+        return self.dropout(hidden)
+
+
+class DisentangledSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        if not config.share_att_key:
+            self.pos_key = nn.Linear(hidden, hidden) if "c2p" in config.pos_att_type else None
+            self.pos_query = nn.Linear(hidden, hidden) if "p2c" in config.pos_att_type else None
+        self.pos_dropout = nn.Dropout(config.hidden_dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., L, H] -> [..., h, L, d]."""
+        x = x.unflatten(-1, (self.config.num_heads, self.config.head_dim))
+        return x.transpose(-2, -3)
+
+    def _positional(self, rel_table: torch.Tensor):
+        """Project the (dropped-out) relative table: Kr, Qr as [h, 2k, d], or None when off."""
+        table = self.pos_dropout(rel_table)                                  # [2k, H]
+        terms = self.config.pos_att_type
+        if self.config.share_att_key:
+            key_proj, query_proj = self.key, self.query
+        else:
+            key_proj, query_proj = self.pos_key, self.pos_query
+        pos_key = self._heads(key_proj(table)) if "c2p" in terms else None
+        pos_query = self._heads(query_proj(table)) if "p2c" in terms else None
+        return pos_key, pos_query
+
+    def forward(self, hidden_states, attention_mask, rel_table, query_states=None):
+        """hidden_states [B, L, H] gives keys/values; query_states (default: the same) queries."""
+        query_states = hidden_states if query_states is None else query_states
+        q = self._heads(self.query(query_states))                             # [B, h, L, d]
+        k = self._heads(self.key(hidden_states))
+        v = self._heads(self.value(hidden_states))
+        pos_key, pos_query = self._positional(rel_table)
+        context = disentangled_attention(
+            q, k, v, pos_key, pos_query, attention_mask,
+            position_buckets=self.config.position_buckets,
+            max_relative_positions=self.config.max_relative_positions,
+            scale=self.config.attention_scale,
+            dropout_p=self.config.attention_dropout if self.training else 0.0,
+            impl=self.config.attention_impl)                                  # [B, h, L, d]
+        return context.transpose(1, 2).flatten(2)                             # [B, L, H]
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN: attention -> dense -> dropout -> +res -> LN; FFN (erf GELU) -> dropout -> +res -> LN."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.attention = DisentangledSelfAttention(config)
+        self.attention_out = nn.Linear(hidden, hidden)
+        self.attention_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(hidden, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, attention_mask, rel_table, query_states=None):
+        residual = hidden_states if query_states is None else query_states
+        context = self.attention(hidden_states, attention_mask, rel_table, query_states)
+        attended = self.attention_norm(self.dropout(self.attention_out(context)) + residual)
+        ffn = self.ffn_out(F.gelu(self.ffn_in(attended)))
+        return self.ffn_norm(self.dropout(ffn) + attended)
+
+
+class Encoder(nn.Module):
+    """Embeddings + layers sharing one LayerNorm-ed relative-position table.
+
+    forward: (input_ids [B, L], attention_mask [B, L]) -> last hidden states [B, L, H].
+    """
+
+    def __init__(self, config: ModelConfig, own_word_embeddings: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config, own_word_embeddings)
+        self.rel_embeddings = nn.Embedding(2 * config.position_buckets, config.hidden_size)
+        self.rel_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        init_weights(self, config.initializer_range)
+
+    def relative_table(self) -> torch.Tensor:
+        return self.rel_norm(self.rel_embeddings.weight)                      # [2k, H]
+
+    def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, word_embedding_weight=None,
+                num_layers: int | None = None):
+        """Runs the first `num_layers` layers (all by default); returns their output [B, L, H]."""
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if attention_mask is None:
+            attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        hidden = self.embeddings(input_ids, attention_mask, inputs_embeds, word_embedding_weight)
+        rel_table = self.relative_table()
+        for layer in self.layers[:num_layers]:
+            hidden = layer(hidden, attention_mask, rel_table)
+        return hidden

@@ -1,0 +1,65 @@
+"""Task heads: the generator's enhanced mask decoder and tied LM head, the RTD head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deberta_ds.config import ModelConfig
+from deberta_ds.model.encoder import Encoder, init_weights
+
+
+class EnhancedMaskDecoder(nn.Module):
+    """Runs the encoder's LAST layer twice over the second-to-last layer's output.
+
+    Keys/values stay H_kv throughout; the query starts as H_kv + absolute position embeddings
+    (the only place absolute positions enter DeBERTaV3).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        init_weights(self, config.initializer_range)
+
+    def forward(self, encoder: Encoder, kv_states, attention_mask, rel_table):
+        seq_len = kv_states.shape[1]
+        if seq_len > self.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings="
+                             f"{self.position_embeddings.num_embeddings} of the generator's enhanced mask decoder")
+        positions = self.position_embeddings.weight[:seq_len]                 # [L, H]
+        query = kv_states + positions
+        last_layer = encoder.layers[-1]
+        for _ in range(2):
+            query = last_layer(kv_states, attention_mask, rel_table, query_states=query)
+        return query
+
+
+class LMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> h . W_word^T + bias, W_word passed in (tied)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        init_weights(self, config.initializer_range)
+
+    def forward(self, hidden, word_embedding_weight):
+        hidden = self.norm(F.gelu(self.dense(hidden)))
+        return F.linear(hidden, word_embedding_weight, self.bias)
+
+
+class RTDHead(nn.Module):
+    """LayerNorm(h + h_CLS) -> dense -> GELU -> classifier: one 'replaced' logit per token."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        init_weights(self, config.initializer_range)
+
+    def forward(self, hidden):                                                # [B, L, H] -> [B, L]
+        hidden = self.norm(hidden + hidden[:, :1])
+        return self.classifier(F.gelu(self.dense(hidden))).squeeze(-1)

@@ -1,0 +1,139 @@
+"""ELECTRA-style replaced token detection with DeBERTaV3's embedding sharing.
+
+Batch convention: ``input_ids`` already carry [MASK] at the masked positions, ``labels``
+hold the original id there and -100 elsewhere, ``attention_mask`` is 1 for real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deberta_ds.config import RTDConfig
+from deberta_ds.model.encoder import Encoder
+from deberta_ds.model.heads import EnhancedMaskDecoder, LMHead, RTDHead
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class GeneratorOutput:
+    loss: torch.Tensor            # MLM cross-entropy over masked positions
+    accuracy: torch.Tensor
+    logits: torch.Tensor          # [M, V] at the masked positions, row-major order
+
+
+@dataclass
+class DiscriminatorOutput:
+    loss: torch.Tensor            # BCE over all non-pad tokens
+    accuracy: torch.Tensor
+    logits: torch.Tensor          # [B, L]
+    replaced: torch.Tensor        # [B, L] bool labels
+
+
+@dataclass
+class RTDOutput:
+    loss: torch.Tensor            # mlm + rtd_lambda * rtd (the joint objective)
+    generator: GeneratorOutput
+    discriminator: DiscriminatorOutput
+    corrupted_ids: torch.Tensor   # [B, L]
+    replaced_ratio: torch.Tensor  # fraction of masked positions whose sample differs from the original
+
+
+class Generator(nn.Module):
+    def __init__(self, config: RTDConfig):
+        super().__init__()
+        self.encoder = Encoder(config.generator)
+        self.emd = EnhancedMaskDecoder(config.generator)
+        self.lm_head = LMHead(config.generator)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.encoder.embeddings.word_embeddings
+
+    def forward(self, input_ids, attention_mask, labels) -> GeneratorOutput:
+        encoder = self.encoder
+        kv_states = encoder(input_ids, attention_mask, num_layers=len(encoder.layers) - 1)
+        decoded = self.emd(encoder, kv_states, attention_mask, encoder.relative_table())  # [B, L, H]
+        masked = labels != IGNORE_INDEX
+        logits = self.lm_head(decoded[masked], self.word_embeddings.weight)      # [M, V]
+        targets = labels[masked]
+        loss = F.cross_entropy(logits.float(), targets)
+        accuracy = (logits.argmax(-1) == targets).float().mean()
+        return GeneratorOutput(loss, accuracy, logits)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, config: RTDConfig):
+        super().__init__()
+        self.encoder = Encoder(config.discriminator, own_word_embeddings=config.embedding_sharing == "nes")
+        self.head = RTDHead(config.discriminator)
+
+    def forward(self, input_ids, attention_mask, replaced, word_embedding_weight=None) -> DiscriminatorOutput:
+        hidden = self.encoder(input_ids, attention_mask, word_embedding_weight=word_embedding_weight)
+        logits = self.head(hidden)                                              # [B, L]
+        real = attention_mask.bool()
+        loss = F.binary_cross_entropy_with_logits(logits[real].float(), replaced[real].float())
+        accuracy = ((logits[real] > 0) == replaced[real]).float().mean()
+        return DiscriminatorOutput(loss, accuracy, logits, replaced)
+
+
+class ReplacedTokenDetection(nn.Module):
+    """Generator + discriminator with GDES (E_D = stopgrad(E_G) + E_delta), ES or NES sharing."""
+
+    def __init__(self, config: RTDConfig):
+        super().__init__()
+        self.config = config
+        self.generator = Generator(config)
+        self.discriminator = Discriminator(config)
+        if config.embedding_sharing == "gdes":
+            # Zero-initialised, so the discriminator starts from the generator's embedding.
+            self.embedding_delta = nn.Parameter(torch.zeros_like(self.generator.word_embeddings.weight))
+
+    def discriminator_embedding_weight(self) -> torch.Tensor | None:
+        """The discriminator's word-embedding matrix; None when it owns one (NES)."""
+        sharing = self.config.embedding_sharing
+        if sharing == "gdes":
+            return self.generator.word_embeddings.weight.detach() + self.embedding_delta
+        if sharing == "es":
+            return self.generator.word_embeddings.weight
+        return None
+
+    @torch.no_grad()
+    def corrupt(self, input_ids, labels, generator_logits, rng: torch.Generator | None = None):
+        """One categorical draw per masked position (Gumbel-max, no gradient).
+
+        Returns the corrupted ids [B, L] and the 'replaced' labels [B, L]: masked AND the
+        sample differs from the original (a lucky correct sample is 'original').
+        """
+        masked = labels != IGNORE_INDEX
+        logits = generator_logits.float() / self.config.temperature                # [M, V]
+        uniform = torch.rand(logits.shape, generator=rng, device=logits.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
+        sampled = (logits + gumbel).argmax(-1)                                  # [M]
+        corrupted = input_ids.clone()
+        corrupted[masked] = sampled
+        replaced = torch.zeros_like(masked)
+        replaced[masked] = sampled != labels[masked]
+        return corrupted, replaced
+
+    def discriminate(self, corrupted_ids, attention_mask, replaced) -> DiscriminatorOutput:
+        return self.discriminator(corrupted_ids, attention_mask, replaced,
+                                  word_embedding_weight=self.discriminator_embedding_weight())
+
+    def forward(self, input_ids, attention_mask, labels, rng: torch.Generator | None = None) -> RTDOutput:
+        gen = self.generator(input_ids, attention_mask, labels)
+        corrupted, replaced = self.corrupt(input_ids, labels, gen.logits, rng)
+        disc = self.discriminate(corrupted, attention_mask, replaced)
+        masked = labels != IGNORE_INDEX
+        replaced_ratio = replaced[masked].float().mean()
+        loss = gen.loss + self.config.rtd_lambda * disc.loss
+        return RTDOutput(loss, gen, disc, corrupted, replaced_ratio)
+
+    def export_discriminator_embedding(self) -> torch.Tensor:
+        """One merged word-embedding matrix for the exported discriminator (E_G + E_delta under GDES)."""
+        weight = self.discriminator_embedding_weight()
+        return (weight if weight is not None else self.discriminator.encoder.embeddings.word_embeddings.weight).detach()

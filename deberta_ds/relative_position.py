@@ -1,0 +1,48 @@
+"""Log-bucketed relative positions of DeBERTaV2/V3.
+
+Clamping decision for sequences longer than ``max_relative_positions`` (documented in
+README): the published DeBERTa code clamps the distance to +/-(max_relative_positions - 1)
+before bucketing, Hugging Face does not. The two differ only for |i - j| >= max_relative_positions
+on the negative side (HF's bucket falls below -k and the slot clamps to 0; the published code
+stops at slot 1). We follow Hugging Face so that an exported model behaves identically in
+``transformers``; ``tests/test_relative_position.py`` pins this.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def log_bucket(relative: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
+    """Bucket of each relative distance r = i - j; odd in r, exact for |r| <= buckets // 2.
+
+    The arithmetic is float32, as in HF, so rounding at bucket boundaries coincides.
+    """
+    mid = position_buckets // 2
+    sign = torch.sign(relative)
+    # |r| < mid never reaches the log branch; substituting mid - 1 keeps log() finite.
+    abs_pos = torch.where(relative.abs() < mid, torch.full_like(relative, mid - 1), relative.abs())
+    log_ratio = torch.log(abs_pos / mid) / torch.log(torch.tensor((max_relative_positions - 1) / mid))
+    log_pos = torch.ceil(log_ratio * (mid - 1)) + mid
+    return torch.where(abs_pos <= mid, relative.to(log_pos.dtype), log_pos * sign).long()
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_table_cpu(query_len: int, key_len: int, position_buckets: int, max_relative_positions: int):
+    relative = torch.arange(query_len)[:, None] - torch.arange(key_len)[None, :]  # [Lq, Lk]
+    slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
+    return slots.clamp_(0, 2 * position_buckets - 1)
+
+
+def relative_slots(query_len: int, key_len: int, position_buckets: int, max_relative_positions: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """idx[i, j] = clamp(bucket(i - j) + k, 0, 2k - 1): the row of the relative table for (i, j).
+
+    Returns int64 [query_len, key_len]. Slots grow with i - j, so the reachable slots at this
+    length are the contiguous range [idx[0, -1], idx[-1, 0]].
+    """
+    table = _slot_table_cpu(query_len, key_len, position_buckets, max_relative_positions)
+    return table.to(device)
+

@@ -1,0 +1,104 @@
+"""Reference attention and relative positions against the spec, written as plain loops."""
+
+import math
+
+import pytest
+import torch
+
+from deberta_ds.kernels import disentangled_attention, select_attention
+from deberta_ds.kernels.reference import disentangled_attention_reference
+from deberta_ds.relative_position import log_bucket, relative_slots
+
+
+def spec_bucket(r: int, k: int, max_rel: int) -> int:
+    """deberta_v3.md: bucket(r) = r for |r| <= k/2, else sign(r)(ceil(ln(|r|/mid)/ln((max-1)/mid)(mid-1)) + mid)."""
+    mid = k // 2
+    if abs(r) <= mid:
+        return r
+    sign = 1 if r > 0 else -1
+    return sign * (math.ceil(math.log(abs(r) / mid) / math.log((max_rel - 1) / mid) * (mid - 1)) + mid)
+
+
+def test_bucket_table_values_of_v3():
+    buckets = log_bucket(torch.tensor([128, 135, 256, 500, 506, 511, 2000]), 256, 512).tolist()
+    assert buckets[:4] == [128, 133, 192, 254]
+    assert buckets[4] == buckets[5] == 255
+    slots = relative_slots(600, 600, 256, 512)
+    assert slots[600 - 1, 0] == 511 and slots[506, 0] == 511  # r >= 506 -> last slot
+
+
+def test_bucket_is_odd_and_matches_spec_formula():
+    r = torch.arange(-511, 512)
+    buckets = log_bucket(r, 256, 512)
+    assert torch.equal(buckets, -log_bucket(-r, 256, 512))
+    assert buckets.tolist() == [spec_bucket(x, 256, 512) for x in r.tolist()]
+
+
+def test_clamping_past_max_relative_positions_follows_hf():
+    """Documented decision: no distance clamp (HF). r <= -512 lands on slot 0; the published
+    code would clamp r to -511 first and land on slot 1. Both agree for |r| <= 511."""
+    slots = relative_slots(700, 700, 256, 512)
+    assert slots[0, 511].item() == 1           # r = -511: same in both conventions
+    assert slots[0, 512].item() == 0           # r = -512: HF's slot (official: 1)
+    assert slots[699, 0].item() == 511
+
+
+def loop_reference(q, k, v, pos_key, pos_query, mask, buckets, max_rel):
+    """Double loop straight from deberta_v3.md, float64."""
+    B, h, L, d = q.shape
+    scale = 1.0 / math.sqrt(d * (1 + (pos_key is not None) + (pos_query is not None)))
+    out = torch.zeros_like(v)
+    for b in range(B):
+        for head in range(h):
+            for i in range(L):
+                if mask is not None and not mask[b, i]:
+                    continue  # padded query rows output 0
+                scores = []
+                for j in range(L):
+                    slot = min(max(spec_bucket(i - j, buckets, max_rel) + buckets, 0), 2 * buckets - 1)
+                    s = q[b, head, i] @ k[b, head, j]
+                    if pos_key is not None:
+                        s = s + q[b, head, i] @ pos_key[head, slot]
+                    if pos_query is not None:
+                        s = s + k[b, head, j] @ pos_query[head, slot]
+                    keep = mask is None or bool(mask[b, j])
+                    scores.append(s * scale if keep else torch.tensor(-math.inf, dtype=q.dtype))
+                probs = torch.softmax(torch.stack(scores), 0)
+                out[b, head, i] = probs @ v[b, head]
+    return out
+
+
+@pytest.mark.parametrize("terms", [("c2p", "p2c"), ("c2p",), ("p2c",), ()])
+def test_reference_matches_float64_loop(terms):
+    gen = torch.Generator().manual_seed(0)
+    B, h, L, d, buckets, max_rel = 2, 2, 40, 8, 8, 24   # linear, log and saturated regions all appear
+    q, k, v = (torch.randn(B, h, L, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    pos_key = torch.randn(h, 2 * buckets, d, generator=gen, dtype=torch.float64) if "c2p" in terms else None
+    pos_query = torch.randn(h, 2 * buckets, d, generator=gen, dtype=torch.float64) if "p2c" in terms else None
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 29:] = 0
+    expected = loop_reference(q, k, v, pos_key, pos_query, mask, buckets, max_rel)
+    actual = disentangled_attention_reference(q, k, v, pos_key, pos_query, mask, position_buckets=buckets,
+                                              max_relative_positions=max_rel)
+    assert (actual - expected).abs().max().item() <= 1e-10
+    assert torch.all(actual[1, :, 29:] == 0)
+
+
+def test_reference_dropout_is_reproducible_from_seed():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=gen) for _ in range(3))
+    run = lambda seed: disentangled_attention_reference(q, k, v, None, None, None, position_buckets=4,
+                                                        max_relative_positions=8, dropout_p=0.3, seed=seed)
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+
+
+def test_dispatch_point():
+    assert select_attention("reference", torch.device("cpu")) is disentangled_attention_reference
+    assert select_attention("auto", torch.device("cpu")) is disentangled_attention_reference
+    with pytest.raises(ValueError, match="attention_impl"):
+        select_attention("flash", torch.device("cpu"))
+    q = torch.randn(1, 1, 4, 8)
+    out = disentangled_attention(q, q, q, None, None, None, position_buckets=4, max_relative_positions=8,
+                                 impl="reference")
+    assert out.shape == q.shape

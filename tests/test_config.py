@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from deberta_ds.config import (PRESETS, ModelConfig, RTDConfig, model_config_from_dict, preset,
+                               rtd_config_from_dict, save_json, to_dict)
+from deberta_ds.model import Encoder
+
+PUBLISHED = {"xsmall": (12, 384, 6, 1536, 22e6), "small": (6, 768, 12, 3072, 44e6),
+             "base": (12, 768, 12, 3072, 86e6), "large": (24, 1024, 16, 4096, 304e6)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_have_published_shapes(name):
+    layers, hidden, heads, ffn, backbone = PUBLISHED[name]
+    config = preset(name)
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.intermediate_size) == \
+        (layers, hidden, heads, ffn)
+    assert config.vocab_size == 128100 and config.position_buckets == 256 and config.max_relative_positions == 512
+    # Backbone parameter count (without embeddings) as published, within 5%.
+    body = (4 * hidden * hidden + 2 * hidden * ffn) * layers
+    assert abs(body - backbone) / backbone < 0.05
+
+
+def test_tiny_preset_and_generator_derivation():
+    rtd = RTDConfig(discriminator=preset("tiny"), mask_token_id=4)
+    assert rtd.generator.num_layers == 2 and rtd.generator.hidden_size == 64
+    assert RTDConfig(discriminator=preset("tiny"), generator_layers=3, mask_token_id=4).generator.num_layers == 3
+    assert set(PRESETS) == {"tiny", "xsmall", "small", "base", "large"}
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"hidden_size": 100, "num_heads": 3}, "hidden_size"),
+    ({"position_buckets": 1024}, "position_buckets"),
+    ({"pos_att_type": ("c2p", "p2p")}, "pos_att_type"),
+    ({"attention_impl": "flash"}, "attention_impl"),
+    ({"hidden_dropout": 1.5}, "hidden_dropout"),
+    ({"num_layers": 0}, "num_layers"),
+])
+def test_model_config_validation_names_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**changes)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"embedding_sharing": "shared"}, "embedding_sharing"),
+    ({"mask_token_id": 10 ** 6}, "mask_token_id"),
+    ({"rtd_lambda": 0}, "rtd_lambda"),
+    ({"generator_layers": 0}, "generator_layers"),
+])
+def test_rtd_config_validation_names_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        RTDConfig(**changes)
+
+
+def test_json_round_trip(tmp_path):
+    rtd = RTDConfig(discriminator=preset("xsmall", share_att_key=False), embedding_sharing="es", rtd_lambda=10)
+    save_json(rtd, tmp_path / "c.json")
+    assert rtd_config_from_dict(json.loads((tmp_path / "c.json").read_text())) == rtd
+    assert model_config_from_dict(to_dict(preset("base"))) == preset("base")
+    with pytest.raises(ValueError, match="unknown fields"):
+        model_config_from_dict({"hiden_size": 3})
+
+
+def test_unshared_attention_keys_build_separate_projections():
+    encoder = Encoder(preset("tiny", share_att_key=False, pos_att_type=("c2p",)))
+    names = {n for n, _ in encoder.named_parameters()}
+    assert "layers.0.attention.pos_key.weight" in names and "layers.0.attention.pos_query.weight" not in names
