@@ -1,0 +1,1 @@
+"""Offline data preparation: tokenizer training, tokenisation into Megatron-layout shards, tools."""

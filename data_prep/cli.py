@@ -1,0 +1,159 @@
+"""python -m data_prep <command>: offline data preparation for deberta_ds.
+
+Commands: default-corpus, train-tokenizer, tokenize, verify, inspect, merge, split.
+Shards are Megatron MMIDIDX pairs named PREFIX_00000.bin/.idx, PREFIX_00001..., readable by
+megatron-core's IndexedDataset and by deberta_ds.data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from data_prep.inputs import DOC_BOUNDARIES, FORMATS, expand_inputs, iterate_pieces
+
+
+def _input_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="input files, globs or directories (searched recursively); .gz is decompressed")
+    parser.add_argument("--format", choices=FORMATS, default="text",
+                        help="text: plain UTF-8 text; jsonl: one JSON object per line (default text)")
+    parser.add_argument("--json-key", default="text", help="JSONL field holding the document text (default text)")
+    parser.add_argument("--doc-boundary", choices=DOC_BOUNDARIES, default="line",
+                        help="text only: one document per line, or documents separated by blank lines (default line)")
+    parser.add_argument("--max-piece-bytes", type=int, default=1 << 20,
+                        help="documents longer than this are read and encoded in pieces of at most this many "
+                             "bytes, cut at a space (default 1 MiB); bounds memory for huge lines")
+
+
+def _output_flags(parser: argparse.ArgumentParser, default_name: str) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--output-prefix", help="output path prefix, e.g. out/wiki (gives out/wiki_00000.bin ...)")
+    group.add_argument("--output-dir", help=f"output directory; the prefix becomes DIR/{default_name}")
+
+
+def _output_prefix(args, default_name: str) -> str:
+    return args.output_prefix or str(Path(args.output_dir) / default_name)
+
+
+def _tokenizer_flag(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--tokenizer", required=required, metavar="PATH",
+                        help="SentencePiece model: spm.model or the directory holding it (with tokenizer.json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    corpus = commands.add_parser("default-corpus", help="write the built-in corpus (Python's own documentation)")
+    corpus.add_argument("--output", required=True, help="output text file, one document per line")
+    corpus.add_argument("--max-bytes", type=int, help="stop after about this many bytes (default: all, a few MB)")
+
+    train = commands.add_parser("train-tokenizer", help="train a SentencePiece model with DeBERTaV3's special ids")
+    _input_flags(train)
+    train.add_argument("--output-dir", required=True, help="directory for spm.model, spm.vocab and tokenizer.json")
+    train.add_argument("--vocab-size", type=int, required=True, help="number of pieces ([MASK] is appended after)")
+    train.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram", help="default unigram")
+    train.add_argument("--character-coverage", type=float, default=0.9995,
+                       help="fraction of characters covered by the vocabulary (default 0.9995)")
+    train.add_argument("--sample-sentences", type=int, default=2_000_000,
+                       help="sentences sampled (reservoir) for training, so a huge corpus needs no RAM "
+                            "(default 2,000,000)")
+    train.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    train.add_argument("--workers", type=int, default=os.cpu_count(), help="training threads (default: all cores)")
+
+    tok = commands.add_parser("tokenize", help="tokenise inputs into shards (parallel, streaming, resumable)")
+    _input_flags(tok)
+    _output_flags(tok, "shard")
+    _tokenizer_flag(tok, required=True)
+    tok.add_argument("--workers", type=int, default=os.cpu_count(),
+                     help="encoder processes (default: all cores); the output does not depend on it")
+    tok.add_argument("--shard-tokens", type=int, default=1 << 30,
+                     help="start a new shard before a document that would take a shard past this many tokens "
+                          "(default 2^30)")
+    tok.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    verify = commands.add_parser("verify", help="check shards fully; non-zero exit naming file and offset")
+    verify.add_argument("paths", nargs="+", metavar="PREFIX_OR_DIR", help="shard prefixes, .idx/.bin files, "
+                                                                          "globs or directories")
+    _tokenizer_flag(verify, required=False)
+    verify.add_argument("--vocab-size", type=int, help="ids must be below this (default: from --tokenizer)")
+
+    inspect = commands.add_parser("inspect", help="print sizes, length statistics and the first document")
+    inspect.add_argument("path", metavar="PREFIX_OR_DIR")
+    _tokenizer_flag(inspect, required=False)
+
+    merge = commands.add_parser("merge", help="many shard sets -> one PREFIX.bin/.idx (streaming)")
+    merge.add_argument("--input", nargs="+", required=True, metavar="PREFIX_OR_DIR", help="shard sets, in order")
+    merge.add_argument("--output-prefix", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+
+    split = commands.add_parser("split", help="train/valid split by document (deterministic)")
+    split.add_argument("--input", nargs="+", required=True, metavar="PREFIX_OR_DIR", help="shard sets, in order")
+    split.add_argument("--output-prefix", required=True, help="writes PREFIX_train.* and PREFIX_valid.*")
+    split.add_argument("--valid-fraction", type=float, default=0.01, help="fraction of documents (default 0.01)")
+    split.add_argument("--seed", type=int, default=0, help="seed of the per-document choice (default 0)")
+    return parser
+
+
+def _sentences(args):
+    files = expand_inputs(args.input)
+    for piece in iterate_pieces(files, args.format, args.doc_boundary, args.json_key, args.max_piece_bytes):
+        if piece.data:
+            for line in piece.data.decode("utf-8", errors="replace").splitlines():
+                if line.strip():
+                    yield line
+
+
+def run(args) -> int:
+    from data_prep import tools
+    from data_prep.tokenizer import load_tokenizer
+
+    if args.command == "default-corpus":
+        from data_prep.default_corpus import write_default_corpus
+        path = write_default_corpus(args.output, args.max_bytes)
+        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    elif args.command == "train-tokenizer":
+        from data_prep.tokenizer import train_tokenizer
+        meta = train_tokenizer(_sentences(args), args.output_dir, args.vocab_size, args.model_type,
+                               args.character_coverage, args.sample_sentences, args.seed, args.workers)
+        print(f"wrote {args.output_dir}/spm.model: {meta.pieces} pieces, [MASK]={meta.mask_id}, "
+              f"model vocab {meta.model_vocab_size}")
+    elif args.command == "tokenize":
+        from data_prep.tokenize import tokenize_corpus
+        prefix = _output_prefix(args, "shard")
+        stats = tokenize_corpus(expand_inputs(args.input), prefix, args.tokenizer, fmt=args.format,
+                                doc_boundary=args.doc_boundary, json_key=args.json_key, workers=args.workers,
+                                shard_tokens=args.shard_tokens, max_piece_bytes=args.max_piece_bytes,
+                                progress=not args.no_progress)
+        print(f"{prefix}_*: {stats.report()}")
+    elif args.command == "verify":
+        processor, vocab = None, args.vocab_size
+        if args.tokenizer:
+            processor, meta = load_tokenizer(args.tokenizer)
+            vocab = vocab or meta.model_vocab_size
+        return tools.verify(args.paths, vocab, processor)
+    elif args.command == "inspect":
+        tools.inspect(args.path, load_tokenizer(args.tokenizer)[0] if args.tokenizer else None)
+    elif args.command == "merge":
+        writer = tools.merge(args.input, args.output_prefix)
+        print(f"wrote {args.output_prefix}.bin/.idx: {writer.num_documents:,} documents, {writer.num_tokens:,} tokens")
+    elif args.command == "split":
+        train, valid = tools.split(args.input, args.output_prefix, args.valid_fraction, args.seed)
+        print(f"wrote {args.output_prefix}_train ({train.num_documents:,} documents) and "
+              f"{args.output_prefix}_valid ({valid.num_documents:,} documents)")
+    return 0
+
+
+def main(argv=None) -> int:
+    from data_prep.tokenize import JobMismatchError
+    from deberta_ds.data.indexed_dataset import ShardFormatError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ShardFormatError, JobMismatchError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1

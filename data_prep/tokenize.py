@@ -1,0 +1,238 @@
+"""Parallel, streaming, resumable tokenisation into Megatron-layout shards.
+
+The main process reads pieces of documents (bounded size), W worker processes encode them
+with SentencePiece, and the main process writes the ids in input order, so the output does
+not depend on W. At most 2 W batches are in flight, so memory is bounded by the batch size,
+not the corpus. A manifest (PREFIX.manifest.json) records the job (inputs, tokenizer hash,
+settings) and every finished shard with the input position after its last document;
+re-running the same command after a kill continues from the last finished shard and
+produces byte-identical output.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.inputs import iterate_pieces
+from data_prep.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
+from deberta_ds.data.indexed_dataset import ShardWriter, data_path, dtype_for_vocab, index_path
+
+BATCH_BYTES = 1 << 20  # text per worker task
+
+
+@dataclass
+class TokenizeStats:
+    documents: int = 0
+    tokens: int = 0
+    empty_documents: int = 0
+    skipped_records: int = 0       # JSONL lines that are not an object with the key, or too long
+    split_documents: int = 0       # documents longer than --max-piece-bytes, encoded in pieces
+    malformed_utf8: int = 0        # pieces with invalid UTF-8 (decoded with U+FFFD replacement)
+    unknown_tokens: int = 0
+    input_bytes: int = 0
+
+    def report(self) -> str:
+        unk_rate = self.unknown_tokens / max(self.tokens, 1)
+        return (f"documents {self.documents:,}  tokens {self.tokens:,}  empty {self.empty_documents:,}  "
+                f"skipped {self.skipped_records:,}  split {self.split_documents:,}  "
+                f"malformed-utf8 {self.malformed_utf8:,}  unknown-token rate {unk_rate:.4%}")
+
+
+class JobMismatchError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- worker side
+
+_PROCESSOR = None
+
+
+def _init_worker(model_path: str) -> None:
+    global _PROCESSOR
+    import sentencepiece as spm
+
+    _PROCESSOR = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def encode_batch(batch):
+    """[(data|None, ends, file_index, offset)] -> [(ids int32 | None, ends, file_index, offset, malformed, nbytes)]."""
+    texts, malformed = [], []
+    for data, *_ in batch:
+        if data is None:
+            texts.append("")
+            malformed.append(False)
+            continue
+        try:
+            texts.append(data.decode("utf-8"))
+            malformed.append(False)
+        except UnicodeDecodeError:
+            texts.append(data.decode("utf-8", errors="replace"))
+            malformed.append(True)
+    encoded = _PROCESSOR.encode(texts)
+    return [(None if data is None else np.asarray(ids, dtype=np.int32), ends, file_index, offset, bad,
+             0 if data is None else len(data))
+            for (data, ends, file_index, offset), ids, bad in zip(batch, encoded, malformed)]
+
+
+# ---------------------------------------------------------------- manifest
+
+def manifest_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.manifest.json")
+
+
+def shard_prefix(prefix: str | Path, index: int) -> str:
+    return f"{prefix}_{index:05d}"
+
+
+def _job_identity(files, tokenizer_sha, settings) -> dict:
+    inputs = [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+    return {"inputs": inputs, "tokenizer_sha256": tokenizer_sha, "settings": settings}
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _load_or_start_manifest(prefix, identity: dict) -> dict:
+    path = manifest_path(prefix)
+    if not path.is_file():
+        return identity | {"version": 1, "shards": [], "complete": False}
+    manifest = json.loads(path.read_text())
+    for key in ("inputs", "tokenizer_sha256", "settings"):
+        if manifest.get(key) != identity[key]:
+            raise JobMismatchError(f"{path}: the existing output was made by a different job ({key} differs); "
+                                   "delete it or choose another --output-prefix")
+    for shard in manifest["shards"]:
+        for file in (data_path(shard["prefix"]), index_path(shard["prefix"])):
+            if not file.is_file():
+                raise JobMismatchError(f"{path}: finished shard file {file} is missing; delete the output and re-run")
+    return manifest
+
+
+# ---------------------------------------------------------------- main loop
+
+def _batches(pieces):
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append((piece.data, piece.ends_document, piece.file_index, piece.offset))
+        size += len(piece.data or b"")
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded_pieces(batches, model_path: str, workers: int):
+    """Encoded pieces in input order; at most 2 * workers batches in flight."""
+    if workers <= 1:
+        _init_worker(model_path)
+        for batch in batches:
+            yield from encode_batch(batch)
+        return
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(model_path,)) as pool:
+        in_flight = deque()
+        for batch in batches:
+            in_flight.append(pool.apply_async(encode_batch, (batch,)))
+            if len(in_flight) >= 2 * workers:
+                yield from in_flight.popleft().get()
+        while in_flight:
+            yield from in_flight.popleft().get()
+
+
+class _ShardSequence:
+    """Opens, rolls over and publishes shards; records each in the manifest."""
+
+    def __init__(self, prefix, dtype, shard_tokens: int, manifest: dict, stats: TokenizeStats):
+        self.prefix, self.dtype, self.shard_tokens = prefix, dtype, shard_tokens
+        self.manifest, self.stats = manifest, stats
+        self.writer: ShardWriter | None = None
+        self.last_document_end = None  # (file_index, offset) after the last complete document
+
+    def start_document(self, first_piece_tokens: int) -> None:
+        if self.writer is not None and self.writer.num_tokens and \
+                self.writer.num_tokens + first_piece_tokens > self.shard_tokens:
+            self.publish()
+        if self.writer is None:
+            self.writer = ShardWriter(shard_prefix(self.prefix, len(self.manifest["shards"])), self.dtype)
+
+    def publish(self) -> None:
+        self.writer.finalize()
+        self.manifest["shards"].append({"prefix": str(self.writer.prefix), "documents": self.writer.num_documents,
+                                        "tokens": self.writer.num_tokens, "resume": list(self.last_document_end),
+                                        "stats": asdict(self.stats)})
+        _write_manifest(manifest_path(self.prefix), self.manifest)
+        self.writer = None
+
+
+def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str | Path, *, fmt: str = "text",
+                    doc_boundary: str = "line", json_key: str = "text", workers: int = 1,
+                    shard_tokens: int = 1 << 30, max_piece_bytes: int = 1 << 20,
+                    progress: bool = True) -> TokenizeStats:
+    model_path = resolve_model_path(tokenizer)
+    _, metadata = load_tokenizer(model_path)
+    dtype = dtype_for_vocab(metadata.model_vocab_size)
+    settings = {"format": fmt, "doc_boundary": doc_boundary, "json_key": json_key, "shard_tokens": shard_tokens,
+                "max_piece_bytes": max_piece_bytes, "dtype": np.dtype(dtype).name}
+    manifest = _load_or_start_manifest(output_prefix, _job_identity(files, metadata.sha256, settings))
+    if manifest["complete"]:
+        return TokenizeStats(**manifest["shards"][-1]["stats"]) if manifest["shards"] else TokenizeStats()
+    stats = TokenizeStats(**manifest["shards"][-1]["stats"]) if manifest["shards"] else TokenizeStats()
+    start_file, start_offset = manifest["shards"][-1]["resume"] if manifest["shards"] else (0, 0)
+    shards = _ShardSequence(output_prefix, dtype, shard_tokens, manifest, stats)
+    pieces = iterate_pieces(files, fmt, doc_boundary, json_key, max_piece_bytes, start_file, start_offset)
+    total_bytes = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
+               desc="tokenize", initial=stats.input_bytes)
+    started, in_document = time.monotonic(), False
+    try:
+        for ids, ends, file_index, offset, malformed, nbytes in _encoded_pieces(_batches(pieces), str(model_path),
+                                                                                workers):
+            starts_document = not in_document and ids is not None and (ids.size or not ends)
+            if starts_document:  # may publish the previous shard: before this piece is counted
+                shards.start_document(ids.size)
+            stats.input_bytes += nbytes
+            bar.update(nbytes)
+            if not starts_document and not in_document:  # a skipped record or an empty document
+                stats.skipped_records += ids is None
+                stats.empty_documents += ids is not None
+                shards.last_document_end = (file_index, offset)
+                continue
+            stats.malformed_utf8 += malformed
+            stats.split_documents += starts_document and not ends
+            shards.writer.add_tokens(ids)
+            stats.tokens += ids.size
+            stats.unknown_tokens += int(np.count_nonzero(ids == UNK_ID))
+            in_document = not ends
+            if ends:
+                shards.writer.end_sequence()
+                shards.writer.end_document()
+                stats.documents += 1
+                shards.last_document_end = (file_index, offset)
+                if progress and stats.documents % 1000 == 0:
+                    rate = stats.tokens / max(time.monotonic() - started, 1e-9)
+                    bar.set_postfix(tokens_per_s=f"{rate:,.0f}")
+        if shards.writer is not None:
+            shards.publish()
+        manifest["complete"] = True
+        manifest["final_stats"] = asdict(stats)
+        _write_manifest(manifest_path(output_prefix), manifest)
+    except BaseException:
+        if shards.writer is not None:
+            shards.writer.abort()
+        raise
+    finally:
+        bar.close()
+    return stats
+

@@ -1,0 +1,107 @@
+"""SentencePiece training and loading with DeBERTaV3's special ids.
+
+[PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 are SentencePiece's own control/unknown pieces; [MASK] is
+appended after the last piece (id = number of pieces), as in DeBERTaV3 (128,000 pieces,
+[MASK]=128000). The model's vocabulary is the pieces plus [MASK], rounded up to a multiple of
+128 (spare rows, as V3's 128,100), recorded in ``tokenizer.json`` beside ``spm.model``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+MODEL_FILE = "spm.model"
+METADATA_FILE = "tokenizer.json"
+PAD_ID, CLS_ID, SEP_ID, UNK_ID = 0, 1, 2, 3
+WORD_START = "\u2581"  # SentencePiece's word-start marker
+
+
+@dataclass
+class TokenizerMetadata:
+    pieces: int
+    mask_id: int
+    model_vocab_size: int
+    pad_id: int = PAD_ID
+    cls_id: int = CLS_ID
+    sep_id: int = SEP_ID
+    unk_id: int = UNK_ID
+    model_type: str = "unigram"
+    sha256: str = ""
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """--tokenizer accepts spm.model itself or the directory holding it."""
+    path = Path(path)
+    model = path / MODEL_FILE if path.is_dir() else path
+    if not model.is_file():
+        raise FileNotFoundError(f"--tokenizer {path}: no SentencePiece model found (expected {MODEL_FILE} or "
+                                "its directory; create one with `python -m data_prep train-tokenizer`)")
+    return model
+
+
+def load_tokenizer(path: str | Path) -> tuple[spm.SentencePieceProcessor, TokenizerMetadata]:
+    model_path = resolve_model_path(path)
+    processor = spm.SentencePieceProcessor(model_file=str(model_path))
+    metadata_path = model_path.parent / METADATA_FILE
+    if metadata_path.is_file():
+        metadata = TokenizerMetadata(**json.loads(metadata_path.read_text()))
+    else:  # a foreign spm.model: derive the same metadata
+        pieces = processor.get_piece_size()
+        metadata = TokenizerMetadata(pieces, pieces, round_up(pieces + 1, 128))
+    metadata.sha256 = file_sha256(model_path)
+    return processor, metadata
+
+
+def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_type: str = "unigram",
+                    character_coverage: float = 0.9995, sample_sentences: int = 2_000_000,
+                    seed: int = 0, num_threads: int | None = None) -> TokenizerMetadata:
+    """Train on an iterator of sentences; SentencePiece samples `sample_sentences` of them
+    (reservoir sampling while streaming), so the corpus never has to fit in memory."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    prefix = output_dir / "spm.tmp"
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(prefix), vocab_size=vocab_size,
+        model_type=model_type, character_coverage=character_coverage,
+        input_sentence_size=sample_sentences, shuffle_input_sentence=True,
+        pad_id=PAD_ID, bos_id=CLS_ID, eos_id=SEP_ID, unk_id=UNK_ID,
+        pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]",
+        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+    os.replace(f"{prefix}.model", output_dir / MODEL_FILE)
+    Path(f"{prefix}.vocab").replace(output_dir / "spm.vocab")
+    metadata = TokenizerMetadata(vocab_size, vocab_size, round_up(vocab_size + 1, 128), model_type=model_type,
+                                 sha256=file_sha256(output_dir / MODEL_FILE))
+    tmp = output_dir / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+    tmp.replace(output_dir / METADATA_FILE)
+    return metadata
+
+
+def word_start_table(processor: spm.SentencePieceProcessor, vocab_size: int):
+    """Bool [vocab_size]: the piece begins a word (starts with '▁'); specials and spare rows count as starts."""
+    import numpy as np
+
+    table = np.ones(vocab_size, dtype=bool)
+    for piece_id in range(processor.get_piece_size()):
+        if not processor.is_control(piece_id) and not processor.is_unknown(piece_id):
+            table[piece_id] = processor.id_to_piece(piece_id).startswith(WORD_START)
+    return table

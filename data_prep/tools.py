@@ -1,0 +1,101 @@
+"""verify, inspect, merge and split for shard sets (streaming, bounded memory)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from deberta_ds.data.indexed_dataset import (IndexedShard, ShardWriter, find_shard_prefixes, verify_shard)
+
+_COPY_TOKENS = 1 << 22  # tokens per streamed copy
+
+
+def verify(paths, vocab_size: int | None = None, processor=None, out=print) -> int:
+    """Check every shard; print a summary and a detokenised sample. Returns the exit code."""
+    totals = np.zeros(3, dtype=np.int64)  # shards, documents, tokens
+    sample = None
+    for prefix in find_shard_prefixes(paths):
+        shard = verify_shard(prefix, vocab_size)
+        totals += (1, shard.num_documents, int(shard.lengths.sum(dtype=np.int64)))
+        if sample is None and shard.num_documents:
+            sample = shard.document_tokens(0)[:64]
+    out(f"OK: {totals[0]} shards, {totals[1]:,} documents, {totals[2]:,} tokens"
+        + (f" (ids < {vocab_size})" if vocab_size else ""))
+    if sample is not None and processor is not None:
+        out(f"sample: {processor.decode([int(t) for t in sample if t < processor.get_piece_size()])!r}")
+    return 0
+
+
+def inspect(path, processor=None, out=print) -> None:
+    for prefix in find_shard_prefixes([path]):
+        shard = IndexedShard(prefix)
+        doc_lengths = shard.document_lengths()
+        out(f"{prefix}: dtype {shard.dtype}, {len(shard):,} sequences, {shard.num_documents:,} documents, "
+            f"{int(doc_lengths.sum()):,} tokens")
+        if len(doc_lengths):
+            out(f"  tokens/document: min {doc_lengths.min()}, median {int(np.median(doc_lengths))}, "
+                f"max {doc_lengths.max()}")
+            first = shard.document_tokens(0)[:32]
+            out(f"  first document ids: {first.tolist()}")
+            if processor is not None:
+                out(f"  first document text: {processor.decode([int(t) for t in first])!r}")
+
+
+def _copy_documents(shard: IndexedShard, documents, writer: ShardWriter) -> None:
+    """Copy documents (with their sequence structure) into `writer`, streaming."""
+    for doc in documents:
+        for seq in range(int(shard.doc_index[doc]), int(shard.doc_index[doc + 1])):
+            tokens = shard.sequence(seq)
+            for start in range(0, len(tokens), _COPY_TOKENS):
+                writer.add_tokens(tokens[start:start + _COPY_TOKENS])
+            writer.end_sequence()
+        writer.end_document()
+
+
+def _common_dtype(shards: list[IndexedShard]):
+    dtypes = {shard.dtype for shard in shards}
+    return np.int32 if np.dtype(np.int32) in dtypes else next(iter(dtypes))
+
+
+def merge(paths, output_prefix) -> ShardWriter:
+    """Many shard sets -> one PREFIX.bin/.idx, in the given order (documents kept intact)."""
+    shards = [IndexedShard(p) for p in find_shard_prefixes(paths)]
+    writer = ShardWriter(output_prefix, _common_dtype(shards))
+    try:
+        for shard in shards:
+            _copy_documents(shard, range(shard.num_documents), writer)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
+
+
+def is_validation_document(global_doc: int, seed: int, valid_fraction: float) -> bool:
+    """Deterministic per-document choice from a hash of (seed, document number)."""
+    digest = hashlib.blake2b(f"{seed}:{global_doc}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2 ** 64 < valid_fraction
+
+
+def split(paths, output_prefix, valid_fraction: float, seed: int = 0) -> tuple[ShardWriter, ShardWriter]:
+    """Documents -> PREFIX_train / PREFIX_valid, chosen per document by a seeded hash."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
+    shards = [IndexedShard(p) for p in find_shard_prefixes(paths)]
+    dtype = _common_dtype(shards)
+    train, valid = ShardWriter(f"{output_prefix}_train", dtype), ShardWriter(f"{output_prefix}_valid", dtype)
+    try:
+        global_doc = 0
+        for shard in shards:
+            for doc in range(shard.num_documents):
+                target = valid if is_validation_document(global_doc, seed, valid_fraction) else train
+                _copy_documents(shard, [doc], target)
+                global_doc += 1
+        train.finalize()
+        valid.finalize()
+    except BaseException:
+        train.abort()
+        valid.abort()
+        raise
+    return train, valid

@@ -1,0 +1,1 @@
+"""Token shards (Megatron MMIDIDX layout), sample building, masking and distributed sampling."""

@@ -1,0 +1,273 @@
+"""The Megatron "MMIDIDX" indexed-dataset layout: the one module that writes, reads and checks it.
+
+P.idx: magic(9) version<u8>=1 dtype<u1> N<u8> D<u8> | lengths int32[N] | byte pointers int64[N] |
+document boundaries int64[D] (first 0, last N). P.bin: the token ids, concatenated, raw.
+
+The writer streams: token ids go straight to P.bin, and sequence lengths and document
+boundaries go to side files, so memory stays bounded for any shard size. Everything is
+written under ``.tmp`` names and renamed into place only when complete (P.bin first, P.idx
+last): a killed run never leaves a pair that looks valid.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, N sequences, D document entries
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}
+CODE_OF_DTYPE = {np.dtype(dtype): code for code, dtype in DTYPE_CODES.items()}
+TOKEN_DTYPES = (np.uint16, np.int32)
+_CHUNK = 1 << 20  # elements per streamed chunk when composing the index
+
+
+def dtype_for_vocab(vocab_size: int) -> type:
+    """Megatron's rule: uint16 below 65,500 ids, else int32 (never an overflowing uint16)."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def data_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.bin")
+
+
+def index_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.idx")
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+class ShardWriter:
+    """Streams sequences into PREFIX.bin/.idx; one sequence per document unless `add_sequence`
+    is used with `end_document`. Call `finalize()` to publish, `abort()` to discard."""
+
+    def __init__(self, prefix: str | Path, dtype):
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise ValueError(f"{self.prefix}: unsupported token dtype {self.dtype}")
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self._bin = open(_tmp(data_path(prefix)), "wb")
+        self._lengths = open(_tmp(Path(f"{prefix}.lengths")), "wb")
+        self._docs = open(_tmp(Path(f"{prefix}.docs")), "wb")
+        self.num_sequences = 0
+        self.num_tokens = 0
+        self.num_documents = 0
+        self._open_sequence_tokens = 0
+
+    def add_tokens(self, ids: np.ndarray) -> None:
+        """Append ids to the current (open) sequence."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
+            raise ValueError(f"{self.prefix}: token id out of range for {self.dtype}")
+        self._bin.write(ids.astype(self.dtype, copy=False).tobytes())
+        self._open_sequence_tokens += ids.size
+        self.num_tokens += ids.size
+
+    def end_sequence(self) -> None:
+        self._lengths.write(struct.pack("<i", self._open_sequence_tokens))
+        self._open_sequence_tokens = 0
+        self.num_sequences += 1
+
+    def end_document(self) -> None:
+        self._docs.write(struct.pack("<q", self.num_sequences))
+        self.num_documents += 1
+
+    def add_document(self, ids: np.ndarray) -> None:
+        self.add_tokens(ids)
+        self.end_sequence()
+        self.end_document()
+
+    def finalize(self) -> None:
+        for handle in (self._bin, self._lengths, self._docs):
+            handle.close()
+        lengths_file, docs_file = _tmp(Path(f"{self.prefix}.lengths")), _tmp(Path(f"{self.prefix}.docs"))
+        idx_tmp = _tmp(index_path(self.prefix))
+        with open(idx_tmp, "wb") as out:
+            out.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], self.num_sequences,
+                                  self.num_documents + 1))
+            lengths = np.memmap(lengths_file, dtype=np.int32, mode="r") if self.num_sequences else np.zeros(0, np.int32)
+            out.write(lengths.tobytes())
+            offset = 0
+            for start in range(0, self.num_sequences, _CHUNK):  # exclusive prefix sum, in chunks
+                chunk = lengths[start:start + _CHUNK].astype(np.int64) * self.dtype.itemsize
+                pointers = np.cumsum(chunk) - chunk + offset
+                offset = int(pointers[-1] + chunk[-1])
+                out.write(pointers.tobytes())
+            del lengths
+            out.write(struct.pack("<q", 0))
+            with open(docs_file, "rb") as docs:
+                while block := docs.read(_CHUNK * 8):
+                    out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(_tmp(data_path(self.prefix)), data_path(self.prefix))
+        os.replace(idx_tmp, index_path(self.prefix))
+        lengths_file.unlink()
+        docs_file.unlink()
+
+    def abort(self) -> None:
+        for handle in (self._bin, self._lengths, self._docs):
+            handle.close()
+        for suffix in (".bin", ".lengths", ".docs", ".idx"):
+            _tmp(Path(f"{self.prefix}{suffix}")).unlink(missing_ok=True)
+
+
+@dataclass
+class IndexHeader:
+    dtype: np.dtype
+    num_sequences: int
+    num_doc_entries: int
+
+
+class ShardFormatError(ValueError):
+    """A shard that breaks the layout; the message names the file and the byte offset."""
+
+
+def read_header(idx_file: Path) -> IndexHeader:
+    with open(idx_file, "rb") as handle:
+        raw = handle.read(HEADER.size)
+    if len(raw) < HEADER.size:
+        raise ShardFormatError(f"{idx_file}: truncated header ({len(raw)} of {HEADER.size} bytes at offset 0)")
+    magic, version, code, num_sequences, num_docs = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ShardFormatError(f"{idx_file}: bad magic {magic!r} at offset 0 (expected {MAGIC!r}); "
+                               "not a Megatron MMIDIDX index")
+    if version != VERSION:
+        raise ShardFormatError(f"{idx_file}: unsupported version {version} at offset 9 (expected {VERSION})")
+    if code not in DTYPE_CODES:
+        raise ShardFormatError(f"{idx_file}: unknown dtype code {code} at offset 17 (known: {sorted(DTYPE_CODES)})")
+    return IndexHeader(np.dtype(DTYPE_CODES[code]), num_sequences, num_docs)
+
+
+class IndexedShard:
+    """Zero-copy reader of one PREFIX.bin/.idx pair (numpy memmaps, reopened after pickling)."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = str(prefix)
+        self._open()
+
+    def _open(self) -> None:
+        idx_file = index_path(self.prefix)
+        for path in (idx_file, data_path(self.prefix)):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: shard file not found")
+        header = read_header(idx_file)
+        self.dtype = header.dtype
+        n, d = header.num_sequences, header.num_doc_entries
+        expected = HEADER.size + 12 * n + 8 * d
+        if idx_file.stat().st_size != expected:
+            raise ShardFormatError(f"{idx_file}: size {idx_file.stat().st_size} bytes, the header implies "
+                                   f"{expected} (truncated or padded at offset {min(expected, idx_file.stat().st_size)})")
+        index = np.memmap(idx_file, dtype=np.uint8, mode="r")
+        self.lengths = index[HEADER.size:HEADER.size + 4 * n].view(np.int32)
+        self.pointers = index[HEADER.size + 4 * n:HEADER.size + 12 * n].view(np.int64)
+        self.doc_index = index[HEADER.size + 12 * n:].view(np.int64)
+        bin_size = data_path(self.prefix).stat().st_size
+        self.tokens = (np.memmap(data_path(self.prefix), dtype=self.dtype, mode="r") if bin_size
+                       else np.zeros(0, dtype=self.dtype))
+
+    def __getstate__(self):
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self.prefix = state["prefix"]
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_index) - 1
+
+    def sequence(self, i: int) -> np.ndarray:
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self.tokens[start:start + int(self.lengths[i])]
+
+    def document_tokens(self, doc: int) -> np.ndarray:
+        """All tokens of document `doc` (its sequences are contiguous in P.bin)."""
+        first, last = int(self.doc_index[doc]), int(self.doc_index[doc + 1])
+        if first == last:
+            return self.tokens[:0]
+        start = int(self.pointers[first]) // self.dtype.itemsize
+        end = int(self.pointers[last - 1]) // self.dtype.itemsize + int(self.lengths[last - 1])
+        return self.tokens[start:end]
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens per document, int64 [num_documents]."""
+        cumulative = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        return cumulative[self.doc_index[1:]] - cumulative[self.doc_index[:-1]]
+
+
+def verify_shard(prefix: str | Path, vocab_size: int | None = None) -> IndexedShard:
+    """Full check of one shard; raises ShardFormatError naming the file and first bad offset."""
+    shard = IndexedShard(prefix)
+    idx_file, bin_file = index_path(prefix), data_path(prefix)
+    n = len(shard)
+    lengths_offset = HEADER.size
+    pointers_offset = lengths_offset + 4 * n
+    docs_offset = pointers_offset + 8 * n
+    if shard.dtype.type not in TOKEN_DTYPES:
+        raise ShardFormatError(f"{idx_file}: token dtype {shard.dtype} at offset 17 is not uint16 or int32")
+    bad = np.flatnonzero(shard.lengths < 0)
+    if bad.size:
+        raise ShardFormatError(f"{idx_file}: negative sequence length at offset {lengths_offset + 4 * bad[0]}")
+    expected_pointers = (np.cumsum(shard.lengths, dtype=np.int64) - shard.lengths) * shard.dtype.itemsize
+    bad = np.flatnonzero(shard.pointers != expected_pointers)
+    if bad.size:
+        raise ShardFormatError(f"{idx_file}: sequence pointer {int(shard.pointers[bad[0]])} at offset "
+                               f"{pointers_offset + 8 * bad[0]} breaks monotonicity (expected "
+                               f"{int(expected_pointers[bad[0]])})")
+    docs = shard.doc_index
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n:
+        raise ShardFormatError(f"{idx_file}: document index at offset {docs_offset} must start at 0 and end at {n}")
+    bad = np.flatnonzero(np.diff(docs) < 0)
+    if bad.size:
+        raise ShardFormatError(f"{idx_file}: document index decreases at offset {docs_offset + 8 * (bad[0] + 1)}")
+    total_bytes = int(shard.lengths.sum(dtype=np.int64)) * shard.dtype.itemsize
+    if bin_file.stat().st_size != total_bytes:
+        raise ShardFormatError(f"{bin_file}: size {bin_file.stat().st_size} bytes, the index implies {total_bytes} "
+                               f"(pointers past the end or truncated data at offset "
+                               f"{min(total_bytes, bin_file.stat().st_size)})")
+    if vocab_size is not None:
+        for start in range(0, len(shard.tokens), _CHUNK):
+            chunk = shard.tokens[start:start + _CHUNK]
+            bad = np.flatnonzero((chunk >= vocab_size) | (chunk < 0))
+            if bad.size:
+                raise ShardFormatError(f"{bin_file}: token id {int(chunk[bad[0]])} >= vocab size {vocab_size} at "
+                                       f"offset {(start + bad[0]) * shard.dtype.itemsize}")
+    return shard
+
+
+def find_shard_prefixes(paths) -> list[str]:
+    """Expand prefixes, PREFIX.idx/.bin paths, globs and directories into sorted shard prefixes."""
+    import glob
+
+    prefixes: list[str] = []
+    for raw in paths:
+        raw = str(raw)
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(str(p)[:-4] for p in path.glob("*.idx"))
+        elif any(ch in raw for ch in "*?["):
+            found = sorted({p[:-4] for p in glob.glob(raw) if p.endswith((".idx", ".bin"))})
+        elif raw.endswith((".idx", ".bin")):
+            found = [raw[:-4]]
+        else:
+            found = [raw]
+        if not found:
+            raise FileNotFoundError(f"{raw}: no shards (*.idx/*.bin) found")
+        for prefix in found:
+            if not index_path(prefix).is_file():
+                raise FileNotFoundError(f"{index_path(prefix)}: shard index not found")
+        prefixes.extend(found)
+    return prefixes
