@@ -1,6 +1,5 @@
 """Generator head, embedding sharing, RTD labels and low-precision behaviour."""
 
-import pytest
 import torch
 
 from deberta_ds.config import RTDConfig, preset
