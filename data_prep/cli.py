@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from data_prep.inputs import DOC_BOUNDARIES, FORMATS, expand_inputs, iterate_pieces
+from data_prep.inputs import DOC_BOUNDARIES, FORMATS, expand_inputs, iterate_blocks, split_block
 
 
 def _input_flags(parser: argparse.ArgumentParser) -> None:
@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sentences(args):
     files = expand_inputs(args.input)
-    for piece in iterate_pieces(files, args.format, args.doc_boundary, args.json_key, args.max_piece_bytes):
-        if piece.data:
-            for line in piece.data.decode("utf-8", errors="replace").splitlines():
+    for block in iterate_blocks(files, args.format, args.doc_boundary, args.max_piece_bytes):
+        for data, _ in split_block(block, args.format, args.doc_boundary, args.json_key):
+            for line in (data or b"").decode("utf-8", errors="replace").splitlines():
                 if line.strip():
                     yield line
 

@@ -1,9 +1,12 @@
-"""Streaming document readers over files, globs and directories (plain text, JSONL, gzip).
+"""Streaming input over files, globs and directories (plain text, JSONL, gzip).
 
-Documents are yielded as raw UTF-8 byte *pieces* so memory stays bounded by
-``max_piece_bytes`` whatever a line's length: a document longer than that is cut into
-several pieces (at the last space, never inside a UTF-8 character), counted as "split".
-Each piece carries the input position after it, so tokenisation can resume from there.
+The main process only cuts the byte stream into *blocks* that end at a document boundary
+(a newline; a blank line in blank-line mode), so splitting, JSON parsing and decoding
+happen in the workers. Memory stays bounded by ``max_piece_bytes`` whatever a document's
+length: a text document longer than that is emitted as several *pieces*, cut at the last
+space (never inside a UTF-8 character) at positions counted from the document's own start,
+so the cuts do not depend on where reading started. A JSONL record longer than
+JSON_LINE_LIMIT cannot be cut and is skipped (and counted).
 """
 
 from __future__ import annotations
@@ -11,22 +14,24 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 FORMATS = ("text", "jsonl")
 DOC_BOUNDARIES = ("line", "blank-line")
-
-
-JSON_LINE_LIMIT = 256 << 20  # a JSONL record longer than this is skipped (and counted)
+READ_BYTES = 1 << 20
+JSON_LINE_LIMIT = 256 << 20
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 
 
 @dataclass(frozen=True)
-class Piece:
-    data: bytes | None  # raw UTF-8 (possibly malformed) text; None for an unusable record (skipped)
-    ends_document: bool
-    file_index: int    # which input file ...
-    offset: int        # ... and the (uncompressed) byte offset just after this piece
+class Block:
+    data: bytes
+    kind: str          # "docs": whole documents; "piece": part of one long document; "skip": an unusable record
+    continues: bool    # the first document finishes the long document of the previous "piece" blocks
+    file_index: int
+    start: int         # uncompressed byte offset of data[0] in its file
 
 
 def expand_inputs(patterns) -> list[Path]:
@@ -54,7 +59,7 @@ def open_binary(path: Path):
 
 
 def _utf8_safe_cut(data: bytes) -> int:
-    """Largest cut <= len(data) that does not split a UTF-8 character, preferring the last space."""
+    """Cut point <= len(data) after the last space, else not inside a UTF-8 character."""
     space = data.rfind(b" ")
     if space > 0:
         return space + 1
@@ -66,84 +71,102 @@ def _utf8_safe_cut(data: bytes) -> int:
     return cut or len(data)
 
 
-class DocumentReader:
-    """Yields Pieces from one input file, starting at `start_offset` (a document boundary)."""
-
-    def __init__(self, path: Path, file_index: int, fmt: str, doc_boundary: str, json_key: str,
-                 max_piece_bytes: int, start_offset: int = 0):
-        self.path, self.file_index, self.fmt = path, file_index, fmt
-        self.doc_boundary, self.json_key, self.max_piece_bytes = doc_boundary, json_key, max_piece_bytes
-        self.start_offset = start_offset
-
-    def __iter__(self):
-        with open_binary(self.path) as handle:
-            if self.start_offset:
-                handle.seek(self.start_offset)
-            if self.fmt == "jsonl":
-                yield from self._jsonl(handle)
-            else:
-                yield from self._text(handle)
-
-    def _text(self, handle):
-        pending = b""              # bytes of the current document not yet emitted
-        split = False              # the current document already emitted a piece
-        limit = self.max_piece_bytes
-        while True:
-            line = handle.readline(limit)
-            at_eof = not line
-            complete_line = line.endswith(b"\n")
-            if self.doc_boundary == "line":
-                pending += line.rstrip(b"\r\n") if complete_line else line
-                ends = complete_line or at_eof
-            else:
-                blank = complete_line and not line.strip()
-                ends = blank or at_eof
-                if not blank:
-                    pending += line
-            while len(pending) > limit:  # a huge document: emit a bounded piece, keep the rest
-                cut = _utf8_safe_cut(pending[:limit])
-                yield Piece(pending[:cut], False, self.file_index, handle.tell())
-                pending, split = pending[cut:], True
-            # Line mode: an empty line is an (empty, counted) document; blank-line mode: a separator.
-            if ends and (pending.strip() or split or (self.doc_boundary == "line" and not at_eof)):
-                yield Piece(pending.strip(), True, self.file_index, handle.tell())
-            if ends:
-                pending, split = b"", False
-            if at_eof:
-                return
-
-    def _jsonl(self, handle):
-        while True:
-            line = handle.readline(JSON_LINE_LIMIT)
-            if not line:
-                return
-            if not line.strip():
-                continue
-            if not line.endswith(b"\n") and handle.peek(1):  # a record too long to hold: skip the rest
-                while (rest := handle.readline(JSON_LINE_LIMIT)) and not rest.endswith(b"\n"):
-                    pass
-                yield Piece(None, True, self.file_index, handle.tell())
-                continue
-            try:
-                record = json.loads(line)
-                text = record[self.json_key]
-                if not isinstance(text, str):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                yield Piece(None, True, self.file_index, handle.tell())  # counted as skipped downstream
-                continue
-            data = text.encode("utf-8", errors="surrogatepass")
-            while len(data) > self.max_piece_bytes:
-                cut = _utf8_safe_cut(data[:self.max_piece_bytes])
-                yield Piece(data[:cut], False, self.file_index, handle.tell())
-                data = data[cut:]
-            yield Piece(data, True, self.file_index, handle.tell())
+def _last_boundary(buffer: bytes, blank_lines: bool) -> int:
+    """Index just after the last document boundary in buffer, or 0."""
+    if not blank_lines:
+        return buffer.rfind(b"\n") + 1
+    last = 0
+    for match in _BLANK_LINE.finditer(buffer, max(0, len(buffer) - READ_BYTES - 4096)):
+        last = match.end()
+    return last
 
 
-def iterate_pieces(files: list[Path], fmt: str, doc_boundary: str, json_key: str, max_piece_bytes: int,
+def iterate_blocks(files: list[Path], fmt: str, doc_boundary: str, max_piece_bytes: int,
                    start_file: int = 0, start_offset: int = 0):
-    """All pieces of all files in order, from (start_file, start_offset)."""
+    """Blocks of all files in order, starting at (start_file, start_offset), a document boundary."""
+    blank_lines = fmt == "text" and doc_boundary == "blank-line"
     for index in range(start_file, len(files)):
-        reader = DocumentReader(files[index], index, fmt, doc_boundary, json_key, max_piece_bytes,
-                                start_offset if index == start_file else 0)
-        yield from reader
+        with open_binary(files[index]) as handle:
+            position = start_offset if index == start_file else 0
+            handle.seek(position)
+            buffer, continuing = b"", False
+            while True:
+                chunk = handle.read(READ_BYTES)
+                buffer += chunk
+                cut = _last_boundary(buffer, blank_lines) if chunk else len(buffer)
+                if cut:
+                    yield Block(buffer[:cut], "docs", continuing, index, position)
+                    buffer, position, continuing = buffer[cut:], position + cut, False
+                if fmt == "jsonl" and len(buffer) > JSON_LINE_LIMIT:
+                    skipped = len(buffer) + _skip_line(handle)
+                    yield Block(b"", "skip", False, index, position)
+                    buffer, position = b"", position + skipped
+                if fmt == "text" and len(buffer) > max_piece_bytes:  # a long document: emit its pieces
+                    *pieces, buffer = cut_pieces(buffer, max_piece_bytes)
+                    for piece in pieces:
+                        yield Block(piece, "piece", continuing, index, position)
+                        position, continuing = position + len(piece), True
+                if not chunk:
+                    break
+
+
+def _skip_line(handle) -> int:
+    """Consume the rest of the current line; returns the bytes skipped."""
+    skipped = 0
+    while chunk := handle.readline(READ_BYTES):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped
+
+
+def split_block(block: Block, fmt: str, doc_boundary: str, json_key: str):
+    """(text bytes | None, end offset) per document of a block; None marks an unusable record.
+
+    Line mode keeps empty lines as (empty) documents; blank-line mode treats runs of blank
+    lines as one separator; JSONL skips blank lines. The first document of a block that
+    `continues` a long document is always kept, even empty: it ends that document.
+    """
+    if block.kind == "piece":
+        return [(block.data, block.start + len(block.data))]
+    if block.kind == "skip":
+        return [(None, block.start)]
+    if fmt == "text" and doc_boundary == "blank-line":
+        spans, begin = [], 0
+        for match in _BLANK_LINE.finditer(block.data):
+            spans.append((begin, match.start(), match.end()))
+            begin = match.end()
+        spans.append((begin, len(block.data), len(block.data)))
+        # Not stripped: piece cuts count from the raw document start (SentencePiece ignores the edges).
+        documents = [(block.data[b:e], block.start + after) for b, e, after in spans]
+        return [doc for i, doc in enumerate(documents) if doc[0].strip() or (i == 0 and block.continues)]
+    documents, begin = [], 0
+    while begin < len(block.data):
+        end = block.data.find(b"\n", begin)
+        end = len(block.data) if end < 0 else end
+        line = block.data[begin:end].rstrip(b"\r")
+        if fmt == "text":
+            documents.append((line, block.start + end + 1))
+        elif line.strip():
+            documents.append((_json_text(line, json_key), block.start + end + 1))
+        begin = end + 1
+    return documents
+
+
+def cut_pieces(data: bytes, max_piece_bytes: int) -> list[bytes]:
+    """The pieces of a document: the same cuts `iterate_blocks` makes while streaming, so a long
+    document is cut identically whether it arrived whole or already in pieces."""
+    pieces = []
+    while len(data) > max_piece_bytes:
+        cut = _utf8_safe_cut(data[:max_piece_bytes])
+        pieces.append(data[:cut])
+        data = data[cut:]
+    return pieces + [data]
+
+
+def _json_text(line: bytes, json_key: str) -> bytes | None:
+    try:
+        text = json.loads(line)[json_key]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return text.encode("utf-8", errors="surrogatepass") if isinstance(text, str) else None

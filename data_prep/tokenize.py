@@ -1,8 +1,8 @@
 """Parallel, streaming, resumable tokenisation into Megatron-layout shards.
 
-The main process reads pieces of documents (bounded size), W worker processes encode them
-with SentencePiece, and the main process writes the ids in input order, so the output does
-not depend on W. At most 2 W batches are in flight, so memory is bounded by the batch size,
+The main process cuts the input into document-aligned blocks (bounded size), W worker
+processes split, decode and encode them with SentencePiece, and the main process writes
+the ids in input order, so the output does not depend on W. At most 2 W blocks are in flight, so memory is bounded by the batch size,
 not the corpus. A manifest (PREFIX.manifest.json) records the job (inputs, tokenizer hash,
 settings) and every finished shard with the input position after its last document;
 re-running the same command after a kill continues from the last finished shard and
@@ -22,12 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.inputs import iterate_pieces
+from data_prep.inputs import Block, cut_pieces, iterate_blocks, split_block
 from data_prep.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
 from deberta_ds.data.indexed_dataset import ShardWriter, data_path, dtype_for_vocab, index_path
-
-BATCH_BYTES = 1 << 20  # text per worker task
-
 
 @dataclass
 class TokenizeStats:
@@ -53,34 +50,50 @@ class JobMismatchError(ValueError):
 
 # ---------------------------------------------------------------- worker side
 
-_PROCESSOR = None
+_WORKER = {}
 
 
-def _init_worker(model_path: str) -> None:
-    global _PROCESSOR
+def _init_worker(model_path: str, fmt: str, doc_boundary: str, json_key: str, max_piece_bytes: int,
+                 dtype: str) -> None:
     import sentencepiece as spm
 
-    _PROCESSOR = spm.SentencePieceProcessor(model_file=model_path)
+    _WORKER.update(processor=spm.SentencePieceProcessor(model_file=model_path), fmt=fmt,
+                   doc_boundary=doc_boundary, json_key=json_key, max_piece_bytes=max_piece_bytes,
+                   dtype=np.dtype(dtype))
 
 
-def encode_batch(batch):
-    """[(data|None, ends, file_index, offset)] -> [(ids int32 | None, ends, file_index, offset, malformed, nbytes)]."""
+def _segments(block: Block):
+    """(text bytes | None, ends_document, end offset, input bytes): documents, long ones cut into
+    pieces; input bytes are the raw bytes each one spans, so resumed runs count them once."""
+    if block.kind == "piece":
+        return [(block.data, False, block.start + len(block.data), len(block.data))]
+    segments, cursor = [], block.start
+    for data, end in split_block(block, _WORKER["fmt"], _WORKER["doc_boundary"], _WORKER["json_key"]):
+        pieces = [data] if data is None else cut_pieces(data, _WORKER["max_piece_bytes"])
+        head = sum(len(piece) for piece in pieces[:-1])
+        segments += [(piece, False, end, len(piece)) for piece in pieces[:-1]]
+        segments.append((pieces[-1], True, end, max(end - cursor - head, 0)))
+        cursor = end
+    return segments
+
+
+def encode_block(block: Block):
+    """A block -> [(ids | None, ends_document, file_index, end_offset, malformed, input_bytes, unknowns)],
+    ids already in the shard dtype (SentencePiece ids are below the vocabulary the dtype was chosen for)."""
+    segments = _segments(block)
     texts, malformed = [], []
-    for data, *_ in batch:
-        if data is None:
-            texts.append("")
-            malformed.append(False)
-            continue
+    for data, *_ in segments:
         try:
-            texts.append(data.decode("utf-8"))
+            texts.append("" if data is None else data.decode("utf-8"))
             malformed.append(False)
         except UnicodeDecodeError:
             texts.append(data.decode("utf-8", errors="replace"))
             malformed.append(True)
-    encoded = _PROCESSOR.encode(texts)
-    return [(None if data is None else np.asarray(ids, dtype=np.int32), ends, file_index, offset, bad,
-             0 if data is None else len(data))
-            for (data, ends, file_index, offset), ids, bad in zip(batch, encoded, malformed)]
+    # One thread per worker: parallelism comes from the worker processes.
+    encoded = _WORKER["processor"].encode(texts, num_threads=1)
+    dtype = _WORKER["dtype"]
+    return [(None if data is None else np.array(ids, dtype=dtype), ends, block.file_index, end, bad, size,
+             ids.count(UNK_ID)) for (data, ends, end, size), ids, bad in zip(segments, encoded, malformed)]
 
 
 # ---------------------------------------------------------------- manifest
@@ -122,29 +135,17 @@ def _load_or_start_manifest(prefix, identity: dict) -> dict:
 
 # ---------------------------------------------------------------- main loop
 
-def _batches(pieces):
-    batch, size = [], 0
-    for piece in pieces:
-        batch.append((piece.data, piece.ends_document, piece.file_index, piece.offset))
-        size += len(piece.data or b"")
-        if size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _encoded_pieces(batches, model_path: str, workers: int):
-    """Encoded pieces in input order; at most 2 * workers batches in flight."""
+def _encoded_documents(blocks, init_args: tuple, workers: int):
+    """Encoded documents in input order; at most 2 * workers blocks in flight."""
     if workers <= 1:
-        _init_worker(model_path)
-        for batch in batches:
-            yield from encode_batch(batch)
+        _init_worker(*init_args)
+        for block in blocks:
+            yield from encode_block(block)
         return
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(model_path,)) as pool:
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         in_flight = deque()
-        for batch in batches:
-            in_flight.append(pool.apply_async(encode_batch, (batch,)))
+        for block in blocks:
+            in_flight.append(pool.apply_async(encode_block, (block,)))
             if len(in_flight) >= 2 * workers:
                 yield from in_flight.popleft().get()
         while in_flight:
@@ -191,14 +192,15 @@ def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str
     stats = TokenizeStats(**manifest["shards"][-1]["stats"]) if manifest["shards"] else TokenizeStats()
     start_file, start_offset = manifest["shards"][-1]["resume"] if manifest["shards"] else (0, 0)
     shards = _ShardSequence(output_prefix, dtype, shard_tokens, manifest, stats)
-    pieces = iterate_pieces(files, fmt, doc_boundary, json_key, max_piece_bytes, start_file, start_offset)
+    blocks = iterate_blocks(files, fmt, doc_boundary, max_piece_bytes, start_file, start_offset)
     total_bytes = sum(f.stat().st_size for f in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
                desc="tokenize", initial=stats.input_bytes)
     started, in_document = time.monotonic(), False
     try:
-        for ids, ends, file_index, offset, malformed, nbytes in _encoded_pieces(_batches(pieces), str(model_path),
-                                                                                workers):
+        init_args = (str(model_path), fmt, doc_boundary, json_key, max_piece_bytes, np.dtype(dtype).name)
+        for ids, ends, file_index, offset, malformed, nbytes, unknowns in _encoded_documents(blocks, init_args,
+                                                                                           workers):
             starts_document = not in_document and ids is not None and (ids.size or not ends)
             if starts_document:  # may publish the previous shard: before this piece is counted
                 shards.start_document(ids.size)
@@ -213,7 +215,7 @@ def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str
             stats.split_documents += starts_document and not ends
             shards.writer.add_tokens(ids)
             stats.tokens += ids.size
-            stats.unknown_tokens += int(np.count_nonzero(ids == UNK_ID))
+            stats.unknown_tokens += unknowns
             in_document = not ends
             if ends:
                 shards.writer.end_sequence()

@@ -66,9 +66,11 @@ class ShardWriter:
     def add_tokens(self, ids: np.ndarray) -> None:
         """Append ids to the current (open) sequence."""
         ids = np.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
-            raise ValueError(f"{self.prefix}: token id out of range for {self.dtype}")
-        self._bin.write(ids.astype(self.dtype, copy=False).tobytes())
+        if ids.dtype != self.dtype:  # a conversion must not wrap around
+            if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
+                raise ValueError(f"{self.prefix}: token id out of range for {self.dtype}")
+            ids = ids.astype(self.dtype)
+        self._bin.write(ids.tobytes())
         self._open_sequence_tokens += ids.size
         self.num_tokens += ids.size
 

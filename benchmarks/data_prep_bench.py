@@ -1,0 +1,127 @@
+"""Tokenisation and loader throughput.
+
+Peers, in the same run: bare SentencePiece `encode` in one process on the same text (the
+practical per-core ceiling), and the whole `python -m data_prep tokenize` command with 1
+and 2 workers (start-up included). Peak RSS is the largest summed RSS of the tokenize
+process tree, sampled every 20 ms.
+
+    python benchmarks/data_prep_bench.py [--source FILE] [--mb 50] [--large-mb 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import sentencepiece as spm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_prep.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from deberta_ds.data.dataset import MaskingConfig, PretrainingSamples, SpecialIds, TokenCorpus  # noqa: E402
+
+DEFAULT_SOURCE = REPO.parent / "shared" / "corpora" / "wikitext-2" / "test.txt"
+
+
+def make_jsonl(source: Path, out: Path, megabytes: int) -> Path:
+    lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    written = 0
+    with open(out, "w", encoding="utf-8") as handle:
+        while written < megabytes << 20:
+            for line in lines:
+                record = json.dumps({"text": line}) + "\n"
+                handle.write(record)
+                written += len(record)
+    return out
+
+
+def run_measured(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak summed RSS (MB) of the process tree."""
+    start = time.perf_counter()
+    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while process.poll() is None:
+        try:
+            tree = [process] + process.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    if process.returncode:
+        raise RuntimeError(f"{command} failed with {process.returncode}")
+    return time.perf_counter() - start, peak / 2 ** 20
+
+
+def encode_rate(model: Path, jsonl: Path) -> float:
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    texts = [json.loads(line)["text"] for line in open(jsonl, encoding="utf-8")]
+    size = sum(len(t.encode()) for t in texts)
+    start = time.perf_counter()
+    for i in range(0, len(texts), 1000):
+        processor.encode(texts[i:i + 1000], num_threads=1)
+    return size / 2 ** 20 / (time.perf_counter() - start)
+
+
+def loader_rate(shards: Path, meta, masking: MaskingConfig, word_start=None, batches: int = 50) -> float:
+    special = SpecialIds(mask=meta.mask_id, num_pieces=meta.pieces)
+    samples = PretrainingSamples(TokenCorpus([shards]), 512, special, masking, seed=0, word_start=word_start)
+    start = time.perf_counter()
+    for b in range(batches):
+        samples.batch(np.arange(b * 64, (b + 1) * 64))
+    return batches * 64 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="text to repeat into the corpus")
+    parser.add_argument("--mb", type=int, default=50, help="corpus size for the throughput runs (MB)")
+    parser.add_argument("--large-mb", type=int, default=0, help="also measure peak RSS on a corpus this large")
+    args = parser.parse_args()
+    from data_prep.tokenizer import word_start_table
+    work = Path(tempfile.mkdtemp(prefix="data_prep_bench_"))
+    jsonl = make_jsonl(args.source, work / "corpus.jsonl", args.mb)
+    size_mb = jsonl.stat().st_size / 2 ** 20
+    lines = (json.loads(line)["text"] for line in open(jsonl, encoding="utf-8"))
+    train_tokenizer(lines, work / "tok", 8000, sample_sentences=200_000)
+    ceiling = encode_rate(work / "tok" / "spm.model", jsonl)
+    print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores; corpus {size_mb:.1f} MB JSONL "
+          f"(repeated {args.source.name}); SentencePiece 8k unigram")
+    print("| run | seconds | MB/s | peak RSS MB |")
+    print("|---|---|---|---|")
+    print(f"| bare spm encode, 1 process (no I/O) | {size_mb / ceiling:.2f} | {ceiling:.1f} | - |")
+    for workers in (1, 2):
+        command = [sys.executable, "-m", "data_prep", "tokenize", "--input", str(jsonl), "--format", "jsonl",
+                   "--output-prefix", str(work / f"w{workers}" / "s"), "--tokenizer", str(work / "tok"),
+                   "--workers", str(workers), "--no-progress"]
+        seconds, peak = run_measured(command)
+        print(f"| data_prep tokenize, {workers} worker(s), whole command | {seconds:.2f} | {size_mb / seconds:.1f} | "
+              f"{peak:.0f} |")
+        print(f"|   ratio to {workers} x bare encode rate | | {size_mb / seconds / (workers * ceiling):.2f} | |")
+    if args.large_mb:
+        large = make_jsonl(args.source, work / "large.jsonl", args.large_mb)
+        command = [sys.executable, "-m", "data_prep", "tokenize", "--input", str(large), "--format", "jsonl",
+                   "--output-prefix", str(work / "large" / "s"), "--tokenizer", str(work / "tok"), "--workers", "2",
+                   "--no-progress"]
+        seconds, peak = run_measured(command)
+        print(f"| data_prep tokenize, 2 workers, {large.stat().st_size / 2 ** 20:.0f} MB | {seconds:.1f} | "
+              f"{large.stat().st_size / 2 ** 20 / seconds:.1f} | {peak:.0f} |")
+    _, meta = load_tokenizer(work / "tok")
+    processor = spm.SentencePieceProcessor(model_file=str(work / "tok" / "spm.model"))
+    rtd = loader_rate(work / "w1", meta, MaskingConfig())
+    mlm = loader_rate(work / "w1", meta, MaskingConfig(mode="mlm", whole_word=True),
+                      word_start_table(processor, meta.model_vocab_size), batches=10)
+    print(f"\nloader, L=512, 1 process: RTD masking {rtd:,.0f} samples/s; "
+          f"MLM 80/10/10 whole-word n-gram {mlm:,.0f} samples/s")
+
+
+if __name__ == "__main__":
+    main()

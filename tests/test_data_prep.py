@@ -1,0 +1,235 @@
+"""data_prep CLI: tokenizer, tokenisation round trip, megatron-core interoperability, resume, verify."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from data_prep.cli import main as cli
+from data_prep.tokenizer import load_tokenizer
+from deberta_ds.data.indexed_dataset import IndexedShard, ShardWriter, find_shard_prefixes, verify_shard
+
+
+def read_documents(prefix_or_dir) -> list[list[int]]:
+    return [IndexedShard(p).document_tokens(d).tolist() for p in find_shard_prefixes([prefix_or_dir])
+            for d in range(IndexedShard(p).num_documents)]
+
+
+def test_tokenizer_has_deberta_special_ids(tokenizer_dir):
+    processor, meta = load_tokenizer(tokenizer_dir)
+    assert [processor.id_to_piece(i) for i in range(4)] == ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+    assert meta.mask_id == processor.get_piece_size() == 1000 and meta.model_vocab_size == 1024
+    assert json.loads((tokenizer_dir / "tokenizer.json").read_text())["mask_id"] == 1000
+
+
+def test_bpe_tokenizer_trains(tmp_path, small_corpus):
+    assert cli(["train-tokenizer", "--input", str(small_corpus), "--output-dir", str(tmp_path), "--vocab-size",
+                "500", "--model-type", "bpe", "--sample-sentences", "5000"]) == 0
+    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model")).get_piece_size() == 500
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_round_trip_equals_direct_encoding_uint16(tmp_path, small_corpus, tokenizer_dir, workers):
+    prefix = tmp_path / "out"
+    assert cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(prefix), "--tokenizer",
+                str(tokenizer_dir), "--workers", str(workers), "--shard-tokens", "20000", "--no-progress"]) == 0
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "spm.model"))
+    expected = [ids for ids in processor.encode(small_corpus.read_text(encoding="utf-8").splitlines()) if ids]
+    assert read_documents(tmp_path) == expected
+    shards = find_shard_prefixes([tmp_path])
+    assert len(shards) > 3 and all(IndexedShard(p).dtype == np.uint16 for p in shards)
+    assert all(len(IndexedShard(p).tokens) <= 20000 for p in shards)
+    assert shards[0].endswith("out_00000")
+
+
+def test_int32_vocabulary_round_trip(tmp_path, small_corpus):
+    text = small_corpus.read_text(encoding="utf-8").splitlines()[:200]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "spm"), vocab_size=800,
+                                   pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"pieces": 800, "mask_id": 800,
+                                                         "model_vocab_size": 70000}))  # forces int32
+    source = tmp_path / "docs.jsonl.gz"
+    with gzip.open(source, "wt") as out:
+        for line in text:
+            out.write(json.dumps({"body": line}) + "\n")
+    assert cli(["tokenize", "--input", str(source), "--format", "jsonl", "--json-key", "body", "--output-dir",
+                str(tmp_path / "shards"), "--tokenizer", str(tmp_path / "spm.model"), "--no-progress"]) == 0
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    assert read_documents(tmp_path / "shards") == [ids for ids in processor.encode(text) if ids]
+    assert IndexedShard(find_shard_prefixes([tmp_path / "shards"])[0]).dtype == np.int32
+
+
+def test_blank_line_documents_empty_malformed_and_huge_lines(tmp_path, tokenizer_dir, capsys):
+    source = tmp_path / "in.txt"
+    huge = ("word " * 50_000).encode()
+    source.write_bytes(b"first doc\nstill first\n\n\n\nsecond \xff\xfe bad utf8\n\n" + huge + b"\n\nlast\n")
+    assert cli(["tokenize", "--input", str(source), "--doc-boundary", "blank-line", "--output-dir",
+                str(tmp_path / "s"), "--tokenizer", str(tokenizer_dir), "--max-piece-bytes", "4096",
+                "--no-progress"]) == 0
+    report = capsys.readouterr().out
+    assert "documents 4" in report and "split 1" in report and "malformed-utf8 1" in report
+    docs = read_documents(tmp_path / "s")
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "spm.model"))
+    assert docs[0] == processor.encode("first doc\nstill first")
+    assert len(docs[2]) == len(processor.encode("word " * 50_000))  # nothing lost across pieces
+
+
+def test_empty_documents_are_counted_in_line_mode(tmp_path, tokenizer_dir, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("one\n\n   \ntwo\n")
+    cli(["tokenize", "--input", str(source), "--output-dir", str(tmp_path / "s"), "--tokenizer",
+         str(tokenizer_dir), "--no-progress"])
+    assert "documents 2" in capsys.readouterr().out
+    assert len(read_documents(tmp_path / "s")) == 2
+
+
+def test_megatron_core_reads_our_shards(tmp_path, small_corpus, tokenizer_dir):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(tmp_path / "x"), "--tokenizer",
+         str(tokenizer_dir), "--no-progress"])
+    ours = IndexedShard(tmp_path / "x_00000")
+    theirs = IndexedDataset(str(tmp_path / "x_00000"))
+    assert len(theirs) == len(ours)
+    assert np.array_equal(theirs.document_indices, ours.doc_index)
+    for i in range(0, len(ours), 97):
+        assert np.array_equal(theirs[i], ours.sequence(i))
+
+
+def test_we_read_megatron_core_shards(tmp_path):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    documents = [[rng.integers(0, 90000, size=rng.integers(0, 50)) for _ in range(rng.integers(1, 4))]
+                 for _ in range(40)]
+    builder = IndexedDatasetBuilder(str(tmp_path / "m.bin"), dtype=np.int32)
+    for sequences in documents:
+        for sequence in sequences:
+            builder.add_item(torch.tensor(sequence))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "m.idx"))
+    shard = verify_shard(tmp_path / "m", vocab_size=90000)
+    assert shard.num_documents == 40
+    for doc, sequences in enumerate(documents):
+        assert shard.document_tokens(doc).tolist() == np.concatenate(sequences).tolist()
+
+
+def _tokenize_command(source, prefix, tokenizer_dir):
+    return [sys.executable, "-m", "data_prep", "tokenize", "--input", str(source), "--output-prefix", str(prefix),
+            "--tokenizer", str(tokenizer_dir), "--workers", "2", "--shard-tokens", "3000", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_killed_tokenize_resumes_to_byte_identical_output(tmp_path, tokenizer_dir):
+    source = tmp_path / "big.txt"
+    base = (Path(__file__).parent.parent / "README.md").read_text().splitlines()
+    from data_prep.default_corpus import iter_documents
+    lines = [doc for _, doc in zip(range(30000), iter_documents())] + base
+    source.write_text("\n".join(lines) + "\n")
+    subprocess.run(_tokenize_command(source, tmp_path / "full" / "s", tokenizer_dir), check=True)
+    victim = subprocess.Popen(_tokenize_command(source, tmp_path / "killed" / "s", tokenizer_dir),
+                              start_new_session=True)
+    manifest = tmp_path / "killed" / "s.manifest.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill once some, not all, shards are finished
+        if manifest.is_file() and len(json.loads(manifest.read_text())["shards"]) >= 3:
+            break
+        time.sleep(0.01)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    state = json.loads(manifest.read_text())
+    assert not state["complete"], "the run finished before the kill; the test proves nothing"
+    subprocess.run(_tokenize_command(source, tmp_path / "killed" / "s", tokenizer_dir), check=True)
+    full = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == full
+    for name in full:
+        if name.endswith((".bin", ".idx")):
+            assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
+    assert json.loads(manifest.read_text())["final_stats"] == \
+        json.loads((tmp_path / "full" / "s.manifest.json").read_text())["final_stats"]
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, small_corpus, tokenizer_dir, capsys):
+    args = ["tokenize", "--input", str(small_corpus), "--output-prefix", str(tmp_path / "s"), "--tokenizer",
+            str(tokenizer_dir), "--no-progress"]
+    assert cli(args) == 0
+    assert cli(args + ["--shard-tokens", "100"]) == 1
+    assert "different job" in capsys.readouterr().err
+
+
+def _good_shard(tmp_path) -> Path:
+    writer = ShardWriter(tmp_path / "g", np.uint16)
+    for doc in ([5, 6, 7], [8, 9], [10]):
+        writer.add_document(np.array(doc))
+    writer.finalize()
+    return tmp_path / "g"
+
+
+def _corrupt(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.with_suffix(".idx").write_bytes(p.with_suffix(".idx").read_bytes()[:-5]), "g.idx: size"),
+    (lambda p: p.with_suffix(".bin").write_bytes(p.with_suffix(".bin").read_bytes()[:-2]), "g.bin: size"),
+    (lambda p: _corrupt(p.with_suffix(".idx"), 0, b"NOTMAGIC!"), "bad magic"),
+    (lambda p: _corrupt(p.with_suffix(".idx"), 17, bytes([9])), "unknown dtype code 9 at offset 17"),
+    (lambda p: _corrupt(p.with_suffix(".idx"), 34 + 12 + 16, np.int64(600).tobytes()), "pointer 600 at offset 62"),
+    (lambda p: _corrupt(p.with_suffix(".bin"), 2, np.uint16(5000).tobytes()), "token id 5000 >= vocab size 100"),
+])
+def test_verify_rejects_damage_with_its_own_message(tmp_path, capsys, damage, message):
+    prefix = _good_shard(tmp_path)
+    assert cli(["verify", str(prefix), "--vocab-size", "100"]) == 0
+    damage(prefix)
+    assert cli(["verify", str(prefix), "--vocab-size", "100"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_merge_split_and_inspect(tmp_path, small_corpus, tokenizer_dir, capsys):
+    cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(tmp_path / "a" / "s"), "--tokenizer",
+         str(tokenizer_dir), "--shard-tokens", "20000", "--no-progress"])
+    documents = read_documents(tmp_path / "a")
+    assert cli(["merge", "--input", str(tmp_path / "a"), "--output-prefix", str(tmp_path / "m")]) == 0
+    assert read_documents(tmp_path / "m") == documents
+    assert cli(["split", "--input", str(tmp_path / "m"), "--output-prefix", str(tmp_path / "sp"),
+                "--valid-fraction", "0.1", "--seed", "3"]) == 0
+    train, valid = read_documents(tmp_path / "sp_train"), read_documents(tmp_path / "sp_valid")
+    assert len(train) + len(valid) == len(documents) and 0.05 < len(valid) / len(documents) < 0.15
+    assert sorted(map(tuple, train + valid)) == sorted(map(tuple, documents))
+    cli(["split", "--input", str(tmp_path / "m"), "--output-prefix", str(tmp_path / "again"),
+         "--valid-fraction", "0.1", "--seed", "3"])
+    assert read_documents(tmp_path / "again_valid") == valid
+    assert cli(["inspect", str(tmp_path / "m"), "--tokenizer", str(tokenizer_dir)]) == 0
+    assert "documents" in capsys.readouterr().out
+
+
+def test_verify_prints_summary_and_sample(tmp_path, small_corpus, tokenizer_dir, capsys):
+    cli(["tokenize", "--input", str(small_corpus), "--output-dir", str(tmp_path), "--tokenizer",
+         str(tokenizer_dir), "--no-progress"])
+    assert cli(["verify", str(tmp_path), "--tokenizer", str(tokenizer_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "OK: 1 shards" in out and "sample:" in out
+
+
+def test_missing_input_is_a_clear_error(tmp_path, tokenizer_dir, capsys):
+    assert cli(["tokenize", "--input", str(tmp_path / "nope.txt"), "--output-dir", str(tmp_path),
+                "--tokenizer", str(tokenizer_dir)]) == 1
+    assert "--input" in capsys.readouterr().err
+
+
+def test_every_command_has_help():
+    for command in ("default-corpus", "train-tokenizer", "tokenize", "verify", "inspect", "merge", "split"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli([command, "--help"])
+        assert exit_info.value.code == 0

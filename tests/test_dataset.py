@@ -1,0 +1,127 @@
+"""Sample building, masking statistics, determinism and the distributed, resumable sampler."""
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_prep.cli import main as cli
+from data_prep.tokenizer import load_tokenizer, word_start_table
+from deberta_ds.data.dataset import (IGNORE_INDEX, MaskingConfig, PackedSamples, PretrainingSamples, SpecialIds,
+                                     TokenCorpus)
+from deberta_ds.data.sampler import GlobalBatchSampler
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, small_corpus, tokenizer_dir):
+    out = tmp_path_factory.mktemp("shards")
+    cli(["tokenize", "--input", str(small_corpus), "--output-dir", str(out), "--tokenizer", str(tokenizer_dir),
+         "--shard-tokens", "30000", "--no-progress"])
+    return out
+
+
+def make_samples(shards, tokenizer_dir, masking=None, seed=0, length=128, cross=True):
+    processor, meta = load_tokenizer(tokenizer_dir)
+    special = SpecialIds(mask=meta.mask_id, num_pieces=meta.pieces)
+    return PretrainingSamples(TokenCorpus([shards]), length, special, masking or MaskingConfig(), seed=seed,
+                              cross_documents=cross, word_start=word_start_table(processor, meta.model_vocab_size))
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_packing_drops_no_token(shards, cross):
+    corpus = TokenCorpus([shards])
+    packed = PackedSamples(corpus, 126, cross)
+    pieces = [packed.tokens(i) for i in range(packed.num_samples)]
+    assert all(0 < len(p) <= 126 for p in pieces)
+    documents = [corpus.document(d) for d in range(len(corpus))]
+    assert np.array_equal(np.concatenate(pieces), np.concatenate(documents))
+    if not cross:  # every sample lies inside one document
+        assert packed.num_samples == sum(-(-len(d) // 126) for d in documents)
+
+
+def test_samples_are_framed_and_padded(shards, tokenizer_dir):
+    samples = make_samples(shards, tokenizer_dir, cross=False)
+    batch = samples.batch(np.arange(64))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (ids[:, 0] == 1).all()
+    lengths = mask.sum(1)
+    assert all(ids[row, lengths[row] - 1] == 2 for row in range(64))
+    assert (ids[mask == 0] == 0).all()
+
+
+def test_rtd_masking_statistics(shards, tokenizer_dir):
+    samples = make_samples(shards, tokenizer_dir)
+    batch = samples.batch(np.arange(2000))
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    selected = labels != IGNORE_INDEX
+    maskable = mask.sum() - 2 * len(ids)                           # all but [CLS] and [SEP]
+    assert abs(selected.sum() / maskable - 0.15) < 0.01
+    assert (ids[selected] == samples.special.mask).all()          # RTD: all [MASK], no 80/10/10
+    assert not np.isin(labels[selected], [0, 1, 2]).any()          # never special tokens
+    assert (ids[:, 0] == 1).all()
+
+
+def test_mlm_80_10_10_and_whole_word_spans(shards, tokenizer_dir):
+    processor, meta = load_tokenizer(tokenizer_dir)
+    samples = make_samples(shards, tokenizer_dir, MaskingConfig(mode="mlm", whole_word=True))
+    batch = samples.batch(np.arange(600))
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    selected = labels != IGNORE_INDEX
+    maskable = mask.sum() - 2 * len(ids)
+    assert abs(selected.sum() / maskable - 0.15) < 0.01
+    as_mask = (ids[selected] == meta.mask_id).mean()
+    kept = (ids[selected] == labels[selected]).mean()
+    assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.02
+    word_start = word_start_table(processor, meta.model_vocab_size)
+    original = np.where(selected, labels, ids)
+    for row in range(len(ids)):  # a selected piece's whole word is selected
+        length = mask[row].sum()
+        for pos in np.flatnonzero(selected[row]):
+            if pos + 1 < length - 1 and not word_start[original[row, pos + 1]]:
+                assert selected[row, pos + 1], (row, pos)
+            if not word_start[original[row, pos]] and pos > 1:
+                assert selected[row, pos - 1], (row, pos)
+
+
+def test_sample_is_pure_function_of_seed_and_index_across_processes(shards, tokenizer_dir):
+    samples = make_samples(shards, tokenizer_dir, seed=7)
+    here = samples.batch(np.array([3, 999, 12345]))["input_ids"]
+    code = ("import numpy as np, sys; sys.path.insert(0, '.'); from tests.test_dataset import make_samples; "
+            f"from pathlib import Path; s = make_samples(Path({str(shards)!r}), Path({str(tokenizer_dir)!r}), seed=7);"
+            "print(s.batch(np.array([3, 999, 12345]))['input_ids'].tolist())")
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(there) == here.tolist()
+    assert not np.array_equal(make_samples(shards, tokenizer_dir, seed=8).batch(np.array([3]))["input_ids"],
+                              here[:1])
+    assert pickle.loads(pickle.dumps(samples)).batch(np.array([999]))["input_ids"].tolist() == here[1:2].tolist()
+
+
+def test_epochs_are_permutations(shards, tokenizer_dir):
+    samples = make_samples(shards, tokenizer_dir)
+    n = len(samples)
+    first, second = samples.sample_id(np.arange(n)), samples.sample_id(np.arange(n, 2 * n))
+    assert sorted(first) == list(range(n)) == sorted(second)
+    assert not np.array_equal(first, second)
+
+
+def test_two_ranks_cover_the_one_rank_sequence_and_resume_continues_it():
+    one = GlobalBatchSampler(8, 0, 1, total_samples=80)
+    ranks = [GlobalBatchSampler(8, r, 2, total_samples=80) for r in range(2)]
+    for full, a, b in zip(one, *ranks):
+        assert np.array_equal(np.concatenate([a, b]), full)
+    resumed = list(GlobalBatchSampler(8, 1, 2, consumed_samples=40, total_samples=80))
+    assert [x.tolist() for x in resumed] == [x.tolist() for x in list(GlobalBatchSampler(8, 1, 2,
+                                                                                          total_samples=80))[5:]]
+    assert len(GlobalBatchSampler(8, 0, 4, consumed_samples=16, total_samples=80)) == 8
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(global_batch_size=10, world_size=4), "not divisible"),
+    (dict(global_batch_size=8, consumed_samples=3), "multiple"),
+    (dict(global_batch_size=8, rank=2, world_size=2), "outside"),
+])
+def test_sampler_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GlobalBatchSampler(**kwargs)
