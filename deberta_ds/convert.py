@@ -31,7 +31,7 @@ WEIGHTS = "model.safetensors"
 _ENCODER_KEYS = [
     ("embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight"),
     ("embeddings.norm.{p}", "embeddings.LayerNorm.{p}"),
-    ("rel_embeddings.weight", "encoder.rel_embeddings.weight"),
+    ("rel_embeddings", "encoder.rel_embeddings.weight"),
     ("rel_norm.{p}", "encoder.LayerNorm.{p}"),
     ("layers.{i}.attention.query.{p}", "encoder.layer.{i}.attention.self.query_proj.{p}"),
     ("layers.{i}.attention.key.{p}", "encoder.layer.{i}.attention.self.key_proj.{p}"),
@@ -252,7 +252,7 @@ def rtd_from_hf(discriminator_dir: str | Path, generator_dir: str | Path | None 
             disc_encoder.pop("embeddings.word_embeddings.weight")
             model.discriminator.encoder.load_state_dict(disc_encoder)
             if embedding_sharing == "gdes":
-                model.embedding_delta.copy_(disc_embedding - model.generator.word_embeddings.weight)
+                model.discriminator.embedding_delta.copy_(disc_embedding - model.generator.word_embeddings.weight)
         _load_head(model.discriminator.head, disc_state, [_RTD_HEAD_KEYS], str(discriminator_dir))
     return model
 

@@ -89,7 +89,7 @@ def _trained_looking_rtd(sharing: str) -> ReplacedTokenDetection:
     model = ReplacedTokenDetection(RTDConfig(discriminator=config, embedding_sharing=sharing, mask_token_id=5))
     if sharing == "gdes":
         with torch.no_grad():
-            model.embedding_delta.normal_(std=0.02)
+            model.discriminator.embedding_delta.normal_(std=0.02)
     return model.eval()
 
 

@@ -76,10 +76,10 @@ def _grads_after(model, loss_name):
 def test_gdes_rtd_loss_reaches_only_delta_and_mlm_only_generator():
     model = _grads_after(make_rtd("gdes"), "rtd")
     assert grad_sum(model.generator.word_embeddings.weight) == 0
-    assert grad_sum(model.embedding_delta) > 0
+    assert grad_sum(model.discriminator.embedding_delta) > 0
     model = _grads_after(make_rtd("gdes"), "mlm")
     assert grad_sum(model.generator.word_embeddings.weight) > 0
-    assert grad_sum(model.embedding_delta) == 0
+    assert grad_sum(model.discriminator.embedding_delta) == 0
 
 
 def test_es_sends_both_losses_to_the_generator_embedding():

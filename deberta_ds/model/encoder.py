@@ -42,9 +42,10 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, input_ids, attention_mask, inputs_embeds=None, word_embedding_weight=None):
-        if inputs_embeds is None:
-            weight = self.word_embeddings.weight if word_embedding_weight is None else word_embedding_weight
-            inputs_embeds = F.embedding(input_ids, weight, padding_idx=self.pad_token_id)  # [B, L, H]
+        if inputs_embeds is None and word_embedding_weight is not None:
+            inputs_embeds = F.embedding(input_ids, word_embedding_weight, padding_idx=self.pad_token_id)
+        elif inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)                    # [B, L, H]
         hidden = self.norm(inputs_embeds) * attention_mask.unsqueeze(-1).to(inputs_embeds.dtype)
         return self.dropout(hidden)
 
@@ -128,13 +129,16 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config, own_word_embeddings)
-        self.rel_embeddings = nn.Embedding(2 * config.position_buckets, config.hidden_size)
+        # A bare parameter of the encoder (not an nn.Embedding that is never called), so ZeRO-3
+        # gathers it with the encoder's own forward.
+        self.rel_embeddings = nn.Parameter(torch.empty(2 * config.position_buckets, config.hidden_size))
         self.rel_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
         init_weights(self, config.initializer_range)
+        nn.init.normal_(self.rel_embeddings, std=config.initializer_range)
 
     def relative_table(self) -> torch.Tensor:
-        return self.rel_norm(self.rel_embeddings.weight)                      # [2k, H]
+        return self.rel_norm(self.rel_embeddings)                             # [2k, H]
 
     def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, word_embedding_weight=None,
                 num_layers: int | None = None):

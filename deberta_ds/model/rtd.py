@@ -24,6 +24,7 @@ class GeneratorOutput:
     loss: torch.Tensor            # MLM cross-entropy over masked positions
     accuracy: torch.Tensor
     logits: torch.Tensor          # [M, V] at the masked positions, row-major order
+    objective: torch.Tensor       # what the generator's optimiser minimises (loss, plus ES's RTD term)
 
 
 @dataclass
@@ -54,7 +55,9 @@ class Generator(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.encoder.embeddings.word_embeddings
 
-    def forward(self, input_ids, attention_mask, labels) -> GeneratorOutput:
+    def forward(self, input_ids, attention_mask, labels, embedding_gradient=None) -> GeneratorOutput:
+        """embedding_gradient [V, H]: the discriminator's RTD gradient w.r.t. E_G (ES across two
+        optimisers); sum(E_G * gradient) adds exactly that gradient to E_G's."""
         encoder = self.encoder
         kv_states = encoder(input_ids, attention_mask, num_layers=len(encoder.layers) - 1)
         decoded = self.emd(encoder, kv_states, attention_mask, encoder.relative_table())  # [B, L, H]
@@ -63,17 +66,37 @@ class Generator(nn.Module):
         targets = labels[masked]
         loss = F.cross_entropy(logits.float(), targets)
         accuracy = (logits.argmax(-1) == targets).float().mean()
-        return GeneratorOutput(loss, accuracy, logits)
+        objective = loss
+        if embedding_gradient is not None:
+            objective = loss + (self.word_embeddings.weight * embedding_gradient).sum()
+        return GeneratorOutput(loss, accuracy, logits, objective)
 
 
 class Discriminator(nn.Module):
+    """Encoder + RTD head. Its word embedding depends on the sharing mode: GDES reads
+    stopgrad(E_G) + E_delta (E_delta lives here, zero-initialised), ES reads E_G itself, NES
+    owns a table. The generator's E_G is passed in, so each model can sit in its own engine."""
+
     def __init__(self, config: RTDConfig):
         super().__init__()
-        self.encoder = Encoder(config.discriminator, own_word_embeddings=config.embedding_sharing == "nes")
+        self.sharing = config.embedding_sharing
+        self.encoder = Encoder(config.discriminator, own_word_embeddings=self.sharing == "nes")
         self.head = RTDHead(config.discriminator)
+        if self.sharing == "gdes":
+            shape = (config.discriminator.vocab_size, config.discriminator.hidden_size)
+            self.embedding_delta = nn.Parameter(torch.zeros(shape))
 
-    def forward(self, input_ids, attention_mask, replaced, word_embedding_weight=None) -> DiscriminatorOutput:
-        hidden = self.encoder(input_ids, attention_mask, word_embedding_weight=word_embedding_weight)
+    def word_embedding_weight(self, generator_embedding: torch.Tensor | None) -> torch.Tensor | None:
+        """The discriminator's word-embedding matrix [V, H]; None when it owns one (NES)."""
+        if self.sharing == "gdes":
+            return generator_embedding.detach() + self.embedding_delta
+        if self.sharing == "es":
+            return generator_embedding
+        return None
+
+    def forward(self, input_ids, attention_mask, replaced, generator_embedding=None) -> DiscriminatorOutput:
+        hidden = self.encoder(input_ids, attention_mask,
+                              word_embedding_weight=self.word_embedding_weight(generator_embedding))
         logits = self.head(hidden)                                              # [B, L]
         real = attention_mask.bool()
         loss = F.binary_cross_entropy_with_logits(logits[real].float(), replaced[real].float())
@@ -89,18 +112,9 @@ class ReplacedTokenDetection(nn.Module):
         self.config = config
         self.generator = Generator(config)
         self.discriminator = Discriminator(config)
-        if config.embedding_sharing == "gdes":
-            # Zero-initialised, so the discriminator starts from the generator's embedding.
-            self.embedding_delta = nn.Parameter(torch.zeros_like(self.generator.word_embeddings.weight))
 
     def discriminator_embedding_weight(self) -> torch.Tensor | None:
-        """The discriminator's word-embedding matrix; None when it owns one (NES)."""
-        sharing = self.config.embedding_sharing
-        if sharing == "gdes":
-            return self.generator.word_embeddings.weight.detach() + self.embedding_delta
-        if sharing == "es":
-            return self.generator.word_embeddings.weight
-        return None
+        return self.discriminator.word_embedding_weight(self.generator.word_embeddings.weight)
 
     @torch.no_grad()
     def corrupt(self, input_ids, labels, generator_logits, rng: torch.Generator | None = None):
@@ -121,8 +135,7 @@ class ReplacedTokenDetection(nn.Module):
         return corrupted, replaced
 
     def discriminate(self, corrupted_ids, attention_mask, replaced) -> DiscriminatorOutput:
-        return self.discriminator(corrupted_ids, attention_mask, replaced,
-                                  word_embedding_weight=self.discriminator_embedding_weight())
+        return self.discriminator(corrupted_ids, attention_mask, replaced, self.generator.word_embeddings.weight)
 
     def forward(self, input_ids, attention_mask, labels, rng: torch.Generator | None = None) -> RTDOutput:
         gen = self.generator(input_ids, attention_mask, labels)

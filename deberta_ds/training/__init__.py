@@ -1,0 +1,1 @@
+"""DeepSpeed training of the RTD pair: run config, engines, checkpoints, metrics, the loop."""

@@ -1,0 +1,133 @@
+"""Checkpoints: DeepSpeed engine states plus the trainer's client state, published atomically.
+
+Layout under OUTPUT/checkpoints/:
+    step_00000012/<engine>/...        DeepSpeed's files, one folder per engine (joint | generator, discriminator)
+    step_00000012/trainer_state.json  step, consumed samples, run config, tokenizer metadata, world size
+    step_00000012/rng_rank{r}.pt      each rank's RNG states
+    step_00000012/COMPLETE            written by rank 0 after every rank finished writing
+    latest                            the newest COMPLETE tag; moved (write + rename) only after COMPLETE
+
+A kill while writing leaves the previous checkpoint as `latest`. Resuming on a different
+data-parallel size converts each engine folder with DeepSpeed's universal-checkpoint tool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+STATE = "trainer_state.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, keep_last: int) -> Path:
+    tag = tag_for(step)
+    folder = root / tag
+    if rank == 0 and folder.exists():  # a half-written attempt at this step: start clean
+        shutil.rmtree(folder)
+    _barrier()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(folder), tag=name, save_latest=False)
+    torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+    if rank == 0:
+        _write_atomic(folder / STATE, json.dumps(client_state, indent=1))
+    _barrier()  # every rank has finished writing
+    if rank == 0:
+        _write_atomic(folder / COMPLETE, "")
+        _write_atomic(root / LATEST, tag)
+        _prune(root, keep_last)
+    _barrier()
+    return folder
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    for old in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The folder named by `latest`, if it is complete."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text().strip()
+    if not (folder / COMPLETE).is_file():
+        raise RuntimeError(f"{pointer} names {folder.name}, which is not complete; the checkpoint directory was "
+                           "modified by hand")
+    return folder
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / STATE).read_text())
+
+
+def universal_folder(folder: Path, engine_name: str) -> Path:
+    return folder / f"{engine_name}_universal"
+
+
+def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
+    """DeepSpeed's ds_to_universal for each engine folder (rank 0 converts, the rest wait)."""
+    if rank == 0:
+        for name in engine_names:
+            target = universal_folder(folder, name)
+            if target.is_dir():
+                continue
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(folder / name), "--output_folder", str(tmp), "--inject_missing_state",
+                            "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           check=True, stdout=subprocess.DEVNULL)
+            os.replace(tmp, target)
+    _barrier()
+
+
+def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
+    for name, engine in engines.items():
+        tag = universal_folder(folder, name).name if universal else name
+        path, _ = engine.load_checkpoint(str(folder), tag=tag)
+        if path is None:
+            raise RuntimeError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
+    rng_file = folder / f"rng_rank{rank}.pt"
+    if rng_file.is_file() and not universal:
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_state(folder)

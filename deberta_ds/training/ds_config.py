@@ -1,0 +1,69 @@
+"""The DeepSpeed JSON for a run: a file from ds_configs/ plus what the run config owns.
+
+The run config is the one source of batch sizes, optimiser settings and clipping; the
+JSON file contributes ZeRO and precision settings. A JSON file that sets a batch field
+to a different value is an error, not a silent override.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from deberta_ds.training.run_config import RunConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+_PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+
+
+def default_ds_config_path(config: RunConfig) -> Path:
+    offload = "_offload" if config.train.offload else ""
+    return DS_CONFIG_DIR / f"zero{config.train.zero_stage}{offload}_{config.train.precision}.json"
+
+
+def load_ds_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"train.ds_config: {path} not found (the ds_configs/ directory of the repository holds "
+                         "zero{0,1,2,3}[_offload]_{fp32,bf16,fp16}.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"train.ds_config: {path} is not valid JSON: {error}") from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def build_ds_config(config: RunConfig, data_parallel_size: int, lr: float, on_cpu: bool) -> dict:
+    path = Path(config.train.ds_config) if config.train.ds_config else default_ds_config_path(config)
+    ds = _merge(load_ds_json(path), config.train.ds_overrides)
+    accumulation = config.check_batch_geometry(data_parallel_size)
+    owned = {"train_batch_size": config.train.global_batch_size,
+             "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
+             "gradient_accumulation_steps": accumulation,
+             "gradient_clipping": config.optim.clip_grad}
+    for key, value in owned.items():
+        if key in ds and ds[key] != value:
+            raise ValueError(f"{path}: {key} = {ds[key]} disagrees with the run config ({value}); "
+                             "remove it from the DeepSpeed JSON, the run config owns it")
+        ds[key] = value
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage != config.train.zero_stage:
+        raise ValueError(f"{path}: zero_optimization.stage = {stage} but train.zero_stage = {config.train.zero_stage}")
+    for precision, key in _PRECISION_KEYS.items():
+        enabled = ds.get(key, {}).get("enabled", False)
+        if enabled != (config.train.precision == precision):
+            raise ValueError(f"{path}: {key}.enabled = {enabled} does not match train.precision = "
+                             f"{config.train.precision}")
+    ds["optimizer"] = {"type": "AdamW", "params": {
+        "lr": lr, "betas": list(config.optim.betas), "eps": config.optim.eps,
+        "weight_decay": config.optim.weight_decay,
+        # torch's AdamW on CPU (FusedAdam needs a CUDA build); FusedAdam on GPU.
+        "torch_adam": on_cpu}}
+    return ds

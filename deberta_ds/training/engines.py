@@ -1,0 +1,170 @@
+"""DeepSpeed engines for the RTD pair and one optimisation step in either mode.
+
+joint:     one engine over the whole pair, one backward of mlm + lambda * rtd, one step.
+decoupled: two engines (generator, discriminator), each with its own optimiser and loss
+           scale: the generator steps on the MLM loss, the discriminator on the RTD loss of
+           the sampled batch. Every engine sees exactly one backward per micro-batch (ZeRO-1/2
+           keep only the last of several backward calls before a step).
+
+Under ZeRO-3 the generator's embedding E_G is partitioned outside the generator's own
+forward. The tied LM head and the joint engine's discriminator read it through
+`register_external_parameter`; the decoupled discriminator engine reads a copy gathered with
+`GatheredParameters`. ES across two engines: the discriminator's gradient w.r.t. that copy
+is added to the generator's loss as sum(E_G * grad), so E_G receives both gradients and is
+stepped once, by its own optimiser; the samples then come from a no-grad generator pass.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from torch import nn
+
+from deberta_ds.model.rtd import GeneratorOutput, DiscriminatorOutput, ReplacedTokenDetection
+from deberta_ds.training.ds_config import build_ds_config
+from deberta_ds.training.run_config import RunConfig
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, LayerNorm weights and the GDES delta."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_norm = ".norm." in f".{name}" or "_norm." in name
+        (no_decay if param.dim() < 2 or is_norm or name.endswith("embedding_delta") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(config: RunConfig):
+    """Linear warmup, then linear or cosine decay to min_lr_ratio at train.steps."""
+    warmup, total, floor = config.optim.warmup_steps, config.train.steps, config.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 1.0 - progress if config.optim.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * shape
+
+    return factor
+
+
+def _initialize(module, config: RunConfig, lr: float, dp_size: int, on_cpu: bool, mpu=None, load_universal=False):
+    ds_config = build_ds_config(config, dp_size, lr, on_cpu)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=parameter_groups(module, config.optim.weight_decay), config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)), mpu=mpu)
+    return engine
+
+
+def register_external_parameters(model: ReplacedTokenDetection, joint: bool) -> None:
+    """ZeRO-3: parameters read outside the forward of the module that owns them."""
+    generator_embedding = model.generator.word_embeddings.weight
+    deepspeed.zero.register_external_parameter(model.generator, generator_embedding)      # tied LM head
+    deepspeed.zero.register_external_parameter(model.generator, model.generator.encoder.rel_embeddings)  # EMD
+    if joint and model.config.embedding_sharing != "nes":
+        deepspeed.zero.register_external_parameter(model.discriminator, generator_embedding)
+
+
+@dataclass
+class StepResult:
+    generator: GeneratorOutput
+    discriminator: DiscriminatorOutput
+    corrupted: torch.Tensor
+    replaced_ratio: torch.Tensor
+    loss: torch.Tensor              # the joint objective (also reported in decoupled mode)
+    finite: bool
+
+
+class RTDEngines:
+    """Owns the engine(s) and runs one micro-batch of training or evaluation."""
+
+    def __init__(self, model: ReplacedTokenDetection, config: RunConfig, dp_size: int, on_cpu: bool, mpu=None,
+                 load_universal: bool = False):
+        self.model, self.config = model, config
+        self.joint = config.train.mode == "joint"
+        self.zero3 = config.train.zero_stage == 3
+        if self.zero3:
+            register_external_parameters(model, self.joint)
+        args = (config, config.optim.lr, dp_size, on_cpu, mpu, load_universal)
+        if self.joint:
+            self.engines = {"joint": _initialize(model, *args)}
+        else:
+            generator_lr = config.optim.generator_lr or config.optim.lr
+            self.engines = {"generator": _initialize(model.generator, config, generator_lr, *args[2:]),
+                            "discriminator": _initialize(model.discriminator, *args)}
+
+    def train(self, mode: bool = True) -> None:
+        for engine in self.engines.values():
+            engine.train(mode)
+
+    def _gathered_generator_embedding(self) -> torch.Tensor:
+        weight = self.model.generator.word_embeddings.weight
+        context = deepspeed.zero.GatheredParameters([weight]) if self.zero3 else nullcontext()
+        with context:
+            return weight.detach().clone()
+
+    def _all_finite(self, *losses) -> bool:
+        finite = torch.tensor([float(all(torch.isfinite(loss).item() for loss in losses))])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def micro_step(self, batch: dict, rng: torch.Generator, loss_multiplier: float = 1.0,
+                   train: bool = True) -> StepResult:
+        """Forward (and, when train, backward and step) of one micro-batch. Non-finite losses on
+        any rank skip the backward on every rank (the caller counts and aborts)."""
+        context = nullcontext() if train else torch.no_grad()
+        with context:
+            if self.joint:
+                return self._joint(batch, rng, loss_multiplier, train)
+            return self._decoupled(batch, rng, loss_multiplier, train)
+
+    def _joint(self, batch, rng, loss_multiplier, train) -> StepResult:
+        engine = self.engines["joint"]
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], rng=rng)
+        loss = out.loss * loss_multiplier
+        finite = self._all_finite(loss)
+        if train and finite:
+            engine.backward(loss)
+            engine.step()
+        return StepResult(out.generator, out.discriminator, out.corrupted_ids, out.replaced_ratio, out.loss, finite)
+
+    def _decoupled(self, batch, rng, loss_multiplier, train) -> StepResult:
+        generator, discriminator = self.engines["generator"], self.engines["discriminator"]
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        es = self.config.rtd.embedding_sharing == "es"
+        if es and train:
+            with torch.no_grad():
+                sampling_logits = generator(ids, mask, labels).logits
+        else:
+            gen_out = generator(ids, mask, labels)
+            sampling_logits = gen_out.logits
+        corrupted, replaced = self.model.corrupt(ids, labels, sampling_logits, rng)
+        embedding = self._gathered_generator_embedding().requires_grad_(es and train)
+        disc_out = discriminator(corrupted, mask, replaced, embedding)
+        disc_loss = disc_out.loss * loss_multiplier
+        finite = self._all_finite(disc_loss)
+        if es and train:
+            if finite:
+                discriminator.backward(disc_loss)
+            gen_out = generator(ids, mask, labels, embedding_gradient=embedding.grad if finite else None)
+        gen_objective = gen_out.objective * loss_multiplier
+        finite = finite and self._all_finite(gen_objective)
+        if train and finite:
+            generator.backward(gen_objective)
+            generator.step()
+            if not es:
+                discriminator.backward(disc_loss)
+            discriminator.step()
+        masked = labels != -100
+        replaced_ratio = replaced[masked].float().mean()
+        joint_loss = gen_out.loss + self.config.rtd.rtd_lambda * disc_out.loss
+        return StepResult(gen_out, disc_out, corrupted, replaced_ratio, joint_loss, finite)

@@ -1,0 +1,170 @@
+"""One run configuration (YAML or JSON) for `python -m deberta_ds.train`, with dotted overrides.
+
+    model: tiny                  # preset name
+    model_overrides: {}          # any ModelConfig field
+    rtd: {embedding_sharing: gdes, rtd_lambda: 50}
+    data: {train: [shards/], valid: [valid/], tokenizer: tok/, max_length: 128}
+    optim: {lr: 5e-4, warmup_steps: 10}
+    train: {steps: 100, global_batch_size: 16, micro_batch_size: 8, zero_stage: 2}
+    output_dir: runs/quickstart
+
+Overrides on the command line: `train.steps=10 optim.lr=1e-3` (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from deberta_ds.config import PRESETS
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass
+class RTDSection:
+    embedding_sharing: str = "gdes"
+    rtd_lambda: float = 50.0
+    temperature: float = 1.0
+    generator_layers: int | None = None
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)
+    valid: list[str] = field(default_factory=list)
+    tokenizer: str = ""
+    max_length: int = 512
+    cross_documents: bool = True
+    mask_probability: float = 0.15
+    seed: int = 1234
+
+    def __post_init__(self):
+        _require(self.max_length >= 3, "data.max_length", "must be at least 3 ([CLS] x [SEP])")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    generator_lr: float | None = None   # decoupled mode: the generator's own rate (default: lr)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 10000
+    schedule: str = "linear"            # linear | cosine decay to min_lr_ratio * lr after warmup
+    min_lr_ratio: float = 0.0
+    clip_grad: float = 1.0
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        _require(self.schedule in ("linear", "cosine"), "optim.schedule", f"{self.schedule!r} is not linear or cosine")
+        _require(self.lr > 0, "optim.lr", "must be positive")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    mode: str = "decoupled"             # decoupled: two engines/optimizers; joint: one step on mlm + lambda*rtd
+    precision: str = "bf16"             # fp32 | bf16 | fp16
+    zero_stage: int = 2
+    offload: bool = False               # ZeRO-3 optimizer + parameter CPU offload
+    ds_config: str | None = None        # default: ds_configs/zero{stage}[_offload]_{precision}.json
+    ds_overrides: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON (e.g. zero bucket sizes)
+    tp: int = 1
+    log_every: int = 10
+    eval_every: int = 0                 # 0: evaluate only at the end
+    eval_batches: int = 4
+    save_every: int = 0                 # 0: save only at the end and on SIGTERM
+    keep_last: int = 3
+    max_nonfinite_steps: int = 5        # abort after this many non-finite losses in a row
+    inject_loss_scale_at_step: int | None = None   # testing aid: multiply the loss by 1e30 at this step
+    inject_nan_from_step: int | None = None        # testing aid: NaN losses from this step on
+
+    def __post_init__(self):
+        _require(self.mode in ("decoupled", "joint"), "train.mode", f"{self.mode!r} is not decoupled or joint")
+        _require(self.precision in ("fp32", "bf16", "fp16"), "train.precision",
+                 f"{self.precision!r} is not fp32, bf16 or fp16")
+        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage",
+                 f"unknown ZeRO stage {self.zero_stage}; use 0, 1, 2 or 3")
+        _require(self.steps > 0, "train.steps", "must be positive")
+        _require(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+        _require(self.tp >= 1, "train.tp", "must be >= 1")
+        _require(not self.offload or self.zero_stage == 3, "train.offload", "CPU offload needs zero_stage 3")
+
+
+@dataclass
+class RunConfig:
+    model: str = "base"
+    model_overrides: dict = field(default_factory=dict)
+    rtd: RTDSection = field(default_factory=RTDSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output_dir: str = "runs/deberta"
+    seed: int = 42
+
+    def __post_init__(self):
+        _require(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {sorted(PRESETS)}")
+
+    def check_batch_geometry(self, data_parallel_size: int) -> int:
+        """Gradient-accumulation steps; a clear error when the batch sizes do not fit the world."""
+        per_step = self.train.micro_batch_size * data_parallel_size
+        _require(self.train.global_batch_size % per_step == 0, "train.global_batch_size",
+                 f"{self.train.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
+                 f"= {self.train.micro_batch_size} x {data_parallel_size}")
+        return self.train.global_batch_size // per_step
+
+
+_SECTIONS = {"rtd": RTDSection, "data": DataSection, "optim": OptimSection, "train": TrainSection}
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    _require(not unknown, where or "run config", f"unknown fields {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    data = dict(data)
+    for name, cls in _SECTIONS.items():
+        data[name] = _build(cls, data.get(name) or {}, name)
+    return _build(RunConfig, data, "")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`section.field=value` strings (value parsed as YAML) applied to a nested dict."""
+    for override in overrides:
+        _require("=" in override, "override", f"{override!r} is not of the form section.field=value")
+        dotted, raw = override.split("=", 1)
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            _require(isinstance(node, dict), dotted, "is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data = {}
+    if path is not None:
+        path = Path(path)
+        _require(path.is_file(), "--config", f"{path} not found")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
+    return run_config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def to_dict(config: RunConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))

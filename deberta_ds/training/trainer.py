@@ -1,0 +1,284 @@
+"""RTD + GDES pre-training on DeepSpeed: `python -m deberta_ds.train --config run.yaml [key=value ...]`.
+
+Launch with `deepspeed --num_gpus N --module deberta_ds.train --config run.yaml` (the
+launcher's --local_rank is accepted). Everything is validated before the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from deberta_ds.config import RTDConfig, preset
+from deberta_ds.data.dataset import MaskingConfig, PretrainingSamples, SpecialIds, TokenCorpus
+from deberta_ds.data.indexed_dataset import find_shard_prefixes
+from deberta_ds.data.random import hash64
+from deberta_ds.data.sampler import GlobalBatchSampler
+from deberta_ds.model import ReplacedTokenDetection
+from deberta_ds.training import checkpoint
+from deberta_ds.training.metrics import (ScalarLog, model_flops_per_token, peak_memory_bytes,
+                                         replaced_precision_recall, roc_auc)
+from deberta_ds.training.run_config import RunConfig, load_run_config, to_dict
+
+
+class TrainingError(RuntimeError):
+    """A condition that stops training with a message for the user (exit code 1)."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m deberta_ds.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="run config, YAML or JSON (see deberta_ds/training/run_config.py)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: continue from OUTPUT/checkpoints/latest when it exists (default); none: start "
+                             "fresh (refused if checkpoints exist)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE", help="run-config overrides")
+    return parser.parse_args(argv)
+
+
+def build_data(config: RunConfig):
+    """Datasets and the RTD model config, with clear errors for every mismatch."""
+    from data_prep.tokenizer import load_tokenizer
+
+    if not config.data.train:
+        raise ValueError("data.train: no training shards given")
+    _, meta = load_tokenizer(config.data.tokenizer)
+    overrides = dict(config.model_overrides)
+    if overrides.setdefault("vocab_size", meta.model_vocab_size) < meta.model_vocab_size:
+        raise ValueError(f"model_overrides.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's "
+                         f"vocabulary ({meta.model_vocab_size}, {config.data.tokenizer})")
+    model_config = preset(config.model, **overrides)
+    rtd_config = RTDConfig(discriminator=model_config, mask_token_id=meta.mask_id, **asdict(config.rtd))
+    special = SpecialIds(mask=meta.mask_id, num_pieces=meta.pieces)
+    masking = MaskingConfig(probability=config.data.mask_probability)
+
+    def samples(paths, seed):
+        corpus = TokenCorpus(find_shard_prefixes(paths))
+        if corpus.max_token_id >= model_config.vocab_size:
+            raise ValueError(f"data: shards {paths} hold token id {corpus.max_token_id}, outside the model "
+                             f"vocabulary of {model_config.vocab_size} from tokenizer {config.data.tokenizer}; "
+                             "were they tokenised with another tokenizer?")
+        return PretrainingSamples(corpus, config.data.max_length, special, masking, seed,
+                                  config.data.cross_documents)
+
+    train = samples(config.data.train, config.data.seed)
+    valid = samples(config.data.valid, config.data.seed + 1) if config.data.valid else None
+    return train, valid, rtd_config, asdict(meta)
+
+
+def to_tensors(batch: dict) -> dict:
+    return {key: torch.from_numpy(value) for key, value in batch.items()}
+
+
+def sampling_rng(seed: int, first_global_index: int) -> torch.Generator:
+    """Generator for the RTD samples of a micro-batch: a function of the data, not of the stage."""
+    return torch.Generator().manual_seed(int(hash64(seed, first_global_index)) & ((1 << 63) - 1))
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, resume: str):
+        from deberta_ds.training.engines import RTDEngines
+
+        self.config = config
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.output = Path(config.output_dir)
+        self.checkpoints = self.output / "checkpoints"
+        self.train_samples, self.valid_samples, rtd_config, self.tokenizer_meta = build_data(config)
+        self.accumulation = config.check_batch_geometry(self.world)
+        latest = checkpoint.find_latest(self.checkpoints) if resume == "auto" else None
+        if resume == "none" and (self.checkpoints / checkpoint.LATEST).exists():
+            raise TrainingError(f"--resume none: {self.checkpoints} already holds checkpoints; use --resume auto "
+                                "or another output_dir")
+        state = checkpoint.read_state(latest) if latest else None
+        universal = bool(state and state["world_size"] != self.world and
+                         (config.train.zero_stage > 0 or config.train.precision != "fp32"))
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.model = ReplacedTokenDetection(rtd_config)
+        self.engines = RTDEngines(self.model, config, self.world, on_cpu=not torch.cuda.is_available(),
+                                  load_universal=universal)
+        torch.manual_seed(config.seed + 1000 * (self.rank + 1))  # dropout streams differ per rank
+        self.step, self.consumed = 0, 0
+        if latest:
+            if universal:
+                checkpoint.convert_to_universal(latest, self.engines.engines, self.rank)
+            state = checkpoint.load(latest, self.engines.engines, self.rank, universal)
+            self.step, self.consumed = state["step"], state["consumed_samples"]
+            self.log(f"resumed from {latest} at step {self.step} ({self.consumed} samples)")
+        self.scalars = ScalarLog(self.output / "tensorboard", self.rank == 0)
+        self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
+        self.stop_requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        generator_params = sum(p.numel() for p in self.model.generator.parameters())
+        discriminator_params = sum(p.numel() for p in self.model.discriminator.parameters())
+        self.flops_per_token = model_flops_per_token(generator_params, discriminator_params,
+                                                     rtd_config.discriminator.num_layers,
+                                                     rtd_config.discriminator.hidden_size, config.data.max_length)
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            tqdm.write(message)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _agree(self, flag: bool) -> bool:
+        value = torch.tensor([float(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def client_state(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed, "world_size": self.world,
+                "run_config": to_dict(self.config), "rtd_config": asdict(self.model.config),
+                "tokenizer": self.tokenizer_meta, "engines": list(self.engines.engines)}
+
+    def save(self) -> None:
+        folder = checkpoint.save(self.checkpoints, self.engines.engines, self.step, self.client_state(), self.rank,
+                                 self.config.train.keep_last)
+        self.log(f"saved checkpoint {folder}")
+
+    def train_step(self) -> dict:
+        config = self.config.train
+        sampler = GlobalBatchSampler(config.global_batch_size, self.rank, self.world, self.consumed)
+        local_indices = next(iter(sampler))                                   # [micro * accumulation]
+        multiplier = 1e30 if config.inject_loss_scale_at_step == self.step else 1.0
+        results = []
+        for micro in np.split(local_indices, self.accumulation):
+            batch = to_tensors(self.train_samples.batch(micro))
+            if config.inject_nan_from_step is not None and self.step >= config.inject_nan_from_step:
+                multiplier = float("nan")
+            results.append((batch, self.engines.micro_step(batch, sampling_rng(self.config.seed, int(micro[0])),
+                                                           multiplier)))
+        self.consumed += config.global_batch_size
+        self.step += 1
+        finite = all(result.finite for _, result in results)
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+        self.nonfinite_total += not finite
+        if self.nonfinite_in_a_row >= config.max_nonfinite_steps:
+            raise TrainingError(f"aborting at step {self.step}: {self.nonfinite_in_a_row} non-finite losses in a row "
+                                f"(train.max_nonfinite_steps={config.max_nonfinite_steps}); lower optim.lr, check the "
+                                "data, or use bf16 instead of fp16")
+        return self.step_metrics(results)
+
+    def step_metrics(self, results) -> dict:
+        mean = lambda values: float(np.mean(values))  # noqa: E731
+        precision, recall = zip(*(replaced_precision_recall(r.discriminator.logits.float(), r.discriminator.replaced,
+                                                            b["attention_mask"]) for b, r in results))
+        metrics = {
+            "generator/mlm_loss": mean([r.generator.loss.item() for _, r in results]),
+            "generator/mlm_accuracy": mean([r.generator.accuracy.item() for _, r in results]),
+            "discriminator/rtd_loss": mean([r.discriminator.loss.item() for _, r in results]),
+            "discriminator/rtd_accuracy": mean([r.discriminator.accuracy.item() for _, r in results]),
+            "discriminator/replaced_precision": float(np.nanmean(precision)) if not np.isnan(precision).all() else None,
+            "discriminator/replaced_recall": float(np.nanmean(recall)) if not np.isnan(recall).all() else None,
+            "discriminator/replaced_ratio": mean([r.replaced_ratio.item() for _, r in results]),
+            "train/skipped_nonfinite_steps": self.nonfinite_total,
+        }
+        for name, engine in self.engines.engines.items():
+            metrics[f"{name}/lr"] = engine.get_lr()[0]
+            grad_norm = engine.get_global_grad_norm()
+            metrics[f"{name}/grad_norm"] = float(grad_norm) if grad_norm is not None else None
+            metrics[f"{name}/loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer,
+                                                                                         "cur_scale") else None
+            metrics[f"{name}/skipped_steps"] = engine.skipped_steps
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """MLM loss/accuracy and RTD loss/accuracy/AUC on fixed held-out batches, gathered over ranks."""
+        if self.valid_samples is None:
+            return {}
+        self.engines.train(False)
+        config, sums, scores, labels = self.config.train, np.zeros(5), [], []
+        local = config.global_batch_size // self.world
+        for b in range(config.eval_batches):
+            start = b * config.global_batch_size + self.rank * local
+            batch = to_tensors(self.valid_samples.batch(np.arange(start, start + local)))
+            result = self.engines.micro_step(batch, sampling_rng(self.config.seed + 1, start), train=False)
+            real = batch["attention_mask"].bool()
+            sums += [result.generator.loss.item(), result.generator.accuracy.item(), result.discriminator.loss.item(),
+                     result.discriminator.accuracy.item(), 1]
+            scores.append(result.discriminator.logits.float()[real].numpy())
+            labels.append(result.discriminator.replaced[real].numpy())
+        self.engines.train(True)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, (sums, np.concatenate(scores), np.concatenate(labels)))
+        total = sum(g[0] for g in gathered)
+        return {"eval/mlm_loss": total[0] / total[4], "eval/mlm_accuracy": total[1] / total[4],
+                "eval/rtd_loss": total[2] / total[4], "eval/rtd_accuracy": total[3] / total[4],
+                "eval/rtd_auc": roc_auc(np.concatenate([g[1] for g in gathered]),
+                                        np.concatenate([g[2] for g in gathered])),
+                "eval/all_original_baseline": 1.0 - float(np.concatenate([g[2] for g in gathered]).mean())}
+
+    def run(self) -> None:
+        config = self.config.train
+        bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        started, first_step = time.monotonic(), self.step
+        while self.step < config.steps:
+            metrics = self.train_step()
+            elapsed = time.monotonic() - started
+            samples_per_s = (self.step - first_step) * config.global_batch_size / elapsed
+            tokens_per_s = samples_per_s * self.config.data.max_length
+            metrics |= {"perf/samples_per_s": samples_per_s, "perf/tokens_per_s": tokens_per_s,
+                        "perf/model_tflops": tokens_per_s * self.flops_per_token / 1e12,
+                        "perf/peak_memory_gb": peak_memory_bytes() / 2 ** 30}
+            bar.update(1)
+            bar.set_postfix(mlm=f"{metrics['generator/mlm_loss']:.3f}", rtd=f"{metrics['discriminator/rtd_loss']:.3f}")
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                self.scalars.write(metrics, self.step)
+                self.log(f"step {self.step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items()
+                                                           if k.startswith(("generator/mlm", "discriminator/rtd"))))
+            if config.eval_every and self.step % config.eval_every == 0:
+                self.report_eval()
+            if self._agree(self.stop_requested):
+                self.log("SIGTERM: saving a checkpoint and stopping")
+                self.save()
+                return
+            if config.save_every and self.step % config.save_every == 0:
+                self.save()
+        bar.close()
+        self.report_eval()
+        if not config.save_every or self.step % config.save_every:
+            self.save()
+        self.scalars.close()
+
+    def report_eval(self) -> None:
+        metrics = self.evaluate()
+        if metrics:
+            self.scalars.write(metrics, self.step)
+            self.log(f"eval at step {self.step}: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_run_config(args.config, args.overrides)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    import deepspeed
+
+    if os.environ.get("DEBERTA_DS_CPU_FP16") == "1":  # testing aid: DeepSpeed refuses fp16 without mkldnn fp16
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().is_fp16_supported = lambda: True
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        trainer = Trainer(config, args.resume)
+        trainer.run()
+    except (ValueError, FileNotFoundError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
