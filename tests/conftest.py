@@ -11,3 +11,16 @@ def small_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, small_corpus):
     return trained_tokenizer(tmp_path_factory.mktemp("tokenizer"), small_corpus)
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory, small_corpus, tokenizer_dir):
+    """Training shards plus a held-out validation shard of the built-in corpus."""
+    from data_prep.cli import main as cli
+
+    out = tmp_path_factory.mktemp("train_shards")
+    cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(out / "all"), "--tokenizer",
+         str(tokenizer_dir), "--no-progress"])
+    cli(["split", "--input", str(out / "all_00000"), "--output-prefix", str(out / "split"), "--valid-fraction",
+         "0.05"])
+    return {"train": str(out / "split_train"), "valid": str(out / "split_valid"), "tokenizer": str(tokenizer_dir)}

@@ -1,12 +1,15 @@
 """ELECTRA-style replaced token detection with DeBERTaV3's embedding sharing.
 
+Outputs are NamedTuples: DeepSpeed's ZeRO-3 hooks find the tensors inside them (and not
+inside dataclasses), which they need to gather parameters again for the backward pass.
+
 Batch convention: ``input_ids`` already carry [MASK] at the masked positions, ``labels``
 hold the original id there and -100 elsewhere, ``attention_mask`` is 1 for real tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,24 +22,21 @@ from deberta_ds.model.heads import EnhancedMaskDecoder, LMHead, RTDHead
 IGNORE_INDEX = -100
 
 
-@dataclass
-class GeneratorOutput:
+class GeneratorOutput(NamedTuple):
     loss: torch.Tensor            # MLM cross-entropy over masked positions
     accuracy: torch.Tensor
     logits: torch.Tensor          # [M, V] at the masked positions, row-major order
     objective: torch.Tensor       # what the generator's optimiser minimises (loss, plus ES's RTD term)
 
 
-@dataclass
-class DiscriminatorOutput:
+class DiscriminatorOutput(NamedTuple):
     loss: torch.Tensor            # BCE over all non-pad tokens
     accuracy: torch.Tensor
     logits: torch.Tensor          # [B, L]
     replaced: torch.Tensor        # [B, L] bool labels
 
 
-@dataclass
-class RTDOutput:
+class RTDOutput(NamedTuple):
     loss: torch.Tensor            # mlm + rtd_lambda * rtd (the joint objective)
     generator: GeneratorOutput
     discriminator: DiscriminatorOutput

@@ -7,6 +7,7 @@ launcher's --local_rank is accepted). Everything is validated before the first s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -117,6 +118,8 @@ class Trainer:
             self.log(f"resumed from {latest} at step {self.step} ({self.consumed} samples)")
         self.scalars = ScalarLog(self.output / "tensorboard", self.rank == 0)
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
+        self.history: list[dict] = []
+        self.output.mkdir(parents=True, exist_ok=True)
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
         generator_params = sum(p.numel() for p in self.model.generator.parameters())
@@ -232,6 +235,7 @@ class Trainer:
             metrics |= {"perf/samples_per_s": samples_per_s, "perf/tokens_per_s": tokens_per_s,
                         "perf/model_tflops": tokens_per_s * self.flops_per_token / 1e12,
                         "perf/peak_memory_gb": peak_memory_bytes() / 2 ** 30}
+            self.record(metrics)
             bar.update(1)
             bar.set_postfix(mlm=f"{metrics['generator/mlm_loss']:.3f}", rtd=f"{metrics['discriminator/rtd_loss']:.3f}")
             if self.step % config.log_every == 0 or self.step == config.steps:
@@ -251,6 +255,14 @@ class Trainer:
         if not config.save_every or self.step % config.save_every:
             self.save()
         self.scalars.close()
+
+    def record(self, metrics: dict) -> None:
+        """Every step's metrics, in memory and appended to OUTPUT/metrics.jsonl (rank 0)."""
+        entry = {"step": self.step, "consumed_samples": self.consumed} | metrics
+        self.history.append(entry)
+        if self.rank == 0:
+            with open(self.output / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
 
     def report_eval(self) -> None:
         metrics = self.evaluate()
