@@ -272,12 +272,48 @@ def save_native(model: Encoder | ReplacedTokenDetection, out_dir: str | Path) ->
     _atomic_write_json({"kind": kind, "config": to_dict(model.config)}, out_dir / NATIVE_CONFIG)
 
 
+def _deepspeed_engine_state(folder: Path, engine: str, sharded: bool) -> dict:
+    """Consolidated fp32 weights of one engine folder of a training checkpoint. Sharded
+    (ZeRO 1-3, or bf16/fp16 master weights) checkpoints go through DeepSpeed's zero_to_fp32."""
+    if sharded:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=engine)
+    states = torch.load(folder / engine / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {key: value.float() for key, value in states["module"].items()}
+
+
+def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
+    """The RTD pair of a `deberta_ds.train` checkpoint: a step folder, its checkpoints/ folder or the
+    run's output_dir (the `latest` complete step)."""
+    folder = Path(folder)
+    for pointer in (folder / "latest", folder / "checkpoints" / "latest"):
+        if pointer.is_file():
+            folder = pointer.parent / pointer.read_text().strip()
+    state = json.loads((folder / "trainer_state.json").read_text())
+    model = ReplacedTokenDetection(rtd_config_from_dict(state["rtd_config"]))
+    train = state["run_config"]["train"]
+    sharded = train["zero_stage"] > 0 or train["precision"] != "fp32"
+    weights = {}
+    for engine in state["engines"]:
+        prefix = "" if engine == "joint" else f"{engine}."
+        weights |= {prefix + key: value for key, value in _deepspeed_engine_state(folder, engine, sharded).items()}
+    _load_strict(model, weights, str(folder))
+    return model
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    return any(p.is_file() for p in (path / "trainer_state.json", path / "latest", path / "checkpoints" / "latest"))
+
+
 def load_native(checkpoint_dir: str | Path) -> Encoder | ReplacedTokenDetection:
     checkpoint_dir = Path(checkpoint_dir)
+    if _is_training_checkpoint(checkpoint_dir):
+        return load_training_checkpoint(checkpoint_dir)
     meta_path = checkpoint_dir / NATIVE_CONFIG
     if not meta_path.is_file():
         raise ConversionError(f"{meta_path}: not found; --checkpoint must name a deberta_ds checkpoint directory "
-                              f"(holding {NATIVE_CONFIG} and {WEIGHTS})")
+                              f"(holding {NATIVE_CONFIG} and {WEIGHTS}) or a training run's output_dir or "
+                              "checkpoint step folder")
     meta = json.loads(meta_path.read_text())
     if meta.get("kind") == "rtd":
         model = ReplacedTokenDetection(rtd_config_from_dict(meta["config"]))

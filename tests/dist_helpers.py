@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from deberta_ds.parallel_env import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn, args, out: str) -> None:

@@ -127,6 +127,9 @@ def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
         path, _ = engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
             raise RuntimeError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
+        if universal:  # the universal loader restores the scheduler but leaves the groups' lr at 0
+            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
+                group["lr"] = lr
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.is_file() and not universal:
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -86,6 +86,7 @@ class TrainSection:
     eval_batches: int = 4
     save_every: int = 0                 # 0: save only at the end and on SIGTERM
     keep_last: int = 3
+    exit_after_steps: int | None = None   # stop with a checkpoint after this many steps of one invocation
     max_nonfinite_steps: int = 5        # abort after this many non-finite losses in a row
     inject_loss_scale_at_step: int | None = None   # testing aid: multiply the loss by 1e30 at this step
     inject_nan_from_step: int | None = None        # testing aid: NaN losses from this step on

@@ -82,6 +82,12 @@ def to_tensors(batch: dict) -> dict:
     return {key: torch.from_numpy(value) for key, value in batch.items()}
 
 
+def loss_scale(engine) -> float:
+    """The dynamic fp16 loss scale (ZeRO optimisers call it cur_scale, FP16_Optimizer loss_scale)."""
+    optimizer = engine.optimizer
+    return float(optimizer.cur_scale if hasattr(optimizer, "cur_scale") else optimizer.loss_scale)
+
+
 def sampling_rng(seed: int, first_global_index: int) -> torch.Generator:
     """Generator for the RTD samples of a micro-batch: a function of the data, not of the stage."""
     return torch.Generator().manual_seed(int(hash64(seed, first_global_index)) & ((1 << 63) - 1))
@@ -174,25 +180,28 @@ class Trainer:
         return self.step_metrics(results)
 
     def step_metrics(self, results) -> dict:
-        mean = lambda values: float(np.mean(values))  # noqa: E731
-        precision, recall = zip(*(replaced_precision_recall(r.discriminator.logits.float(), r.discriminator.replaced,
-                                                            b["attention_mask"]) for b, r in results))
-        metrics = {
-            "generator/mlm_loss": mean([r.generator.loss.item() for _, r in results]),
-            "generator/mlm_accuracy": mean([r.generator.accuracy.item() for _, r in results]),
-            "discriminator/rtd_loss": mean([r.discriminator.loss.item() for _, r in results]),
-            "discriminator/rtd_accuracy": mean([r.discriminator.accuracy.item() for _, r in results]),
-            "discriminator/replaced_precision": float(np.nanmean(precision)) if not np.isnan(precision).all() else None,
-            "discriminator/replaced_recall": float(np.nanmean(recall)) if not np.isnan(recall).all() else None,
-            "discriminator/replaced_ratio": mean([r.replaced_ratio.item() for _, r in results]),
-            "train/skipped_nonfinite_steps": self.nonfinite_total,
-        }
+        """Means over this step's micro-batches on every data-parallel rank."""
+        names = ["generator/mlm_loss", "generator/mlm_accuracy", "discriminator/rtd_loss",
+                 "discriminator/rtd_accuracy", "discriminator/replaced_ratio", "discriminator/replaced_precision",
+                 "discriminator/replaced_recall"]
+        rows = []
+        for batch, r in results:
+            precision, recall = replaced_precision_recall(r.discriminator.logits.float(), r.discriminator.replaced,
+                                                          batch["attention_mask"])
+            rows.append([r.generator.loss.item(), r.generator.accuracy.item(), r.discriminator.loss.item(),
+                         r.discriminator.accuracy.item(), r.replaced_ratio.item(), precision, recall])
+        values = torch.tensor(rows, dtype=torch.float64)                       # [micro, metric]
+        defined = torch.isfinite(values)
+        totals = torch.stack([torch.where(defined, values, 0.0).sum(0), defined.sum(0).double()])
+        dist.all_reduce(totals)
+        means = (totals[0] / totals[1]).tolist()
+        metrics = {name: (value if np.isfinite(value) else None) for name, value in zip(names, means)}
+        metrics["train/skipped_nonfinite_steps"] = self.nonfinite_total
         for name, engine in self.engines.engines.items():
             metrics[f"{name}/lr"] = engine.get_lr()[0]
             grad_norm = engine.get_global_grad_norm()
             metrics[f"{name}/grad_norm"] = float(grad_norm) if grad_norm is not None else None
-            metrics[f"{name}/loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer,
-                                                                                         "cur_scale") else None
+            metrics[f"{name}/loss_scale"] = loss_scale(engine) if self.config.train.precision == "fp16" else None
             metrics[f"{name}/skipped_steps"] = engine.skipped_steps
         return metrics
 
@@ -248,6 +257,10 @@ class Trainer:
                 self.log("SIGTERM: saving a checkpoint and stopping")
                 self.save()
                 return
+            if config.exit_after_steps and self.step - first_step >= config.exit_after_steps:
+                self.log(f"train.exit_after_steps={config.exit_after_steps}: saving a checkpoint and stopping")
+                self.save()
+                return
             if config.save_every and self.step % config.save_every == 0:
                 self.save()
         bar.close()
@@ -280,6 +293,9 @@ def main(argv=None) -> int:
         return 1
     import deepspeed
 
+    if "RANK" not in os.environ:  # started without a launcher: a world of one
+        from deberta_ds.parallel_env import single_process_environment
+        os.environ.update(single_process_environment())
     if os.environ.get("DEBERTA_DS_CPU_FP16") == "1":  # testing aid: DeepSpeed refuses fp16 without mkldnn fp16
         from deepspeed.accelerator import get_accelerator
         get_accelerator().is_fp16_supported = lambda: True

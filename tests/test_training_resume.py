@@ -1,0 +1,189 @@
+"""Checkpoints, resume, world-size change, simulated multi-node, fp16/NaN handling, bad input.
+
+Real processes through the `deepspeed` launcher (and plain `python -m deberta_ds.train` for a
+world of one). Resumed runs must reproduce the uninterrupted losses within 1e-6 (fp32).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deberta_ds.parallel_env import free_port
+from tests.train_helpers import tiny_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, run: dict) -> Path:
+    path.write_text(json.dumps(run))
+    return path
+
+
+def launcher(config: Path, gpus: int = 2, *extra: str) -> list[str]:
+    return ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(free_port()), "--module", "deberta_ds.train",
+            "--config", str(config), *extra]
+
+
+def run_ok(command, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, **kwargs)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def last_entry_per_step(output_dir: Path) -> dict:
+    entries = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        entries[entry["step"]] = entry
+    return entries
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_reproduces_the_uninterrupted_run(train_shards, tmp_path):
+    train = {"steps": 12, "save_every": 6}
+    full = write_config(tmp_path / "full.json", tiny_run(train_shards, tmp_path / "full", train=train))
+    run_ok(launcher(full))
+    killed_dir = tmp_path / "killed"
+    killed = write_config(tmp_path / "killed.json", tiny_run(train_shards, killed_dir, train=train))
+    process = subprocess.Popen(launcher(killed), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    complete = killed_dir / "checkpoints" / "step_00000006" / "COMPLETE"
+    deadline = time.monotonic() + 300
+    while not complete.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert complete.exists() and not (killed_dir / "checkpoints" / "step_00000012").exists(), \
+        "the kill did not land between the two checkpoints; the test proves nothing"
+    run_ok(launcher(killed, 2, "--resume", "auto"))
+    expected, actual = last_entry_per_step(tmp_path / "full"), last_entry_per_step(killed_dir)
+    assert sorted(actual) == sorted(expected) == list(range(1, 13))
+    for step in range(1, 13):
+        assert actual[step]["consumed_samples"] == expected[step]["consumed_samples"]  # same data order
+        for key in ("generator/mlm_loss", "discriminator/rtd_loss"):
+            assert abs(actual[step][key] - expected[step][key]) <= 1e-6, (step, key)
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_world_size_continues_the_global_batches(train_shards, tmp_path):
+    """2 processes x ZeRO-2 for 4 steps, then 1 process (universal checkpoint) for steps 5-6:
+    the same global batches and, dropout off, the losses of an uninterrupted 2-process run."""
+    no_dropout = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
+    two = write_config(tmp_path / "two.json", tiny_run(train_shards, tmp_path / "two", model_overrides=no_dropout,
+                                                       train={"zero_stage": 2, "steps": 6}))
+    run_ok(launcher(two))
+    run = tiny_run(train_shards, tmp_path / "resized", model_overrides=no_dropout,
+                   train={"zero_stage": 2, "steps": 6, "exit_after_steps": 4})
+    run_ok(launcher(write_config(tmp_path / "first.json", run)))
+    assert (tmp_path / "resized" / "checkpoints" / "latest").read_text() == "step_00000004"
+    run["train"]["exit_after_steps"] = None
+    resumed = run_ok([sys.executable, "-m", "deberta_ds.train", "--config",
+                      str(write_config(tmp_path / "second.json", run))])
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    expected, actual = last_entry_per_step(tmp_path / "two"), last_entry_per_step(tmp_path / "resized")
+    for step in (5, 6):  # one process with 2 micro-batches sees the same global batches as two
+        assert actual[step]["consumed_samples"] == expected[step]["consumed_samples"]
+        for key in ("generator/mlm_loss", "discriminator/rtd_loss"):
+            assert abs(actual[step][key] - expected[step][key]) <= 1e-5, (step, key)
+
+
+@pytest.mark.slow
+def test_simulated_two_node_launch_trains_and_checkpoints(train_shards, tmp_path):
+    """Two launcher invocations on this host, one per 'node' of a 2-line hostfile, with --no_ssh."""
+    config = write_config(tmp_path / "c.json", tiny_run(train_shards, tmp_path / "out", train={"steps": 2}))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+                               "--master_addr", "127.0.0.1", "--master_port", port, "--module", "deberta_ds.train",
+                               "--config", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 2
+
+
+def test_kill_during_checkpoint_writing_keeps_previous_latest(tmp_path):
+    """A real process dies (os._exit) in the middle of writing step 2's checkpoint."""
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from deberta_ds.training import checkpoint
+
+class Engine:
+    def __init__(self, die): self.die = die
+    def save_checkpoint(self, folder, tag, save_latest):
+        os.makedirs(os.path.join(folder, tag), exist_ok=True)
+        open(os.path.join(folder, tag, "model_states.pt"), "w").write("partial")
+        if self.die: os._exit(9)
+
+root = Path({str(tmp_path)!r})
+checkpoint.save(root, {{"joint": Engine(False)}}, 1, {{"step": 1}}, 0, keep_last=3)
+checkpoint.save(root, {{"joint": Engine(True)}}, 2, {{"step": 2}}, 0, keep_last=3)
+"""
+    result = subprocess.run([sys.executable, "-c", script])
+    assert result.returncode == 9
+    from deberta_ds.training import checkpoint
+    assert (tmp_path / "latest").read_text() == "step_00000001"
+    assert checkpoint.find_latest(tmp_path) == tmp_path / "step_00000001"
+    assert not (tmp_path / "step_00000002" / "COMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_fp16_overflow_is_skipped_and_loss_scale_halves(train_shards, tmp_path):
+    fp16 = {"fp16": {"hysteresis": 1, "initial_scale_power": 8}}
+    run = tiny_run(train_shards, tmp_path / "fp16", train={"precision": "fp16", "steps": 4, "ds_overrides": fp16,
+                                                           "inject_loss_scale_at_step": 2})
+    env = os.environ | {"DEBERTA_DS_CPU_FP16": "1"}
+    run_ok([sys.executable, "-m", "deberta_ds.train", "--config", str(write_config(tmp_path / "c.json", run))],
+           env=env)
+    entries = last_entry_per_step(tmp_path / "fp16")
+    for engine in ("generator", "discriminator"):
+        assert entries[2][f"{engine}/skipped_steps"] == 0 and entries[3][f"{engine}/skipped_steps"] == 1
+        assert entries[3][f"{engine}/loss_scale"] == entries[2][f"{engine}/loss_scale"] / 2 == 2 ** 7
+
+
+@pytest.mark.slow
+def test_nan_losses_abort_after_the_configured_count(train_shards, tmp_path):
+    run = tiny_run(train_shards, tmp_path / "nan", train={"steps": 10, "inject_nan_from_step": 2,
+                                                          "max_nonfinite_steps": 3})
+    result = subprocess.run([sys.executable, "-m", "deberta_ds.train", "--config",
+                             str(write_config(tmp_path / "c.json", run))], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert "aborting at step 5: 3 non-finite losses in a row" in result.stderr
+    entries = last_entry_per_step(tmp_path / "nan")
+    assert entries[4]["train/skipped_nonfinite_steps"] == 2
+
+
+def test_bad_input_is_reported_before_training(train_shards, tmp_path, small_corpus):
+    from data_prep.tokenizer import train_tokenizer
+    from deberta_ds.training.run_config import run_config_from_dict
+    from deberta_ds.training.trainer import build_data
+
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"train": [str(tmp_path / "nowhere")]})))
+    small = tmp_path / "small_tok"
+    train_tokenizer(iter(small_corpus.read_text().splitlines()[:300]), small, 100, sample_sentences=1000)
+    with pytest.raises(ValueError, match="outside the model vocabulary"):
+        build_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"tokenizer": str(small)})))
+    with pytest.raises(ValueError, match="global_batch_size: 10 is not divisible"):
+        run_config_from_dict(tiny_run(train_shards, tmp_path, train={"global_batch_size": 10})).check_batch_geometry(2)
+    with pytest.raises(ValueError, match="unknown ZeRO stage 4"):
+        run_config_from_dict(tiny_run(train_shards, tmp_path, train={"zero_stage": 4}))
+
+
+def test_cli_reports_bad_config_without_traceback(train_shards, tmp_path):
+    run = tiny_run(train_shards, tmp_path / "o", train={"global_batch_size": 10, "micro_batch_size": 4})
+    result = subprocess.run([sys.executable, "-m", "deberta_ds.train", "--config",
+                             str(write_config(tmp_path / "c.json", run))], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert "error: train.global_batch_size: 10 is not divisible" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o" / "metrics.jsonl").exists()
