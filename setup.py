@@ -10,18 +10,19 @@ def requirements() -> list[str]:
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
-setup(
-    name="deberta_ds",
-    version="0.1.0",
-    description="DeBERTaV3 pre-training (RTD + GDES) on DeepSpeed",
-    long_description=(HERE / "README.md").read_text(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["deberta_ds", "deberta_ds.*", "data_prep", "data_prep.*"]),
-    install_requires=requirements(),
-    extras_require={
-        # Oracles for the tests: HF DebertaV2 (model parity) and megatron-core (shard layout).
-        "test": ["pytest>=8", "transformers==5.23.0", "megatron-core==0.16.1", "safetensors>=0.4"],
-    },
-    entry_points={"console_scripts": ["deberta-ds-convert=deberta_ds.convert:main"]},
-)
+if __name__ == "__main__":
+    setup(
+        name="deberta_ds",
+        version="0.1.0",
+        description="DeBERTaV3 pre-training (RTD + GDES) on DeepSpeed",
+        long_description=(HERE / "README.md").read_text(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=find_packages(include=["deberta_ds", "deberta_ds.*", "data_prep", "data_prep.*"]),
+        install_requires=requirements(),
+        extras_require={
+            # Oracles for the tests: HF DebertaV2 (model parity) and megatron-core (shard layout).
+            "test": ["pytest>=8", "transformers==5.23.0", "megatron-core==0.16.1", "safetensors>=0.4"],
+        },
+        entry_points={"console_scripts": ["deberta-ds-convert=deberta_ds.convert:main"]},
+    )

@@ -37,6 +37,43 @@ def test_zero_stages_match_zero0(train_shards, tmp_path, mode):
     assert first[-1][0] < first[0][0], "the generator did not learn; the comparison would be vacuous"
     for stage, result in zip((1, 2, 3), results[1:]):
         _compare(results[0], result, f"{mode} zero{stage}")
+    _check_export(tmp_path / "zero3", results[3]["weights"], tmp_path / "hf")
+    _check_tensorboard(tmp_path / "zero0" / "tensorboard", mode)
+
+
+def _check_export(run_dir, trained_weights, hf_dir):
+    """The sharded ZeRO-3 checkpoint consolidates to the trained weights and exports to transformers."""
+    from transformers import DebertaV2Model
+
+    from deberta_ds.convert import load_training_checkpoint, to_hf
+    from tests.hf_helpers import padded_batch
+
+    model = load_training_checkpoint(run_dir).eval()
+    for name, param in model.named_parameters():
+        assert (param.detach() - trained_weights[name]).abs().max().item() <= 1e-7, name
+    to_hf(model, hf_dir, part="discriminator")
+    hf = DebertaV2Model.from_pretrained(hf_dir).eval()
+    ids, mask = padded_batch(model.config.discriminator.vocab_size, [40, 25])
+    with torch.no_grad():
+        ours = model.discriminator.encoder(ids, mask, word_embedding_weight=model.discriminator_embedding_weight())
+        theirs = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-5
+
+
+def _check_tensorboard(log_dir, mode):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    engines = ["joint"] if mode == "joint" else ["generator", "discriminator"]
+    expected = {"generator/mlm_loss", "generator/mlm_accuracy", "discriminator/rtd_loss", "discriminator/rtd_accuracy",
+                "discriminator/replaced_precision", "discriminator/replaced_recall", "discriminator/replaced_ratio",
+                "train/skipped_nonfinite_steps", "perf/tokens_per_s", "perf/samples_per_s", "perf/model_tflops",
+                "perf/peak_memory_gb"} | {f"{e}/{m}" for e in engines for m in ("lr", "grad_norm", "skipped_steps")}
+    assert expected <= tags, expected - tags
+    assert len(events.Scalars("generator/mlm_loss")) == 6
 
 
 @pytest.mark.slow

@@ -60,15 +60,15 @@ def disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask
     probs = torch.softmax(scores, dim=-1)
     if attention_mask is not None:
         probs = probs * keep[:, None, :, None]                        # padded query rows -> 0
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and seed is None:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    elif dropout_p > 0.0:
         probs = probs * dropout_mask(probs.shape, dropout_p, seed, probs.device, probs.dtype)
     return probs.to(v.dtype) @ v
 
 
-def dropout_mask(shape, dropout_p: float, seed, device, dtype) -> torch.Tensor:
-    """Inverted-dropout multipliers (0 or 1/(1-p)); from `seed` when given, else the global RNG."""
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
+def dropout_mask(shape, dropout_p: float, seed: int, device, dtype) -> torch.Tensor:
+    """Inverted-dropout multipliers (0 or 1/(1-p)) drawn from a generator seeded with `seed`."""
+    generator = torch.Generator(device=device).manual_seed(int(seed))
     keep = torch.rand(shape, generator=generator, device=device) >= dropout_p
     return keep.to(dtype) / (1.0 - dropout_p)

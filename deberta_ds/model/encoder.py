@@ -14,6 +14,18 @@ from deberta_ds.config import ModelConfig
 from deberta_ds.kernels import disentangled_attention
 
 
+def layer_norm(size: int, eps: float) -> nn.Module:
+    """apex's FusedLayerNorm on CUDA machines that have apex (same parameters and state-dict keys),
+    torch's LayerNorm everywhere else."""
+    if torch.cuda.is_available():
+        try:
+            from apex.normalization import FusedLayerNorm
+            return FusedLayerNorm(size, eps=eps)
+        except ImportError:
+            pass
+    return nn.LayerNorm(size, eps=eps)
+
+
 def init_weights(module: nn.Module, std: float) -> None:
     """DeBERTa init: Linear/Embedding N(0, std), biases 0, LayerNorm (1, 0), padding row 0."""
     for m in module.modules():
@@ -24,7 +36,7 @@ def init_weights(module: nn.Module, std: float) -> None:
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
             with torch.no_grad():
                 m.weight[m.padding_idx].zero_()
-        if isinstance(m, nn.LayerNorm):
+        if isinstance(m, nn.LayerNorm) or type(m).__name__ == "FusedLayerNorm":
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -38,7 +50,7 @@ class Embeddings(nn.Module):
         # Without its own table (GDES/ES discriminator) the caller passes the weight to use.
         self.word_embeddings = (nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
                                 if own_word_embeddings else None)
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, input_ids, attention_mask, inputs_embeds=None, word_embedding_weight=None):
@@ -105,10 +117,10 @@ class EncoderLayer(nn.Module):
         hidden = config.hidden_size
         self.attention = DisentangledSelfAttention(config)
         self.attention_out = nn.Linear(hidden, hidden)
-        self.attention_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.attention_norm = layer_norm(hidden, config.layer_norm_eps)
         self.ffn_in = nn.Linear(hidden, config.intermediate_size)
         self.ffn_out = nn.Linear(config.intermediate_size, hidden)
-        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ffn_norm = layer_norm(hidden, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states, attention_mask, rel_table, query_states=None):
@@ -132,7 +144,7 @@ class Encoder(nn.Module):
         # A bare parameter of the encoder (not an nn.Embedding that is never called), so ZeRO-3
         # gathers it with the encoder's own forward.
         self.rel_embeddings = nn.Parameter(torch.empty(2 * config.position_buckets, config.hidden_size))
-        self.rel_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.rel_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
         init_weights(self, config.initializer_range)
         nn.init.normal_(self.rel_embeddings, std=config.initializer_range)

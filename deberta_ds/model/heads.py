@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deberta_ds.config import ModelConfig
-from deberta_ds.model.encoder import Encoder, init_weights
+from deberta_ds.model.encoder import Encoder, init_weights, layer_norm
 
 
 class EnhancedMaskDecoder(nn.Module):
@@ -41,7 +41,7 @@ class LMHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         init_weights(self, config.initializer_range)
 
@@ -55,7 +55,7 @@ class RTDHead(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.classifier = nn.Linear(config.hidden_size, 1)
         init_weights(self, config.initializer_range)

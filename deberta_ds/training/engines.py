@@ -54,12 +54,28 @@ def lr_lambda(config: RunConfig):
     return factor
 
 
+def _lamb(groups: list[dict], config: RunConfig, lr: float):
+    """apex's FusedLAMB (the NGC image ships apex); a clear error where apex is missing."""
+    try:
+        from apex.optimizers import FusedLAMB
+    except ImportError:
+        raise ValueError("optim.name=lamb needs apex (pip install apex, or use the Docker image); "
+                         "use optim.name=adamw otherwise") from None
+    return FusedLAMB(groups, lr=lr, betas=config.optim.betas, eps=config.optim.eps,
+                     weight_decay=config.optim.weight_decay)
+
+
 def _initialize(module, config: RunConfig, lr: float, dp_size: int, on_cpu: bool, mpu=None, load_universal=False):
     ds_config = build_ds_config(config, dp_size, lr, on_cpu)
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
+    groups = parameter_groups(module, config.optim.weight_decay)
+    optimizer = None
+    if config.optim.name == "lamb":
+        optimizer = _lamb(groups, config, lr)
+        del ds_config["optimizer"]
     engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=parameter_groups(module, config.optim.weight_decay), config=ds_config,
+        model=module, model_parameters=groups, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)), mpu=mpu)
     return engine
 

@@ -52,6 +52,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
+    name: str = "adamw"                 # adamw (DeepSpeed FusedAdam on GPU, torch AdamW on CPU) | lamb (apex)
     lr: float = 1e-4
     generator_lr: float | None = None   # decoupled mode: the generator's own rate (default: lr)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -64,6 +65,7 @@ class OptimSection:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        _require(self.name in ("adamw", "lamb"), "optim.name", f"{self.name!r} is not adamw or lamb")
         _require(self.schedule in ("linear", "cosine"), "optim.schedule", f"{self.schedule!r} is not linear or cosine")
         _require(self.lr > 0, "optim.lr", "must be positive")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -153,8 +155,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
             _require(isinstance(node, dict), dotted, "is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _parse_value(raw)
     return data
+
+
+def _parse_value(raw: str):
+    """YAML, except that '3e-3' is a number (YAML 1.1 reads exponents without a dot as strings)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

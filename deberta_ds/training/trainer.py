@@ -98,6 +98,8 @@ class Trainer:
         from deberta_ds.training.engines import RTDEngines
 
         self.config = config
+        if config.train.tp > 1:
+            raise ValueError("train.tp > 1: tensor parallelism is not available in this version; use ZeRO stages")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.output = Path(config.output_dir)
         self.checkpoints = self.output / "checkpoints"

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Pre-train a DeBERTaV3 RTD pair with the deepspeed launcher: one node, a hostfile, or one node
+# of a multi-node job started per node (SLURM, or by hand with --no_ssh).
+#
+# Usage: launch_scripts/pretrain.sh [--dry-run] [SECTION.FIELD=VALUE ...]
+#
+# Environment (all optional except the data):
+#   TRAIN_SHARDS   training shards: a directory, prefix or glob (required)
+#   TOKENIZER      tokenizer directory holding spm.model + tokenizer.json (required)
+#   VALID_SHARDS   held-out shards for evaluation
+#   PRESET         model preset: tiny xsmall small base large (default base)
+#   CONFIG         run config YAML/JSON (default launch_scripts/pretrain.yaml)
+#   OUTPUT_DIR     default runs/$PRESET
+#   NUM_GPUS       processes per node (default: GPUs visible, else 2 CPU processes)
+#   ZERO_STAGE, PRECISION, GLOBAL_BATCH, MICRO_BATCH, STEPS, TP   run-config shortcuts
+#   HOSTFILE       multi-node with ssh: deepspeed --hostfile (lines "host slots=N"); LAUNCHER pdsh|openmpi
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node without ssh: run this once per node
+#   DRY_RUN=1      same as --dry-run: print the command and exit
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit "${1:-2}"; }
+fail() { echo "error: $*" >&2; echo >&2; usage 2; }
+
+dry_run=${DRY_RUN:-0}
+overrides=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) dry_run=1 ;;
+    -h|--help) usage 0 ;;
+    *=*) overrides+=("$arg") ;;
+    *) fail "unexpected argument '$arg' (overrides look like section.field=value)" ;;
+  esac
+done
+
+[ -n "${TRAIN_SHARDS:-}" ] || fail "TRAIN_SHARDS is not set"
+[ -n "${TOKENIZER:-}" ] || fail "TOKENIZER is not set"
+compgen -G "${TRAIN_SHARDS%/}*" >/dev/null || fail "TRAIN_SHARDS=$TRAIN_SHARDS matches nothing"
+[ -f "$TOKENIZER/spm.model" ] || [ -f "$TOKENIZER" ] || fail "TOKENIZER=$TOKENIZER holds no spm.model"
+preset=${PRESET:-base}
+case "$preset" in tiny|xsmall|small|base|large) ;; *) fail "PRESET=$preset is not tiny, xsmall, small, base or large" ;; esac
+config=${CONFIG:-$repo/launch_scripts/pretrain.yaml}
+[ -f "$config" ] || fail "CONFIG=$config not found"
+if [ -z "${NUM_GPUS:-}" ]; then
+  NUM_GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+  [ "${NUM_GPUS:-0}" -gt 0 ] || NUM_GPUS=2
+fi
+[[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || fail "NUM_GPUS=$NUM_GPUS is not a positive integer"
+
+run_args=(--config "$config" "model=$preset" "data.train=[$TRAIN_SHARDS]" "data.tokenizer=$TOKENIZER"
+          "output_dir=${OUTPUT_DIR:-runs/$preset}")
+[ -n "${VALID_SHARDS:-}" ] && run_args+=("data.valid=[$VALID_SHARDS]")
+for pair in ZERO_STAGE:train.zero_stage PRECISION:train.precision GLOBAL_BATCH:train.global_batch_size \
+            MICRO_BATCH:train.micro_batch_size STEPS:train.steps TP:train.tp; do
+  var=${pair%%:*}
+  [ -n "${!var:-}" ] && run_args+=("${pair#*:}=${!var}")
+done
+run_args+=("${overrides[@]}")
+
+launch=(deepspeed)
+if [ -n "${HOSTFILE:-}" ]; then
+  [ -f "$HOSTFILE" ] || fail "HOSTFILE=$HOSTFILE not found"
+  launch+=(--hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}")
+elif [ -n "${NNODES:-}" ] && [ "$NNODES" -gt 1 ]; then
+  [ -n "${NODE_RANK:-}" ] || fail "NNODES=$NNODES needs NODE_RANK (0..$((NNODES - 1)))"
+  [ -n "${MASTER_ADDR:-}" ] || fail "NNODES=$NNODES needs MASTER_ADDR (the address of node 0)"
+  # The launcher reads the node count from a hostfile; --no_ssh starts only this node's processes.
+  nodes_file=${NODES_FILE:-$(mktemp)}
+  for ((node = 0; node < NNODES; node++)); do echo "node$node slots=$NUM_GPUS"; done > "$nodes_file"
+  launch+=(--hostfile "$nodes_file" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
+else
+  launch+=(--num_gpus "$NUM_GPUS")
+fi
+launch+=(--master_port "${MASTER_PORT:-29500}" --module deberta_ds.train "${run_args[@]}")
+
+if [ "$dry_run" = 1 ]; then
+  printf '%q ' "${launch[@]}"; echo
+  exit 0
+fi
+cd "$repo"
+exec "${launch[@]}"

@@ -1,0 +1,80 @@
+"""Launch scripts validate their input and build the right deepspeed command; Docker pins agree."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "launch_scripts" / "pretrain.sh"
+
+
+def pretrain(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(PRETRAIN), *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"} | env)
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "x_00000.idx").write_bytes(b"")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "spm.model").write_bytes(b"")
+    return {"TRAIN_SHARDS": str(tmp_path / "shards"), "TOKENIZER": str(tmp_path / "tok"), "NUM_GPUS": "4"}
+
+
+def test_single_node_dry_run(data):
+    result = pretrain(data | {"PRESET": "large", "ZERO_STAGE": "3"}, "--dry-run", "train.steps=5")
+    assert result.returncode == 0, result.stderr
+    command = result.stdout
+    assert command.startswith("deepspeed --num_gpus 4 ")
+    for part in ("--module deberta_ds.train", "model=large", "train.zero_stage=3", "train.steps=5",
+                 "data.tokenizer="):
+        assert part in command
+
+
+def test_hostfile_and_per_node_multi_node(data, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("worker-1 slots=8\nworker-2 slots=8\n")
+    result = pretrain(data | {"HOSTFILE": str(hostfile), "LAUNCHER": "openmpi"}, "--dry-run")
+    assert f"--hostfile {hostfile} --launcher openmpi" in result.stdout
+    nodes = tmp_path / "nodes"
+    result = pretrain(data | {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3", "NODES_FILE": str(nodes)},
+                      "--dry-run")
+    assert "--no_ssh --node_rank 1 --master_addr 10.1.2.3" in result.stdout
+    assert nodes.read_text() == "node0 slots=4\nnode1 slots=4\n"
+
+
+@pytest.mark.parametrize("env_change, message", [
+    ({"TRAIN_SHARDS": ""}, "TRAIN_SHARDS is not set"),
+    ({"TRAIN_SHARDS": "/nonexistent/shards"}, "matches nothing"),
+    ({"TOKENIZER": "/nonexistent"}, "holds no spm.model"),
+    ({"PRESET": "huge"}, "PRESET=huge"),
+    ({"NUM_GPUS": "two"}, "NUM_GPUS=two"),
+    ({"NNODES": "2"}, "needs NODE_RANK"),
+])
+def test_bad_input_prints_usage(data, env_change, message):
+    result = pretrain(data | env_change, "--dry-run")
+    assert result.returncode == 2
+    assert message in result.stderr and "Usage:" in result.stdout
+
+
+def test_slurm_script_is_valid_bash_and_refuses_outside_slurm():
+    script = REPO / "launch_scripts" / "slurm.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "sbatch" in result.stderr
+    assert "pretrain.sh" in script.read_text() and "NODE_RANK=\\$SLURM_NODEID" in script.read_text()
+
+
+def test_dockerfile_installs_the_pinned_requirements():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:", dockerfile, re.M)
+    assert "pip install --no-cache-dir --no-build-isolation -r requirements.txt" in dockerfile
+    assert not re.search(r"(deepspeed|sentencepiece|tensorboard)[=<>]=", dockerfile), "pins belong in requirements.txt"
+    pins = dict(re.findall(r"^([a-z_-]+)==(\S+)", (REPO / "requirements.txt").read_text(), re.M))
+    assert {"deepspeed", "sentencepiece", "tensorboard"} <= set(pins)
+    from setup import requirements  # setup.py reads the same file
+    assert [r for r in requirements() if "==" in r] == [f"{k}=={v}" for k, v in pins.items()]
+    assert "docker run" in dockerfile and "DS_BUILD_FUSED_ADAM=1" in dockerfile
