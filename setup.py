@@ -24,5 +24,6 @@ if __name__ == "__main__":
             # Oracles for the tests: HF DebertaV2 (model parity) and megatron-core (shard layout).
             "test": ["pytest>=8", "transformers==5.23.0", "megatron-core==0.16.1", "safetensors>=0.4"],
         },
-        entry_points={"console_scripts": ["deberta-ds-convert=deberta_ds.convert:main"]},
+        entry_points={"console_scripts": ["deberta-ds-convert=deberta_ds.convert:main",
+                                          "data-prep=data_prep.cli:main"]},
     )

@@ -12,6 +12,10 @@ from torch import nn
 
 from deberta_ds.config import ModelConfig
 from deberta_ds.kernels import disentangled_attention
+from deberta_ds.parallel import state
+from deberta_ds.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                        init_partitioned_, parallel_embedding)
+from deberta_ds.parallel.random import fork_tp_rng
 
 
 def layer_norm(size: int, eps: float) -> nn.Module:
@@ -26,10 +30,20 @@ def layer_norm(size: int, eps: float) -> nn.Module:
     return nn.LayerNorm(size, eps=eps)
 
 
+def check_tensor_parallel(config: ModelConfig, tp_size: int) -> None:
+    """Clear start-up errors for shapes that cannot be split over `tp_size` ranks."""
+    for name in ("num_heads", "intermediate_size"):
+        if getattr(config, name) % tp_size:
+            raise ValueError(f"{name}={getattr(config, name)} is not divisible by the tensor-parallel size {tp_size}")
+
+
 def init_weights(module: nn.Module, std: float) -> None:
-    """DeBERTa init: Linear/Embedding N(0, std), biases 0, LayerNorm (1, 0), padding row 0."""
+    """DeBERTa init: Linear/Embedding N(0, std), biases 0, LayerNorm (1, 0), padding row 0.
+    Tensor-parallel layers draw their full weight and keep their slice (same init at any TP)."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        if hasattr(m, "full_shape"):
+            init_partitioned_(m.weight, m.full_shape, std)
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=std)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
@@ -48,14 +62,14 @@ class Embeddings(nn.Module):
         super().__init__()
         self.pad_token_id = config.pad_token_id
         # Without its own table (GDES/ES discriminator) the caller passes the weight to use.
-        self.word_embeddings = (nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.word_embeddings = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id)
                                 if own_word_embeddings else None)
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, input_ids, attention_mask, inputs_embeds=None, word_embedding_weight=None):
-        if inputs_embeds is None and word_embedding_weight is not None:
-            inputs_embeds = F.embedding(input_ids, word_embedding_weight, padding_idx=self.pad_token_id)
+        if inputs_embeds is None and word_embedding_weight is not None:  # this rank's rows of the table
+            inputs_embeds = parallel_embedding(input_ids, word_embedding_weight, self.pad_token_id)
         elif inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)                    # [B, L, H]
         hidden = self.norm(inputs_embeds) * attention_mask.unsqueeze(-1).to(inputs_embeds.dtype)
@@ -67,17 +81,18 @@ class DisentangledSelfAttention(nn.Module):
         super().__init__()
         self.config = config
         hidden = config.hidden_size
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(hidden, hidden)
-        self.value = nn.Linear(hidden, hidden)
+        # Column-parallel by whole heads: this rank computes num_heads / TP of them.
+        self.query = ColumnParallelLinear(hidden, hidden)
+        self.key = ColumnParallelLinear(hidden, hidden)
+        self.value = ColumnParallelLinear(hidden, hidden)
         if not config.share_att_key:
-            self.pos_key = nn.Linear(hidden, hidden) if "c2p" in config.pos_att_type else None
-            self.pos_query = nn.Linear(hidden, hidden) if "p2c" in config.pos_att_type else None
+            self.pos_key = ColumnParallelLinear(hidden, hidden) if "c2p" in config.pos_att_type else None
+            self.pos_query = ColumnParallelLinear(hidden, hidden) if "p2c" in config.pos_att_type else None
         self.pos_dropout = nn.Dropout(config.hidden_dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., L, H] -> [..., h, L, d]."""
-        x = x.unflatten(-1, (self.config.num_heads, self.config.head_dim))
+        """[..., L, H/tp] -> [..., h/tp, L, d]."""
+        x = x.unflatten(-1, (self.config.num_heads // state.tp_size(), self.config.head_dim))
         return x.transpose(-2, -3)
 
     def _positional(self, rel_table: torch.Tensor):
@@ -99,14 +114,15 @@ class DisentangledSelfAttention(nn.Module):
         k = self._heads(self.key(hidden_states))
         v = self._heads(self.value(hidden_states))
         pos_key, pos_query = self._positional(rel_table)
-        context = disentangled_attention(
-            q, k, v, pos_key, pos_query, attention_mask,
-            position_buckets=self.config.position_buckets,
-            max_relative_positions=self.config.max_relative_positions,
-            scale=self.config.attention_scale,
-            dropout_p=self.config.attention_dropout if self.training else 0.0,
-            impl=self.config.attention_impl)                                  # [B, h, L, d]
-        return context.transpose(1, 2).flatten(2)                             # [B, L, H]
+        with fork_tp_rng():  # probabilities of this rank's heads: a TP-rank-specific dropout stream
+            context = disentangled_attention(
+                q, k, v, pos_key, pos_query, attention_mask,
+                position_buckets=self.config.position_buckets,
+                max_relative_positions=self.config.max_relative_positions,
+                scale=self.config.attention_scale,
+                dropout_p=self.config.attention_dropout if self.training else 0.0,
+                impl=self.config.attention_impl)                              # [B, h/tp, L, d]
+        return context.transpose(1, 2).flatten(2)                             # [B, L, H/tp]
 
 
 class EncoderLayer(nn.Module):
@@ -116,10 +132,10 @@ class EncoderLayer(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         self.attention = DisentangledSelfAttention(config)
-        self.attention_out = nn.Linear(hidden, hidden)
+        self.attention_out = RowParallelLinear(hidden, hidden)
         self.attention_norm = layer_norm(hidden, config.layer_norm_eps)
-        self.ffn_in = nn.Linear(hidden, config.intermediate_size)
-        self.ffn_out = nn.Linear(config.intermediate_size, hidden)
+        self.ffn_in = ColumnParallelLinear(hidden, config.intermediate_size)
+        self.ffn_out = RowParallelLinear(config.intermediate_size, hidden)
         self.ffn_norm = layer_norm(hidden, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 

@@ -18,6 +18,9 @@ from torch import nn
 from deberta_ds.config import RTDConfig
 from deberta_ds.model.encoder import Encoder
 from deberta_ds.model.heads import EnhancedMaskDecoder, LMHead, RTDHead
+from deberta_ds.parallel import state
+from deberta_ds.parallel.layers import (mark_partitioned, padded_vocab_size, vocab_parallel_argmax,
+                                        vocab_parallel_cross_entropy)
 
 IGNORE_INDEX = -100
 
@@ -62,10 +65,11 @@ class Generator(nn.Module):
         kv_states = encoder(input_ids, attention_mask, num_layers=len(encoder.layers) - 1)
         decoded = self.emd(encoder, kv_states, attention_mask, encoder.relative_table())  # [B, L, H]
         masked = labels != IGNORE_INDEX
-        logits = self.lm_head(decoded[masked], self.word_embeddings.weight)      # [M, V]
+        logits = self.lm_head(decoded[masked], self.word_embeddings.weight)      # [M, V/tp]
         targets = labels[masked]
-        loss = F.cross_entropy(logits.float(), targets)
-        accuracy = (logits.argmax(-1) == targets).float().mean()
+        vocab = self.encoder.config.vocab_size
+        loss = vocab_parallel_cross_entropy(logits, targets, vocab).mean()
+        accuracy = (vocab_parallel_argmax(logits, vocab) == targets).float().mean()
         objective = loss
         if embedding_gradient is not None:
             objective = loss + (self.word_embeddings.weight * embedding_gradient).sum()
@@ -82,9 +86,10 @@ class Discriminator(nn.Module):
         self.sharing = config.embedding_sharing
         self.encoder = Encoder(config.discriminator, own_word_embeddings=self.sharing == "nes")
         self.head = RTDHead(config.discriminator)
-        if self.sharing == "gdes":
-            shape = (config.discriminator.vocab_size, config.discriminator.hidden_size)
-            self.embedding_delta = nn.Parameter(torch.zeros(shape))
+        if self.sharing == "gdes":  # vocabulary-split like E_G
+            rows = padded_vocab_size(config.discriminator.vocab_size, state.tp_size()) // state.tp_size()
+            self.embedding_delta = mark_partitioned(nn.Parameter(torch.zeros(rows, config.discriminator.hidden_size)), 0,
+                                                   vocab_parallel=True)
 
     def word_embedding_weight(self, generator_embedding: torch.Tensor | None) -> torch.Tensor | None:
         """The discriminator's word-embedding matrix [V, H]; None when it owns one (NES)."""
@@ -120,14 +125,19 @@ class ReplacedTokenDetection(nn.Module):
     def corrupt(self, input_ids, labels, generator_logits, rng: torch.Generator | None = None):
         """One categorical draw per masked position (Gumbel-max, no gradient).
 
-        Returns the corrupted ids [B, L] and the 'replaced' labels [B, L]: masked AND the
-        sample differs from the original (a lucky correct sample is 'original').
+        The Gumbel noise is drawn for the whole vocabulary [M, V] on every TP rank from the same
+        stream and each rank keeps its columns, so vocabulary-split logits give exactly the
+        samples of TP = 1. Returns the corrupted ids [B, L] and the 'replaced' labels [B, L]:
+        masked AND the sample differs from the original (a lucky correct sample is 'original').
         """
         masked = labels != IGNORE_INDEX
-        logits = generator_logits.float() / self.config.temperature                # [M, V]
-        uniform = torch.rand(logits.shape, generator=rng, device=logits.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
-        sampled = (logits + gumbel).argmax(-1)                                  # [M]
+        vocab = self.config.discriminator.vocab_size
+        uniform = torch.rand((generator_logits.shape[0], vocab), generator=rng, device=generator_logits.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))   # [M, V]
+        start, width = state.tp_rank() * generator_logits.shape[-1], generator_logits.shape[-1]
+        local_gumbel = F.pad(gumbel[:, start:start + width], (0, max(0, start + width - vocab)))
+        scores = generator_logits.float() / self.config.temperature + local_gumbel
+        sampled = vocab_parallel_argmax(scores, vocab)                          # [M]
         corrupted = input_ids.clone()
         corrupted[masked] = sampled
         replaced = torch.zeros_like(masked)

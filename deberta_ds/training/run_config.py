@@ -135,7 +135,10 @@ def _build(cls, data: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     _require(not unknown, where or "run config", f"unknown fields {unknown}; known: {sorted(known)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except TypeError as error:  # a value of the wrong type, e.g. steps: "ten"
+        raise ValueError(f"{where or 'run config'}: a field has a value of the wrong type ({error})") from None
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
