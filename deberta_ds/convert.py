@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from deberta_ds.config import (ModelConfig, RTDConfig, model_config_from_dict, rtd_config_from_dict, to_dict)
 from deberta_ds.model import Encoder, ReplacedTokenDetection
+from deberta_ds.parallel.checkpoint import merge_states, partition_plan
 
 NATIVE_CONFIG = "deberta_ds.json"
 WEIGHTS = "model.safetensors"
@@ -291,6 +292,11 @@ def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
             folder = pointer.parent / pointer.read_text().strip()
     state = json.loads((folder / "trainer_state.json").read_text())
     model = ReplacedTokenDetection(rtd_config_from_dict(state["rtd_config"]))
+    if state.get("tp", 1) > 1:  # merge the TP shards into TP = 1
+        shards = [load_file(str(folder / f"weights_tp{rank}.safetensors")) for rank in range(state["tp"])]
+        merged = merge_states(shards, partition_plan(model), model.config.discriminator.vocab_size)
+        _load_strict(model, merged, str(folder))
+        return model
     train = state["run_config"]["train"]
     sharded = train["zero_stage"] > 0 or train["precision"] != "fp32"
     weights = {}

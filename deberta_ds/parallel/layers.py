@@ -42,7 +42,18 @@ def init_partitioned_(param: nn.Parameter, full_shape, std: float) -> None:
         param.copy_(local)
 
 
-class ColumnParallelLinear(nn.Linear):
+class _NoRandomInit:
+    """Constructors draw nothing from the RNG (the local shape differs with TP); `init_weights`
+    then draws every full weight, so the random stream is the same at any TP size."""
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            if getattr(self, "bias", None) is not None:
+                self.bias.zero_()
+
+
+class ColumnParallelLinear(_NoRandomInit, nn.Linear):
     """y_local = x W_local^T + b_local; W split along the output dimension (whole heads)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
@@ -59,7 +70,7 @@ class ColumnParallelLinear(nn.Linear):
         return F.linear(copy_to_tp(x), self.weight, self.bias)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(_NoRandomInit, nn.Linear):
     """y = all-reduce(x_local W_local^T) + b; W split along the input dimension, b replicated."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
@@ -96,7 +107,7 @@ def parallel_embedding(input_ids: torch.Tensor, local_weight: torch.Tensor, padd
     return reduce_from_tp(embedded.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabParallelEmbedding(_NoRandomInit, nn.Embedding):
     """Contiguous vocabulary ranges per rank (vocabulary padded to a multiple of 128 x TP)."""
 
     def __init__(self, vocab_size: int, hidden: int, padding_idx: int | None = None):

@@ -31,6 +31,9 @@ def initialize(tp_size: int) -> ParallelState:
     if tp_size < 1 or world % tp_size:
         raise ValueError(f"train.tp: the world size {world} is not divisible by the tensor-parallel size {tp_size}")
     state = ParallelState(tp_size=tp_size, tp_rank=rank % tp_size, dp_size=world // tp_size, dp_rank=rank // tp_size)
+    if tp_size == 1:  # data parallel only: the default group is the data-parallel group
+        _STATE = state
+        return state
     for dp_rank in range(world // tp_size):  # every rank creates every group, in the same order
         ranks = list(range(dp_rank * tp_size, (dp_rank + 1) * tp_size))
         group = dist.new_group(ranks)

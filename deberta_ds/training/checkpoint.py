@@ -3,7 +3,8 @@
 Layout under OUTPUT/checkpoints/:
     step_00000012/<engine>/...        DeepSpeed's files, one folder per engine (joint | generator, discriminator)
     step_00000012/trainer_state.json  step, consumed samples, run config, tokenizer metadata, world size
-    step_00000012/rng_rank{r}.pt      each rank's RNG states
+    step_00000012/rng_rank{r}.pt      each rank's RNG states (default and tensor-parallel streams)
+    step_00000012/weights_tp{t}.safetensors   TP > 1 only: each TP rank's full module shard
     step_00000012/COMPLETE            written by rank 0 after every rank finished writing
     latest                            the newest COMPLETE tag; moved (write + rename) only after COMPLETE
 
@@ -25,6 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from deberta_ds.parallel import state as parallel_state
+from deberta_ds.parallel.random import get_tp_rng_state, set_tp_rng_state
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "trainer_state.json"
@@ -40,16 +44,39 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "tensor_parallel": get_tp_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    set_tp_rng_state(state.get("tensor_parallel"))
 
 
-def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, keep_last: int) -> Path:
+def tp_weights_file(folder: Path, tp_rank: int) -> Path:
+    return folder / f"weights_tp{tp_rank}.safetensors"
+
+
+def _save_tp_weights(folder: Path, model) -> None:
+    """TP > 1: the first replica's ranks write their full-precision module shards (ZeRO-3
+    parameters gathered over the data-parallel group), which `convert` merges into TP = 1."""
+    from safetensors.torch import save_file
+
+    import deepspeed
+
+    params = list(model.parameters())
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    with deepspeed.zero.GatheredParameters(params, enabled=zero3):
+        if parallel_state.get().dp_rank == 0:
+            shard = {name: p.detach().float().contiguous().clone() for name, p in model.named_parameters()}
+            path = tp_weights_file(folder, parallel_state.tp_rank())
+            save_file(shard, str(path.with_name(path.name + ".tmp")))
+            os.replace(path.with_name(path.name + ".tmp"), path)
+
+
+def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, keep_last: int, tp_model=None) -> Path:
     tag = tag_for(step)
     folder = root / tag
     if rank == 0 and folder.exists():  # a half-written attempt at this step: start clean
@@ -58,6 +85,8 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder), tag=name, save_latest=False)
     torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+    if tp_model is not None:
+        _save_tp_weights(folder, tp_model)
     if rank == 0:
         _write_atomic(folder / STATE, json.dumps(client_state, indent=1))
     _barrier()  # every rank has finished writing

@@ -104,6 +104,7 @@ class RTDEngines:
 
     def __init__(self, model: ReplacedTokenDetection, config: RunConfig, dp_size: int, on_cpu: bool, mpu=None,
                  load_universal: bool = False):
+        """dp_size: data-parallel replicas (world / TP); mpu: the TP x DP groups when TP > 1."""
         self.model, self.config = model, config
         self.joint = config.train.mode == "joint"
         self.zero3 = config.train.zero_stage == 3
@@ -129,7 +130,7 @@ class RTDEngines:
 
     def _all_finite(self, *losses) -> bool:
         finite = torch.tensor([float(all(torch.isfinite(loss).item() for loss in losses))])
-        if torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():  # over the whole world: TP and DP ranks decide together
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         return bool(finite.item())
 

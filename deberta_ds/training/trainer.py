@@ -26,6 +26,9 @@ from deberta_ds.data.indexed_dataset import find_shard_prefixes
 from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
 from deberta_ds.model import ReplacedTokenDetection
+from deberta_ds.model.encoder import check_tensor_parallel
+from deberta_ds.parallel import state as parallel_state
+from deberta_ds.parallel.random import seed_streams
 from deberta_ds.training import checkpoint
 from deberta_ds.training.metrics import (ScalarLog, model_flops_per_token, peak_memory_bytes,
                                          replaced_precision_recall, roc_auc)
@@ -98,25 +101,25 @@ class Trainer:
         from deberta_ds.training.engines import RTDEngines
 
         self.config = config
-        if config.train.tp > 1:
-            raise ValueError("train.tp > 1: tensor parallelism is not available in this version; use ZeRO stages")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank = dist.get_rank()
         self.output = Path(config.output_dir)
         self.checkpoints = self.output / "checkpoints"
         self.train_samples, self.valid_samples, rtd_config, self.tokenizer_meta = build_data(config)
-        self.accumulation = config.check_batch_geometry(self.world)
+        check_tensor_parallel(rtd_config.discriminator, config.train.tp)
+        self.parallel = parallel_state.initialize(config.train.tp)   # TP ranks adjacent, DP over the rest
+        self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
+        self.accumulation = config.check_batch_geometry(self.dp_size)
         latest = checkpoint.find_latest(self.checkpoints) if resume == "auto" else None
         if resume == "none" and (self.checkpoints / checkpoint.LATEST).exists():
             raise TrainingError(f"--resume none: {self.checkpoints} already holds checkpoints; use --resume auto "
                                 "or another output_dir")
-        state = checkpoint.read_state(latest) if latest else None
-        universal = bool(state and state["world_size"] != self.world and
-                         (config.train.zero_stage > 0 or config.train.precision != "fp32"))
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        universal = self._needs_universal(checkpoint.read_state(latest) if latest else None)
+        torch.manual_seed(config.seed)  # identical initial (full) weights on every rank, at any TP size
         self.model = ReplacedTokenDetection(rtd_config)
-        self.engines = RTDEngines(self.model, config, self.world, on_cpu=not torch.cuda.is_available(),
+        self.engines = RTDEngines(self.model, config, self.dp_size, on_cpu=not torch.cuda.is_available(),
+                                  mpu=parallel_state.MPU() if config.train.tp > 1 else None,
                                   load_universal=universal)
-        torch.manual_seed(config.seed + 1000 * (self.rank + 1))  # dropout streams differ per rank
+        seed_streams(config.seed)  # dropout: per DP replica, plus a per-TP-rank stream for attention
         self.step, self.consumed = 0, 0
         if latest:
             if universal:
@@ -136,6 +139,18 @@ class Trainer:
                                                      rtd_config.discriminator.num_layers,
                                                      rtd_config.discriminator.hidden_size, config.data.max_length)
 
+    def _needs_universal(self, state: dict | None) -> bool:
+        """Resuming on another data-parallel size needs DeepSpeed's universal checkpoint."""
+        if state is None or state.get("data_parallel_size", state["world_size"]) == self.dp_size:
+            return False
+        if state.get("tp", 1) != self.config.train.tp:
+            raise TrainingError(f"the checkpoint was written with train.tp={state.get('tp', 1)}; resume with the same "
+                                "TP size, or merge/split it with python -m deberta_ds.convert")
+        if self.config.train.tp > 1:
+            raise TrainingError("changing the data-parallel size of a TP > 1 run is not supported; resume on "
+                                f"{state['data_parallel_size']} data-parallel replicas")
+        return self.config.train.zero_stage > 0 or self.config.train.precision != "fp32"
+
     def log(self, message: str) -> None:
         if self.rank == 0:
             tqdm.write(message)
@@ -149,18 +164,19 @@ class Trainer:
         return bool(value.item())
 
     def client_state(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.consumed, "world_size": self.world,
+        return {"step": self.step, "consumed_samples": self.consumed, "world_size": dist.get_world_size(),
+                "data_parallel_size": self.dp_size, "tp": self.config.train.tp,
                 "run_config": to_dict(self.config), "rtd_config": asdict(self.model.config),
                 "tokenizer": self.tokenizer_meta, "engines": list(self.engines.engines)}
 
     def save(self) -> None:
         folder = checkpoint.save(self.checkpoints, self.engines.engines, self.step, self.client_state(), self.rank,
-                                 self.config.train.keep_last)
+                                 self.config.train.keep_last, self.model if self.config.train.tp > 1 else None)
         self.log(f"saved checkpoint {folder}")
 
     def train_step(self) -> dict:
         config = self.config.train
-        sampler = GlobalBatchSampler(config.global_batch_size, self.rank, self.world, self.consumed)
+        sampler = GlobalBatchSampler(config.global_batch_size, self.dp_rank, self.dp_size, self.consumed)
         local_indices = next(iter(sampler))                                   # [micro * accumulation]
         multiplier = 1e30 if config.inject_loss_scale_at_step == self.step else 1.0
         results = []
@@ -214,9 +230,9 @@ class Trainer:
             return {}
         self.engines.train(False)
         config, sums, scores, labels = self.config.train, np.zeros(5), [], []
-        local = config.global_batch_size // self.world
+        local = config.global_batch_size // self.dp_size
         for b in range(config.eval_batches):
-            start = b * config.global_batch_size + self.rank * local
+            start = b * config.global_batch_size + self.dp_rank * local
             batch = to_tensors(self.valid_samples.batch(np.arange(start, start + local)))
             result = self.engines.micro_step(batch, sampling_rng(self.config.seed + 1, start), train=False)
             real = batch["attention_mask"].bool()
@@ -225,7 +241,7 @@ class Trainer:
             scores.append(result.discriminator.logits.float()[real].numpy())
             labels.append(result.discriminator.replaced[real].numpy())
         self.engines.train(True)
-        gathered = [None] * self.world
+        gathered = [None] * dist.get_world_size()  # TP ranks repeat their replica's values: means are unchanged
         dist.all_gather_object(gathered, (sums, np.concatenate(scores), np.concatenate(labels)))
         total = sum(g[0] for g in gathered)
         return {"eval/mlm_loss": total[0] / total[4], "eval/mlm_accuracy": total[1] / total[4],

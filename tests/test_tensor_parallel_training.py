@@ -1,0 +1,145 @@
+"""TP inside DeepSpeed training: TP x DP against TP = 1 on real processes (gloo), RNG streams,
+TP checkpoints merged and exported, start-up errors. Losses within 1e-5 (fp32, dropout off)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist_helpers import run_distributed
+from tests.train_helpers import tiny_run, train_runs
+
+NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
+
+
+def _compare_losses(expected, actual, steps):
+    assert len(expected["losses"]) == len(actual["losses"]) == steps
+    for step, (a, b) in enumerate(zip(expected["losses"], actual["losses"])):
+        assert abs(a[0] - b[0]) <= 1e-5 and abs(a[1] - b[1]) <= 1e-5, (step, a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["decoupled", "joint"])
+def test_three_steps_tp2_equal_tp1(train_shards, tmp_path, mode):
+    runs = [tiny_run(train_shards, tmp_path / f"tp{tp}", model_overrides=NO_DROPOUT,
+                     train={"steps": 3, "tp": tp, "mode": mode, "global_batch_size": 4, "micro_batch_size": 4})
+            for tp in (1, 2)]
+    one = run_distributed(train_runs, 1, runs[:1], tmp_dir=tmp_path)[0]
+    two = run_distributed(train_runs, 2, runs[1:], tmp_dir=tmp_path)[0]
+    _compare_losses(one, two, 3)
+
+
+@pytest.mark.slow
+def test_tp2_dp2_zero2_equals_tp1_dp2_and_merges_to_hf(train_shards, tmp_path):
+    runs = [tiny_run(train_shards, tmp_path / f"tp{tp}", model_overrides=NO_DROPOUT,
+                     train={"steps": 3, "tp": tp, "zero_stage": 2}) for tp in (1, 2)]
+    one = run_distributed(train_runs, 2, runs[:1], tmp_dir=tmp_path)[0]
+    four = run_distributed(train_runs, 4, runs[1:], tmp_dir=tmp_path)[0]
+    _compare_losses(one, four, 3)
+    # The TP = 2 checkpoint merges to TP = 1 and transformers reproduces the TP = 2 model.
+    from transformers import DebertaV2Model
+
+    from deberta_ds.convert import load_training_checkpoint, to_hf
+    from tests.hf_helpers import padded_batch
+
+    merged = load_training_checkpoint(tmp_path / "tp2").eval()
+    reference = load_training_checkpoint(tmp_path / "tp1")
+    for name, param in reference.named_parameters():
+        assert (param - dict(merged.named_parameters())[name]).abs().max().item() <= 1e-5, name
+    to_hf(merged, tmp_path / "hf")
+    hf = DebertaV2Model.from_pretrained(tmp_path / "hf").eval()
+    ids, mask = padded_batch(merged.config.discriminator.vocab_size, [30, 17])
+    tp2_hidden = run_distributed(discriminator_hidden_at_tp, 2, runs[1], ids, mask, tmp_dir=tmp_path)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert (tp2_hidden[real] - theirs[real]).abs().max().item() <= 1e-5
+
+
+def discriminator_hidden_at_tp(run: dict, ids, mask):
+    """The discriminator of the saved TP = 2 checkpoint, loaded shard by shard at TP = 2."""
+    from safetensors.torch import load_file
+
+    from deberta_ds.config import rtd_config_from_dict
+    from deberta_ds.model import ReplacedTokenDetection
+    from deberta_ds.parallel import state
+    from deberta_ds.training.checkpoint import find_latest, read_state, tp_weights_file
+
+    state.initialize(2)
+    try:
+        folder = find_latest(__import__("pathlib").Path(run["output_dir"]) / "checkpoints")
+        model = ReplacedTokenDetection(rtd_config_from_dict(read_state(folder)["rtd_config"])).eval()
+        model.load_state_dict(load_file(str(tp_weights_file(folder, state.tp_rank()))))
+        with torch.no_grad():
+            return model.discriminator.encoder(ids, mask, word_embedding_weight=model.discriminator_embedding_weight())
+    finally:
+        state.reset()
+
+
+def dropout_streams(seed: int):
+    """Attention-dropout masks on every rank of TP = 2 x DP = 2 for identical inputs, and the
+    mask drawn again after restoring the checkpointed RNG states."""
+    from deberta_ds.kernels.reference import disentangled_attention_reference
+    from deberta_ds.parallel import state
+    from deberta_ds.parallel.random import fork_tp_rng, seed_streams
+    from deberta_ds.training.checkpoint import _rng_state, _set_rng_state
+
+    state.initialize(2)
+    try:
+        seed_streams(seed)
+        zeros, identity = torch.zeros(1, 1, 32, 32), torch.eye(32)[None, None]
+
+        def attention_mask():
+            """With q = k = 0 and v = I the output is the dropped-out probability matrix itself."""
+            with fork_tp_rng():
+                out = disentangled_attention_reference(zeros, zeros, identity, None, None, None, position_buckets=4,
+                                                       max_relative_positions=8, dropout_p=0.5)
+            return out[0, 0] != 0                                            # [32, 32] kept probabilities
+
+        replicated = torch.nn.functional.dropout(torch.ones(64), 0.5) != 0   # default stream
+        saved = _rng_state()
+        first = attention_mask()
+        _set_rng_state(saved)
+        again = attention_mask()
+        masks = [torch.empty(2, 1024, dtype=torch.bool) for _ in range(4)]
+        dist.all_gather(masks, torch.stack([first.flatten(), torch.nn.functional.pad(replicated, (0, 960))]))
+        return {"masks": masks, "reproduced": torch.equal(first, again)}
+    finally:
+        state.reset()
+
+
+@pytest.mark.slow
+def test_dropout_streams_across_tp_and_dp(tmp_path):
+    result = run_distributed(dropout_streams, 4, 3, tmp_dir=tmp_path)
+    masks = result["masks"]  # ranks: (tp 0, dp 0), (tp 1, dp 0), (tp 0, dp 1), (tp 1, dp 1)
+    attention = [m[0] for m in masks]
+    replicated = [m[1][:64] for m in masks]
+    assert not torch.equal(attention[0], attention[1])       # inside the TP region: differs across TP ranks
+    assert torch.equal(attention[0], attention[2]) and torch.equal(attention[1], attention[3])  # same across DP
+    assert torch.equal(replicated[0], replicated[1])        # replicated activations: same on TP ranks
+    assert not torch.equal(replicated[0], replicated[2])    # ... and independent across DP replicas
+    assert result["reproduced"]
+
+
+def test_start_up_errors_for_tp(train_shards, tmp_path):
+    from deberta_ds.config import preset
+    from deberta_ds.model.encoder import check_tensor_parallel
+
+    with pytest.raises(ValueError, match="num_heads=4 is not divisible by the tensor-parallel size 3"):
+        check_tensor_parallel(preset("tiny"), 3)
+    with pytest.raises(ValueError, match="intermediate_size=130"):
+        check_tensor_parallel(preset("tiny", intermediate_size=130), 4)
+
+
+def world_not_divisible():
+    from deberta_ds.parallel import state
+    try:
+        state.initialize(3)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.slow
+def test_world_size_not_divisible_by_tp(tmp_path):
+    assert "world size 2 is not divisible by the tensor-parallel size 3" in \
+        run_distributed(world_not_divisible, 2, tmp_dir=tmp_path)
