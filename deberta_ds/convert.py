@@ -1,7 +1,8 @@
 """Conversion between deberta_ds checkpoints and Hugging Face ``DebertaV2`` checkpoints.
 
 Native checkpoint directory: ``deberta_ds.json`` ({"kind": "encoder" | "rtd", "config": ...})
-plus ``model.safetensors``. HF directory: ``config.json`` plus ``model.safetensors`` (or
+plus ``model.safetensors`` (or, after ``split-tp``, ``weights_tp{r}.safetensors`` and "tp": N).
+Training checkpoints (a run's output_dir or a step folder) load too; TP shards are merged. HF directory: ``config.json`` plus ``model.safetensors`` (or
 ``pytorch_model.bin``, loaded with ``weights_only=True``).
 
 Exports: ``--part discriminator`` writes the ``DebertaV2Model`` layout (unprefixed backbone
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from deberta_ds.config import (ModelConfig, RTDConfig, model_config_from_dict, rtd_config_from_dict, to_dict)
 from deberta_ds.model import Encoder, ReplacedTokenDetection
-from deberta_ds.parallel.checkpoint import merge_states, partition_plan
+from deberta_ds.parallel.checkpoint import merge_states, partition_plan, split_state
 
 NATIVE_CONFIG = "deberta_ds.json"
 WEIGHTS = "model.safetensors"
@@ -307,6 +308,21 @@ def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
     return model
 
 
+def split_tp(checkpoint, out_dir, tp_size: int) -> Path:
+    """A TP = 1 checkpoint (native, training or HF) as `tp_size` shard files for continued training."""
+    model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_native(checkpoint)
+    if not isinstance(model, ReplacedTokenDetection):
+        raise ConversionError("split-tp: the checkpoint must hold an RTD pair (use from-hf --rtd first)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan, vocab = partition_plan(model), model.config.discriminator.vocab_size
+    for rank in range(tp_size):
+        shard = split_state(model.state_dict(), plan, vocab, tp_size, rank)
+        _atomic_save({k: v.contiguous() for k, v in shard.items()}, out_dir / f"weights_tp{rank}.safetensors")
+    _atomic_write_json({"kind": "rtd", "config": to_dict(model.config), "tp": tp_size}, out_dir / NATIVE_CONFIG)
+    return out_dir
+
+
 def _is_training_checkpoint(path: Path) -> bool:
     return any(p.is_file() for p in (path / "trainer_state.json", path / "latest", path / "checkpoints" / "latest"))
 
@@ -321,6 +337,12 @@ def load_native(checkpoint_dir: str | Path) -> Encoder | ReplacedTokenDetection:
                               f"(holding {NATIVE_CONFIG} and {WEIGHTS}) or a training run's output_dir or "
                               "checkpoint step folder")
     meta = json.loads(meta_path.read_text())
+    if meta.get("tp", 1) > 1:  # split-tp shards: merge them back
+        model = ReplacedTokenDetection(rtd_config_from_dict(meta["config"]))
+        shards = [load_file(str(checkpoint_dir / f"weights_tp{r}.safetensors")) for r in range(meta["tp"])]
+        _load_strict(model, merge_states(shards, partition_plan(model), model.config.discriminator.vocab_size),
+                     str(checkpoint_dir))
+        return model
     if meta.get("kind") == "rtd":
         model = ReplacedTokenDetection(rtd_config_from_dict(meta["config"]))
     elif meta.get("kind") == "encoder":
@@ -399,11 +421,17 @@ def main(argv=None) -> int:
     to_cmd.add_argument("--out", required=True, help="output HF checkpoint directory")
     to_cmd.add_argument("--part", default="discriminator", choices=["discriminator", "generator"],
                         help="which model of an RTD pair to export (default discriminator)")
+    split_cmd = commands.add_parser("split-tp", help="TP = 1 RTD checkpoint -> N tensor-parallel shards")
+    split_cmd.add_argument("--checkpoint", required=True, help="deberta_ds checkpoint or training output_dir")
+    split_cmd.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
+    split_cmd.add_argument("--out", required=True, help="output directory (weights_tp{r}.safetensors)")
     args = parser.parse_args(argv)
     try:
         if args.command == "from-hf":
             model = from_hf(args.hf, args.generator, as_rtd=args.rtd, embedding_sharing=args.embedding_sharing)
             save_native(model, args.out)
+        elif args.command == "split-tp":
+            split_tp(args.checkpoint, args.out, args.tp)
         else:
             to_hf(args.checkpoint, args.out, args.part)
     except ConversionError as error:

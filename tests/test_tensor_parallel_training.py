@@ -143,3 +143,41 @@ def world_not_divisible():
 def test_world_size_not_divisible_by_tp(tmp_path):
     assert "world size 2 is not divisible by the tensor-parallel size 3" in \
         run_distributed(world_not_divisible, 2, tmp_dir=tmp_path)
+
+
+def test_split_tp_round_trip(tmp_path):
+    from deberta_ds.config import RTDConfig, preset
+    from deberta_ds.convert import load_native, split_tp
+    from deberta_ds.model import ReplacedTokenDetection
+
+    torch.manual_seed(0)
+    model = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny", vocab_size=1000), mask_token_id=5))
+    split_tp(model, tmp_path / "shards", 2)
+    shard = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(tmp_path / "shards" / "weights_tp1.safetensors"))
+    assert shard["generator.encoder.embeddings.word_embeddings.weight"].shape[0] == 512  # 1000 padded to 1024
+    merged = load_native(tmp_path / "shards")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(merged.state_dict()[name], tensor), name
+
+
+@pytest.mark.slow
+def test_continued_training_from_hf_at_tp2_equals_tp1(train_shards, tmp_path):
+    from deberta_ds.config import RTDConfig, preset
+    from deberta_ds.convert import to_hf
+    from deberta_ds.model import ReplacedTokenDetection
+
+    torch.manual_seed(5)
+    pair = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny", **NO_DROPOUT), mask_token_id=1000))
+    to_hf(pair, tmp_path / "hf_disc", part="discriminator")
+    to_hf(pair, tmp_path / "hf_gen", part="generator")
+    runs = [tiny_run(train_shards, tmp_path / f"tp{tp}", model_overrides=NO_DROPOUT,
+                     init_from=str(tmp_path / "hf_disc"), init_generator_from=str(tmp_path / "hf_gen"),
+                     train={"steps": 2, "tp": tp, "global_batch_size": 4, "micro_batch_size": 4}) for tp in (1, 2)]
+    one = run_distributed(train_runs, 1, runs[:1], tmp_dir=tmp_path)[0]
+    two = run_distributed(train_runs, 2, runs[1:], tmp_dir=tmp_path)[0]
+    _compare_losses(one, two, 2)
+    fresh = run_distributed(train_runs, 1, [tiny_run(train_shards, tmp_path / "fresh", model_overrides=NO_DROPOUT,
+                                                     train={"steps": 2, "global_batch_size": 4,
+                                                            "micro_batch_size": 4})], tmp_dir=tmp_path)[0]
+    assert abs(fresh["losses"][0][0] - one["losses"][0][0]) > 1e-3  # the initial weights really came from HF

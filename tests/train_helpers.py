@@ -22,7 +22,7 @@ def tiny_run(shards: dict, output_dir, **sections) -> dict:
            "train": {"steps": 6, "global_batch_size": 8, "micro_batch_size": 4, "precision": "fp32",
                      "zero_stage": 0, "log_every": 1, "eval_batches": 1}}
     for section, values in sections.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and section != "model_overrides":
             run.setdefault(section, {}).update(copy.deepcopy(values))
         else:
             run[section] = values

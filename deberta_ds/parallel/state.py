@@ -6,6 +6,7 @@ as for a single rank, so the model code never branches on whether TP is on.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -46,6 +47,17 @@ def initialize(tp_size: int) -> ParallelState:
             state.dp_group = group
     _STATE = state
     return state
+
+
+@contextlib.contextmanager
+def single_rank():
+    """Build full (TP = 1) modules inside a TP job, e.g. to load a checkpoint before splitting it."""
+    global _STATE
+    saved, _STATE = _STATE, ParallelState()
+    try:
+        yield
+    finally:
+        _STATE = saved
 
 
 def reset() -> None:

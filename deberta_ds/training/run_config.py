@@ -115,6 +115,10 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     output_dir: str = "runs/deberta"
     seed: int = 42
+    # Continued pre-training: start from a deberta_ds checkpoint (native, a run's output_dir, or
+    # split-tp shards) or an HF discriminator directory (+ init_generator_from, an HF generator).
+    init_from: str | None = None
+    init_generator_from: str | None = None
 
     def __post_init__(self):
         _require(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {sorted(PRESETS)}")

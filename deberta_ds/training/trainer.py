@@ -47,6 +47,7 @@ def parse_args(argv=None):
                         help="auto: continue from OUTPUT/checkpoints/latest when it exists (default); none: start "
                              "fresh (refused if checkpoints exist)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("--tp", type=int, help="tensor-parallel size (same as train.tp=N)")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE", help="run-config overrides")
     return parser.parse_args(argv)
 
@@ -116,6 +117,8 @@ class Trainer:
         universal = self._needs_universal(checkpoint.read_state(latest) if latest else None)
         torch.manual_seed(config.seed)  # identical initial (full) weights on every rank, at any TP size
         self.model = ReplacedTokenDetection(rtd_config)
+        if config.init_from and not latest:
+            self._load_initial_weights()
         self.engines = RTDEngines(self.model, config, self.dp_size, on_cpu=not torch.cuda.is_available(),
                                   mpu=parallel_state.MPU() if config.train.tp > 1 else None,
                                   load_universal=universal)
@@ -138,6 +141,26 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(generator_params, discriminator_params,
                                                      rtd_config.discriminator.num_layers,
                                                      rtd_config.discriminator.hidden_size, config.data.max_length)
+
+    def _load_initial_weights(self) -> None:
+        """Full weights from init_from, split to this rank's TP shard (any TP size)."""
+        from deberta_ds.convert import from_hf, load_native
+        from deberta_ds.parallel.checkpoint import partition_plan, split_state
+
+        source = Path(self.config.init_from)
+        with parallel_state.single_rank():
+            if (source / "config.json").is_file():  # a Hugging Face checkpoint
+                full = from_hf(source, self.config.init_generator_from, as_rtd=True,
+                               embedding_sharing=self.model.config.embedding_sharing)
+            else:
+                full = load_native(source)
+        if not isinstance(full, ReplacedTokenDetection) or full.config.discriminator != self.model.config.discriminator:
+            raise ValueError(f"init_from: {source} does not hold an RTD pair with this run's model shape "
+                             f"({self.config.model} + model_overrides, vocab {self.model.config.discriminator.vocab_size})")
+        shard = split_state(full.state_dict(), partition_plan(self.model), full.config.discriminator.vocab_size,
+                            self.parallel.tp_size, self.parallel.tp_rank)
+        self.model.load_state_dict(shard)
+        self.log(f"initialised from {source}")
 
     def _needs_universal(self, state: dict | None) -> bool:
         """Resuming on another data-parallel size needs DeepSpeed's universal checkpoint."""
@@ -305,7 +328,8 @@ class Trainer:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        config = load_run_config(args.config, args.overrides)
+        overrides = args.overrides + ([f"train.tp={args.tp}"] if args.tp else [])
+        config = load_run_config(args.config, overrides)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
