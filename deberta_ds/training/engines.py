@@ -89,6 +89,24 @@ def register_external_parameters(model: ReplacedTokenDetection, joint: bool) -> 
         deepspeed.zero.register_external_parameter(model.discriminator, generator_embedding)
 
 
+def _global_grad_norm(module: nn.Module) -> float:
+    """L2 norm of all gradients; TP-split parameters summed over the TP group, replicated ones once."""
+    from deberta_ds.parallel import state
+    from deberta_ds.parallel.mappings import all_reduce_no_grad
+
+    split, replicated = torch.zeros(()), torch.zeros(())
+    for param in module.parameters():
+        if param.grad is not None:
+            squares = param.grad.detach().float().pow(2).sum()
+            if getattr(param, "tensor_model_parallel", False):
+                split += squares
+            else:
+                replicated += squares
+    if state.tp_size() > 1:
+        split = all_reduce_no_grad(split.reshape(1))[0]
+    return float((split + replicated).sqrt())
+
+
 @dataclass
 class StepResult:
     generator: GeneratorOutput
@@ -111,12 +129,25 @@ class RTDEngines:
         if self.zero3:
             register_external_parameters(model, self.joint)
         args = (config, config.optim.lr, dp_size, on_cpu, mpu, load_universal)
+        self._norms: dict[str, float] = {}
         if self.joint:
             self.engines = {"joint": _initialize(model, *args)}
         else:
             generator_lr = config.optim.generator_lr or config.optim.lr
             self.engines = {"generator": _initialize(model.generator, config, generator_lr, *args[2:]),
                             "discriminator": _initialize(model.discriminator, *args)}
+
+    def grad_norm(self, name: str) -> float | None:
+        """The global gradient norm of the engine's last step (DeepSpeed's, else our own)."""
+        norm = self.engines[name].get_global_grad_norm()
+        return float(norm) if norm is not None else self._norms.get(name)
+
+    def _step(self, name: str) -> None:
+        """engine.step(), recording the gradient norm where DeepSpeed keeps none (no ZeRO, fp32)."""
+        engine = self.engines[name]
+        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+            self._norms[name] = _global_grad_norm(engine.module)
+        engine.step()
 
     def train(self, mode: bool = True) -> None:
         for engine in self.engines.values():
@@ -151,7 +182,7 @@ class RTDEngines:
         finite = self._all_finite(loss)
         if train and finite:
             engine.backward(loss)
-            engine.step()
+            self._step("joint")
         return StepResult(out.generator, out.discriminator, out.corrupted_ids, out.replaced_ratio, out.loss, finite)
 
     def _decoupled(self, batch, rng, loss_multiplier, train) -> StepResult:
@@ -177,10 +208,10 @@ class RTDEngines:
         finite = finite and self._all_finite(gen_objective)
         if train and finite:
             generator.backward(gen_objective)
-            generator.step()
+            self._step("generator")
             if not es:
                 discriminator.backward(disc_loss)
-            discriminator.step()
+            self._step("discriminator")
         masked = labels != -100
         replaced_ratio = replaced[masked].float().mean()
         joint_loss = gen_out.loss + self.config.rtd.rtd_lambda * disc_out.loss

@@ -240,8 +240,7 @@ class Trainer:
         metrics["train/skipped_nonfinite_steps"] = self.nonfinite_total
         for name, engine in self.engines.engines.items():
             metrics[f"{name}/lr"] = engine.get_lr()[0]
-            grad_norm = engine.get_global_grad_norm()
-            metrics[f"{name}/grad_norm"] = float(grad_norm) if grad_norm is not None else None
+            metrics[f"{name}/grad_norm"] = self.engines.grad_norm(name)
             metrics[f"{name}/loss_scale"] = loss_scale(engine) if self.config.train.precision == "fp16" else None
             metrics[f"{name}/skipped_steps"] = engine.skipped_steps
         return metrics
