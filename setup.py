@@ -22,7 +22,9 @@ if __name__ == "__main__":
         install_requires=requirements(),
         extras_require={
             # Oracles for the tests: HF DebertaV2 (model parity) and megatron-core (shard layout).
-            "test": ["pytest>=8", "transformers==5.23.0", "megatron-core==0.16.1", "safetensors>=0.4"],
+            "test": ["pytest>=8", "transformers==5.23.0", "megatron-core==0.16.1", "safetensors>=0.4", "triton==3.9.0"],
+            # Fused attention kernels (GPU; CPU runs them under TRITON_INTERPRET=1 in the tests).
+            "kernels": ["triton>=3.2"],
         },
         entry_points={"console_scripts": ["deberta-ds-convert=deberta_ds.convert:main",
                                           "data-prep=data_prep.cli:main"]},

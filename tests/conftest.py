@@ -1,4 +1,11 @@
+import os
+
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors under the interpreter; it must be chosen before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.data_helpers import corpus_file, trained_tokenizer
 

@@ -12,22 +12,27 @@ import torch
 
 from deberta_ds.kernels.reference import disentangled_attention_reference
 
-# The fused Triton implementation registers itself here when it is importable.
-FUSED_IMPLEMENTATION = None
+def _fused():
+    """The Triton kernel, imported on first use (Triton is optional on CPU machines)."""
+    try:
+        from deberta_ds.kernels.fused import disentangled_attention_fused
+    except ImportError as error:
+        return None, error
+    return disentangled_attention_fused, None
 
 
 def select_attention(impl: str, device: torch.device):
     if impl == "reference":
         return disentangled_attention_reference
     if impl == "fused":
-        if FUSED_IMPLEMENTATION is None:
-            raise ValueError("attention_impl='fused': the fused Triton kernel is not available in this "
-                             "installation; use attention_impl='reference' or 'auto'")
-        return FUSED_IMPLEMENTATION
+        fused, error = _fused()
+        if fused is None:
+            raise ValueError(f"attention_impl='fused': the Triton kernel cannot be imported ({error}); install "
+                             "triton or use attention_impl='reference'")
+        return fused
     if impl == "auto":
-        if FUSED_IMPLEMENTATION is not None and device.type == "cuda":
-            return FUSED_IMPLEMENTATION
-        return disentangled_attention_reference
+        fused = _fused()[0] if device.type == "cuda" else None
+        return fused or disentangled_attention_reference
     raise ValueError(f"attention_impl: {impl!r} is not one of reference, fused, auto")
 
 

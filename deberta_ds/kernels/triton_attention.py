@@ -1,0 +1,300 @@
+"""Fused disentangled attention in Triton (FlashAttention-2 style), forward and backward.
+
+Per (query block, key block) tile, on chip and never in HBM:
+  c2c = q k^T; c2p[i, j] = q_i . Kr[s(i, j)]; p2c[i, j] = k_j . Qr[s(i, j)].
+The slots s(i, j) of one tile are a contiguous window of at most BM + BN - 1 rows of the
+relative table (s grows with i - j), so each tile multiplies q (and k) with just that window
+(a [BM, W] and a [BN, W] matmul) and gathers its [BM, BN] values from it; a tile beyond the
+saturation distance has a one-row window. The softmax is online in fp32; the output is
+O(L) memory: O plus a log-sum-exp per row.
+
+Dropout of the probabilities uses counter-based random numbers (tl.rand) keyed by
+(seed, batch*head, i, j); the backward regenerates the same mask. Gradients are
+deterministic: every program owns the rows it writes (dK, dV per key block; dQ per query
+block) and the relative-table gradients go to per-program partial buffers that are summed
+in a fixed order afterwards; no floating-point atomics.
+
+Slots come from a [2L - 1] table computed by the same float32 code as the reference, so the
+bucket boundaries agree exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deberta_ds.relative_position import log_bucket
+
+_NEG = -1.0e30  # masked score (finite, so a fully masked row gives no NaN before it is zeroed)
+
+
+@triton.jit
+def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, offs_m, offs_n, seq_len, table_rows, stride_r, offs_d, d_mask,
+                 scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, W: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Scaled scores of one tile [BM, BN] plus the tile's slot window (start, local index)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    rel = offs_m[:, None] - offs_n[None, :] + seq_len - 1
+    rel = tl.minimum(tl.maximum(rel, 0), 2 * seq_len - 2)
+    slot = tl.load(slot_ptr + rel)                                        # [BM, BN] int32
+    window_start = tl.min(tl.min(slot, axis=1), axis=0)
+    local = slot - window_start
+    rows = window_start + tl.arange(0, W)
+    row_ok = rows < table_rows
+    if HAS_C2P:
+        kr = tl.load(kr_ptr + rows[:, None] * stride_r + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
+                     other=0.0)
+        c2p_window = tl.dot(q, tl.trans(kr), input_precision=PRECISION)                              # [BM, W]
+        s += tl.gather(c2p_window, local, axis=1)
+    if HAS_P2C:
+        qr = tl.load(qr_ptr + rows[:, None] * stride_r + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
+                     other=0.0)
+        p2c_window = tl.dot(k, tl.trans(qr), input_precision=PRECISION)                              # [BN, W]
+        s += tl.trans(tl.gather(p2c_window, tl.trans(local), axis=1))
+    return s * scale, window_start, local
+
+
+@triton.jit
+def _keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p):
+    offsets = offs_m[:, None] * seq_len + offs_n[None, :]
+    return tl.rand(seed + bh * 7919, offsets) >= dropout_p
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, out_ptr, lse_ptr,
+                    seq_len, heads, table_rows, head_dim, scale, dropout_p, seed,
+                    stride_b, stride_h, stride_l, stride_rh, stride_r,
+                    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    block_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // heads, bh % heads
+    offs_m = block_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    d_mask = offs_d < head_dim
+    base = b * stride_b + h * stride_h
+    row_ok = offs_m < seq_len
+    q = tl.load(q_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
+                other=0.0)
+    kr_base, qr_base = kr_ptr + h * stride_rh, qr_ptr + h * stride_rh
+    m_i = tl.full([BM], _NEG, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for start_n in range(0, seq_len, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        col_ok = offs_n < seq_len
+        kv_mask = col_ok[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        s, _, _ = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, table_rows, stride_r,
+                               offs_d, d_mask, scale, HAS_C2P, HAS_P2C, W, PRECISION)
+        keep = col_ok
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0)
+        s = tl.where(keep[None, :], s, _NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            p = tl.where(_keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p), p / (1.0 - dropout_p), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    query_ok = row_ok
+    if HAS_MASK:
+        query_ok = query_ok & (tl.load(mask_ptr + b * seq_len + offs_m, mask=row_ok, other=0) != 0)
+    out = tl.where(query_ok[:, None], out, 0.0)                              # padded query rows output 0
+    tl.store(out_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + bh * seq_len + offs_m, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _window_sum(ds, local, W: tl.constexpr, AXIS: tl.constexpr):
+    """Scatter-add of a tile's score gradients into its slot window: [BM, W] (AXIS=1) or [BN, W]."""
+    windows = tl.arange(0, W)
+    one_hot = (local[:, :, None] == windows[None, None, :]).to(tl.float32)   # [BM, BN, W]
+    return tl.sum(ds[:, :, None] * one_hot, axis=AXIS)
+
+
+@triton.jit
+def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
+                     dq_ptr, dk_ptr, dv_ptr, dkr_part_ptr, dqr_part_ptr,
+                     seq_len, heads, table_rows, head_dim, scale, dropout_p, seed,
+                     stride_b, stride_h, stride_l, stride_rh, stride_r, stride_part,
+                     KEY_SIDE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
+                     DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """KEY_SIDE: one program per key block computes dK, dV and this block's dQr partial.
+    Otherwise one program per query block computes dQ and its dKr partial."""
+    block, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // heads, bh % heads
+    offs_d = tl.arange(0, D)
+    d_mask = offs_d < head_dim
+    base = b * stride_b + h * stride_h
+    kr_base, qr_base = kr_ptr + h * stride_rh, qr_ptr + h * stride_rh
+    part = (bh * tl.num_programs(0) + block) * stride_part
+    if KEY_SIDE:
+        offs_n = block * BN + tl.arange(0, BN)
+        col_ok = offs_n < seq_len
+        kv_mask = col_ok[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BN, D], tl.float32)
+        dv = tl.zeros([BN, D], tl.float32)
+        outer_end = seq_len
+    else:
+        offs_m = block * BM + tl.arange(0, BM)
+        row_ok = offs_m < seq_len
+        q = tl.load(q_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :],
+                    mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+        do = tl.load(do_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :],
+                     mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+        lse = tl.load(lse_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BM, D], tl.float32)
+        outer_end = seq_len
+    for start in range(0, outer_end, BM if KEY_SIDE else BN):
+        if KEY_SIDE:
+            offs_m = start + tl.arange(0, BM)
+            row_ok = offs_m < seq_len
+            q = tl.load(q_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :],
+                        mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+            do = tl.load(do_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :],
+                         mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+            lse = tl.load(lse_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
+        else:
+            offs_n = start + tl.arange(0, BN)
+            col_ok = offs_n < seq_len
+            kv_mask = col_ok[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        s, window_start, local = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, table_rows,
+                                              stride_r, offs_d, d_mask, scale, HAS_C2P, HAS_P2C, W, PRECISION)
+        keep = col_ok[None, :] & row_ok[:, None]
+        if HAS_MASK:
+            key_keep = tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0
+            query_keep = tl.load(mask_ptr + b * seq_len + offs_m, mask=row_ok, other=0) != 0
+            keep = keep & key_keep[None, :] & query_keep[:, None]   # padded query rows carry no gradient
+        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)                 # [BM, BN] probabilities
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        p_used = p
+        if DROPOUT:
+            kept = _keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p)
+            p_used = tl.where(kept, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None]) * scale                            # d(score before scaling)
+        rows = window_start + tl.arange(0, W)
+        row_in = rows < table_rows
+        if KEY_SIDE:
+            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            if HAS_P2C:
+                d_window = _window_sum(tl.trans(ds), tl.trans(local), W, 1)  # [BN, W]
+                qr = tl.load(qr_base + rows[:, None] * stride_r + offs_d[None, :],
+                             mask=row_in[:, None] & d_mask[None, :], other=0.0)
+                dk += tl.dot(d_window.to(qr.dtype), qr, input_precision=PRECISION)
+                part_ptr = dqr_part_ptr + part + rows[:, None] * stride_r + offs_d[None, :]
+                part_mask = row_in[:, None] & d_mask[None, :]
+                previous = tl.load(part_ptr, mask=part_mask, other=0.0)
+                tl.store(part_ptr, previous + tl.dot(tl.trans(d_window), k.to(tl.float32), input_precision=PRECISION), mask=part_mask)
+        else:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            if HAS_C2P:
+                d_window = _window_sum(ds, local, W, 1)                     # [BM, W]
+                kr = tl.load(kr_base + rows[:, None] * stride_r + offs_d[None, :],
+                             mask=row_in[:, None] & d_mask[None, :], other=0.0)
+                dq += tl.dot(d_window.to(kr.dtype), kr, input_precision=PRECISION)
+                part_ptr = dkr_part_ptr + part + rows[:, None] * stride_r + offs_d[None, :]
+                part_mask = row_in[:, None] & d_mask[None, :]
+                previous = tl.load(part_ptr, mask=part_mask, other=0.0)
+                tl.store(part_ptr, previous + tl.dot(tl.trans(d_window), q.to(tl.float32), input_precision=PRECISION), mask=part_mask)
+    if KEY_SIDE:
+        store = col_ok[:, None] & d_mask[None, :]
+        tl.store(dk_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+                 mask=store)
+        tl.store(dv_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=store)
+    else:
+        tl.store(dq_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_mask[None, :])
+
+
+# ---------------------------------------------------------------- host side
+
+BLOCK_M = BLOCK_N = 32
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs get exact fp32 products (no TF32 rounding); fp16/bf16 use the tensor cores."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def slot_table(seq_len: int, position_buckets: int, max_relative_positions: int, device) -> torch.Tensor:
+    """Slot of every relative distance i - j in [-(L-1), L-1], int32 [2L - 1]."""
+    relative = torch.arange(-(seq_len - 1), seq_len)
+    slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
+    return slots.clamp_(0, 2 * position_buckets - 1).to(torch.int32).to(device)
+
+
+def _launch_args(q, pos_key, pos_query, position_buckets, max_relative_positions):
+    batch, heads, seq_len, head_dim = q.shape
+    table = pos_key if pos_key is not None else pos_query
+    dummy = torch.zeros(heads, 2 * position_buckets, head_dim, device=q.device, dtype=q.dtype)
+    kr = pos_key.contiguous() if pos_key is not None else dummy
+    qr = pos_query.contiguous() if pos_query is not None else dummy
+    slots = slot_table(seq_len, position_buckets, max_relative_positions, q.device)
+    width = triton.next_power_of_2(BLOCK_M + BLOCK_N)
+    return (batch, heads, seq_len, head_dim, kr, qr, slots, width,
+            table.shape[1] if table is not None else 2 * position_buckets)
+
+
+def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets, max_relative_positions, scale,
+                  dropout_p, seed):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    batch, heads, seq_len, head_dim, kr, qr, slots, width, rows = _launch_args(q, pos_key, pos_query,
+                                                                                 position_buckets,
+                                                                                 max_relative_positions)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch * heads, seq_len, device=q.device, dtype=torch.float32)
+    mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
+    grid = (triton.cdiv(seq_len, BLOCK_M), batch * heads)
+    _forward_kernel[grid](q, k, v, kr, qr, slots, mask, out, lse, seq_len, heads, rows, head_dim, scale,
+                          dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
+                          HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
+                          HAS_MASK=attention_mask is not None, DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N,
+                          D=max(16, triton.next_power_of_2(head_dim)), W=width, PRECISION=_precision(q))
+    return out, lse
+
+
+def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, lse, position_buckets,
+                   max_relative_positions, scale, dropout_p, seed):
+    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
+    batch, heads, seq_len, head_dim, kr, qr, slots, width, rows = _launch_args(q, pos_key, pos_query,
+                                                                                 position_buckets,
+                                                                                 max_relative_positions)
+    delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_len).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    blocks = triton.cdiv(seq_len, BLOCK_M)
+    # Per-program partial sums of the table gradients, reduced below in a fixed order.
+    dkr_parts = torch.zeros(batch * heads, blocks, *kr.shape[1:], device=q.device, dtype=torch.float32)
+    dqr_parts = torch.zeros_like(dkr_parts)
+    mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
+    common = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=attention_mask is not None,
+                  DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N, D=max(16, triton.next_power_of_2(head_dim)), W=width,
+                  PRECISION=_precision(q))
+    args = (q, k, v, kr, qr, slots, mask, grad_out, lse, delta, dq, dk, dv, dkr_parts, dqr_parts, seq_len, heads,
+            rows, head_dim, scale, dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
+            dkr_parts.stride(1))
+    _backward_kernel[(blocks, batch * heads)](*args, KEY_SIDE=True, **common)
+    _backward_kernel[(blocks, batch * heads)](*args, KEY_SIDE=False, **common)
+
+    def table_grad(parts, table):
+        if table is None:
+            return None
+        return parts.reshape(batch, heads, blocks, *parts.shape[2:]).sum(dim=(0, 2)).to(table.dtype)
+
+    return dq, dk, dv, table_grad(dkr_parts, pos_key), table_grad(dqr_parts, pos_query)
