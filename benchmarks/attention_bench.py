@@ -1,0 +1,130 @@
+"""Disentangled attention on a GPU: the fused Triton kernel against its peers, same process.
+
+For deberta-v3-base heads (h=12, d=64, 256 buckets, bf16) and L = 128 ... 16384, with B chosen
+so B x L = --tokens: forward and forward+backward time (median of CUDA-event timings) and
+peak attention memory, for
+  fused    deberta_ds Triton kernel
+  ours-ref deberta_ds reference path (the model's unfused attention)
+  hf       transformers DebertaV2 DisentangledSelfAttention, eager (includes its q/k/v projections)
+  flashdeberta  when the package imports
+  sdpa     torch scaled_dot_product_attention (flash) on the same q, k, v WITHOUT position terms
+TFLOP/s counts the c2c and PV products only (4 B h L^2 d forward, 2.5x that backward).
+
+    python benchmarks/attention_bench.py [--tokens 65536] [--lengths 128 512 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from deberta_ds.kernels.fused import disentangled_attention_fused
+from deberta_ds.kernels.reference import disentangled_attention_reference
+
+HEADS, HEAD_DIM, BUCKETS, MAX_REL = 12, 64, 256, 512
+
+
+def timed(fn, repeats: int = 10) -> float:
+    """Median milliseconds of fn() over CUDA events, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def candidates(batch: int, seq_len: int):
+    dtype, device = torch.bfloat16, "cuda"
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
+    q, k, v = (make(batch, HEADS, seq_len, HEAD_DIM) for _ in range(3))
+    pos_key, pos_query = make(HEADS, 2 * BUCKETS, HEAD_DIM), make(HEADS, 2 * BUCKETS, HEAD_DIM)
+    kwargs = dict(position_buckets=BUCKETS, max_relative_positions=MAX_REL)
+    runs = {
+        "fused": lambda: disentangled_attention_fused(q, k, v, pos_key, pos_query, None, **kwargs),
+        "ours-ref": lambda: disentangled_attention_reference(q, k, v, pos_key, pos_query, None, **kwargs),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+    }
+    try:
+        from transformers import DebertaV2Config
+        from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Encoder, DisentangledSelfAttention
+        config = DebertaV2Config(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, relative_attention=True,
+                                 position_buckets=BUCKETS, max_relative_positions=MAX_REL, share_att_key=True,
+                                 pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", num_hidden_layers=1,
+                                 attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+        hf = DisentangledSelfAttention(config).to(device, dtype)
+        encoder = DebertaV2Encoder(config).to(device, dtype)
+        hidden = make(batch, seq_len, HEADS * HEAD_DIM)
+        mask = encoder.get_attention_mask(torch.ones(batch, seq_len, device=device))
+        rel_pos = encoder.get_rel_pos(hidden)
+        rel = encoder.get_rel_embedding()
+        runs["hf"] = lambda: hf(hidden, mask, relative_pos=rel_pos, rel_embeddings=rel)[0]
+    except ImportError:
+        pass
+    try:
+        from flashdeberta.ops.flash_attention import flash_attention_with_disentangled  # noqa: F401
+        runs["flashdeberta"] = lambda: flash_attention_with_disentangled(q, k, v, pos_key, pos_query, **kwargs)
+    except ImportError:
+        pass
+    return runs
+
+
+def measure(batch: int, seq_len: int) -> dict:
+    rows = {}
+    for name, forward in candidates(batch, seq_len).items():
+        def both():
+            out = forward()
+            out.float().sum().backward()
+        try:
+            rows[name] = (timed(forward), timed(both), peak_mb(both))
+        except torch.cuda.OutOfMemoryError:
+            rows[name] = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=65536, help="B x L per measurement")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096, 8192, 16384])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("attention_bench.py measures GPU kernels; no CUDA device is visible")
+    print(f"device: {torch.cuda.get_device_name()}, date: {datetime.date.today()}, torch {torch.__version__}, bf16, "
+          f"h={HEADS} d={HEAD_DIM} buckets={BUCKETS}")
+    print("| L | B | impl | fwd ms | fwd+bwd ms | peak MB | fwd+bwd TFLOP/s | fwd+bwd speed-up of fused |")
+    print("|---|---|---|---|---|---|---|---|")
+    for seq_len in args.lengths:
+        batch = max(1, args.tokens // seq_len)
+        rows = measure(batch, seq_len)
+        flops = 4 * batch * HEADS * seq_len ** 2 * HEAD_DIM * 3.5
+        fused = rows.get("fused")
+        for name, row in rows.items():
+            if row is None:
+                print(f"| {seq_len} | {batch} | {name} | OOM | OOM | OOM | - | - |")
+                continue
+            ratio = row[1] / fused[1] if fused else float("nan")
+            print(f"| {seq_len} | {batch} | {name} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.0f} | "
+                  f"{flops / row[1] / 1e9:.1f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

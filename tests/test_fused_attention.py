@@ -1,0 +1,164 @@
+"""The fused Triton kernel against the float64 reference (CPU: TRITON_INTERPRET=1, small shapes).
+
+Tolerances, max |fused - float64 reference| relative to max |reference| (1 for outputs):
+fp32 2e-5, fp16 5e-3, bf16 4e-2 (forward and all five gradients). Shapes cover L below the
+32-row block, L not a multiple of it, and L far past 2 x position_buckets (saturated tiles).
+bf16 is checked on CUDA only: Triton's interpreter does not handle bf16 tensors correctly.
+"""
+
+import math
+
+import pytest
+import torch
+
+from deberta_ds.kernels.fused import disentangled_attention_fused
+from deberta_ds.kernels.reference import attention_scores, disentangled_attention_reference
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+SHAPES = [  # (B, h, L, d, buckets, max_relative)
+    (1, 2, 7, 32, 4, 8),        # L < block size
+    (2, 1, 45, 32, 8, 24),      # L not a block multiple, saturated tiles
+    (1, 2, 70, 64, 16, 32),     # several tiles per row, log buckets and saturation
+]
+
+
+def inputs(shape, dtype, terms, padding, seed=0):
+    B, h, L, d, k, _ = shape
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, key, v = make(B, h, L, d), make(B, h, L, d), make(B, h, L, d)
+    pos_key = make(h, 2 * k, d) if "c2p" in terms else None
+    pos_query = make(h, 2 * k, d) if "p2c" in terms else None
+    mask = None
+    if padding:
+        mask = torch.ones(B, L, dtype=torch.long)
+        mask[-1, max(1, (2 * L) // 3):] = 0
+    return [q, key, v, pos_key, pos_query], mask
+
+
+def run(fn, tensors, mask, shape, dtype, grad_out, **kwargs):
+    leaves = [t.to(dtype).requires_grad_(True) if t is not None else None for t in tensors]
+    out = fn(*leaves, mask, position_buckets=shape[4], max_relative_positions=shape[5], **kwargs)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, present, grad_out.to(out.dtype))
+    return out, grads
+
+
+def relative_error(actual, expected):
+    return (actual.double() - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("terms", [("c2p", "p2c"), ("c2p",), ("p2c",), ()])
+@pytest.mark.parametrize("padding", [False, True])
+def test_fp32_forward_and_gradients_match_float64_reference(shape, terms, padding):
+    tensors, mask = inputs(shape, torch.float32, terms, padding)
+    grad_out = torch.randn(*shape[:3], shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected, expected_grads = run(disentangled_attention_reference, tensors, mask, shape, torch.float64, grad_out)
+    actual, actual_grads = run(disentangled_attention_fused, tensors, mask, shape, torch.float32, grad_out)
+    assert relative_error(actual, expected) <= TOLERANCE[torch.float32]
+    if mask is not None:
+        assert torch.all(actual[-1, :, mask[-1] == 0] == 0)
+    for got, want in zip(actual_grads, expected_grads):
+        assert relative_error(got, want) <= TOLERANCE[torch.float32]
+
+
+BF16_ON_CPU = pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="Triton 3.9's interpreter corrupts bf16 loads; bf16 runs in the CUDA tests")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=BF16_ON_CPU)])
+def test_low_precision_matches_float64_reference(dtype):
+    shape = SHAPES[1]
+    tensors, mask = inputs(shape, dtype, ("c2p", "p2c"), True, seed=2)
+    grad_out = torch.randn(*shape[:3], shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected, expected_grads = run(disentangled_attention_reference, tensors, mask, shape, torch.float64, grad_out)
+    actual, actual_grads = run(disentangled_attention_fused, tensors, mask, shape, dtype, grad_out)
+    assert actual.dtype == dtype and torch.isfinite(actual).all()
+    assert relative_error(actual, expected) <= TOLERANCE[dtype]
+    for got, want in zip(actual_grads, expected_grads):
+        assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+def kernel_dropout_mask(B, h, L, p, seed):
+    """The kernel's keep-mask [B, h, L, L]: with q = k = 0 and v = I the output is the dropped-out
+    uniform probability matrix (the mask depends on seed and position only, not on the data)."""
+    zeros, identity = torch.zeros(B, h, L, L), torch.eye(L).expand(B, h, L, L).contiguous()
+    out = disentangled_attention_fused(zeros, zeros, identity, None, None, None, position_buckets=4,
+                                       max_relative_positions=8, dropout_p=p, seed=seed)
+    return out != 0
+
+
+def test_dropout_is_reproducible_and_matches_reference_with_the_kernels_mask():
+    shape, p = (1, 2, 40, 32, 8, 24), 0.2
+    tensors, mask = inputs(shape, torch.float32, ("c2p", "p2c"), False, seed=4)
+    grad_out = torch.randn(*shape[:3], shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    first = run(disentangled_attention_fused, tensors, mask, shape, torch.float32, grad_out, dropout_p=p, seed=7)
+    again = run(disentangled_attention_fused, tensors, mask, shape, torch.float32, grad_out, dropout_p=p, seed=7)
+    other = run(disentangled_attention_fused, tensors, mask, shape, torch.float32, grad_out, dropout_p=p, seed=8)
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+    assert not torch.equal(first[0], other[0])
+    keep = kernel_dropout_mask(1, 2, 40, p, seed=7)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.03
+
+    def reference_with_mask(q, k, v, pos_key, pos_query, attention_mask, *, position_buckets, max_relative_positions):
+        scores = attention_scores(q, k, pos_key, pos_query, position_buckets=position_buckets,
+                                  max_relative_positions=max_relative_positions, scale=1 / math.sqrt(3 * q.shape[-1]))
+        return (torch.softmax(scores, -1) * keep / (1 - p)) @ v
+
+    expected = run(reference_with_mask, tensors, mask, shape, torch.float64, grad_out)
+    assert relative_error(first[0], expected[0]) <= TOLERANCE[torch.float32]
+    for got, want in zip(first[1], expected[1]):
+        assert relative_error(got, want) <= TOLERANCE[torch.float32]
+
+
+def test_model_with_fused_attention_equals_reference_end_to_end():
+    from deberta_ds.config import RTDConfig, preset
+    from deberta_ds.model import ReplacedTokenDetection
+    from tests.hf_helpers import padded_batch
+
+    outputs = []
+    for impl in ("reference", "fused"):
+        torch.manual_seed(0)
+        config = preset("tiny", vocab_size=200, hidden_dropout=0.0, attention_dropout=0.0, attention_impl=impl,
+                        num_layers=2)
+        model = ReplacedTokenDetection(RTDConfig(discriminator=config, mask_token_id=5))
+        ids, mask = padded_batch(200, [37, 20], seed=1)
+        labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.2, ids, -100)
+        labels[mask == 0] = -100
+        out = model(ids.masked_fill(labels != -100, 5), mask, labels, rng=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        outputs.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                             if p.grad is not None}))
+    assert abs(outputs[0][0] - outputs[1][0]) <= 1e-5
+    for name, grad in outputs[0][1].items():
+        assert relative_error(outputs[1][1][name], grad.double()) <= 1e-4, name
+
+
+def test_custom_op_traces_under_torch_compile():
+    shape = SHAPES[0]
+    tensors, mask = inputs(shape, torch.float32, ("c2p", "p2c"), False)
+    q, k, v, pos_key, pos_query = (t.float() for t in tensors)
+
+    def attention(q, k, v, pos_key, pos_query):
+        return disentangled_attention_fused(q, k, v, pos_key, pos_query, None, position_buckets=4,
+                                            max_relative_positions=8)
+
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(q, k, v, pos_key, pos_query), attention(q, k, v, pos_key, pos_query))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run in the GPU sessions)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_cuda_realistic_sizes(dtype, head_dim):
+    shape = (2, 12, 1000, head_dim, 256, 512)
+    tensors, mask = inputs(shape, dtype, ("c2p", "p2c"), True)
+    tensors = [t.cuda() if t is not None else None for t in tensors]
+    mask = mask.cuda()
+    grad_out = torch.randn(*shape[:3], head_dim, dtype=torch.float64, device="cuda")
+    expected, expected_grads = run(disentangled_attention_reference, tensors, mask, shape, torch.float64, grad_out)
+    actual, actual_grads = run(disentangled_attention_fused, tensors, mask, shape, dtype, grad_out)
+    assert relative_error(actual, expected) <= TOLERANCE[dtype]
+    for got, want in zip(actual_grads, expected_grads):
+        assert relative_error(got, want) <= TOLERANCE[dtype]
