@@ -187,3 +187,23 @@ def test_cli_reports_bad_config_without_traceback(train_shards, tmp_path):
     assert result.returncode == 1
     assert "error: train.global_batch_size: 10 is not divisible" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_stops(train_shards, tmp_path):
+    run = tiny_run(train_shards, tmp_path / "term", train={"steps": 100000, "log_every": 1})
+    process = subprocess.Popen([sys.executable, "-m", "deberta_ds.train", "--config",
+                                str(write_config(tmp_path / "c.json", run))], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    latest = (tmp_path / "term" / "checkpoints" / "latest").read_text()
+    saved_step = int(latest.split("_")[1])
+    assert 2 <= saved_step < 100000
+    assert json.loads((tmp_path / "term" / "checkpoints" / latest / "trainer_state.json").read_text())["step"] == \
+        saved_step
