@@ -19,6 +19,7 @@ SHAPES = [  # (B, h, L, d, buckets, max_relative)
     (1, 2, 7, 32, 4, 8),        # L < block size
     (2, 1, 45, 32, 8, 24),      # L not a block multiple, saturated tiles
     (1, 2, 70, 64, 16, 32),     # several tiles per row, log buckets and saturation
+    (1, 1, 33, 128, 8, 16),     # head dim 128
 ]
 
 

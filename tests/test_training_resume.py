@@ -207,3 +207,11 @@ def test_sigterm_saves_a_checkpoint_and_stops(train_shards, tmp_path):
     assert 2 <= saved_step < 100000
     assert json.loads((tmp_path / "term" / "checkpoints" / latest / "trainer_state.json").read_text())["step"] == \
         saved_step
+
+
+@pytest.mark.slow
+def test_bf16_zero2_trains(train_shards, tmp_path):
+    run = tiny_run(train_shards, tmp_path / "bf16", train={"precision": "bf16", "zero_stage": 2, "steps": 3})
+    run_ok([sys.executable, "-m", "deberta_ds.train", "--config", str(write_config(tmp_path / "c.json", run))])
+    entries = last_entry_per_step(tmp_path / "bf16")
+    assert all(0 < entries[s]["generator/mlm_loss"] < 20 for s in (1, 2, 3))

@@ -1,0 +1,51 @@
+"""Optimiser groups, the learning-rate schedule and checkpoint pruning (single process)."""
+
+import math
+from pathlib import Path
+
+import torch
+
+from deberta_ds.config import RTDConfig, preset
+from deberta_ds.model import ReplacedTokenDetection
+from deberta_ds.training import checkpoint
+from deberta_ds.training.engines import lr_lambda, parameter_groups
+from deberta_ds.training.run_config import run_config_from_dict
+
+
+def test_weight_decay_skips_biases_layer_norms_and_gdes_delta():
+    model = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny"), mask_token_id=5))
+    decay, no_decay = parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert "discriminator.embedding_delta" in no_decay_names
+    assert all(n.endswith("bias") or "norm" in n or n.endswith("rel_embeddings") or "delta" in n
+               for n in no_decay_names)
+    assert "generator.encoder.layers.0.attention.query.weight" in decay_names
+    assert not any("norm" in n for n in decay_names)
+    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
+
+
+def test_warmup_then_linear_or_cosine_decay():
+    config = run_config_from_dict({"optim": {"warmup_steps": 10, "schedule": "linear", "min_lr_ratio": 0.1},
+                                   "train": {"steps": 110}})
+    factor = lr_lambda(config)
+    assert factor(0) == 0.1 and factor(9) == 1.0
+    assert math.isclose(factor(60), 0.1 + 0.9 * 0.5) and math.isclose(factor(110), 0.1)
+    cosine = lr_lambda(run_config_from_dict({"optim": {"warmup_steps": 0, "schedule": "cosine"},
+                                             "train": {"steps": 100}}))
+    assert math.isclose(cosine(50), 0.5) and math.isclose(cosine(100), 0.0, abs_tol=1e-12)
+
+
+class _Engine:
+    def save_checkpoint(self, folder, tag, save_latest):
+        (Path(folder) / tag).mkdir(parents=True, exist_ok=True)
+
+
+def test_keep_last_prunes_older_checkpoints(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, {"joint": _Engine()}, step, {"step": step}, 0, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000005"]
+    assert checkpoint.find_latest(tmp_path).name == "step_00000005"
+    assert torch.load(tmp_path / "step_00000005" / "rng_rank0.pt", weights_only=False)["torch"].dtype == torch.uint8
