@@ -61,14 +61,20 @@ def run_measured(command: list[str]) -> tuple[float, float]:
     return time.perf_counter() - start, peak / 2 ** 20
 
 
-def encode_rate(model: Path, jsonl: Path) -> float:
+def encode_rates(model: Path, jsonl: Path) -> tuple[float, float]:
+    """MB/s of bare SentencePiece in one process: batched (1000 texts a call, one thread) and one
+    text per call (how a plain Python loop, e.g. Megatron's preprocess script, calls it)."""
     processor = spm.SentencePieceProcessor(model_file=str(model))
     texts = [json.loads(line)["text"] for line in open(jsonl, encoding="utf-8")]
-    size = sum(len(t.encode()) for t in texts)
+    size = sum(len(t.encode()) for t in texts) / 2 ** 20
     start = time.perf_counter()
     for i in range(0, len(texts), 1000):
         processor.encode(texts[i:i + 1000], num_threads=1)
-    return size / 2 ** 20 / (time.perf_counter() - start)
+    batched = size / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for text in texts:
+        processor.encode(text)
+    return batched, size / (time.perf_counter() - start)
 
 
 def loader_rate(shards: Path, meta, masking: MaskingConfig, word_start=None, batches: int = 50) -> float:
@@ -92,12 +98,13 @@ def main() -> None:
     size_mb = jsonl.stat().st_size / 2 ** 20
     lines = (json.loads(line)["text"] for line in open(jsonl, encoding="utf-8"))
     train_tokenizer(lines, work / "tok", 8000, sample_sentences=200_000)
-    ceiling = encode_rate(work / "tok" / "spm.model", jsonl)
+    ceiling, per_text = encode_rates(work / "tok" / "spm.model", jsonl)
     print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores; corpus {size_mb:.1f} MB JSONL "
           f"(repeated {args.source.name}); SentencePiece 8k unigram")
     print("| run | seconds | MB/s | peak RSS MB |")
     print("|---|---|---|---|")
-    print(f"| bare spm encode, 1 process (no I/O) | {size_mb / ceiling:.2f} | {ceiling:.1f} | - |")
+    print(f"| bare spm encode, 1 process, batched (no I/O) | {size_mb / ceiling:.2f} | {ceiling:.1f} | - |")
+    print(f"| bare spm encode, 1 process, one text per call | {size_mb / per_text:.2f} | {per_text:.1f} | - |")
     for workers in (1, 2):
         command = [sys.executable, "-m", "data_prep", "tokenize", "--input", str(jsonl), "--format", "jsonl",
                    "--output-prefix", str(work / f"w{workers}" / "s"), "--tokenizer", str(work / "tok"),
@@ -105,7 +112,8 @@ def main() -> None:
         seconds, peak = run_measured(command)
         print(f"| data_prep tokenize, {workers} worker(s), whole command | {seconds:.2f} | {size_mb / seconds:.1f} | "
               f"{peak:.0f} |")
-        print(f"|   ratio to {workers} x bare encode rate | | {size_mb / seconds / (workers * ceiling):.2f} | |")
+        print(f"|   ratio to {workers} x batched / per-text encode | | {size_mb / seconds / (workers * ceiling):.2f} / "
+              f"{size_mb / seconds / (workers * per_text):.2f} | |")
     if args.large_mb:
         large = make_jsonl(args.source, work / "large.jsonl", args.large_mb)
         command = [sys.executable, "-m", "data_prep", "tokenize", "--input", str(large), "--format", "jsonl",

@@ -62,6 +62,27 @@ def _keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p):
 
 
 @triton.jit
+def _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m, offs_d, d_mask, seq_len, stride_l):
+    """q, dO, log-sum-exp and rowsum(dO * O) of one query block."""
+    row_ok = offs_m < seq_len
+    block_mask = row_ok[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], mask=block_mask, other=0.0)
+    do = tl.load(do_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], mask=block_mask, other=0.0)
+    lse = tl.load(lse_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
+    return q, do, lse, delta, row_ok
+
+
+@triton.jit
+def _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l):
+    col_ok = offs_n < seq_len
+    block_mask = col_ok[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=block_mask, other=0.0)
+    v = tl.load(v_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=block_mask, other=0.0)
+    return k, v, col_ok
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, out_ptr, lse_ptr,
                     seq_len, heads, table_rows, head_dim, scale, dropout_p, seed,
                     stride_b, stride_h, stride_l, stride_rh, stride_r,
@@ -83,10 +104,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, out
     acc = tl.zeros([BM, D], tl.float32)
     for start_n in range(0, seq_len, BN):
         offs_n = start_n + tl.arange(0, BN)
-        col_ok = offs_n < seq_len
-        kv_mask = col_ok[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
         s, _, _ = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, table_rows, stride_r,
                                offs_d, d_mask, scale, HAS_C2P, HAS_P2C, W, PRECISION)
         keep = col_ok
@@ -138,40 +156,22 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do
     part = (bh * tl.num_programs(0) + block) * stride_part
     if KEY_SIDE:
         offs_n = block * BN + tl.arange(0, BN)
-        col_ok = offs_n < seq_len
-        kv_mask = col_ok[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
-        outer_end = seq_len
     else:
         offs_m = block * BM + tl.arange(0, BM)
-        row_ok = offs_m < seq_len
-        q = tl.load(q_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :],
-                    mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-        do = tl.load(do_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :],
-                     mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-        lse = tl.load(lse_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
+        q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m, offs_d,
+                                                      d_mask, seq_len, stride_l)
         dq = tl.zeros([BM, D], tl.float32)
-        outer_end = seq_len
-    for start in range(0, outer_end, BM if KEY_SIDE else BN):
+    for start in range(0, seq_len, BM if KEY_SIDE else BN):
         if KEY_SIDE:
             offs_m = start + tl.arange(0, BM)
-            row_ok = offs_m < seq_len
-            q = tl.load(q_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :],
-                        mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-            do = tl.load(do_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :],
-                         mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-            lse = tl.load(lse_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
+            q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m,
+                                                          offs_d, d_mask, seq_len, stride_l)
         else:
             offs_n = start + tl.arange(0, BN)
-            col_ok = offs_n < seq_len
-            kv_mask = col_ok[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
         s, window_start, local = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, table_rows,
                                               stride_r, offs_d, d_mask, scale, HAS_C2P, HAS_P2C, W, PRECISION)
         keep = col_ok[None, :] & row_ok[:, None]
