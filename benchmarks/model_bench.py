@@ -1,7 +1,7 @@
 """Encoder forward+backward: deberta_ds vs transformers.DebertaV2Model on the same weights.
 
 Timed alternately in one process (median of N rounds); peak memory is the growth of the
-process's peak resident set over one step of each model (median of 3, Linux only).
+peak resident set over one step of each model in a fresh process (median of 3, Linux only).
 
     python benchmarks/model_bench.py [--rounds 10] [--batch 8 --length 256]
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import shutil
+import subprocess
 import platform
 import statistics
 import sys
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.hf_helpers builds the HF oracle
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.hf_helpers builds the HF oracle
 
 from deberta_ds.config import preset
 from deberta_ds.convert import encoder_from_hf
@@ -58,6 +61,26 @@ def peak_memory_mb(model, ids, mask, is_hf: bool) -> float:
     return _proc_status_mb("VmHWM") - before
 
 
+def fresh_process_peak_mb(which: str, hf_dir: str, args) -> float:
+    """One step of one model in a new process, so no allocator cache from earlier steps hides memory."""
+    code = (f"import sys; sys.argv = ['x'] + {sys.argv[1:]!r}; sys.path.insert(0, {str(REPO)!r}); "
+            f"import benchmarks.model_bench as b; b.memory_child({which!r}, {hf_dir!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(which: str, hf_dir: str) -> None:
+    args = parse_args()
+    if which == "hf":
+        from transformers import DebertaV2Model
+        model = DebertaV2Model.from_pretrained(hf_dir).train()
+    else:
+        model = encoder_from_hf(hf_dir).train()
+    torch.manual_seed(0)
+    ids = torch.randint(4, model.config.vocab_size, (args.batch, args.length))
+    print(peak_memory_mb(model, ids, torch.ones_like(ids), which == "hf"))
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
@@ -71,8 +94,8 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as hf_dir:
-        hf, ours, config = build(args, hf_dir)
+    hf_dir = tempfile.mkdtemp(prefix="model_bench_")
+    hf, ours, config = build(args, hf_dir)
     ids = torch.randint(4, config.vocab_size, (args.batch, args.length))
     mask = torch.ones_like(ids)
     mask[0, args.length // 2:] = 0
@@ -85,8 +108,9 @@ def main() -> None:
             step(model, ids, mask, is_hf)
             times[name].append(time.perf_counter() - start)
     hf_ms, ours_ms = (statistics.median(times[n]) * 1e3 for n in ("hf", "ours"))
-    hf_mb = statistics.median(peak_memory_mb(hf, ids, mask, True) for _ in range(3))
-    ours_mb = statistics.median(peak_memory_mb(ours, ids, mask, False) for _ in range(3))
+    hf_mb = statistics.median(fresh_process_peak_mb("hf", hf_dir, args) for _ in range(3))
+    ours_mb = statistics.median(fresh_process_peak_mb("ours", hf_dir, args) for _ in range(3))
+    shutil.rmtree(hf_dir)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"shape: B={args.batch} L={args.length} H={args.hidden} layers={args.layers} buckets=256")

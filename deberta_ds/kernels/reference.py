@@ -34,13 +34,15 @@ def attention_scores(q, k, pos_key, pos_query, *, position_buckets, max_relative
     # Only slots [first, last] are reachable at this length: project against those rows only.
     first, last = int(slots[0, -1]), int(slots[-1, 0])
     slots = (slots - first).expand(*scores.shape)                   # [B, h, L, L]
+    # In-place adds: the matmul's backward needs its inputs, not `scores`, so no [B, h, L, L]
+    # temporary survives per term.
     if pos_key is not None:
         c2p = q_scaled @ pos_key[:, first:last + 1].to(dtype).transpose(-1, -2)   # [B, h, L, R]
-        scores = scores + c2p.gather(-1, slots)
+        scores.add_(c2p.gather(-1, slots))
     if pos_query is not None:
         p2c = k_scaled @ pos_query[:, first:last + 1].to(dtype).transpose(-1, -2)  # [B, h, L(key), R]
         # p2c[i, j] = K_j . Qr[s(i, j)]: gather along slots for key row j, then transpose.
-        scores = scores + p2c.gather(-1, slots.transpose(-1, -2)).transpose(-1, -2)
+        scores.add_(p2c.gather(-1, slots.transpose(-1, -2)).transpose(-1, -2))
     return scores
 
 
@@ -56,15 +58,16 @@ def disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask
                               max_relative_positions=max_relative_positions, scale=scale)
     if attention_mask is not None:
         keep = attention_mask.bool()                                  # [B, L]
-        scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    if attention_mask is not None:
-        probs = probs * keep[:, None, :, None]                        # padded query rows -> 0
     if dropout_p > 0.0 and seed is None:
         probs = torch.nn.functional.dropout(probs, dropout_p)
     elif dropout_p > 0.0:
         probs = probs * dropout_mask(probs.shape, dropout_p, seed, probs.device, probs.dtype)
-    return probs.to(v.dtype) @ v
+    out = probs.to(v.dtype) @ v
+    if attention_mask is not None:
+        out = out * keep[:, None, :, None].to(out.dtype)              # padded query rows -> 0
+    return out
 
 
 def dropout_mask(shape, dropout_p: float, seed: int, device, dtype) -> torch.Tensor:
