@@ -55,5 +55,9 @@ print(f"transformers loaded {out / 'hf_discriminator'}: last hidden state {tuple
 history = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
 first, last = history[0], history[-1]
 print(f"generator MLM loss: first step {first['generator/mlm_loss']:.3f} -> last step {last['generator/mlm_loss']:.3f}")
+evaluation = json.loads((out / "run" / "eval.jsonl").read_text().splitlines()[-1])
+print(f"held-out evaluation at step {evaluation['step']}: MLM loss {evaluation['eval/mlm_loss']:.3f}, "
+      f"RTD accuracy {evaluation['eval/rtd_accuracy']:.4f} (all-'original' baseline "
+      f"{evaluation['eval/all_original_baseline']:.4f}), RTD AUC {evaluation['eval/rtd_auc']:.3f}")
 PY
 echo "TensorBoard logs: $out/run/tensorboard   (tensorboard --logdir $out/run/tensorboard)"

@@ -16,5 +16,6 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "eval at step 4" in result.stdout + result.stderr
     assert "transformers loaded" in result.stdout and "TensorBoard logs" in result.stdout
+    assert "held-out evaluation at step 4" in result.stdout
     assert (tmp_path / "qs" / "hf_discriminator" / "model.safetensors").is_file()
     assert list((tmp_path / "qs" / "run" / "tensorboard").glob("events.out.tfevents.*"))

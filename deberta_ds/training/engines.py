@@ -128,14 +128,16 @@ class RTDEngines:
         self.zero3 = config.train.zero_stage == 3
         if self.zero3:
             register_external_parameters(model, self.joint)
-        args = (config, config.optim.lr, dp_size, on_cpu, mpu, load_universal)
         self._norms: dict[str, float] = {}
+
+        def build(module, lr):
+            return _initialize(module, config, lr, dp_size, on_cpu, mpu, load_universal)
+
         if self.joint:
-            self.engines = {"joint": _initialize(model, *args)}
+            self.engines = {"joint": build(model, config.optim.lr)}
         else:
-            generator_lr = config.optim.generator_lr or config.optim.lr
-            self.engines = {"generator": _initialize(model.generator, config, generator_lr, *args[2:]),
-                            "discriminator": _initialize(model.discriminator, *args)}
+            self.engines = {"generator": build(model.generator, config.optim.generator_lr or config.optim.lr),
+                            "discriminator": build(model.discriminator, config.optim.lr)}
 
     def grad_norm(self, name: str) -> float | None:
         """The global gradient norm of the engine's last step (DeepSpeed's, else our own)."""

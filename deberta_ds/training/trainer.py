@@ -310,7 +310,8 @@ class Trainer:
         self.scalars.close()
 
     def record(self, metrics: dict) -> None:
-        """Every step's metrics, in memory and appended to OUTPUT/metrics.jsonl (rank 0)."""
+        """Every step's metrics, in memory and appended to OUTPUT/metrics.jsonl (rank 0); evaluations
+        go to OUTPUT/eval.jsonl."""
         entry = {"step": self.step, "consumed_samples": self.consumed} | metrics
         self.history.append(entry)
         if self.rank == 0:
@@ -321,6 +322,9 @@ class Trainer:
         metrics = self.evaluate()
         if metrics:
             self.scalars.write(metrics, self.step)
+            if self.rank == 0:
+                with open(self.output / "eval.jsonl", "a") as handle:
+                    handle.write(json.dumps({"step": self.step} | metrics) + "\n")
             self.log(f"eval at step {self.step}: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
 
 
