@@ -11,6 +11,8 @@ produces byte-identical output.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -77,9 +79,23 @@ def _segments(block: Block):
     return segments
 
 
-def encode_block(block: Block):
-    """A block -> [(ids | None, ends_document, file_index, end_offset, malformed, input_bytes, unknowns)],
-    ids already in the shard dtype (SentencePiece ids are below the vocabulary the dtype was chosen for)."""
+@dataclass
+class EncodedBlock:
+    """One block's documents (and pieces of long ones), as a few arrays: cheap to send back."""
+    tokens: np.ndarray       # all ids, concatenated, in the shard dtype
+    lengths: np.ndarray      # int64 [n] ids per segment
+    ends: np.ndarray         # bool [n] the segment ends its document
+    skipped: np.ndarray      # bool [n] an unusable record (no ids)
+    malformed: np.ndarray    # bool [n] invalid UTF-8, decoded with U+FFFD
+    offsets: np.ndarray      # int64 [n] input offset after the segment's document
+    sizes: np.ndarray        # int64 [n] raw input bytes the segment spans
+    unknowns: np.ndarray     # int64 [n] [UNK] ids
+    file_index: int
+
+
+def encode_block(block: Block) -> EncodedBlock:
+    """Split, decode and encode one block (ids in the shard dtype: SentencePiece ids are below the
+    vocabulary that chose it)."""
     segments = _segments(block)
     texts, malformed = [], []
     for data, *_ in segments:
@@ -91,9 +107,15 @@ def encode_block(block: Block):
             malformed.append(True)
     # One thread per worker: parallelism comes from the worker processes.
     encoded = _WORKER["processor"].encode(texts, num_threads=1)
-    dtype = _WORKER["dtype"]
-    return [(None if data is None else np.array(ids, dtype=dtype), ends, block.file_index, end, bad, size,
-             ids.count(UNK_ID)) for (data, ends, end, size), ids, bad in zip(segments, encoded, malformed)]
+    lengths = [len(ids) for ids in encoded]
+    tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=_WORKER["dtype"], count=sum(lengths))
+    return EncodedBlock(
+        tokens=tokens, lengths=np.array(lengths, dtype=np.int64),
+        ends=np.array([seg[1] for seg in segments], dtype=bool),
+        skipped=np.array([seg[0] is None for seg in segments], dtype=bool), malformed=np.array(malformed, dtype=bool),
+        offsets=np.array([seg[2] for seg in segments], dtype=np.int64),
+        sizes=np.array([seg[3] for seg in segments], dtype=np.int64),
+        unknowns=np.array([ids.count(UNK_ID) for ids in encoded], dtype=np.int64), file_index=block.file_index)
 
 
 # ---------------------------------------------------------------- manifest
@@ -135,21 +157,25 @@ def _load_or_start_manifest(prefix, identity: dict) -> dict:
 
 # ---------------------------------------------------------------- main loop
 
-def _encoded_documents(blocks, init_args: tuple, workers: int):
-    """Encoded documents in input order; at most 2 * workers blocks in flight."""
+@contextlib.contextmanager
+def _encoder(init_args: tuple, workers: int):
+    """A function mapping blocks to EncodedBlocks in input order, at most 2 * workers in flight.
+    Workers are forked where the platform allows (no re-import), before any thread starts."""
     if workers <= 1:
         _init_worker(*init_args)
-        for block in blocks:
-            yield from encode_block(block)
+        yield lambda blocks: map(encode_block, blocks)
         return
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        in_flight = deque()
-        for block in blocks:
-            in_flight.append(pool.apply_async(encode_block, (block,)))
-            if len(in_flight) >= 2 * workers:
-                yield from in_flight.popleft().get()
-        while in_flight:
-            yield from in_flight.popleft().get()
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        def encode(blocks):
+            in_flight = deque()
+            for block in blocks:
+                in_flight.append(pool.apply_async(encode_block, (block,)))
+                if len(in_flight) >= 2 * workers:
+                    yield in_flight.popleft().get()
+            while in_flight:
+                yield in_flight.popleft().get()
+        yield encode
 
 
 class _ShardSequence:
@@ -160,6 +186,10 @@ class _ShardSequence:
         self.manifest, self.stats = manifest, stats
         self.writer: ShardWriter | None = None
         self.last_document_end = None  # (file_index, offset) after the last complete document
+
+    def fits(self, tokens: int) -> bool:
+        """Whole documents of `tokens` in all would go to the current (or a new) shard without rollover."""
+        return (self.writer.num_tokens if self.writer is not None else 0) + tokens <= self.shard_tokens
 
     def start_document(self, first_piece_tokens: int) -> None:
         if self.writer is not None and self.writer.num_tokens and \
@@ -175,6 +205,63 @@ class _ShardSequence:
                                         "stats": asdict(self.stats)})
         _write_manifest(manifest_path(self.prefix), self.manifest)
         self.writer = None
+
+
+class _Consumer:
+    """Appends encoded blocks to the shards in input order, counting as it goes."""
+
+    def __init__(self, shards: _ShardSequence, stats: TokenizeStats):
+        self.shards, self.stats = shards, stats
+        self.in_document = False
+
+    def add(self, block: EncodedBlock) -> None:
+        if len(block.lengths) == 0:
+            return
+        if (not self.in_document and block.ends.all() and not block.skipped.any() and block.lengths.all()
+                and self.shards.fits(int(block.lengths.sum()))):
+            self._add_whole_documents(block)
+            return
+        cursor = 0
+        for i, length in enumerate(block.lengths.tolist()):
+            self._add_segment(block, i, block.tokens[cursor:cursor + length])
+            cursor += length
+
+    def _add_whole_documents(self, block: EncodedBlock) -> None:
+        """The common case: complete, non-empty documents that all fit the current shard."""
+        self.shards.start_document(int(block.lengths[0]))
+        self.shards.writer.add_documents(block.tokens, block.lengths)
+        stats = self.stats
+        stats.documents += len(block.lengths)
+        stats.tokens += len(block.tokens)
+        stats.unknown_tokens += int(block.unknowns.sum())
+        stats.malformed_utf8 += int(block.malformed.sum())
+        stats.input_bytes += int(block.sizes.sum())
+        self.shards.last_document_end = (block.file_index, int(block.offsets[-1]))
+
+    def _add_segment(self, block: EncodedBlock, i: int, ids: np.ndarray) -> None:
+        stats, shards, ends = self.stats, self.shards, bool(block.ends[i])
+        skipped = bool(block.skipped[i])
+        starts_document = not self.in_document and not skipped and (ids.size or not ends)
+        if starts_document:  # may publish the previous shard: before this piece is counted
+            shards.start_document(ids.size)
+        stats.input_bytes += int(block.sizes[i])
+        end = (block.file_index, int(block.offsets[i]))
+        if not starts_document and not self.in_document:  # a skipped record or an empty document
+            stats.skipped_records += skipped
+            stats.empty_documents += not skipped
+            shards.last_document_end = end
+            return
+        stats.malformed_utf8 += bool(block.malformed[i])
+        stats.split_documents += starts_document and not ends
+        shards.writer.add_tokens(ids)
+        stats.tokens += ids.size
+        stats.unknown_tokens += int(block.unknowns[i])
+        self.in_document = not ends
+        if ends:
+            shards.writer.end_sequence()
+            shards.writer.end_document()
+            stats.documents += 1
+            shards.last_document_end = end
 
 
 def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str | Path, *, fmt: str = "text",
@@ -194,47 +281,28 @@ def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str
     shards = _ShardSequence(output_prefix, dtype, shard_tokens, manifest, stats)
     blocks = iterate_blocks(files, fmt, doc_boundary, max_piece_bytes, start_file, start_offset)
     total_bytes = sum(f.stat().st_size for f in files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
-               desc="tokenize", initial=stats.input_bytes)
-    started, in_document = time.monotonic(), False
-    try:
-        init_args = (str(model_path), fmt, doc_boundary, json_key, max_piece_bytes, np.dtype(dtype).name)
-        for ids, ends, file_index, offset, malformed, nbytes, unknowns in _encoded_documents(blocks, init_args,
-                                                                                           workers):
-            starts_document = not in_document and ids is not None and (ids.size or not ends)
-            if starts_document:  # may publish the previous shard: before this piece is counted
-                shards.start_document(ids.size)
-            stats.input_bytes += nbytes
-            bar.update(nbytes)
-            if not starts_document and not in_document:  # a skipped record or an empty document
-                stats.skipped_records += ids is None
-                stats.empty_documents += ids is not None
-                shards.last_document_end = (file_index, offset)
-                continue
-            stats.malformed_utf8 += malformed
-            stats.split_documents += starts_document and not ends
-            shards.writer.add_tokens(ids)
-            stats.tokens += ids.size
-            stats.unknown_tokens += unknowns
-            in_document = not ends
-            if ends:
-                shards.writer.end_sequence()
-                shards.writer.end_document()
-                stats.documents += 1
-                shards.last_document_end = (file_index, offset)
-                if progress and stats.documents % 1000 == 0:
-                    rate = stats.tokens / max(time.monotonic() - started, 1e-9)
-                    bar.set_postfix(tokens_per_s=f"{rate:,.0f}")
-        if shards.writer is not None:
-            shards.publish()
-        manifest["complete"] = True
-        manifest["final_stats"] = asdict(stats)
-        _write_manifest(manifest_path(output_prefix), manifest)
-    except BaseException:
-        if shards.writer is not None:
-            shards.writer.abort()
-        raise
-    finally:
-        bar.close()
+    init_args = (str(model_path), fmt, doc_boundary, json_key, max_piece_bytes, np.dtype(dtype).name)
+    with _encoder(init_args, workers) as encode:
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress, desc="tokenize",
+                   initial=stats.input_bytes)
+        consumer = _Consumer(shards, stats)
+        started = time.monotonic()
+        try:
+            for result in encode(blocks):
+                consumer.add(result)
+                bar.update(int(result.sizes.sum()))
+                bar.set_postfix(tokens_per_s=f"{stats.tokens / max(time.monotonic() - started, 1e-9):,.0f}",
+                                refresh=False)
+            if shards.writer is not None:
+                shards.publish()
+            manifest["complete"] = True
+            manifest["final_stats"] = asdict(stats)
+            _write_manifest(manifest_path(output_prefix), manifest)
+        except BaseException:
+            if shards.writer is not None:
+                shards.writer.abort()
+            raise
+        finally:
+            bar.close()
     return stats
 

@@ -83,6 +83,18 @@ class ShardWriter:
         self._docs.write(struct.pack("<q", self.num_sequences))
         self.num_documents += 1
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Many whole documents at once (one sequence each): `tokens` concatenated, `lengths` [n]."""
+        if self._open_sequence_tokens:
+            raise ValueError(f"{self.prefix}: add_documents while a sequence is open")
+        self.add_tokens(tokens)
+        self._open_sequence_tokens = 0
+        self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
+        ends = self.num_sequences + np.arange(1, len(lengths) + 1, dtype=np.int64)
+        self._docs.write(ends.tobytes())
+        self.num_sequences += len(lengths)
+        self.num_documents += len(lengths)
+
     def add_document(self, ids: np.ndarray) -> None:
         self.add_tokens(ids)
         self.end_sequence()
