@@ -20,7 +20,28 @@ SHAPES = [  # (B, h, L, d, buckets, max_relative)
     (2, 1, 45, 32, 8, 24),      # L not a block multiple, saturated tiles
     (1, 2, 70, 64, 16, 32),     # several tiles per row, log buckets and saturation
     (1, 1, 33, 128, 8, 16),     # head dim 128
+    (1, 1, 70, 32, 64, 128),    # diagonal tiles inside the linear band (slot = i - j + k)
 ]
+
+
+def test_shapes_cover_every_tile_kind():
+    """Linear-band, saturated and mixed 32 x 32 tiles all occur in SHAPES (the kernel branches on them)."""
+    from deberta_ds.kernels.triton_attention import BLOCK_M, BLOCK_N, slot_table
+
+    kinds = set()
+    for _, _, L, _, k, max_rel in SHAPES:
+        slots = slot_table(L, k, max_rel, "cpu")
+        for m0 in range(0, L, BLOCK_M):
+            for n0 in range(0, L, BLOCK_N):
+                rel = torch.arange(m0, m0 + BLOCK_M)[:, None] - torch.arange(n0, n0 + BLOCK_N)[None, :]
+                tile = slots[(rel + L - 1).clamp(0, 2 * L - 2)]
+                if rel.abs().max() <= k // 2:
+                    kinds.add("linear")
+                elif tile.min() == tile.max():
+                    kinds.add("saturated")
+                else:
+                    kinds.add("mixed")
+    assert kinds == {"linear", "saturated", "mixed"}
 
 
 def inputs(shape, dtype, terms, padding, seed=0):

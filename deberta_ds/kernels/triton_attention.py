@@ -4,9 +4,11 @@ Per (query block, key block) tile, on chip and never in HBM:
   c2c = q k^T; c2p[i, j] = q_i . Kr[s(i, j)]; p2c[i, j] = k_j . Qr[s(i, j)].
 The slots s(i, j) of one tile are a contiguous window of at most BM + BN - 1 rows of the
 relative table (s grows with i - j), so each tile multiplies q (and k) with just that window
-(a [BM, W] and a [BN, W] matmul) and gathers its [BM, BN] values from it; a tile beyond the
-saturation distance has a one-row window. The softmax is online in fp32; the output is
-O(L) memory: O plus a log-sum-exp per row.
+(a [BM, W] and a [BN, W] matmul) and gathers its [BM, BN] values from it. Two tile kinds skip
+work: near the diagonal the slot is i - j + k (no table read), and beyond the saturation
+distance every pair shares one slot, so c2p + p2c is a per-row plus a per-column vector (and
+in the backward, row and column sums). The softmax is online in fp32; the output is O(L)
+memory: O plus a log-sum-exp per row.
 
 Dropout of the probabilities uses counter-based random numbers (tl.rand) keyed by
 (seed, batch*head, i, j); the backward regenerates the same mask. Gradients are
@@ -30,29 +32,51 @@ _NEG = -1.0e30  # masked score (finite, so a fully masked row gives no NaN befor
 
 
 @triton.jit
-def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, offs_m, offs_n, seq_len, table_rows, stride_r, offs_d, d_mask,
-                 scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, W: tl.constexpr,
+def _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets):
+    """Relative-table slots of a tile [BM, BN]. Near the diagonal (every |i - j| <= buckets / 2)
+    the slot is i - j + buckets exactly and no table is read."""
+    rel = offs_m[:, None] - offs_n[None, :]
+    m0, n0 = tl.min(offs_m, axis=0), tl.min(offs_n, axis=0)
+    farthest = tl.maximum(tl.max(offs_m, axis=0) - n0, tl.max(offs_n, axis=0) - m0)
+    if farthest <= buckets // 2:
+        slot = rel + buckets
+    else:
+        slot = tl.load(slot_ptr + tl.minimum(tl.maximum(rel + seq_len - 1, 0), 2 * seq_len - 2))
+    return slot
+
+
+@triton.jit
+def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, offs_m, offs_n, seq_len, buckets, table_rows, stride_r, offs_d,
+                 d_mask, scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, W: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """Scaled scores of one tile [BM, BN] plus the tile's slot window (start, local index)."""
+    """Scaled scores of one tile [BM, BN], the tile's slot window (start, local index) and whether
+    the tile is saturated (one slot for every pair: the terms are a row plus a column vector)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    rel = offs_m[:, None] - offs_n[None, :] + seq_len - 1
-    rel = tl.minimum(tl.maximum(rel, 0), 2 * seq_len - 2)
-    slot = tl.load(slot_ptr + rel)                                        # [BM, BN] int32
+    slot = _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets)       # [BM, BN] int32
     window_start = tl.min(tl.min(slot, axis=1), axis=0)
+    saturated = tl.max(tl.max(slot, axis=1), axis=0) == window_start
     local = slot - window_start
     rows = window_start + tl.arange(0, W)
     row_ok = rows < table_rows
-    if HAS_C2P:
-        kr = tl.load(kr_ptr + rows[:, None] * stride_r + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
-                     other=0.0)
-        c2p_window = tl.dot(q, tl.trans(kr), input_precision=PRECISION)                              # [BM, W]
-        s += tl.gather(c2p_window, local, axis=1)
-    if HAS_P2C:
-        qr = tl.load(qr_ptr + rows[:, None] * stride_r + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
-                     other=0.0)
-        p2c_window = tl.dot(k, tl.trans(qr), input_precision=PRECISION)                              # [BN, W]
-        s += tl.trans(tl.gather(p2c_window, tl.trans(local), axis=1))
-    return s * scale, window_start, local
+    if saturated:
+        if HAS_C2P:
+            kr_row = tl.load(kr_ptr + window_start * stride_r + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            s += tl.sum(q.to(tl.float32) * kr_row[None, :], axis=1)[:, None]
+        if HAS_P2C:
+            qr_row = tl.load(qr_ptr + window_start * stride_r + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            s += tl.sum(k.to(tl.float32) * qr_row[None, :], axis=1)[None, :]
+    else:
+        if HAS_C2P:
+            kr = tl.load(kr_ptr + rows[:, None] * stride_r + offs_d[None, :],
+                         mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+            c2p_window = tl.dot(q, tl.trans(kr), input_precision=PRECISION)               # [BM, W]
+            s += tl.gather(c2p_window, local, axis=1)
+        if HAS_P2C:
+            qr = tl.load(qr_ptr + rows[:, None] * stride_r + offs_d[None, :],
+                         mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+            p2c_window = tl.dot(k, tl.trans(qr), input_precision=PRECISION)               # [BN, W]
+            s += tl.trans(tl.gather(p2c_window, tl.trans(local), axis=1))
+    return s * scale, window_start, local, saturated
 
 
 @triton.jit
@@ -84,7 +108,7 @@ def _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, out_ptr, lse_ptr,
-                    seq_len, heads, table_rows, head_dim, scale, dropout_p, seed,
+                    seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed,
                     stride_b, stride_h, stride_l, stride_rh, stride_r,
                     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
@@ -105,8 +129,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, out
     for start_n in range(0, seq_len, BN):
         offs_n = start_n + tl.arange(0, BN)
         k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-        s, _, _ = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, table_rows, stride_r,
-                               offs_d, d_mask, scale, HAS_C2P, HAS_P2C, W, PRECISION)
+        s, _, _, _ = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, buckets, table_rows,
+                                  stride_r, offs_d, d_mask, scale, HAS_C2P, HAS_P2C, W, PRECISION)
         keep = col_ok
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0)
@@ -130,17 +154,22 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, out
 
 
 @triton.jit
-def _window_sum(ds, local, W: tl.constexpr, AXIS: tl.constexpr):
-    """Scatter-add of a tile's score gradients into its slot window: [BM, W] (AXIS=1) or [BN, W]."""
+def _window_sum(ds, local, saturated, W: tl.constexpr):
+    """Scatter-add of a tile's score gradients [R, C] into its slot window [R, W] (sum over C).
+    A saturated tile has one slot: its row sums."""
     windows = tl.arange(0, W)
-    one_hot = (local[:, :, None] == windows[None, None, :]).to(tl.float32)   # [BM, BN, W]
-    return tl.sum(ds[:, :, None] * one_hot, axis=AXIS)
+    if saturated:
+        out = tl.where(windows[None, :] == 0, tl.sum(ds, axis=1)[:, None], 0.0)
+    else:
+        one_hot = (local[:, :, None] == windows[None, None, :]).to(tl.float32)   # [R, C, W]
+        out = tl.sum(ds[:, :, None] * one_hot, axis=1)
+    return out
 
 
 @triton.jit
 def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
                      dq_ptr, dk_ptr, dv_ptr, dkr_part_ptr, dqr_part_ptr,
-                     seq_len, heads, table_rows, head_dim, scale, dropout_p, seed,
+                     seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed,
                      stride_b, stride_h, stride_l, stride_rh, stride_r, stride_part,
                      KEY_SIDE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
                      DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
@@ -172,8 +201,9 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do
         else:
             offs_n = start + tl.arange(0, BN)
             k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-        s, window_start, local = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, table_rows,
-                                              stride_r, offs_d, d_mask, scale, HAS_C2P, HAS_P2C, W, PRECISION)
+        s, window_start, local, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len,
+                                                         buckets, table_rows, stride_r, offs_d, d_mask, scale,
+                                                         HAS_C2P, HAS_P2C, W, PRECISION)
         keep = col_ok[None, :] & row_ok[:, None]
         if HAS_MASK:
             key_keep = tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0
@@ -193,7 +223,7 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do
             dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
             if HAS_P2C:
-                d_window = _window_sum(tl.trans(ds), tl.trans(local), W, 1)  # [BN, W]
+                d_window = _window_sum(tl.trans(ds), tl.trans(local), saturated, W)  # [BN, W]
                 qr = tl.load(qr_base + rows[:, None] * stride_r + offs_d[None, :],
                              mask=row_in[:, None] & d_mask[None, :], other=0.0)
                 dk += tl.dot(d_window.to(qr.dtype), qr, input_precision=PRECISION)
@@ -204,7 +234,7 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do
         else:
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
             if HAS_C2P:
-                d_window = _window_sum(ds, local, W, 1)                     # [BM, W]
+                d_window = _window_sum(ds, local, saturated, W)                     # [BM, W]
                 kr = tl.load(kr_base + rows[:, None] * stride_r + offs_d[None, :],
                              mask=row_in[:, None] & d_mask[None, :], other=0.0)
                 dq += tl.dot(d_window.to(kr.dtype), kr, input_precision=PRECISION)
@@ -262,7 +292,8 @@ def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets,
     lse = torch.empty(batch * heads, seq_len, device=q.device, dtype=torch.float32)
     mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
     grid = (triton.cdiv(seq_len, BLOCK_M), batch * heads)
-    _forward_kernel[grid](q, k, v, kr, qr, slots, mask, out, lse, seq_len, heads, rows, head_dim, scale,
+    _forward_kernel[grid](q, k, v, kr, qr, slots, mask, out, lse, seq_len, heads, position_buckets, rows, head_dim,
+                          scale,
                           dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
                           HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
                           HAS_MASK=attention_mask is not None, DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N,
@@ -287,7 +318,7 @@ def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, l
                   DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N, D=max(16, triton.next_power_of_2(head_dim)), W=width,
                   PRECISION=_precision(q))
     args = (q, k, v, kr, qr, slots, mask, grad_out, lse, delta, dq, dk, dv, dkr_parts, dqr_parts, seq_len, heads,
-            rows, head_dim, scale, dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
+            position_buckets, rows, head_dim, scale, dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
             dkr_parts.stride(1))
     _backward_kernel[(blocks, batch * heads)](*args, KEY_SIDE=True, **common)
     _backward_kernel[(blocks, batch * heads)](*args, KEY_SIDE=False, **common)
