@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-from deberta_ds.parallel_env import free_port
+from deberta_ds.parallel_env import free_port, release_deepspeed_shm
 
 
 def _worker(rank: int, world: int, port: int, fn, args, out: str) -> None:
@@ -24,6 +24,7 @@ def _worker(rank: int, world: int, port: int, fn, args, out: str) -> None:
             Path(out).write_bytes(pickle.dumps(result))
     finally:
         dist.destroy_process_group()
+        release_deepspeed_shm()
 
 
 def run_distributed(fn, world: int, *args, tmp_dir: Path):

@@ -28,6 +28,7 @@ from deberta_ds.data.sampler import GlobalBatchSampler
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.encoder import check_tensor_parallel
 from deberta_ds.parallel import state as parallel_state
+from deberta_ds.parallel_env import release_deepspeed_shm
 from deberta_ds.parallel.random import seed_streams
 from deberta_ds.training import checkpoint
 from deberta_ds.training.metrics import (ScalarLog, model_flops_per_token, peak_memory_bytes,
@@ -354,4 +355,5 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        release_deepspeed_shm()
     return 0
