@@ -66,7 +66,6 @@ def grad_sum(param) -> float:
 
 def _grads_after(model, loss_name):
     ids, mask, labels = masked_batch()
-    model.zero_grad(set_to_none=False)
     out = model(ids, mask, labels, rng=torch.Generator().manual_seed(0))
     loss = out.generator.loss if loss_name == "mlm" else out.discriminator.loss
     loss.backward()

@@ -10,8 +10,6 @@ import torch
 from deberta_ds.kernels.reference import default_scale
 from deberta_ds.kernels.triton_attention import fused_backward, fused_forward
 
-_EMPTY = torch.empty(0)
-
 
 @torch.library.custom_op("deberta_ds::disentangled_attention_fwd", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: torch.Tensor | None,
