@@ -24,12 +24,21 @@ def deepspeed_shm_buffer(rank: int, addr: str, port: str) -> Path:
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
-def release_deepspeed_shm(rank: int | None = None, addr: str | None = None, port: str | None = None) -> None:
-    """Remove a rank's shared-memory all-reduce buffer (about 58 MB), which DeepSpeed never
-    unlinks: without this every CPU run leaves it behind until /dev/shm fills the RAM. Peers that
-    still map it keep their mapping; the defaults are this process's rank and rendezvous."""
-    rank = int(os.environ.get("RANK", -1)) if rank is None else rank
-    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
-    port = os.environ.get("MASTER_PORT", "") if port is None else port
-    if rank >= 0:
+def init_distributed() -> None:
+    """deepspeed.init_distributed (NCCL on GPUs, gloo on CPU), then, on the CPU accelerator, unlink
+    this rank's shared-memory all-reduce buffer (about 58 MB), which DeepSpeed never removes.
+
+    The unlink must wait for a barrier: each rank leaves DeepSpeed's shm set-up once it has mapped
+    its peers' buffers, not once its peers have mapped its own, and a peer whose buffer vanishes
+    first spins forever. After the barrier every mapping exists, survives the unlink, and nothing
+    is left in /dev/shm however the process ends later (even SIGKILL)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if get_accelerator().device_name() == "cpu":
+        dist.barrier()
+        rank, addr, port = dist.get_rank(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
         deepspeed_shm_buffer(rank, addr, port).unlink(missing_ok=True)

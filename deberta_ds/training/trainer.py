@@ -28,7 +28,7 @@ from deberta_ds.data.sampler import GlobalBatchSampler
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.encoder import check_tensor_parallel
 from deberta_ds.parallel import state as parallel_state
-from deberta_ds.parallel_env import release_deepspeed_shm
+from deberta_ds.parallel_env import init_distributed
 from deberta_ds.parallel.random import seed_streams
 from deberta_ds.training import checkpoint
 from deberta_ds.training.metrics import (ScalarLog, model_flops_per_token, peak_memory_bytes,
@@ -337,15 +337,13 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    import deepspeed
-
     if "RANK" not in os.environ:  # started without a launcher: a world of one
         from deberta_ds.parallel_env import single_process_environment
         os.environ.update(single_process_environment())
     if os.environ.get("DEBERTA_DS_CPU_FP16") == "1":  # testing aid: DeepSpeed refuses fp16 without mkldnn fp16
         from deepspeed.accelerator import get_accelerator
         get_accelerator().is_fp16_supported = lambda: True
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
     try:
         trainer = Trainer(config, args.resume)
         trainer.run()
@@ -355,5 +353,4 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        release_deepspeed_shm()
     return 0
