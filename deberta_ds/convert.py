@@ -1,8 +1,7 @@
 """Conversion between deberta_ds checkpoints and Hugging Face ``DebertaV2`` checkpoints.
 
-Native checkpoint directory: ``deberta_ds.json`` ({"kind": "encoder" | "rtd", "config": ...})
-plus ``model.safetensors`` (or, after ``split-tp``, ``weights_tp{r}.safetensors`` and "tp": N).
-Training checkpoints (a run's output_dir or a step folder) load too; TP shards are merged. HF directory: ``config.json`` plus ``model.safetensors`` (or
+deberta_ds checkpoints (native, split-tp, or a training run's) are read and written by
+``deberta_ds.native_checkpoint``. HF directory: ``config.json`` plus ``model.safetensors`` (or
 ``pytorch_model.bin``, loaded with ``weights_only=True``).
 
 Exports: ``--part discriminator`` writes the ``DebertaV2Model`` layout (unprefixed backbone
@@ -20,14 +19,20 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from deberta_ds.config import (ModelConfig, RTDConfig, model_config_from_dict, rtd_config_from_dict, to_dict)
+from deberta_ds.config import ModelConfig, RTDConfig
 from deberta_ds.model import Encoder, ReplacedTokenDetection
-from deberta_ds.parallel.checkpoint import merge_states, partition_plan, split_state
-
-NATIVE_CONFIG = "deberta_ds.json"
-WEIGHTS = "model.safetensors"
+from deberta_ds.native_checkpoint import (
+    WEIGHTS,
+    ConversionError,
+    atomic_save,
+    atomic_write_json,
+    load_native,
+    load_strict,
+    save_native,
+    split_tp,
+)
 
 # (our name inside an Encoder, HF name inside DebertaV2Model); "{i}" is the layer index.
 _ENCODER_KEYS = [
@@ -56,10 +61,6 @@ _LM_HEAD_KEYS_NEW = [("dense.{p}", "lm_predictions.lm_head.dense.{p}"),
 _RTD_HEAD_KEYS = [("norm.{p}", "mask_predictions.LayerNorm.{p}"),
                   ("dense.{p}", "mask_predictions.dense.{p}"),
                   ("classifier.{p}", "mask_predictions.classifier.{p}")]
-
-
-class ConversionError(ValueError):
-    """A checkpoint that is not DeBERTa-v2/v3 shaped, or a bad conversion request."""
 
 
 def _pattern_to_regex(pattern: str) -> re.Pattern:
@@ -171,19 +172,6 @@ def _backbone_prefix(state: dict, source: str) -> str:
                           "this is not a DeBERTa-v2/v3 checkpoint")
 
 
-def _load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ConversionError(f"{source}: weights do not match the config: missing {missing[:6]}"
-                              f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(module.state_dict()[name].shape):
-            raise ConversionError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                                  f"{tuple(module.state_dict()[name].shape)}")
-    module.load_state_dict(state)
-
-
 def _encoder_state_from_hf(state: dict, prefix: str, source: str) -> dict:
     ours = _rename(state, _ENCODER_KEYS, 1, 0, src_prefix=prefix)
     backbone = {k for k in state if k.startswith(prefix + "embeddings.") or k.startswith(prefix + "encoder.")}
@@ -198,7 +186,7 @@ def encoder_from_hf(hf_dir: str | Path) -> Encoder:
     config, state = read_hf_checkpoint(hf_dir)
     model_config = hf_to_model_config(config, f"{hf_dir}/config.json")
     encoder = Encoder(model_config)
-    _load_strict(encoder, _encoder_state_from_hf(state, _backbone_prefix(state, str(hf_dir)), str(hf_dir)),
+    load_strict(encoder, _encoder_state_from_hf(state, _backbone_prefix(state, str(hf_dir)), str(hf_dir)),
                  str(hf_dir))
     return encoder
 
@@ -208,7 +196,7 @@ def _load_head(module: torch.nn.Module, state: dict, tables, source: str) -> boo
     for table in tables:
         head = _rename(state, table, 1, 0)
         if head:
-            _load_strict(module, head, source)
+            load_strict(module, head, source)
             return True
     return False
 
@@ -263,108 +251,6 @@ def encoder_state_to_hf(encoder_state: dict, prefix: str = "") -> dict:
     return _rename(encoder_state, _ENCODER_KEYS, 0, 1, dst_prefix=prefix)
 
 
-# ---------------------------------------------------------------- native checkpoints
-
-def save_native(model: Encoder | ReplacedTokenDetection, out_dir: str | Path) -> None:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    kind = "rtd" if isinstance(model, ReplacedTokenDetection) else "encoder"
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_save(state, out_dir / WEIGHTS)
-    _atomic_write_json({"kind": kind, "config": to_dict(model.config)}, out_dir / NATIVE_CONFIG)
-
-
-def _deepspeed_engine_state(folder: Path, engine: str, sharded: bool) -> dict:
-    """Consolidated fp32 weights of one engine folder of a training checkpoint. Sharded
-    (ZeRO 1-3, or bf16/fp16 master weights) checkpoints go through DeepSpeed's zero_to_fp32."""
-    if sharded:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=engine)
-    states = torch.load(folder / engine / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {key: value.float() for key, value in states["module"].items()}
-
-
-def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
-    """The RTD pair of a `deberta_ds.train` checkpoint: a step folder, its checkpoints/ folder or the
-    run's output_dir (the `latest` complete step)."""
-    folder = Path(folder)
-    for pointer in (folder / "latest", folder / "checkpoints" / "latest"):
-        if pointer.is_file():
-            folder = pointer.parent / pointer.read_text().strip()
-    state = json.loads((folder / "trainer_state.json").read_text())
-    model = ReplacedTokenDetection(rtd_config_from_dict(state["rtd_config"]))
-    if state.get("tp", 1) > 1:  # merge the TP shards into TP = 1
-        shards = [load_file(str(folder / f"weights_tp{rank}.safetensors")) for rank in range(state["tp"])]
-        merged = merge_states(shards, partition_plan(model), model.config.discriminator.vocab_size)
-        _load_strict(model, merged, str(folder))
-        return model
-    train = state["run_config"]["train"]
-    sharded = train["zero_stage"] > 0 or train["precision"] != "fp32"
-    weights = {}
-    for engine in state["engines"]:
-        prefix = "" if engine == "joint" else f"{engine}."
-        weights |= {prefix + key: value for key, value in _deepspeed_engine_state(folder, engine, sharded).items()}
-    _load_strict(model, weights, str(folder))
-    return model
-
-
-def split_tp(checkpoint, out_dir, tp_size: int) -> Path:
-    """A TP = 1 checkpoint (native, training or HF) as `tp_size` shard files for continued training."""
-    model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_native(checkpoint)
-    if not isinstance(model, ReplacedTokenDetection):
-        raise ConversionError("split-tp: the checkpoint must hold an RTD pair (use from-hf --rtd first)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan, vocab = partition_plan(model), model.config.discriminator.vocab_size
-    for rank in range(tp_size):
-        shard = split_state(model.state_dict(), plan, vocab, tp_size, rank)
-        _atomic_save({k: v.contiguous() for k, v in shard.items()}, out_dir / f"weights_tp{rank}.safetensors")
-    _atomic_write_json({"kind": "rtd", "config": to_dict(model.config), "tp": tp_size}, out_dir / NATIVE_CONFIG)
-    return out_dir
-
-
-def _is_training_checkpoint(path: Path) -> bool:
-    return any(p.is_file() for p in (path / "trainer_state.json", path / "latest", path / "checkpoints" / "latest"))
-
-
-def load_native(checkpoint_dir: str | Path) -> Encoder | ReplacedTokenDetection:
-    checkpoint_dir = Path(checkpoint_dir)
-    if _is_training_checkpoint(checkpoint_dir):
-        return load_training_checkpoint(checkpoint_dir)
-    meta_path = checkpoint_dir / NATIVE_CONFIG
-    if not meta_path.is_file():
-        raise ConversionError(f"{meta_path}: not found; --checkpoint must name a deberta_ds checkpoint directory "
-                              f"(holding {NATIVE_CONFIG} and {WEIGHTS}) or a training run's output_dir or "
-                              "checkpoint step folder")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("tp", 1) > 1:  # split-tp shards: merge them back
-        model = ReplacedTokenDetection(rtd_config_from_dict(meta["config"]))
-        shards = [load_file(str(checkpoint_dir / f"weights_tp{r}.safetensors")) for r in range(meta["tp"])]
-        _load_strict(model, merge_states(shards, partition_plan(model), model.config.discriminator.vocab_size),
-                     str(checkpoint_dir))
-        return model
-    if meta.get("kind") == "rtd":
-        model = ReplacedTokenDetection(rtd_config_from_dict(meta["config"]))
-    elif meta.get("kind") == "encoder":
-        model = Encoder(model_config_from_dict(meta["config"]))
-    else:
-        raise ConversionError(f"{meta_path}: 'kind' must be 'encoder' or 'rtd', got {meta.get('kind')!r}")
-    _load_strict(model, load_file(str(checkpoint_dir / WEIGHTS)), str(checkpoint_dir / WEIGHTS))
-    return model
-
-
-def _atomic_save(state: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
-
-
-def _atomic_write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------- public API
 
 def from_hf(hf_dir, generator_dir=None, *, as_rtd: bool = False, embedding_sharing: str = "gdes"):
@@ -400,8 +286,8 @@ def to_hf(checkpoint, out_dir, part: str = "discriminator") -> Path:
     hf_config, state = hf_state_from_model(model, part)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_save({k: v.detach().contiguous().clone() for k, v in state.items()}, out_dir / WEIGHTS)
-    _atomic_write_json(hf_config, out_dir / "config.json")
+    atomic_save({k: v.detach().contiguous().clone() for k, v in state.items()}, out_dir / WEIGHTS)
+    atomic_write_json(hf_config, out_dir / "config.json")
     return out_dir
 
 

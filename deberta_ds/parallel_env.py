@@ -42,3 +42,18 @@ def init_distributed() -> None:
         dist.barrier()
         rank, addr, port = dist.get_rank(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
         deepspeed_shm_buffer(rank, addr, port).unlink(missing_ok=True)
+
+
+def free_engines_then_destroy_process_groups() -> None:
+    """End of a distributed process. DeepSpeed engines sit in reference cycles (hooks, optimizer
+    back-references) that hold process groups and in-flight collective handles; left to the
+    interpreter's final teardown, the gloo worker threads behind them can abort the process
+    (SIGABRT, "terminate called without an active exception") after a successful run. Collect
+    them while the groups still exist, then destroy the groups."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()

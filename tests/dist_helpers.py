@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-from deberta_ds.parallel_env import free_port, init_distributed
+from deberta_ds.parallel_env import free_engines_then_destroy_process_groups, free_port, init_distributed
 
 
 def _worker(rank: int, world: int, port: int, fn, args, out: str) -> None:
@@ -22,8 +22,9 @@ def _worker(rank: int, world: int, port: int, fn, args, out: str) -> None:
         result = fn(*args)
         if rank == 0:
             Path(out).write_bytes(pickle.dumps(result))
+        dist.barrier()  # no rank tears its groups down while a peer still communicates
     finally:
-        dist.destroy_process_group()
+        free_engines_then_destroy_process_groups()
 
 
 def run_distributed(fn, world: int, *args, tmp_dir: Path, timeout_s: float = 600):

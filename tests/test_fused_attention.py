@@ -170,6 +170,25 @@ def test_custom_op_traces_under_torch_compile():
     assert torch.allclose(compiled(q, k, v, pos_key, pos_query), attention(q, k, v, pos_key, pos_query))
 
 
+def test_auto_falls_back_to_the_reference_when_the_kernel_does_not_compile(monkeypatch):
+    import deberta_ds.kernels as kernels
+    from triton.runtime.errors import OutOfResources
+
+    def kernel_that_does_not_fit(*args, **kwargs):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(kernels, "_fused", lambda: (kernel_that_does_not_fit, None))
+    monkeypatch.setattr(kernels, "_fused_compile_failure", [])
+    tensors, mask = inputs(SHAPES[0], torch.float32, ("c2p", "p2c"), True)
+    kwargs = dict(position_buckets=4, max_relative_positions=8)
+    with pytest.warns(UserWarning, match="does not compile here"):
+        out = kernels.select_attention("auto", torch.device("cuda"))(*tensors, mask, **kwargs)
+    assert torch.equal(out, disentangled_attention_reference(*tensors, mask, **kwargs))
+    assert kernels.select_attention("auto", torch.device("cuda")) is disentangled_attention_reference
+    with pytest.raises(OutOfResources):  # asking for the kernel explicitly never hides its failure
+        kernels.select_attention("fused", torch.device("cuda"))(*tensors, mask, **kwargs)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run in the GPU sessions)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])

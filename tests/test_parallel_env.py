@@ -12,8 +12,8 @@ from tests.dist_helpers import run_distributed
 
 
 def shm_state_after_init() -> dict:
-    from deepspeed.comm import comm as ds_comm
     import torch.distributed as dist
+    from deepspeed.comm import comm as ds_comm
 
     from deberta_ds.parallel_env import deepspeed_shm_buffer
 

@@ -1,18 +1,19 @@
 """README's main job end to end, shortened to a few steps (the full run is the same script)."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.proc_helpers import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
-    result = subprocess.run(["bash", "launch_scripts/quickstart.sh", str(tmp_path / "qs"), "train.steps=4",
-                             "train.eval_every=2", "train.save_every=2", "train.global_batch_size=8",
-                             "train.micro_batch_size=4"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = run_bounded(["bash", "launch_scripts/quickstart.sh", str(tmp_path / "qs"), "train.steps=4",
+                          "train.eval_every=2", "train.save_every=2", "train.global_batch_size=8",
+                          "train.micro_batch_size=4"], timeout_s=900, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "eval at step 4" in result.stdout + result.stderr
     assert "transformers loaded" in result.stdout and "TensorBoard logs" in result.stdout

@@ -38,7 +38,8 @@ def test_tp2_dp2_zero2_equals_tp1_dp2_and_merges_to_hf(train_shards, tmp_path):
     # The TP = 2 checkpoint merges to TP = 1 and transformers reproduces the TP = 2 model.
     from transformers import DebertaV2Model
 
-    from deberta_ds.convert import load_training_checkpoint, to_hf
+    from deberta_ds.convert import to_hf
+    from deberta_ds.native_checkpoint import load_training_checkpoint
     from tests.hf_helpers import padded_batch
 
     merged = load_training_checkpoint(tmp_path / "tp2").eval()
@@ -147,7 +148,7 @@ def test_world_size_not_divisible_by_tp(tmp_path):
 
 def test_split_tp_round_trip(tmp_path):
     from deberta_ds.config import RTDConfig, preset
-    from deberta_ds.convert import load_native, split_tp
+    from deberta_ds.native_checkpoint import load_native, split_tp
     from deberta_ds.model import ReplacedTokenDetection
 
     torch.manual_seed(0)

@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from deberta_ds.parallel_env import free_port
+from tests.proc_helpers import run_bounded
 from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ def launcher(config: Path, gpus: int = 2, *extra: str) -> list[str]:
 
 
 def run_ok(command, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, **kwargs)
+    result = run_bounded(command, cwd=REPO, **kwargs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -101,12 +103,13 @@ def test_simulated_two_node_launch_trains_and_checkpoints(train_shards, tmp_path
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = str(free_port())
-    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
-                               "--master_addr", "127.0.0.1", "--master_port", port, "--module", "deberta_ds.train",
-                               "--config", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
+    with ThreadPoolExecutor(2) as pool:  # both "nodes" at once, each bounded in time
+        nodes = list(pool.map(lambda rank: run_bounded(
+            ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr",
+             "127.0.0.1", "--master_port", port, "--module", "deberta_ds.train", "--config", str(config)],
+            timeout_s=300, cwd=REPO), (0, 1)))
+    assert all(node.returncode == 0 for node in nodes), "".join(node.stdout[-2000:] + node.stderr[-2000:]
+                                                                 for node in nodes)
     state = json.loads((tmp_path / "out" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 2
 
@@ -156,8 +159,8 @@ def test_fp16_overflow_is_skipped_and_loss_scale_halves(train_shards, tmp_path):
 def test_nan_losses_abort_after_the_configured_count(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "nan", train={"steps": 10, "inject_nan_from_step": 2,
                                                           "max_nonfinite_steps": 3})
-    result = subprocess.run([sys.executable, "-m", "deberta_ds.train", "--config",
-                             str(write_config(tmp_path / "c.json", run))], capture_output=True, text=True, cwd=REPO)
+    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config",
+                          str(write_config(tmp_path / "c.json", run))], cwd=REPO)
     assert result.returncode == 1
     assert "aborting at step 5: 3 non-finite losses in a row" in result.stderr
     entries = last_entry_per_step(tmp_path / "nan")
@@ -183,8 +186,8 @@ def test_bad_input_is_reported_before_training(train_shards, tmp_path, small_cor
 
 def test_cli_reports_bad_config_without_traceback(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "o", train={"global_batch_size": 10, "micro_batch_size": 4})
-    result = subprocess.run([sys.executable, "-m", "deberta_ds.train", "--config",
-                             str(write_config(tmp_path / "c.json", run))], capture_output=True, text=True, cwd=REPO)
+    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config",
+                          str(write_config(tmp_path / "c.json", run))], cwd=REPO)
     assert result.returncode == 1
     assert "error: train.global_batch_size: 10 is not divisible" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o" / "metrics.jsonl").exists()

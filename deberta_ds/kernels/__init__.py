@@ -3,14 +3,20 @@
 ``disentangled_attention`` has one signature for every implementation; the pure-PyTorch
 reference defines the semantics. ``attention_impl``: ``reference`` always uses it,
 ``fused`` requires the fused Triton kernel, ``auto`` uses the fused kernel on CUDA when it
-is available and the reference elsewhere.
+is available and the reference elsewhere; if the kernel fails to compile for this GPU and Triton,
+``auto`` warns once and uses the reference from then on (``fused`` raises instead).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from deberta_ds.kernels.reference import disentangled_attention_reference
+
+_fused_compile_failure: list[str] = []  # set once the auto path gave up on the kernel in this process
+
 
 def _fused():
     """The Triton kernel, imported on first use (Triton is optional on CPU machines)."""
@@ -19,6 +25,20 @@ def _fused():
     except ImportError as error:
         return None, error
     return disentangled_attention_fused, None
+
+
+def _falling_back_to_reference(fused):
+    def attention(*args, **kwargs):
+        from triton import TritonError  # compilation, PTX assembly and shared-memory/register limits
+
+        try:
+            return fused(*args, **kwargs)
+        except TritonError as error:
+            _fused_compile_failure.append(str(error))
+            warnings.warn(f"attention_impl='auto': the fused attention kernel does not compile here ({error}); "
+                          "using the reference attention from now on", stacklevel=2)
+            return disentangled_attention_reference(*args, **kwargs)
+    return attention
 
 
 def select_attention(impl: str, device: torch.device):
@@ -31,8 +51,8 @@ def select_attention(impl: str, device: torch.device):
                              "triton or use attention_impl='reference'")
         return fused
     if impl == "auto":
-        fused = _fused()[0] if device.type == "cuda" else None
-        return fused or disentangled_attention_reference
+        fused = _fused()[0] if device.type == "cuda" and not _fused_compile_failure else None
+        return _falling_back_to_reference(fused) if fused else disentangled_attention_reference
     raise ValueError(f"attention_impl: {impl!r} is not one of reference, fused, auto")
 
 

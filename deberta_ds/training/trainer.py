@@ -28,7 +28,7 @@ from deberta_ds.data.sampler import GlobalBatchSampler
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.encoder import check_tensor_parallel
 from deberta_ds.parallel import state as parallel_state
-from deberta_ds.parallel_env import init_distributed
+from deberta_ds.parallel_env import free_engines_then_destroy_process_groups, init_distributed
 from deberta_ds.parallel.random import seed_streams
 from deberta_ds.training import checkpoint
 from deberta_ds.training.metrics import (ScalarLog, model_flops_per_token, peak_memory_bytes,
@@ -145,7 +145,8 @@ class Trainer:
 
     def _load_initial_weights(self) -> None:
         """Full weights from init_from, split to this rank's TP shard (any TP size)."""
-        from deberta_ds.convert import from_hf, load_native
+        from deberta_ds.convert import from_hf
+        from deberta_ds.native_checkpoint import load_native
         from deberta_ds.parallel.checkpoint import partition_plan, split_state
 
         source = Path(self.config.init_from)
@@ -345,12 +346,10 @@ def main(argv=None) -> int:
         get_accelerator().is_fp16_supported = lambda: True
     init_distributed()
     try:
-        trainer = Trainer(config, args.resume)
-        trainer.run()
+        Trainer(config, args.resume).run()  # no name keeps the engines alive past the run
     except (ValueError, FileNotFoundError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        free_engines_then_destroy_process_groups()
     return 0

@@ -1,0 +1,147 @@
+"""deberta_ds's own checkpoints: save and load them, read a training run's checkpoint, split for TP.
+
+Native checkpoint directory: ``deberta_ds.json`` ({"kind": "encoder" | "rtd", "config": ...})
+plus ``model.safetensors`` (or, after ``split_tp``, ``weights_tp{r}.safetensors`` and "tp": N).
+Training checkpoints (a run's output_dir, its checkpoints/ folder or a step folder) load too, with
+ZeRO shards consolidated by DeepSpeed's zero_to_fp32 and TP shards merged into TP = 1. Every file
+is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from deberta_ds.config import model_config_from_dict, rtd_config_from_dict, to_dict
+from deberta_ds.model import Encoder, ReplacedTokenDetection
+from deberta_ds.parallel.checkpoint import merge_states, partition_plan, split_state
+
+NATIVE_CONFIG = "deberta_ds.json"
+WEIGHTS = "model.safetensors"
+
+
+class ConversionError(ValueError):
+    """A checkpoint that is not DeBERTa-v2/v3 shaped, or a bad conversion request."""
+
+
+def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """load_state_dict with an error naming `source` and the missing, unexpected or misshapen keys."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"{source}: weights do not match the config: missing {missing[:6]}"
+                              f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ConversionError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                                  f"{tuple(expected[name].shape)}")
+    module.load_state_dict(state)
+
+
+def atomic_save(state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+
+
+def atomic_write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def save_native(model: Encoder | ReplacedTokenDetection, out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kind = "rtd" if isinstance(model, ReplacedTokenDetection) else "encoder"
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_save(state, out_dir / WEIGHTS)
+    atomic_write_json({"kind": kind, "config": to_dict(model.config)}, out_dir / NATIVE_CONFIG)
+
+
+def _merged_tp_pair(rtd_config: dict, folder: Path, tp_size: int) -> ReplacedTokenDetection:
+    """The TP = 1 pair from `weights_tp{r}.safetensors`, r < tp_size (training or split-tp shards)."""
+    model = ReplacedTokenDetection(rtd_config_from_dict(rtd_config))
+    shards = [load_file(str(folder / f"weights_tp{rank}.safetensors")) for rank in range(tp_size)]
+    load_strict(model, merge_states(shards, partition_plan(model), model.config.discriminator.vocab_size),
+                str(folder))
+    return model
+
+
+def _deepspeed_engine_state(folder: Path, engine: str, sharded: bool) -> dict:
+    """Consolidated fp32 weights of one engine folder of a training checkpoint. Sharded
+    (ZeRO 1-3, or bf16/fp16 master weights) checkpoints go through DeepSpeed's zero_to_fp32."""
+    if sharded:
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=engine)
+    states = torch.load(folder / engine / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {key: value.float() for key, value in states["module"].items()}
+
+
+def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
+    """The RTD pair of a `deberta_ds.train` checkpoint: a step folder, its checkpoints/ folder or the
+    run's output_dir (the `latest` complete step)."""
+    folder = Path(folder)
+    for pointer in (folder / "latest", folder / "checkpoints" / "latest"):
+        if pointer.is_file():
+            folder = pointer.parent / pointer.read_text().strip()
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if state.get("tp", 1) > 1:
+        return _merged_tp_pair(state["rtd_config"], folder, state["tp"])
+    model = ReplacedTokenDetection(rtd_config_from_dict(state["rtd_config"]))
+    train = state["run_config"]["train"]
+    sharded = train["zero_stage"] > 0 or train["precision"] != "fp32"
+    weights = {}
+    for engine in state["engines"]:
+        prefix = "" if engine == "joint" else f"{engine}."
+        weights |= {prefix + key: value for key, value in _deepspeed_engine_state(folder, engine, sharded).items()}
+    load_strict(model, weights, str(folder))
+    return model
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    return any(p.is_file() for p in (path / "trainer_state.json", path / "latest", path / "checkpoints" / "latest"))
+
+
+def load_native(checkpoint_dir: str | Path) -> Encoder | ReplacedTokenDetection:
+    """A native checkpoint directory (whole or split-tp) or a training checkpoint, at TP = 1."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if _is_training_checkpoint(checkpoint_dir):
+        return load_training_checkpoint(checkpoint_dir)
+    meta_path = checkpoint_dir / NATIVE_CONFIG
+    if not meta_path.is_file():
+        raise ConversionError(f"{meta_path}: not found; --checkpoint must name a deberta_ds checkpoint directory "
+                              f"(holding {NATIVE_CONFIG} and {WEIGHTS}) or a training run's output_dir or "
+                              "checkpoint step folder")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("tp", 1) > 1:
+        return _merged_tp_pair(meta["config"], checkpoint_dir, meta["tp"])
+    if meta.get("kind") == "rtd":
+        model = ReplacedTokenDetection(rtd_config_from_dict(meta["config"]))
+    elif meta.get("kind") == "encoder":
+        model = Encoder(model_config_from_dict(meta["config"]))
+    else:
+        raise ConversionError(f"{meta_path}: 'kind' must be 'encoder' or 'rtd', got {meta.get('kind')!r}")
+    load_strict(model, load_file(str(checkpoint_dir / WEIGHTS)), str(checkpoint_dir / WEIGHTS))
+    return model
+
+
+def split_tp(checkpoint, out_dir, tp_size: int) -> Path:
+    """A TP = 1 RTD pair (a module, or a native or training checkpoint) as `tp_size` shard files
+    for continued training at that TP size."""
+    model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_native(checkpoint)
+    if not isinstance(model, ReplacedTokenDetection):
+        raise ConversionError("split-tp: the checkpoint must hold an RTD pair (use from-hf --rtd first)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan, vocab = partition_plan(model), model.config.discriminator.vocab_size
+    for rank in range(tp_size):
+        shard = split_state(model.state_dict(), plan, vocab, tp_size, rank)
+        atomic_save({k: v.contiguous() for k, v in shard.items()}, out_dir / f"weights_tp{rank}.safetensors")
+    atomic_write_json({"kind": "rtd", "config": to_dict(model.config), "tp": tp_size}, out_dir / NATIVE_CONFIG)
+    return out_dir
