@@ -85,6 +85,22 @@ def test_fp32_forward_and_gradients_match_float64_reference(shape, terms, paddin
         assert relative_error(got, want) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("max_programs", [1, 3])
+def test_backward_with_several_blocks_per_program_matches_float64_reference(monkeypatch, max_programs):
+    """Long sequences give each backward program several consecutive blocks (one table-gradient
+    partial per program); force that here: 1 -> every block of a head in one program, 3 -> uneven."""
+    from deberta_ds.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "MAX_BACKWARD_PROGRAMS", max_programs)
+    shape = (2, 1, 70, 32, 8, 24)  # 3 blocks per head, 2 heads in all
+    tensors, mask = inputs(shape, torch.float32, ("c2p", "p2c"), True)
+    grad_out = torch.randn(*shape[:3], shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _, expected = run(disentangled_attention_reference, tensors, mask, shape, torch.float64, grad_out)
+    _, actual = run(disentangled_attention_fused, tensors, mask, shape, torch.float32, grad_out)
+    for got, want in zip(actual, expected):
+        assert relative_error(got, want) <= TOLERANCE[torch.float32]
+
+
 BF16_ON_CPU = pytest.mark.skipif(not torch.cuda.is_available(),
                                  reason="Triton 3.9's interpreter corrupts bf16 loads; bf16 runs in the CUDA tests")
 

@@ -169,93 +169,103 @@ def _window_sum(ds, local, saturated, W: tl.constexpr):
 @triton.jit
 def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
                      dq_ptr, dk_ptr, dv_ptr, dkr_part_ptr, dqr_part_ptr,
-                     seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed,
-                     stride_b, stride_h, stride_l, stride_rh, stride_r, stride_part,
+                     seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed, num_blocks,
+                     blocks_per_program, stride_b, stride_h, stride_l, stride_rh, stride_r, stride_part,
                      KEY_SIDE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
                      DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """KEY_SIDE: one program per key block computes dK, dV and this block's dQr partial.
-    Otherwise one program per query block computes dQ and its dKr partial."""
-    block, bh = tl.program_id(0), tl.program_id(1)
+    """KEY_SIDE: each program computes dK, dV of `blocks_per_program` consecutive key blocks and
+    their dQr partial. Otherwise each program computes dQ of as many query blocks and their dKr
+    partial. One partial per program (not per block) keeps the partial buffers small at long L."""
+    program, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
     offs_d = tl.arange(0, D)
     d_mask = offs_d < head_dim
     base = b * stride_b + h * stride_h
     kr_base, qr_base = kr_ptr + h * stride_rh, qr_ptr + h * stride_rh
-    part = (bh * tl.num_programs(0) + block) * stride_part
-    if KEY_SIDE:
-        offs_n = block * BN + tl.arange(0, BN)
-        k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-        dk = tl.zeros([BN, D], tl.float32)
-        dv = tl.zeros([BN, D], tl.float32)
-    else:
-        offs_m = block * BM + tl.arange(0, BM)
-        q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m, offs_d,
-                                                      d_mask, seq_len, stride_l)
-        dq = tl.zeros([BM, D], tl.float32)
-    for start in range(0, seq_len, BM if KEY_SIDE else BN):
+    part = (bh * tl.num_programs(0) + program) * stride_part
+    for block in range(program * blocks_per_program, tl.minimum(program * blocks_per_program + blocks_per_program,
+                                                                  num_blocks)):
         if KEY_SIDE:
-            offs_m = start + tl.arange(0, BM)
-            q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m,
-                                                          offs_d, d_mask, seq_len, stride_l)
-        else:
-            offs_n = start + tl.arange(0, BN)
+            offs_n = block * BN + tl.arange(0, BN)
             k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-        s, window_start, local, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len,
-                                                         buckets, table_rows, stride_r, offs_d, d_mask, scale,
-                                                         HAS_C2P, HAS_P2C, W, PRECISION)
-        keep = col_ok[None, :] & row_ok[:, None]
-        if HAS_MASK:
-            key_keep = tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0
-            query_keep = tl.load(mask_ptr + b * seq_len + offs_m, mask=row_ok, other=0) != 0
-            keep = keep & key_keep[None, :] & query_keep[:, None]   # padded query rows carry no gradient
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)                 # [BM, BN] probabilities
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        p_used = p
-        if DROPOUT:
-            kept = _keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p)
-            p_used = tl.where(kept, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None]) * scale                            # d(score before scaling)
-        rows = window_start + tl.arange(0, W)
-        row_in = rows < table_rows
-        if KEY_SIDE:
-            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-            if HAS_P2C:
-                d_window = _window_sum(tl.trans(ds), tl.trans(local), saturated, W)  # [BN, W]
-                qr = tl.load(qr_base + rows[:, None] * stride_r + offs_d[None, :],
-                             mask=row_in[:, None] & d_mask[None, :], other=0.0)
-                dk += tl.dot(d_window.to(qr.dtype), qr, input_precision=PRECISION)
-                part_ptr = dqr_part_ptr + part + rows[:, None] * stride_r + offs_d[None, :]
-                part_mask = row_in[:, None] & d_mask[None, :]
-                previous = tl.load(part_ptr, mask=part_mask, other=0.0)
-                tl.store(part_ptr, previous + tl.dot(tl.trans(d_window), k.to(tl.float32), input_precision=PRECISION), mask=part_mask)
+            dk = tl.zeros([BN, D], tl.float32)
+            dv = tl.zeros([BN, D], tl.float32)
         else:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-            if HAS_C2P:
-                d_window = _window_sum(ds, local, saturated, W)                     # [BM, W]
-                kr = tl.load(kr_base + rows[:, None] * stride_r + offs_d[None, :],
-                             mask=row_in[:, None] & d_mask[None, :], other=0.0)
-                dq += tl.dot(d_window.to(kr.dtype), kr, input_precision=PRECISION)
-                part_ptr = dkr_part_ptr + part + rows[:, None] * stride_r + offs_d[None, :]
-                part_mask = row_in[:, None] & d_mask[None, :]
-                previous = tl.load(part_ptr, mask=part_mask, other=0.0)
-                tl.store(part_ptr, previous + tl.dot(tl.trans(d_window), q.to(tl.float32), input_precision=PRECISION), mask=part_mask)
-    if KEY_SIDE:
-        store = col_ok[:, None] & d_mask[None, :]
-        tl.store(dk_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
-                 mask=store)
-        tl.store(dv_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=store)
-    else:
-        tl.store(dq_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_mask[None, :])
+            offs_m = block * BM + tl.arange(0, BM)
+            q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m, offs_d,
+                                                          d_mask, seq_len, stride_l)
+            dq = tl.zeros([BM, D], tl.float32)
+        for start in range(0, seq_len, BM if KEY_SIDE else BN):
+            if KEY_SIDE:
+                offs_m = start + tl.arange(0, BM)
+                q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m,
+                                                              offs_d, d_mask, seq_len, stride_l)
+            else:
+                offs_n = start + tl.arange(0, BN)
+                k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
+            s, window_start, local, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len,
+                                                             buckets, table_rows, stride_r, offs_d, d_mask, scale,
+                                                             HAS_C2P, HAS_P2C, W, PRECISION)
+            keep = col_ok[None, :] & row_ok[:, None]
+            if HAS_MASK:
+                key_keep = tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0
+                query_keep = tl.load(mask_ptr + b * seq_len + offs_m, mask=row_ok, other=0) != 0
+                keep = keep & key_keep[None, :] & query_keep[:, None]   # padded query rows carry no gradient
+            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)                 # [BM, BN] probabilities
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            p_used = p
+            if DROPOUT:
+                kept = _keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p)
+                p_used = tl.where(kept, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None]) * scale                            # d(score before scaling)
+            rows = window_start + tl.arange(0, W)
+            row_in = rows < table_rows
+            if KEY_SIDE:
+                dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                if HAS_P2C:
+                    d_window = _window_sum(tl.trans(ds), tl.trans(local), saturated, W)  # [BN, W]
+                    qr = tl.load(qr_base + rows[:, None] * stride_r + offs_d[None, :],
+                                 mask=row_in[:, None] & d_mask[None, :], other=0.0)
+                    dk += tl.dot(d_window.to(qr.dtype), qr, input_precision=PRECISION)
+                    part_ptr = dqr_part_ptr + part + rows[:, None] * stride_r + offs_d[None, :]
+                    part_mask = row_in[:, None] & d_mask[None, :]
+                    previous = tl.load(part_ptr, mask=part_mask, other=0.0)
+                    table_grad = tl.dot(tl.trans(d_window), k.to(tl.float32), input_precision=PRECISION)
+                    tl.store(part_ptr, previous + table_grad, mask=part_mask)
+            else:
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                if HAS_C2P:
+                    d_window = _window_sum(ds, local, saturated, W)                     # [BM, W]
+                    kr = tl.load(kr_base + rows[:, None] * stride_r + offs_d[None, :],
+                                 mask=row_in[:, None] & d_mask[None, :], other=0.0)
+                    dq += tl.dot(d_window.to(kr.dtype), kr, input_precision=PRECISION)
+                    part_ptr = dkr_part_ptr + part + rows[:, None] * stride_r + offs_d[None, :]
+                    part_mask = row_in[:, None] & d_mask[None, :]
+                    previous = tl.load(part_ptr, mask=part_mask, other=0.0)
+                    table_grad = tl.dot(tl.trans(d_window), q.to(tl.float32), input_precision=PRECISION)
+                    tl.store(part_ptr, previous + table_grad, mask=part_mask)
+        if KEY_SIDE:
+            store = col_ok[:, None] & d_mask[None, :]
+            tl.store(dk_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+                     mask=store)
+            tl.store(dv_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
+                     mask=store)
+        else:
+            tl.store(dq_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & d_mask[None, :])
 
 
 # ---------------------------------------------------------------- host side
 
 BLOCK_M = BLOCK_N = 32
+# Backward programs per launch, at most: past this each program takes several consecutive blocks,
+# so the fp32 table-gradient partials ([B*h, programs, 2k, d], one per program) stop growing
+# with L: about 270 MB in all at L = 16384, B*h = 12, 2k = 512, d = 64, instead of 1.6 GB.
+# 1024 programs still fill any current GPU several times over.
+MAX_BACKWARD_PROGRAMS = 1024
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -310,22 +320,24 @@ def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, l
     delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_len).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     blocks = triton.cdiv(seq_len, BLOCK_M)
+    blocks_per_program = triton.cdiv(blocks * batch * heads, MAX_BACKWARD_PROGRAMS)
+    programs = triton.cdiv(blocks, blocks_per_program)
     # Per-program partial sums of the table gradients, reduced below in a fixed order.
-    dkr_parts = torch.zeros(batch * heads, blocks, *kr.shape[1:], device=q.device, dtype=torch.float32)
+    dkr_parts = torch.zeros(batch * heads, programs, *kr.shape[1:], device=q.device, dtype=torch.float32)
     dqr_parts = torch.zeros_like(dkr_parts)
     mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
     common = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=attention_mask is not None,
                   DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N, D=max(16, triton.next_power_of_2(head_dim)), W=width,
                   PRECISION=_precision(q))
     args = (q, k, v, kr, qr, slots, mask, grad_out, lse, delta, dq, dk, dv, dkr_parts, dqr_parts, seq_len, heads,
-            position_buckets, rows, head_dim, scale, dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
-            dkr_parts.stride(1))
-    _backward_kernel[(blocks, batch * heads)](*args, KEY_SIDE=True, **common)
-    _backward_kernel[(blocks, batch * heads)](*args, KEY_SIDE=False, **common)
+            position_buckets, rows, head_dim, scale, dropout_p, seed, blocks, blocks_per_program, q.stride(0),
+            q.stride(1), q.stride(2), kr.stride(0), kr.stride(1), dkr_parts.stride(1))
+    _backward_kernel[(programs, batch * heads)](*args, KEY_SIDE=True, **common)
+    _backward_kernel[(programs, batch * heads)](*args, KEY_SIDE=False, **common)
 
     def table_grad(parts, table):
         if table is None:
             return None
-        return parts.reshape(batch, heads, blocks, *parts.shape[2:]).sum(dim=(0, 2)).to(table.dtype)
+        return parts.reshape(batch, heads, programs, *parts.shape[2:]).sum(dim=(0, 2)).to(table.dtype)
 
     return dq, dk, dv, table_grad(dkr_parts, pos_key), table_grad(dqr_parts, pos_query)
