@@ -44,6 +44,21 @@ def test_shapes_cover_every_tile_kind():
     assert kinds == {"linear", "saturated", "mixed"}
 
 
+@pytest.mark.parametrize("L,k,max_rel", [(70, 8, 24), (700, 256, 512), (2000, 128, 256), (5, 4, 8)])
+def test_slot_runs_the_backward_relies_on(L, k, max_rel):
+    """The backward sums each slot's gradients over a contiguous run of a tile row: slots must never
+    decrease with i - j, and slot_starts must give each slot's first distance."""
+    from deberta_ds.kernels.triton_attention import slot_starts, slot_table
+
+    slots = slot_table(L, k, max_rel, "cpu")
+    assert torch.all(slots[1:] >= slots[:-1])
+    distances = torch.arange(-(L - 1), L)
+    starts = slot_starts(slots, 2 * k)
+    for v in range(2 * k + 1):
+        reaching = distances[slots >= v]
+        assert starts[v] == (reaching.min() if reaching.numel() else 4 * L), v
+
+
 def inputs(shape, dtype, terms, padding, seed=0):
     B, h, L, d, k, _ = shape
     gen = torch.Generator().manual_seed(seed)

@@ -7,7 +7,9 @@ relative table (s grows with i - j), so each tile multiplies q (and k) with just
 (a [BM, W] and a [BN, W] matmul) and gathers its [BM, BN] values from it. Two tile kinds skip
 work: near the diagonal the slot is i - j + k (no table read), and beyond the saturation
 distance every pair shares one slot, so c2p + p2c is a per-row plus a per-column vector (and
-in the backward, row and column sums). The softmax is online in fp32; the output is O(L)
+in the backward, row and column sums). In the backward, the gradient of each window row is a
+sum over the run of a tile row that shares its slot (slots never decrease with i - j), taken
+as a difference of prefix sums. The softmax is online in fp32; the output is O(L)
 memory: O plus a log-sum-exp per row.
 
 Dropout of the probabilities uses counter-based random numbers (tl.rand) keyed by
@@ -154,21 +156,43 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, out
 
 
 @triton.jit
-def _window_sum(ds, local, saturated, W: tl.constexpr):
-    """Scatter-add of a tile's score gradients [R, C] into its slot window [R, W] (sum over C).
-    A saturated tile has one slot: its row sums."""
-    windows = tl.arange(0, W)
-    if saturated:
-        out = tl.where(windows[None, :] == 0, tl.sum(ds, axis=1)[:, None], 0.0)
-    else:
-        one_hot = (local[:, :, None] == windows[None, None, :]).to(tl.float32)   # [R, C, W]
-        out = tl.sum(ds[:, :, None] * one_hot, axis=1)
-    return out
+def _interval_sums(x, lo, hi):
+    """out[r, w] = sum of x[r, lo[r, w]:hi[r, w]], [R, C] -> [R, W], from one prefix sum per row."""
+    prefix = tl.cumsum(x, axis=1)
+    upper = tl.where(hi > 0, tl.gather(prefix, tl.maximum(hi - 1, 0), axis=1), 0.0)
+    lower = tl.where(lo > 0, tl.gather(prefix, tl.maximum(lo - 1, 0), axis=1), 0.0)
+    return upper - lower
 
 
 @triton.jit
-def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
-                     dq_ptr, dk_ptr, dv_ptr, dkr_part_ptr, dqr_part_ptr,
+def _window_sum(x, offs_rows, first_col, saturated, slot_start_ptr, window_start, table_rows,
+                ROWS_ARE_QUERIES: tl.constexpr, W: tl.constexpr):
+    """Scatter-add of a tile's score gradients x [R, C] into its slot window [R, W] (sum over C).
+
+    Slots are monotone in i - j, so the columns of one row that share a slot are a contiguous
+    run, found from the first distance of each slot (`slot_start`): each window entry is a
+    difference of two prefix sums, O(R * (C + W)) instead of a [R, C, W] one-hot. Rows are
+    queries (columns keys: a slot's run ends at j = i - start) or keys (columns queries: it
+    starts at i = j + start). A saturated tile has one slot: its row sums."""
+    windows = tl.arange(0, W)
+    if saturated:
+        return tl.where(windows[None, :] == 0, tl.sum(x, axis=1)[:, None], 0.0)
+    slots = window_start + windows
+    start = tl.load(slot_start_ptr + tl.minimum(slots, table_rows))[None, :]         # first i - j of slot
+    start_next = tl.load(slot_start_ptr + tl.minimum(slots + 1, table_rows))[None, :]
+    width = x.shape[1]
+    if ROWS_ARE_QUERIES:  # columns j with i - j >= start form the prefix [0, i - start - first_col + 1)
+        lo = tl.minimum(tl.maximum(offs_rows[:, None] - start_next - first_col + 1, 0), width)
+        hi = tl.minimum(tl.maximum(offs_rows[:, None] - start - first_col + 1, 0), width)
+    else:  # rows j with i - j >= start form the suffix [j + start - first_col, C)
+        lo = tl.minimum(tl.maximum(offs_rows[:, None] + start - first_col, 0), width)
+        hi = tl.minimum(tl.maximum(offs_rows[:, None] + start_next - first_col, 0), width)
+    return _interval_sums(x, lo, hi)
+
+
+@triton.jit
+def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_ptr, mask_ptr, do_ptr, lse_ptr,
+                     delta_ptr, dq_ptr, dk_ptr, dv_ptr, dkr_part_ptr, dqr_part_ptr,
                      seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed, num_blocks,
                      blocks_per_program, stride_b, stride_h, stride_l, stride_rh, stride_r, stride_part,
                      KEY_SIDE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -204,7 +228,7 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do
             else:
                 offs_n = start + tl.arange(0, BN)
                 k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-            s, window_start, local, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len,
+            s, window_start, _, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len,
                                                              buckets, table_rows, stride_r, offs_d, d_mask, scale,
                                                              HAS_C2P, HAS_P2C, W, PRECISION)
             keep = col_ok[None, :] & row_ok[:, None]
@@ -226,7 +250,8 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do
                 dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
                 if HAS_P2C:
-                    d_window = _window_sum(tl.trans(ds), tl.trans(local), saturated, W)  # [BN, W]
+                    d_window = _window_sum(tl.trans(ds), offs_n, start, saturated, slot_start_ptr,  # [BN, W]
+                                           window_start, table_rows, False, W)
                     qr = tl.load(qr_base + rows[:, None] * stride_r + offs_d[None, :],
                                  mask=row_in[:, None] & d_mask[None, :], other=0.0)
                     dk += tl.dot(d_window.to(qr.dtype), qr, input_precision=PRECISION)
@@ -238,7 +263,8 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, do
             else:
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
                 if HAS_C2P:
-                    d_window = _window_sum(ds, local, saturated, W)                     # [BM, W]
+                    d_window = _window_sum(ds, offs_m, start, saturated, slot_start_ptr,  # [BM, W]
+                                           window_start, table_rows, True, W)
                     kr = tl.load(kr_base + rows[:, None] * stride_r + offs_d[None, :],
                                  mask=row_in[:, None] & d_mask[None, :], other=0.0)
                     dq += tl.dot(d_window.to(kr.dtype), kr, input_precision=PRECISION)
@@ -278,6 +304,14 @@ def slot_table(seq_len: int, position_buckets: int, max_relative_positions: int,
     relative = torch.arange(-(seq_len - 1), seq_len)
     slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
     return slots.clamp_(0, 2 * position_buckets - 1).to(torch.int32).to(device)
+
+
+def slot_starts(slots: torch.Tensor, table_rows: int) -> torch.Tensor:
+    """For every slot v in [0, table_rows], the smallest relative distance i - j whose slot is >= v
+    (slots never decrease with i - j); 4L when none is, int32 [table_rows + 1]."""
+    seq_len = (slots.numel() + 1) // 2
+    first = torch.searchsorted(slots, torch.arange(table_rows + 1, dtype=slots.dtype, device=slots.device))
+    return torch.where(first < slots.numel(), first - (seq_len - 1), 4 * seq_len).to(torch.int32)
 
 
 def _launch_args(q, pos_key, pos_query, position_buckets, max_relative_positions):
@@ -329,9 +363,9 @@ def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, l
     common = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=attention_mask is not None,
                   DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N, D=max(16, triton.next_power_of_2(head_dim)), W=width,
                   PRECISION=_precision(q))
-    args = (q, k, v, kr, qr, slots, mask, grad_out, lse, delta, dq, dk, dv, dkr_parts, dqr_parts, seq_len, heads,
-            position_buckets, rows, head_dim, scale, dropout_p, seed, blocks, blocks_per_program, q.stride(0),
-            q.stride(1), q.stride(2), kr.stride(0), kr.stride(1), dkr_parts.stride(1))
+    args = (q, k, v, kr, qr, slots, slot_starts(slots, rows), mask, grad_out, lse, delta, dq, dk, dv, dkr_parts,
+            dqr_parts, seq_len, heads, position_buckets, rows, head_dim, scale, dropout_p, seed, blocks,
+            blocks_per_program, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1), dkr_parts.stride(1))
     _backward_kernel[(programs, batch * heads)](*args, KEY_SIDE=True, **common)
     _backward_kernel[(programs, batch * heads)](*args, KEY_SIDE=False, **common)
 
