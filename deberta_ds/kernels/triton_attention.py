@@ -30,7 +30,7 @@ import triton.language as tl
 
 from deberta_ds.relative_position import log_bucket
 
-_NEG = -1.0e30  # masked score (finite, so a fully masked row gives no NaN before it is zeroed)
+_NEG = tl.constexpr(-1.0e30)  # masked score (finite, so a fully masked row gives no NaN before it is zeroed)
 
 
 @triton.jit
@@ -287,6 +287,9 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_p
 # ---------------------------------------------------------------- host side
 
 BLOCK_M = BLOCK_N = 32
+# 8 warps: at 32 x 32 tiles, 4 warps need more than 255 registers per thread and spill (the
+# window matmuls, gathers and dropout bits are live together); `compile_check` reports this.
+NUM_WARPS = 8
 # Backward programs per launch, at most: past this each program takes several consecutive blocks,
 # so the fp32 table-gradient partials ([B*h, programs, 2k, d], one per program) stop growing
 # with L: about 270 MB in all at L = 16384, B*h = 12, 2k = 512, d = 64, instead of 1.6 GB.
@@ -341,7 +344,8 @@ def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets,
                           dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
                           HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
                           HAS_MASK=attention_mask is not None, DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N,
-                          D=max(16, triton.next_power_of_2(head_dim)), W=width, PRECISION=_precision(q))
+                          D=max(16, triton.next_power_of_2(head_dim)), W=width, PRECISION=_precision(q),
+                          num_warps=NUM_WARPS)
     return out, lse
 
 
@@ -362,7 +366,7 @@ def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, l
     mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
     common = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=attention_mask is not None,
                   DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N, D=max(16, triton.next_power_of_2(head_dim)), W=width,
-                  PRECISION=_precision(q))
+                  PRECISION=_precision(q), num_warps=NUM_WARPS)
     args = (q, k, v, kr, qr, slots, slot_starts(slots, rows), mask, grad_out, lse, delta, dq, dk, dv, dkr_parts,
             dqr_parts, seq_len, heads, position_buckets, rows, head_dim, scale, dropout_p, seed, blocks,
             blocks_per_program, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1), dkr_parts.stride(1))
