@@ -8,9 +8,13 @@ peak attention memory, for
   hf       transformers DebertaV2 DisentangledSelfAttention, eager (includes its q/k/v projections)
   flashdeberta  when the package imports
   sdpa     torch scaled_dot_product_attention (flash) on the same q, k, v WITHOUT position terms
-TFLOP/s counts the c2c and PV products only (4 B h L^2 d forward, 2.5x that backward).
+TFLOP/s counts the c2c and PV products only (4 B h L^2 d forward, 2.5x that backward). A last
+line gives the fused kernel's peak memory at B = 1 (B x h = 12) and the longest L.
 
     python benchmarks/attention_bench.py [--tokens 65536] [--lengths 128 512 2048]
+
+`--device cpu` (with TRITON_INTERPRET=1) runs the same harness at tiny sizes as a smoke test of
+this script; its timings mean nothing and it reports no memory.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -28,22 +33,31 @@ from deberta_ds.kernels.reference import disentangled_attention_reference
 HEADS, HEAD_DIM, BUCKETS, MAX_REL = 12, 64, 256, 512
 
 
-def timed(fn, repeats: int = 10) -> float:
-    """Median milliseconds of fn() over CUDA events, after two warm-up calls."""
+def timed(fn, repeats: int) -> float:
+    """Median milliseconds of fn() (CUDA events on a GPU), after two warm-up calls."""
     for _ in range(2):
         fn()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
 def peak_mb(fn) -> float:
+    """Peak memory fn() adds on the GPU (NaN on the CPU, which has no allocator statistics)."""
+    if not torch.cuda.is_available():
+        fn()
+        return float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -52,8 +66,8 @@ def peak_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def candidates(batch: int, seq_len: int):
-    dtype, device = torch.bfloat16, "cuda"
+def candidates(batch: int, seq_len: int, device: str, fused_only: bool = False):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # Triton's CPU interpreter mishandles bf16
     make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
     q, k, v = (make(batch, HEADS, seq_len, HEAD_DIM) for _ in range(3))
     pos_key, pos_query = make(HEADS, 2 * BUCKETS, HEAD_DIM), make(HEADS, 2 * BUCKETS, HEAD_DIM)
@@ -63,6 +77,8 @@ def candidates(batch: int, seq_len: int):
         "ours-ref": lambda: disentangled_attention_reference(q, k, v, pos_key, pos_query, None, **kwargs),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
     }
+    if fused_only:
+        return {"fused": runs["fused"]}
     try:
         from transformers import DebertaV2Config
         from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Encoder, DisentangledSelfAttention
@@ -75,8 +91,8 @@ def candidates(batch: int, seq_len: int):
         hidden = make(batch, seq_len, HEADS * HEAD_DIM)
         mask = encoder.get_attention_mask(torch.ones(batch, seq_len, device=device))
         rel_pos = encoder.get_rel_pos(hidden)
-        rel = encoder.get_rel_embedding()
-        runs["hf"] = lambda: hf(hidden, mask, relative_pos=rel_pos, rel_embeddings=rel)[0]
+        # the normalised table is rebuilt per call (it is part of every forward's graph)
+        runs["hf"] = lambda: hf(hidden, mask, relative_pos=rel_pos, rel_embeddings=encoder.get_rel_embedding())[0]
     except ImportError:
         pass
     try:
@@ -87,17 +103,22 @@ def candidates(batch: int, seq_len: int):
     return runs
 
 
-def measure(batch: int, seq_len: int) -> dict:
+def forward_backward(forward):
+    def run():
+        forward().float().sum().backward()
+    return run
+
+
+def measure(batch: int, seq_len: int, device: str, repeats: int) -> dict:
     rows = {}
-    for name, forward in candidates(batch, seq_len).items():
-        def both():
-            out = forward()
-            out.float().sum().backward()
+    for name, forward in candidates(batch, seq_len, device).items():
+        both = forward_backward(forward)
         try:
-            rows[name] = (timed(forward), timed(both), peak_mb(both))
+            rows[name] = (timed(forward, repeats), timed(both, repeats), peak_mb(both))
         except torch.cuda.OutOfMemoryError:
             rows[name] = None
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -105,25 +126,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=65536, help="B x L per measurement")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: a smoke run of this script under TRITON_INTERPRET=1, no meaningful numbers")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("attention_bench.py measures GPU kernels; no CUDA device is visible")
-    print(f"device: {torch.cuda.get_device_name()}, date: {datetime.date.today()}, torch {torch.__version__}, bf16, "
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("attention_bench.py measures GPU kernels; no CUDA device is visible (--device cpu for a "
+                         "smoke run)")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke run: numbers mean nothing)"
+    print(f"device: {name}, date: {datetime.date.today()}, torch {torch.__version__}, "
           f"h={HEADS} d={HEAD_DIM} buckets={BUCKETS}")
     print("| L | B | impl | fwd ms | fwd+bwd ms | peak MB | fwd+bwd TFLOP/s | fwd+bwd speed-up of fused |")
     print("|---|---|---|---|---|---|---|---|")
     for seq_len in args.lengths:
         batch = max(1, args.tokens // seq_len)
-        rows = measure(batch, seq_len)
+        rows = measure(batch, seq_len, args.device, args.repeats)
         flops = 4 * batch * HEADS * seq_len ** 2 * HEAD_DIM * 3.5
         fused = rows.get("fused")
-        for name, row in rows.items():
+        for impl, row in rows.items():
             if row is None:
-                print(f"| {seq_len} | {batch} | {name} | OOM | OOM | OOM | - | - |")
+                print(f"| {seq_len} | {batch} | {impl} | OOM | OOM | OOM | - | - |")
                 continue
             ratio = row[1] / fused[1] if fused else float("nan")
-            print(f"| {seq_len} | {batch} | {name} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.0f} | "
+            print(f"| {seq_len} | {batch} | {impl} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.0f} | "
                   f"{flops / row[1] / 1e9:.1f} | {ratio:.2f}x |")
+    longest = max(args.lengths)
+    fused = candidates(1, longest, args.device, fused_only=True)["fused"]
+    print(f"fused fwd+bwd peak memory at L={longest}, B*h={HEADS}: {peak_mb(forward_backward(fused)):.0f} MB "
+          "(inputs' gradients included)")
 
 
 if __name__ == "__main__":
