@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
+import math
 import statistics
 import time
 
@@ -96,11 +98,23 @@ def candidates(batch: int, seq_len: int, device: str, fused_only: bool = False):
     except ImportError:
         pass
     try:
-        from flashdeberta.ops.flash_attention import flash_attention_with_disentangled  # noqa: F401
-        runs["flashdeberta"] = lambda: flash_attention_with_disentangled(q, k, v, pos_key, pos_query, **kwargs)
+        if device == "cuda":  # FlashDeBERTa runs on CUDA only
+            runs["flashdeberta"] = flashdeberta_run(q, k, v, pos_key, pos_query)
     except ImportError:
         pass
     return runs
+
+
+def flashdeberta_run(q, k, v, pos_key, pos_query):
+    """FlashDeBERTa's forward on the same tensors; its arguments changed between releases."""
+    from flashdeberta.ops.flash_attention import flash_attention_with_disentangled as flashdeberta
+
+    scale = 1 / math.sqrt(HEAD_DIM * 3)
+    if "seq_lengths" in inspect.signature(flashdeberta).parameters:  # 0.0.8: [1, h, 2k, d] tables
+        return lambda: flashdeberta(q, k, v, None, pos_key[None], pos_query[None], False, scale, BUCKETS, MAX_REL)
+    # 0.0.5: the caller builds the [B, h, L, 2k] score tables (counted in its time and memory)
+    return lambda: flashdeberta(q, k, v, q @ pos_key.transpose(-1, -2), k @ pos_query.transpose(-1, -2), False,
+                                scale, BUCKETS, MAX_REL)
 
 
 def forward_backward(forward):
