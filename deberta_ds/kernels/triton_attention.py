@@ -191,6 +191,23 @@ def _window_sum(x, offs_rows, first_col, saturated, slot_start_ptr, window_start
 
 
 @triton.jit
+def _position_grads(ds_rows, offs_rows, first_col, operand, table_ptr, part_ptr, rows, row_in, saturated,
+                    slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask,
+                    ROWS_ARE_QUERIES: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
+    """One positional term's gradients for a tile whose score gradients are ds_rows [R, C] (rows =
+    the side the term multiplies, `operand` [R, D]): adds d_window^T @ operand to this program's
+    partial of the table gradient and returns d_window @ table, the operand's gradient [R, D]."""
+    d_window = _window_sum(ds_rows, offs_rows, first_col, saturated, slot_start_ptr, window_start,   # [R, W]
+                           table_rows, ROWS_ARE_QUERIES, W)
+    window_mask = row_in[:, None] & d_mask[None, :]
+    table = tl.load(table_ptr + rows[:, None] * stride_r + offs_d[None, :], mask=window_mask, other=0.0)
+    partial = part_ptr + rows[:, None] * stride_r + offs_d[None, :]
+    table_grad = tl.dot(tl.trans(d_window), operand.to(tl.float32), input_precision=PRECISION)
+    tl.store(partial, tl.load(partial, mask=window_mask, other=0.0) + table_grad, mask=window_mask)
+    return tl.dot(d_window.to(table.dtype), table, input_precision=PRECISION)
+
+
+@triton.jit
 def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_ptr, mask_ptr, do_ptr, lse_ptr,
                      delta_ptr, dq_ptr, dk_ptr, dv_ptr, dkr_part_ptr, dqr_part_ptr,
                      seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed, num_blocks,
@@ -249,30 +266,16 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_p
             if KEY_SIDE:
                 dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-                if HAS_P2C:
-                    d_window = _window_sum(tl.trans(ds), offs_n, start, saturated, slot_start_ptr,  # [BN, W]
-                                           window_start, table_rows, False, W)
-                    qr = tl.load(qr_base + rows[:, None] * stride_r + offs_d[None, :],
-                                 mask=row_in[:, None] & d_mask[None, :], other=0.0)
-                    dk += tl.dot(d_window.to(qr.dtype), qr, input_precision=PRECISION)
-                    part_ptr = dqr_part_ptr + part + rows[:, None] * stride_r + offs_d[None, :]
-                    part_mask = row_in[:, None] & d_mask[None, :]
-                    previous = tl.load(part_ptr, mask=part_mask, other=0.0)
-                    table_grad = tl.dot(tl.trans(d_window), k.to(tl.float32), input_precision=PRECISION)
-                    tl.store(part_ptr, previous + table_grad, mask=part_mask)
+                if HAS_P2C:  # p2c[i, j] = k_j . Qr[s]: dK from Qr, dQr from k
+                    dk += _position_grads(tl.trans(ds), offs_n, start, k, qr_base, dqr_part_ptr + part, rows, row_in,
+                                          saturated, slot_start_ptr, window_start, table_rows, stride_r, offs_d,
+                                          d_mask, False, W, PRECISION)
             else:
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                if HAS_C2P:
-                    d_window = _window_sum(ds, offs_m, start, saturated, slot_start_ptr,  # [BM, W]
-                                           window_start, table_rows, True, W)
-                    kr = tl.load(kr_base + rows[:, None] * stride_r + offs_d[None, :],
-                                 mask=row_in[:, None] & d_mask[None, :], other=0.0)
-                    dq += tl.dot(d_window.to(kr.dtype), kr, input_precision=PRECISION)
-                    part_ptr = dkr_part_ptr + part + rows[:, None] * stride_r + offs_d[None, :]
-                    part_mask = row_in[:, None] & d_mask[None, :]
-                    previous = tl.load(part_ptr, mask=part_mask, other=0.0)
-                    table_grad = tl.dot(tl.trans(d_window), q.to(tl.float32), input_precision=PRECISION)
-                    tl.store(part_ptr, previous + table_grad, mask=part_mask)
+                if HAS_C2P:  # c2p[i, j] = q_i . Kr[s]: dQ from Kr, dKr from q
+                    dq += _position_grads(ds, offs_m, start, q, kr_base, dkr_part_ptr + part, rows, row_in,
+                                          saturated, slot_start_ptr, window_start, table_rows, stride_r, offs_d,
+                                          d_mask, True, W, PRECISION)
         if KEY_SIDE:
             store = col_ok[:, None] & d_mask[None, :]
             tl.store(dk_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
