@@ -24,6 +24,8 @@ bucket boundaries agree exactly.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -320,24 +322,33 @@ def slot_starts(slots: torch.Tensor, table_rows: int) -> torch.Tensor:
     return torch.where(first < slots.numel(), first - (seq_len - 1), 4 * seq_len).to(torch.int32)
 
 
+@functools.lru_cache(maxsize=64)
+def _slot_tables(seq_len: int, position_buckets: int, max_relative_positions: int, table_rows: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot_table, slot_starts) on `device`, built once per shape: every layer's forward and
+    backward reuse them instead of rebuilding and copying them to the GPU on each call."""
+    slots = slot_table(seq_len, position_buckets, max_relative_positions, "cpu")
+    return slots.to(device), slot_starts(slots, table_rows).to(device)
+
+
 def _launch_args(q, pos_key, pos_query, position_buckets, max_relative_positions):
     batch, heads, seq_len, head_dim = q.shape
     table = pos_key if pos_key is not None else pos_query
     dummy = torch.zeros(heads, 2 * position_buckets, head_dim, device=q.device, dtype=q.dtype)
     kr = pos_key.contiguous() if pos_key is not None else dummy
     qr = pos_query.contiguous() if pos_query is not None else dummy
-    slots = slot_table(seq_len, position_buckets, max_relative_positions, q.device)
+    rows = table.shape[1] if table is not None else 2 * position_buckets
+    slots, starts = _slot_tables(seq_len, position_buckets, max_relative_positions, rows, q.device)
     width = triton.next_power_of_2(BLOCK_M + BLOCK_N)
-    return (batch, heads, seq_len, head_dim, kr, qr, slots, width,
-            table.shape[1] if table is not None else 2 * position_buckets)
+    return batch, heads, seq_len, head_dim, kr, qr, slots, starts, width, rows
 
 
 def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets, max_relative_positions, scale,
                   dropout_p, seed):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    batch, heads, seq_len, head_dim, kr, qr, slots, width, rows = _launch_args(q, pos_key, pos_query,
-                                                                                 position_buckets,
-                                                                                 max_relative_positions)
+    batch, heads, seq_len, head_dim, kr, qr, slots, _, width, rows = _launch_args(q, pos_key, pos_query,
+                                                                                    position_buckets,
+                                                                                    max_relative_positions)
     out = torch.empty_like(q)
     lse = torch.empty(batch * heads, seq_len, device=q.device, dtype=torch.float32)
     mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
@@ -355,9 +366,9 @@ def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets,
 def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, lse, position_buckets,
                    max_relative_positions, scale, dropout_p, seed):
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    batch, heads, seq_len, head_dim, kr, qr, slots, width, rows = _launch_args(q, pos_key, pos_query,
-                                                                                 position_buckets,
-                                                                                 max_relative_positions)
+    batch, heads, seq_len, head_dim, kr, qr, slots, starts, width, rows = _launch_args(q, pos_key, pos_query,
+                                                                                         position_buckets,
+                                                                                         max_relative_positions)
     delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_len).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     blocks = triton.cdiv(seq_len, BLOCK_M)
@@ -370,7 +381,7 @@ def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, l
     common = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=attention_mask is not None,
                   DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N, D=max(16, triton.next_power_of_2(head_dim)), W=width,
                   PRECISION=_precision(q), num_warps=NUM_WARPS)
-    args = (q, k, v, kr, qr, slots, slot_starts(slots, rows), mask, grad_out, lse, delta, dq, dk, dv, dkr_parts,
+    args = (q, k, v, kr, qr, slots, starts, mask, grad_out, lse, delta, dq, dk, dv, dkr_parts,
             dqr_parts, seq_len, heads, position_buckets, rows, head_dim, scale, dropout_p, seed, blocks,
             blocks_per_program, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1), dkr_parts.stride(1))
     _backward_kernel[(programs, batch * heads)](*args, KEY_SIDE=True, **common)
