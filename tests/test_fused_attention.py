@@ -209,7 +209,7 @@ def test_auto_falls_back_to_the_reference_when_the_kernel_does_not_compile(monke
         raise OutOfResources(300_000, 232_448, "shared memory")
 
     monkeypatch.setattr(kernels, "_fused", lambda: (kernel_that_does_not_fit, None))
-    monkeypatch.setattr(kernels, "_fused_compile_failure", [])
+    monkeypatch.setattr(kernels, "_fused_does_not_compile", False)
     tensors, mask = inputs(SHAPES[0], torch.float32, ("c2p", "p2c"), True)
     kwargs = dict(position_buckets=4, max_relative_positions=8)
     with pytest.warns(UserWarning, match="does not compile here"):

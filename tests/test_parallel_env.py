@@ -18,6 +18,7 @@ def shm_state_after_init() -> dict:
     from deberta_ds.parallel_env import deepspeed_shm_buffer
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()  # every rank has returned from init_distributed (and so removed its buffer)
     buffers = [deepspeed_shm_buffer(peer, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) for peer in range(world)]
     left = [str(path) for path in buffers if path.exists()]
     summed = ds_comm.inference_all_reduce(torch.full((4096,), float(rank + 1)))  # through the unlinked buffers

@@ -53,8 +53,7 @@ def test_sigkill_then_resume_auto_reproduces_the_uninterrupted_run(train_shards,
     run_ok(launcher(full))
     killed_dir = tmp_path / "killed"
     killed = write_config(tmp_path / "killed.json", tiny_run(train_shards, killed_dir, train=train))
-    command = launcher(killed)
-    process = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(launcher(killed), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     complete = killed_dir / "checkpoints" / "step_00000006" / "COMPLETE"
     deadline = time.monotonic() + 300

@@ -15,7 +15,7 @@ import torch
 
 from deberta_ds.kernels.reference import disentangled_attention_reference
 
-_fused_compile_failure: list[str] = []  # set once the auto path gave up on the kernel in this process
+_fused_does_not_compile = False  # set once the auto path gave up on the kernel in this process
 
 
 def _fused():
@@ -34,7 +34,8 @@ def _falling_back_to_reference(fused):
         try:
             return fused(*args, **kwargs)
         except TritonError as error:
-            _fused_compile_failure.append(str(error))
+            global _fused_does_not_compile
+            _fused_does_not_compile = True
             warnings.warn(f"attention_impl='auto': the fused attention kernel does not compile here ({error}); "
                           "using the reference attention from now on", stacklevel=2)
             return disentangled_attention_reference(*args, **kwargs)
@@ -51,7 +52,7 @@ def select_attention(impl: str, device: torch.device):
                              "triton or use attention_impl='reference'")
         return fused
     if impl == "auto":
-        fused = _fused()[0] if device.type == "cuda" and not _fused_compile_failure else None
+        fused = _fused()[0] if device.type == "cuda" and not _fused_does_not_compile else None
         return _falling_back_to_reference(fused) if fused else disentangled_attention_reference
     raise ValueError(f"attention_impl: {impl!r} is not one of reference, fused, auto")
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DTYPES = {"fp32": "ieee", "fp16": "tf32", "bf16": "tf32"}   # dtype -> matmul input precision
+DTYPES = ("fp32", "fp16", "bf16")   # Triton's names for the tensor arguments
 HEAD_DIMS = (32, 64, 128)
 FEATURES = ("HAS_C2P", "HAS_P2C", "HAS_MASK", "DROPOUT")
 INT32_POINTERS = {"slot_ptr", "slot_start_ptr", "mask_ptr"}
@@ -41,18 +41,19 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
 def variants():
     """(label, kernel, dtype, constexprs): every dtype and head dim with all features on, and each
     feature off once (bf16, d = 64)."""
+    import torch
+
     from deberta_ds.kernels import triton_attention as ta
 
     kernels = [("forward", ta._forward_kernel, {}), ("backward dK dV", ta._backward_kernel, {"KEY_SIDE": True}),
                ("backward dQ", ta._backward_kernel, {"KEY_SIDE": False})]
     settings = [(dtype, d, dict.fromkeys(FEATURES, True)) for dtype in DTYPES for d in HEAD_DIMS]
     settings += [("bf16", 64, dict.fromkeys(FEATURES, True) | {off: False}) for off in FEATURES]
-    width = ta.triton.next_power_of_2(ta.BLOCK_M + ta.BLOCK_N)
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for dtype, head_dim, features in settings:
         off = [name for name, on in features.items() if not on]
         for name, kernel, side in kernels:
-            constexprs = features | side | dict(BM=ta.BLOCK_M, BN=ta.BLOCK_N, D=max(16, head_dim), W=width,
-                                                PRECISION=DTYPES[dtype])
+            constexprs = features | side | ta.launch_constants(torch_dtypes[dtype], head_dim)
             label = f"{name:15s} {dtype} d={head_dim:<3d}" + (f" without {off[0]}" if off else "")
             yield label, kernel, dtype, constexprs
 

@@ -302,9 +302,12 @@ NUM_WARPS = 8
 MAX_BACKWARD_PROGRAMS = 1024
 
 
-def _precision(q: torch.Tensor) -> str:
-    """fp32 inputs get exact fp32 products (no TF32 rounding); fp16/bf16 use the tensor cores."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+def launch_constants(dtype: torch.dtype, head_dim: int) -> dict:
+    """The compile-time constants every kernel is launched with (also what `compile_check`
+    compiles): tiles, padded head dim, slot-window width, and the matmul precision (fp32 inputs
+    get exact fp32 products, no TF32 rounding; fp16/bf16 use the tensor cores)."""
+    return dict(BM=BLOCK_M, BN=BLOCK_N, D=max(16, triton.next_power_of_2(head_dim)),
+                W=triton.next_power_of_2(BLOCK_M + BLOCK_N), PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
 def slot_table(seq_len: int, position_buckets: int, max_relative_positions: int, device) -> torch.Tensor:
@@ -339,16 +342,14 @@ def _launch_args(q, pos_key, pos_query, position_buckets, max_relative_positions
     qr = pos_query.contiguous() if pos_query is not None else dummy
     rows = table.shape[1] if table is not None else 2 * position_buckets
     slots, starts = _slot_tables(seq_len, position_buckets, max_relative_positions, rows, q.device)
-    width = triton.next_power_of_2(BLOCK_M + BLOCK_N)
-    return batch, heads, seq_len, head_dim, kr, qr, slots, starts, width, rows
+    return batch, heads, seq_len, head_dim, kr, qr, slots, starts, rows
 
 
 def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets, max_relative_positions, scale,
                   dropout_p, seed):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    batch, heads, seq_len, head_dim, kr, qr, slots, _, width, rows = _launch_args(q, pos_key, pos_query,
-                                                                                    position_buckets,
-                                                                                    max_relative_positions)
+    batch, heads, seq_len, head_dim, kr, qr, slots, _, rows = _launch_args(q, pos_key, pos_query, position_buckets,
+                                                                              max_relative_positions)
     out = torch.empty_like(q)
     lse = torch.empty(batch * heads, seq_len, device=q.device, dtype=torch.float32)
     mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
@@ -357,18 +358,17 @@ def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets,
                           scale,
                           dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
                           HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
-                          HAS_MASK=attention_mask is not None, DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N,
-                          D=max(16, triton.next_power_of_2(head_dim)), W=width, PRECISION=_precision(q),
-                          num_warps=NUM_WARPS)
+                          HAS_MASK=attention_mask is not None, DROPOUT=dropout_p > 0,
+                          **launch_constants(q.dtype, head_dim), num_warps=NUM_WARPS)
     return out, lse
 
 
 def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, lse, position_buckets,
                    max_relative_positions, scale, dropout_p, seed):
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    batch, heads, seq_len, head_dim, kr, qr, slots, starts, width, rows = _launch_args(q, pos_key, pos_query,
-                                                                                         position_buckets,
-                                                                                         max_relative_positions)
+    batch, heads, seq_len, head_dim, kr, qr, slots, starts, rows = _launch_args(q, pos_key, pos_query,
+                                                                                  position_buckets,
+                                                                                  max_relative_positions)
     delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_len).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     blocks = triton.cdiv(seq_len, BLOCK_M)
@@ -379,8 +379,7 @@ def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, l
     dqr_parts = torch.zeros_like(dkr_parts)
     mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
     common = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=attention_mask is not None,
-                  DROPOUT=dropout_p > 0, BM=BLOCK_M, BN=BLOCK_N, D=max(16, triton.next_power_of_2(head_dim)), W=width,
-                  PRECISION=_precision(q), num_warps=NUM_WARPS)
+                  DROPOUT=dropout_p > 0, **launch_constants(q.dtype, head_dim), num_warps=NUM_WARPS)
     args = (q, k, v, kr, qr, slots, starts, mask, grad_out, lse, delta, dq, dk, dv, dkr_parts,
             dqr_parts, seq_len, heads, position_buckets, rows, head_dim, scale, dropout_p, seed, blocks,
             blocks_per_program, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1), dkr_parts.stride(1))
