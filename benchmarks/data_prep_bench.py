@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import subprocess
 import sys
@@ -77,6 +78,29 @@ def encode_rates(model: Path, jsonl: Path) -> tuple[float, float]:
     return batched, size / (time.perf_counter() - start)
 
 
+def text_megabytes(jsonl: Path) -> float:
+    """MB of document text in the JSONL (what the peers encode; the file adds its JSON syntax)."""
+    return sum(len(json.loads(line)["text"].encode()) for line in open(jsonl, encoding="utf-8")) / 2 ** 20
+
+
+def _per_text_seconds(model: Path, jsonl: Path) -> float:
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    texts = [json.loads(line)["text"] for line in open(jsonl, encoding="utf-8")]
+    start = time.perf_counter()
+    for text in texts:
+        processor.encode(text)
+    return time.perf_counter() - start
+
+
+def concurrent_encode_rate(model: Path, jsonl: Path, processes: int = 2) -> float:
+    """MB/s of `processes` bare per-text encodes running at once, each over the whole corpus: what
+    this machine gives W busy processes (cores may share execution units or be shared with others)."""
+    size = text_megabytes(jsonl)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        seconds = pool.starmap(_per_text_seconds, [(model, jsonl)] * processes)
+    return sum(size / s for s in seconds)
+
+
 def loader_rate(shards: Path, meta, masking: MaskingConfig, word_start=None, batches: int = 50) -> float:
     special = SpecialIds(mask=meta.mask_id, num_pieces=meta.pieces)
     samples = PretrainingSamples(TokenCorpus([shards]), 512, special, masking, seed=0, word_start=word_start)
@@ -95,16 +119,19 @@ def main() -> None:
     from data_prep.tokenizer import word_start_table
     work = Path(tempfile.mkdtemp(prefix="data_prep_bench_"))
     jsonl = make_jsonl(args.source, work / "corpus.jsonl", args.mb)
-    size_mb = jsonl.stat().st_size / 2 ** 20
+    size_mb, text_mb = jsonl.stat().st_size / 2 ** 20, text_megabytes(jsonl)
     lines = (json.loads(line)["text"] for line in open(jsonl, encoding="utf-8"))
     train_tokenizer(lines, work / "tok", 8000, sample_sentences=200_000)
     ceiling, per_text = encode_rates(work / "tok" / "spm.model", jsonl)
-    print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores; corpus {size_mb:.1f} MB JSONL "
+    print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores; corpus {size_mb:.1f} MB JSONL, "
+          f"{text_mb:.1f} MB of text "
           f"(repeated {args.source.name}); SentencePiece 8k unigram")
     print("| run | seconds | MB/s | peak RSS MB |")
     print("|---|---|---|---|")
-    print(f"| bare spm encode, 1 process, batched (no I/O) | {size_mb / ceiling:.2f} | {ceiling:.1f} | - |")
-    print(f"| bare spm encode, 1 process, one text per call | {size_mb / per_text:.2f} | {per_text:.1f} | - |")
+    print(f"| bare spm encode, 1 process, batched (no I/O) | {text_mb / ceiling:.2f} | {ceiling:.1f} | - |")
+    print(f"| bare spm encode, 1 process, one text per call | {text_mb / per_text:.2f} | {per_text:.1f} | - |")
+    both = concurrent_encode_rate(work / "tok" / "spm.model", jsonl)
+    print(f"| bare spm encode, 2 processes at once, one text per call (aggregate) | - | {both:.1f} | - |")
     for workers in (1, 2):
         command = [sys.executable, "-m", "data_prep", "tokenize", "--input", str(jsonl), "--format", "jsonl",
                    "--output-prefix", str(work / f"w{workers}" / "s"), "--tokenizer", str(work / "tok"),
@@ -112,8 +139,11 @@ def main() -> None:
         seconds, peak = run_measured(command)
         print(f"| data_prep tokenize, {workers} worker(s), whole command | {seconds:.2f} | {size_mb / seconds:.1f} | "
               f"{peak:.0f} |")
-        print(f"|   ratio to {workers} x batched / per-text encode | | {size_mb / seconds / (workers * ceiling):.2f} / "
-              f"{size_mb / seconds / (workers * per_text):.2f} | |")
+        # Ratios over the same document text the peers encode (not the JSONL file size).
+        text_rate = text_mb / seconds
+        print(f"|   ratio to {workers} x batched / per-text encode | | {text_rate / (workers * ceiling):.2f} / "
+              f"{text_rate / (workers * per_text):.2f} | |")
+    print(f"|   2 workers' ratio to 2 bare encodes at once | | {text_rate / both:.2f} | |")
     if args.large_mb:
         large = make_jsonl(args.source, work / "large.jsonl", args.large_mb)
         command = [sys.executable, "-m", "data_prep", "tokenize", "--input", str(large), "--format", "jsonl",
@@ -122,6 +152,8 @@ def main() -> None:
         seconds, peak = run_measured(command)
         print(f"| data_prep tokenize, 2 workers, {large.stat().st_size / 2 ** 20:.0f} MB | {seconds:.1f} | "
               f"{large.stat().st_size / 2 ** 20 / seconds:.1f} | {peak:.0f} |")
+        print(f"|   ratio to 2 x per-text encode / to 2 bare encodes at once | | "
+              f"{text_megabytes(large) / seconds / (2 * per_text):.2f} / {text_megabytes(large) / seconds / both:.2f} | |")
     _, meta = load_tokenizer(work / "tok")
     processor = spm.SentencePieceProcessor(model_file=str(work / "tok" / "spm.model"))
     rtd = loader_rate(work / "w1", meta, MaskingConfig())

@@ -15,6 +15,24 @@ from pathlib import Path
 from data_prep.inputs import DOC_BOUNDARIES, FORMATS, expand_inputs, iterate_blocks, split_block
 
 
+def _positive_int(text: str) -> int:
+    """argparse type; argparse names the flag in the error ('argument --workers: 0 is not ...')."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return int(text)
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} is not a number in (0, 1]")
+    return value
+
+
 def _input_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="input files, globs or directories (searched recursively); .gz is decompressed")
@@ -23,7 +41,7 @@ def _input_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-key", default="text", help="JSONL field holding the document text (default text)")
     parser.add_argument("--doc-boundary", choices=DOC_BOUNDARIES, default="line",
                         help="text only: one document per line, or documents separated by blank lines (default line)")
-    parser.add_argument("--max-piece-bytes", type=int, default=1 << 20,
+    parser.add_argument("--max-piece-bytes", type=_positive_int, default=1 << 20,
                         help="documents longer than this are read and encoded in pieces of at most this many "
                              "bytes, cut at a space (default 1 MiB); bounds memory for huge lines")
 
@@ -50,28 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     corpus = commands.add_parser("default-corpus", help="write the built-in corpus (Python's own documentation)")
     corpus.add_argument("--output", required=True, help="output text file, one document per line")
-    corpus.add_argument("--max-bytes", type=int, help="stop after about this many bytes (default: all, a few MB)")
+    corpus.add_argument("--max-bytes", type=_positive_int,
+                        help="stop after about this many bytes (default: all, a few MB)")
 
     train = commands.add_parser("train-tokenizer", help="train a SentencePiece model with DeBERTaV3's special ids")
     _input_flags(train)
     train.add_argument("--output-dir", required=True, help="directory for spm.model, spm.vocab and tokenizer.json")
-    train.add_argument("--vocab-size", type=int, required=True, help="number of pieces ([MASK] is appended after)")
+    train.add_argument("--vocab-size", type=_positive_int, required=True,
+                       help="number of pieces ([MASK] is appended after)")
     train.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram", help="default unigram")
-    train.add_argument("--character-coverage", type=float, default=0.9995,
+    train.add_argument("--character-coverage", type=_fraction, default=0.9995,
                        help="fraction of characters covered by the vocabulary (default 0.9995)")
-    train.add_argument("--sample-sentences", type=int, default=2_000_000,
+    train.add_argument("--sample-sentences", type=_positive_int, default=2_000_000,
                        help="sentences sampled (reservoir) for training, so a huge corpus needs no RAM "
                             "(default 2,000,000)")
     train.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    train.add_argument("--workers", type=int, default=os.cpu_count(), help="training threads (default: all cores)")
+    train.add_argument("--workers", type=_positive_int, default=os.cpu_count(),
+                       help="training threads (default: all cores)")
 
     tok = commands.add_parser("tokenize", help="tokenise inputs into shards (parallel, streaming, resumable)")
     _input_flags(tok)
     _output_flags(tok, "shard")
     _tokenizer_flag(tok, required=True)
-    tok.add_argument("--workers", type=int, default=os.cpu_count(),
+    tok.add_argument("--workers", type=_positive_int, default=os.cpu_count(),
                      help="encoder processes (default: all cores); the output does not depend on it")
-    tok.add_argument("--shard-tokens", type=int, default=1 << 30,
+    tok.add_argument("--shard-tokens", type=_positive_int, default=1 << 30,
                      help="start a new shard before a document that would take a shard past this many tokens "
                           "(default 2^30)")
     tok.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("paths", nargs="+", metavar="PREFIX_OR_DIR", help="shard prefixes, .idx/.bin files, "
                                                                           "globs or directories")
     _tokenizer_flag(verify, required=False)
-    verify.add_argument("--vocab-size", type=int, help="ids must be below this (default: from --tokenizer)")
+    verify.add_argument("--vocab-size", type=_positive_int, help="ids must be below this (default: from --tokenizer)")
 
     inspect = commands.add_parser("inspect", help="print sizes, length statistics and the first document")
     inspect.add_argument("path", metavar="PREFIX_OR_DIR")
@@ -93,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     split = commands.add_parser("split", help="train/valid split by document (deterministic)")
     split.add_argument("--input", nargs="+", required=True, metavar="PREFIX_OR_DIR", help="shard sets, in order")
     split.add_argument("--output-prefix", required=True, help="writes PREFIX_train.* and PREFIX_valid.*")
-    split.add_argument("--valid-fraction", type=float, default=0.01, help="fraction of documents (default 0.01)")
+    split.add_argument("--valid-fraction", type=_fraction, default=0.01, help="fraction of documents (default 0.01)")
     split.add_argument("--seed", type=int, default=0, help="seed of the per-document choice (default 0)")
     return parser
 

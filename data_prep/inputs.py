@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -140,17 +141,16 @@ def split_block(block: Block, fmt: str, doc_boundary: str, json_key: str):
         # Not stripped: piece cuts count from the raw document start (SentencePiece ignores the edges).
         documents = [(block.data[b:e], block.start + after) for b, e, after in spans]
         return [doc for i, doc in enumerate(documents) if doc[0].strip() or (i == 0 and block.continues)]
-    documents, begin = [], 0
-    while begin < len(block.data):
-        end = block.data.find(b"\n", begin)
-        end = len(block.data) if end < 0 else end
-        line = block.data[begin:end].rstrip(b"\r")
-        if fmt == "text":
-            documents.append((line, block.start + end + 1))
-        elif line.strip():
-            documents.append((_json_text(line, json_key), block.start + end + 1))
-        begin = end + 1
-    return documents
+    lines = block.data.split(b"\n")
+    if lines[-1] == b"":  # the block's final newline ends its last line, it does not start one
+        lines.pop()
+    ends = itertools.accumulate((len(line) + 1 for line in lines), initial=block.start)
+    next(ends)
+    if b"\r" in block.data:
+        lines = [line.rstrip(b"\r") for line in lines]
+    if fmt == "text":
+        return list(zip(lines, ends))
+    return [(_json_text(line, json_key), end) for line, end in zip(lines, ends) if line.strip()]
 
 
 def cut_pieces(data: bytes, max_piece_bytes: int) -> list[bytes]:
@@ -164,9 +164,17 @@ def cut_pieces(data: bytes, max_piece_bytes: int) -> list[bytes]:
     return pieces + [data]
 
 
+_JSON_DECODER = json.JSONDecoder()
+
+
 def _json_text(line: bytes, json_key: str) -> bytes | None:
+    """The text under json_key of a one-line JSON object, as UTF-8 bytes (lone surrogates from
+    \\u escapes kept, so decoding reports them); None for anything else. Same result as
+    json.loads on a UTF-8 line, without its per-call encoding detection (this runs per record)."""
     try:
-        text = json.loads(line)[json_key]
-    except (ValueError, KeyError, TypeError):
+        record = line.decode("utf-8").removeprefix("\ufeff").strip(" \t\r\n")
+        value, end = _JSON_DECODER.raw_decode(record)
+        text = value[json_key] if end == len(record) else None
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: absurdly deep nesting
         return None
     return text.encode("utf-8", errors="surrogatepass") if isinstance(text, str) else None

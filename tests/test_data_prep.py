@@ -82,13 +82,41 @@ def test_blank_line_documents_empty_malformed_and_huge_lines(tmp_path, tokenizer
     assert len(docs[2]) == len(processor.encode("word " * 50_000))  # nothing lost across pieces
 
 
+def test_jsonl_bad_records_are_skipped_and_counted(tmp_path, tokenizer_dir, capsys):
+    surrogate = '{"text": "lone \\ud800 surrogate"}'      # valid JSON, not valid Unicode
+    lines = [json.dumps({"text": "first record"}).encode(),
+             b"",                                           # blank: no record
+             b'{"text": "unterminated',                     # invalid JSON
+             b'{"body": "wrong key"}', b'{"text": 42}', b'["text"]',
+             b"[" * 100_000 + b"]" * 100_000,               # nesting deeper than the parser's recursion limit
+             b'{"text": "a"} trailing',                     # extra data after the object
+             b"\xef\xbb\xbf" + json.dumps({"text": "after a byte-order mark"}).encode(),
+             b'{"text": "bad \xff utf8"}',                  # invalid UTF-8: skipped
+             surrogate.encode(),
+             json.dumps({"text": "crlf line end"}).encode() + b"\r",
+             json.dumps({"text": "word " * 3000}).encode()]  # over --max-piece-bytes: encoded in pieces
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    assert cli(["tokenize", "--input", str(source), "--format", "jsonl", "--output-dir", str(tmp_path / "s"),
+                "--tokenizer", str(tokenizer_dir), "--max-piece-bytes", "4096", "--no-progress"]) == 0
+    report = capsys.readouterr().out
+    assert "documents 5" in report and "skipped 7" in report and "malformed-utf8 1" in report, report
+    assert "split 1" in report and "empty 0" in report, report
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "spm.model"))
+    replaced = json.loads(surrogate)["text"].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    expected = processor.encode(["first record", "after a byte-order mark", replaced, "crlf line end",
+                                 "word " * 3000])
+    assert read_documents(tmp_path / "s") == expected
+
+
 def test_empty_documents_are_counted_in_line_mode(tmp_path, tokenizer_dir, capsys):
     source = tmp_path / "in.txt"
-    source.write_text("one\n\n   \ntwo\n")
+    source.write_bytes(b"one\r\n\n   \ntwo")            # a CRLF line end, and no newline at the end
     cli(["tokenize", "--input", str(source), "--output-dir", str(tmp_path / "s"), "--tokenizer",
          str(tokenizer_dir), "--no-progress"])
     assert "documents 2" in capsys.readouterr().out
-    assert len(read_documents(tmp_path / "s")) == 2
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "spm.model"))
+    assert read_documents(tmp_path / "s") == processor.encode(["one", "two"])
 
 
 def test_megatron_core_reads_our_shards(tmp_path, small_corpus, tokenizer_dir):
@@ -226,6 +254,21 @@ def test_missing_input_is_a_clear_error(tmp_path, tokenizer_dir, capsys):
     assert cli(["tokenize", "--input", str(tmp_path / "nope.txt"), "--output-dir", str(tmp_path),
                 "--tokenizer", str(tokenizer_dir)]) == 1
     assert "--input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    ("tokenize", "--workers", "0"), ("tokenize", "--max-piece-bytes", "0"), ("tokenize", "--shard-tokens", "-5"),
+    ("train-tokenizer", "--vocab-size", "many"), ("train-tokenizer", "--character-coverage", "1.5"),
+    ("split", "--valid-fraction", "0")])
+def test_bad_numeric_flags_are_clear_errors(tmp_path, command, flag, value, capsys):
+    """Rejected by the parser with the flag's name (a zero piece size used to loop forever)."""
+    required = {"tokenize": ["--output-dir", str(tmp_path), "--tokenizer", str(tmp_path)],
+                "train-tokenizer": ["--output-dir", str(tmp_path), "--vocab-size", "100"],
+                "split": ["--output-prefix", str(tmp_path / "p")]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        cli([command, "--input", str(tmp_path), *required, flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {value} is not a" in capsys.readouterr().err
 
 
 def test_every_command_has_help():
