@@ -167,19 +167,16 @@ def _interval_sums(x, lo, hi):
 
 
 @triton.jit
-def _window_sum(x, offs_rows, first_col, saturated, slot_start_ptr, window_start, table_rows,
-                ROWS_ARE_QUERIES: tl.constexpr, W: tl.constexpr):
+def _window_sum(x, offs_rows, first_col, slot_start_ptr, window_start, table_rows, ROWS_ARE_QUERIES: tl.constexpr,
+                W: tl.constexpr):
     """Scatter-add of a tile's score gradients x [R, C] into its slot window [R, W] (sum over C).
 
     Slots are monotone in i - j, so the columns of one row that share a slot are a contiguous
     run, found from the first distance of each slot (`slot_start`): each window entry is a
     difference of two prefix sums, O(R * (C + W)) instead of a [R, C, W] one-hot. Rows are
     queries (columns keys: a slot's run ends at j = i - start) or keys (columns queries: it
-    starts at i = j + start). A saturated tile has one slot: its row sums."""
-    windows = tl.arange(0, W)
-    if saturated:
-        return tl.where(windows[None, :] == 0, tl.sum(x, axis=1)[:, None], 0.0)
-    slots = window_start + windows
+    starts at i = j + start)."""
+    slots = window_start + tl.arange(0, W)
     start = tl.load(slot_start_ptr + tl.minimum(slots, table_rows))[None, :]         # first i - j of slot
     start_next = tl.load(slot_start_ptr + tl.minimum(slots + 1, table_rows))[None, :]
     width = x.shape[1]
@@ -198,15 +195,26 @@ def _position_grads(ds_rows, offs_rows, first_col, operand, table_ptr, part_ptr,
                     ROWS_ARE_QUERIES: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
     """One positional term's gradients for a tile whose score gradients are ds_rows [R, C] (rows =
     the side the term multiplies, `operand` [R, D]): adds d_window^T @ operand to this program's
-    partial of the table gradient and returns d_window @ table, the operand's gradient [R, D]."""
-    d_window = _window_sum(ds_rows, offs_rows, first_col, saturated, slot_start_ptr, window_start,   # [R, W]
-                           table_rows, ROWS_ARE_QUERIES, W)
-    window_mask = row_in[:, None] & d_mask[None, :]
-    table = tl.load(table_ptr + rows[:, None] * stride_r + offs_d[None, :], mask=window_mask, other=0.0)
-    partial = part_ptr + rows[:, None] * stride_r + offs_d[None, :]
-    table_grad = tl.dot(tl.trans(d_window), operand.to(tl.float32), input_precision=PRECISION)
-    tl.store(partial, tl.load(partial, mask=window_mask, other=0.0) + table_grad, mask=window_mask)
-    return tl.dot(d_window.to(table.dtype), table, input_precision=PRECISION)
+    partial of the table gradient and returns d_window @ table, the operand's gradient [R, D].
+    A saturated tile (one slot for every pair, most tiles at long L) has one window column, the
+    row sums: both products are then vector operations, not [R, W] matmuls."""
+    if saturated:
+        d_rows = tl.sum(ds_rows, axis=1)                                                  # [R]
+        table_row = tl.load(table_ptr + window_start * stride_r + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        partial_row = part_ptr + window_start * stride_r + offs_d
+        row_grad = tl.sum(d_rows[:, None] * operand.to(tl.float32), axis=0)              # [D]
+        tl.store(partial_row, tl.load(partial_row, mask=d_mask, other=0.0) + row_grad, mask=d_mask)
+        operand_grad = d_rows[:, None] * table_row[None, :]
+    else:
+        d_window = _window_sum(ds_rows, offs_rows, first_col, slot_start_ptr, window_start, table_rows,  # [R, W]
+                               ROWS_ARE_QUERIES, W)
+        window_mask = row_in[:, None] & d_mask[None, :]
+        table = tl.load(table_ptr + rows[:, None] * stride_r + offs_d[None, :], mask=window_mask, other=0.0)
+        partial = part_ptr + rows[:, None] * stride_r + offs_d[None, :]
+        table_grad = tl.dot(tl.trans(d_window), operand.to(tl.float32), input_precision=PRECISION)
+        tl.store(partial, tl.load(partial, mask=window_mask, other=0.0) + table_grad, mask=window_mask)
+        operand_grad = tl.dot(d_window.to(table.dtype), table, input_precision=PRECISION)
+    return operand_grad
 
 
 @triton.jit
