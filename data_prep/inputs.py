@@ -144,8 +144,8 @@ def split_block(block: Block, fmt: str, doc_boundary: str, json_key: str):
     lines = block.data.split(b"\n")
     if lines[-1] == b"":  # the block's final newline ends its last line, it does not start one
         lines.pop()
-    ends = itertools.accumulate((len(line) + 1 for line in lines), initial=block.start)
-    next(ends)
+    # Input offset just after each line's newline (as if there were one after an unterminated last line).
+    ends = [block.start + end for end in itertools.accumulate(len(line) + 1 for line in lines)]
     if b"\r" in block.data:
         lines = [line.rstrip(b"\r") for line in lines]
     if fmt == "text":
