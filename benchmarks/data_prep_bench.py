@@ -152,8 +152,9 @@ def main() -> None:
         seconds, peak = run_measured(command)
         print(f"| data_prep tokenize, 2 workers, {large.stat().st_size / 2 ** 20:.0f} MB | {seconds:.1f} | "
               f"{large.stat().st_size / 2 ** 20 / seconds:.1f} | {peak:.0f} |")
+        large_rate = text_megabytes(large) / seconds
         print(f"|   ratio to 2 x per-text encode / to 2 bare encodes at once | | "
-              f"{text_megabytes(large) / seconds / (2 * per_text):.2f} / {text_megabytes(large) / seconds / both:.2f} | |")
+              f"{large_rate / (2 * per_text):.2f} / {large_rate / both:.2f} | |")
     _, meta = load_tokenizer(work / "tok")
     processor = spm.SentencePieceProcessor(model_file=str(work / "tok" / "spm.model"))
     rtd = loader_rate(work / "w1", meta, MaskingConfig())
