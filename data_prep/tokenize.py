@@ -5,9 +5,8 @@ processes split, decode and encode them with SentencePiece, and the main process
 the ids in input order, so the output does not depend on W. At most 2 W blocks are in flight,
 so memory is bounded by the block size, not the corpus. A manifest (PREFIX.manifest.json)
 records the job (inputs, tokenizer hash, settings) and every finished shard with the input
-position after its last document;
-re-running the same command after a kill continues from the last finished shard and
-produces byte-identical output.
+position after its last document; re-running the same command after a kill continues from
+the last finished shard and produces byte-identical output.
 """
 
 from __future__ import annotations
