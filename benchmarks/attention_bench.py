@@ -8,8 +8,9 @@ peak attention memory, for
   hf       transformers DebertaV2 DisentangledSelfAttention, eager (includes its q/k/v projections)
   flashdeberta  when the package imports
   sdpa     torch scaled_dot_product_attention (flash) on the same q, k, v WITHOUT position terms
-TFLOP/s counts the c2c and PV products only (4 B h L^2 d forward, 2.5x that backward). A last
-line gives the fused kernel's peak memory at B = 1 (B x h = 12) and the longest L.
+TFLOP/s counts the c2c and PV products only (4 B h L^2 d forward, 2.5x that backward). The last
+column is the fused kernel's tensor-core work over SDPA's at that length (`kernel_work.py`). A
+last line gives the fused kernel's peak memory at B = 1 (B x h = 12) and the longest L.
 
     python benchmarks/attention_bench.py [--tokens 65536] [--lengths 128 512 2048]
 
@@ -24,13 +25,18 @@ import datetime
 import inspect
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from deberta_ds.kernels.fused import disentangled_attention_fused
-from deberta_ds.kernels.reference import disentangled_attention_reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.kernel_work import work_ratios  # noqa: E402
+from deberta_ds.kernels.fused import disentangled_attention_fused  # noqa: E402
+from deberta_ds.kernels.reference import disentangled_attention_reference  # noqa: E402
 
 HEADS, HEAD_DIM, BUCKETS, MAX_REL = 12, 64, 256, 512
 
@@ -150,20 +156,24 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke run: numbers mean nothing)"
     print(f"device: {name}, date: {datetime.date.today()}, torch {torch.__version__}, "
           f"h={HEADS} d={HEAD_DIM} buckets={BUCKETS}")
-    print("| L | B | impl | fwd ms | fwd+bwd ms | peak MB | fwd+bwd TFLOP/s | fwd+bwd speed-up of fused |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| L | B | impl | fwd ms | fwd+bwd ms | peak MB | fwd+bwd TFLOP/s | fwd+bwd speed-up of fused | "
+          "fwd+bwd products / SDPA's |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for seq_len in args.lengths:
         batch = max(1, args.tokens // seq_len)
         rows = measure(batch, seq_len, args.device, args.repeats)
         flops = 4 * batch * HEADS * seq_len ** 2 * HEAD_DIM * 3.5
         fused = rows.get("fused")
+        # The fused kernel's tensor-core work over SDPA's (benchmarks/kernel_work.py): its time ratio to
+        # SDPA divided by this is how much slower it runs each product than SDPA does.
+        work = {"fused": f"{work_ratios(seq_len, BUCKETS, MAX_REL, HEAD_DIM)['total']:.2f}x", "sdpa": "1x"}
         for impl, row in rows.items():
             if row is None:
-                print(f"| {seq_len} | {batch} | {impl} | OOM | OOM | OOM | - | - |")
+                print(f"| {seq_len} | {batch} | {impl} | OOM | OOM | OOM | - | - | {work.get(impl, '-')} |")
                 continue
             ratio = row[1] / fused[1] if fused else float("nan")
             print(f"| {seq_len} | {batch} | {impl} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.0f} | "
-                  f"{flops / row[1] / 1e9:.1f} | {ratio:.2f}x |")
+                  f"{flops / row[1] / 1e9:.1f} | {ratio:.2f}x | {work.get(impl, '-')} |")
     longest = max(args.lengths)
     fused = candidates(1, longest, args.device, fused_only=True)["fused"]
     print(f"fused fwd+bwd peak memory at L={longest}, B*h={HEADS}: {peak_mb(forward_backward(fused)):.0f} MB "
