@@ -62,43 +62,42 @@ def run_measured(command: list[str]) -> tuple[float, float]:
     return time.perf_counter() - start, peak / 2 ** 20
 
 
-def encode_rates(model: Path, jsonl: Path) -> tuple[float, float]:
-    """MB/s of bare SentencePiece in one process: batched (1000 texts a call, one thread) and one
-    text per call (how a plain Python loop, e.g. Megatron's preprocess script, calls it)."""
+def read_texts(jsonl: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in open(jsonl, encoding="utf-8")]
+
+
+def text_megabytes(texts: list[str]) -> float:
+    """MB of document text (what the peers encode; the JSONL file adds its JSON syntax)."""
+    return sum(len(text.encode()) for text in texts) / 2 ** 20
+
+
+def _per_text_seconds(model: Path, texts: list[str]) -> float:
+    """Seconds to encode `texts` one per call (how a plain Python loop, e.g. Megatron's
+    preprocess script, calls SentencePiece)."""
     processor = spm.SentencePieceProcessor(model_file=str(model))
-    texts = [json.loads(line)["text"] for line in open(jsonl, encoding="utf-8")]
-    size = sum(len(t.encode()) for t in texts) / 2 ** 20
-    start = time.perf_counter()
-    for i in range(0, len(texts), 1000):
-        processor.encode(texts[i:i + 1000], num_threads=1)
-    batched = size / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for text in texts:
-        processor.encode(text)
-    return batched, size / (time.perf_counter() - start)
-
-
-def text_megabytes(jsonl: Path) -> float:
-    """MB of document text in the JSONL (what the peers encode; the file adds its JSON syntax)."""
-    return sum(len(json.loads(line)["text"].encode()) for line in open(jsonl, encoding="utf-8")) / 2 ** 20
-
-
-def _per_text_seconds(model: Path, jsonl: Path) -> float:
-    processor = spm.SentencePieceProcessor(model_file=str(model))
-    texts = [json.loads(line)["text"] for line in open(jsonl, encoding="utf-8")]
     start = time.perf_counter()
     for text in texts:
         processor.encode(text)
     return time.perf_counter() - start
 
 
-def concurrent_encode_rate(model: Path, jsonl: Path, processes: int = 2) -> float:
-    """MB/s of `processes` bare per-text encodes running at once, each over the whole corpus: what
-    this machine gives W busy processes (cores may share execution units or be shared with others)."""
-    size = text_megabytes(jsonl)
+def encode_rates(model: Path, texts: list[str], megabytes: float) -> tuple[float, float]:
+    """MB/s of bare SentencePiece in one process: batched (1000 texts a call, one thread) and one
+    text per call."""
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    start = time.perf_counter()
+    for i in range(0, len(texts), 1000):
+        processor.encode(texts[i:i + 1000], num_threads=1)
+    return megabytes / (time.perf_counter() - start), megabytes / _per_text_seconds(model, texts)
+
+
+def concurrent_encode_rate(model: Path, texts: list[str], megabytes: float, processes: int = 2) -> float:
+    """MB/s of `processes` bare per-text encodes running at once, each over all texts: what this
+    machine gives W busy processes (cores may share execution units or be shared with others).
+    Each worker times only its encoding, not receiving the texts."""
     with multiprocessing.get_context("fork").Pool(processes) as pool:
-        seconds = pool.starmap(_per_text_seconds, [(model, jsonl)] * processes)
-    return sum(size / s for s in seconds)
+        seconds = pool.starmap(_per_text_seconds, [(model, texts)] * processes)
+    return sum(megabytes / s for s in seconds)
 
 
 def loader_rate(shards: Path, meta, masking: MaskingConfig, word_start=None, batches: int = 50) -> float:
@@ -119,10 +118,10 @@ def main() -> None:
     from data_prep.tokenizer import word_start_table
     work = Path(tempfile.mkdtemp(prefix="data_prep_bench_"))
     jsonl = make_jsonl(args.source, work / "corpus.jsonl", args.mb)
-    size_mb, text_mb = jsonl.stat().st_size / 2 ** 20, text_megabytes(jsonl)
-    lines = (json.loads(line)["text"] for line in open(jsonl, encoding="utf-8"))
-    train_tokenizer(lines, work / "tok", 8000, sample_sentences=200_000)
-    ceiling, per_text = encode_rates(work / "tok" / "spm.model", jsonl)
+    texts = read_texts(jsonl)
+    size_mb, text_mb = jsonl.stat().st_size / 2 ** 20, text_megabytes(texts)
+    train_tokenizer(iter(texts), work / "tok", 8000, sample_sentences=200_000)
+    ceiling, per_text = encode_rates(work / "tok" / "spm.model", texts, text_mb)
     print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores; corpus {size_mb:.1f} MB JSONL, "
           f"{text_mb:.1f} MB of text "
           f"(repeated {args.source.name}); SentencePiece 8k unigram")
@@ -130,7 +129,7 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| bare spm encode, 1 process, batched (no I/O) | {text_mb / ceiling:.2f} | {ceiling:.1f} | - |")
     print(f"| bare spm encode, 1 process, one text per call | {text_mb / per_text:.2f} | {per_text:.1f} | - |")
-    both = concurrent_encode_rate(work / "tok" / "spm.model", jsonl)
+    both = concurrent_encode_rate(work / "tok" / "spm.model", texts, text_mb)
     print(f"| bare spm encode, 2 processes at once, one text per call (aggregate) | - | {both:.1f} | - |")
     for workers in (1, 2):
         command = [sys.executable, "-m", "data_prep", "tokenize", "--input", str(jsonl), "--format", "jsonl",
@@ -152,7 +151,7 @@ def main() -> None:
         seconds, peak = run_measured(command)
         print(f"| data_prep tokenize, 2 workers, {large.stat().st_size / 2 ** 20:.0f} MB | {seconds:.1f} | "
               f"{large.stat().st_size / 2 ** 20 / seconds:.1f} | {peak:.0f} |")
-        large_rate = text_megabytes(large) / seconds
+        large_rate = text_megabytes(read_texts(large)) / seconds
         print(f"|   ratio to 2 x per-text encode / to 2 bare encodes at once | | "
               f"{large_rate / (2 * per_text):.2f} / {large_rate / both:.2f} | |")
     _, meta = load_tokenizer(work / "tok")

@@ -187,7 +187,7 @@ def encoder_from_hf(hf_dir: str | Path) -> Encoder:
     model_config = hf_to_model_config(config, f"{hf_dir}/config.json")
     encoder = Encoder(model_config)
     load_strict(encoder, _encoder_state_from_hf(state, _backbone_prefix(state, str(hf_dir)), str(hf_dir)),
-                 str(hf_dir))
+                str(hf_dir))
     return encoder
 
 

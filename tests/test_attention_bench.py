@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernel_helpers import tile_kinds
 from tests.proc_helpers import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,21 +27,12 @@ def test_attention_bench_smoke_run_on_cpu():
 
 
 def test_kernel_work_model_counts_tiles_like_the_kernel():
-    """benchmarks/kernel_work.py classifies tiles per diagonal; check it against a tile-by-tile count
-    (the kernel's own test: one slot over the tile's clamped distances)."""
-    import torch
-
+    """benchmarks/kernel_work.py classifies tiles per diagonal; check it against a tile-by-tile count."""
     from benchmarks.kernel_work import tile_counts, work_ratios
-    from deberta_ds.kernels.triton_attention import BLOCK_M, BLOCK_N, slot_table
 
     for L, k, max_rel in [(300, 32, 64), (70, 8, 24), (1000, 64, 128), (33, 4, 8)]:
-        slots, tiles, saturated = slot_table(L, k, max_rel, "cpu"), 0, 0
-        for m0 in range(0, L, BLOCK_M):
-            for n0 in range(0, L, BLOCK_N):
-                rel = torch.arange(m0, m0 + BLOCK_M)[:, None] - torch.arange(n0, n0 + BLOCK_N)[None, :]
-                tile = slots[(rel + L - 1).clamp(0, 2 * L - 2)]
-                tiles, saturated = tiles + 1, saturated + int(tile.min() == tile.max())
-        assert tile_counts(L, k, max_rel) == (tiles, saturated), (L, k, max_rel)
-        assert 0 < saturated < tiles or L < 100
+        kinds = tile_kinds(L, k, max_rel)
+        assert tile_counts(L, k, max_rel) == (kinds.total(), kinds["saturated"]), (L, k, max_rel)
+        assert 0 < kinds["saturated"] < kinds.total() or L < 100
     no_saturation = work_ratios(128, 256, 512)  # every tile has its windows: 2 + 4 units vs 2 forward
     assert no_saturation["saturated"] == 0 and no_saturation["forward"] == 3.0

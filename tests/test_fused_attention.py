@@ -13,6 +13,7 @@ import torch
 
 from deberta_ds.kernels.fused import disentangled_attention_fused
 from deberta_ds.kernels.reference import attention_scores, disentangled_attention_reference
+from tests.kernel_helpers import tile_kinds
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 SHAPES = [  # (B, h, L, d, buckets, max_relative)
@@ -26,21 +27,9 @@ SHAPES = [  # (B, h, L, d, buckets, max_relative)
 
 def test_shapes_cover_every_tile_kind():
     """Linear-band, saturated and mixed 32 x 32 tiles all occur in SHAPES (the kernel branches on them)."""
-    from deberta_ds.kernels.triton_attention import BLOCK_M, BLOCK_N, slot_table
-
     kinds = set()
     for _, _, L, _, k, max_rel in SHAPES:
-        slots = slot_table(L, k, max_rel, "cpu")
-        for m0 in range(0, L, BLOCK_M):
-            for n0 in range(0, L, BLOCK_N):
-                rel = torch.arange(m0, m0 + BLOCK_M)[:, None] - torch.arange(n0, n0 + BLOCK_N)[None, :]
-                tile = slots[(rel + L - 1).clamp(0, 2 * L - 2)]
-                if rel.abs().max() <= k // 2:
-                    kinds.add("linear")
-                elif tile.min() == tile.max():
-                    kinds.add("saturated")
-                else:
-                    kinds.add("mixed")
+        kinds |= set(tile_kinds(L, k, max_rel))
     assert kinds == {"linear", "saturated", "mixed"}
 
 

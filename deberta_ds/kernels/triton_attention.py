@@ -53,8 +53,8 @@ def _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets):
 def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, offs_m, offs_n, seq_len, buckets, table_rows, stride_r, offs_d,
                  d_mask, scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, W: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """Scaled scores of one tile [BM, BN], the tile's slot window (start, local index) and whether
-    the tile is saturated (one slot for every pair: the terms are a row plus a column vector)."""
+    """Scaled scores of one tile [BM, BN], the first slot of its window and whether the tile is
+    saturated (one slot for every pair: the terms are a row plus a column vector)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     slot = _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets)       # [BM, BN] int32
     window_start = tl.min(tl.min(slot, axis=1), axis=0)
@@ -80,7 +80,7 @@ def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, offs_m, offs_n, seq_len, bucket
                          mask=row_ok[:, None] & d_mask[None, :], other=0.0)
             p2c_window = tl.dot(k, tl.trans(qr), input_precision=PRECISION)               # [BN, W]
             s += tl.trans(tl.gather(p2c_window, tl.trans(local), axis=1))
-    return s * scale, window_start, local, saturated
+    return s * scale, window_start, saturated
 
 
 @triton.jit
@@ -133,7 +133,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, out
     for start_n in range(0, seq_len, BN):
         offs_n = start_n + tl.arange(0, BN)
         k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-        s, _, _, _ = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, buckets, table_rows,
+        s, _, _ = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, buckets, table_rows,
                                   stride_r, offs_d, d_mask, scale, HAS_C2P, HAS_P2C, W, PRECISION)
         keep = col_ok
         if HAS_MASK:
@@ -190,7 +190,7 @@ def _window_sum(x, offs_rows, first_col, slot_start_ptr, window_start, table_row
 
 
 @triton.jit
-def _position_grads(ds_rows, offs_rows, first_col, operand, table_ptr, part_ptr, rows, row_in, saturated,
+def _position_grads(ds_rows, offs_rows, first_col, operand, table_ptr, part_ptr, saturated,
                     slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask,
                     ROWS_ARE_QUERIES: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
     """One positional term's gradients for a tile whose score gradients are ds_rows [R, C] (rows =
@@ -208,7 +208,8 @@ def _position_grads(ds_rows, offs_rows, first_col, operand, table_ptr, part_ptr,
     else:
         d_window = _window_sum(ds_rows, offs_rows, first_col, slot_start_ptr, window_start, table_rows,  # [R, W]
                                ROWS_ARE_QUERIES, W)
-        window_mask = row_in[:, None] & d_mask[None, :]
+        rows = window_start + tl.arange(0, W)
+        window_mask = (rows < table_rows)[:, None] & d_mask[None, :]
         table = tl.load(table_ptr + rows[:, None] * stride_r + offs_d[None, :], mask=window_mask, other=0.0)
         partial = part_ptr + rows[:, None] * stride_r + offs_d[None, :]
         table_grad = tl.dot(tl.trans(d_window), operand.to(tl.float32), input_precision=PRECISION)
@@ -255,9 +256,9 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_p
             else:
                 offs_n = start + tl.arange(0, BN)
                 k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-            s, window_start, _, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len,
-                                                             buckets, table_rows, stride_r, offs_d, d_mask, scale,
-                                                             HAS_C2P, HAS_P2C, W, PRECISION)
+            s, window_start, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len,
+                                                      buckets, table_rows, stride_r, offs_d, d_mask, scale,
+                                                      HAS_C2P, HAS_P2C, W, PRECISION)
             keep = col_ok[None, :] & row_ok[:, None]
             if HAS_MASK:
                 key_keep = tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0
@@ -271,21 +272,19 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_p
                 p_used = tl.where(kept, p / (1.0 - dropout_p), 0.0)
                 dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None]) * scale                            # d(score before scaling)
-            rows = window_start + tl.arange(0, W)
-            row_in = rows < table_rows
             if KEY_SIDE:
                 dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
                 if HAS_P2C:  # p2c[i, j] = k_j . Qr[s]: dK from Qr, dQr from k
-                    dk += _position_grads(tl.trans(ds), offs_n, start, k, qr_base, dqr_part_ptr + part, rows, row_in,
-                                          saturated, slot_start_ptr, window_start, table_rows, stride_r, offs_d,
-                                          d_mask, False, W, PRECISION)
+                    dk += _position_grads(tl.trans(ds), offs_n, start, k, qr_base, dqr_part_ptr + part, saturated,
+                                          slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask, False,
+                                          W, PRECISION)
             else:
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
                 if HAS_C2P:  # c2p[i, j] = q_i . Kr[s]: dQ from Kr, dKr from q
-                    dq += _position_grads(ds, offs_m, start, q, kr_base, dkr_part_ptr + part, rows, row_in,
-                                          saturated, slot_start_ptr, window_start, table_rows, stride_r, offs_d,
-                                          d_mask, True, W, PRECISION)
+                    dq += _position_grads(ds, offs_m, start, q, kr_base, dkr_part_ptr + part, saturated,
+                                          slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask, True,
+                                          W, PRECISION)
         if KEY_SIDE:
             store = col_ok[:, None] & d_mask[None, :]
             tl.store(dk_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -363,8 +362,7 @@ def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets,
     mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
     grid = (triton.cdiv(seq_len, BLOCK_M), batch * heads)
     _forward_kernel[grid](q, k, v, kr, qr, slots, mask, out, lse, seq_len, heads, position_buckets, rows, head_dim,
-                          scale,
-                          dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
+                          scale, dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
                           HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
                           HAS_MASK=attention_mask is not None, DROPOUT=dropout_p > 0,
                           **launch_constants(q.dtype, head_dim), num_warps=NUM_WARPS)
