@@ -37,6 +37,8 @@ def init_distributed() -> None:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    if torch.cuda.is_available():  # NCCL's communicators bind to the current device: this rank's own
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if get_accelerator().device_name() == "cpu":
         dist.barrier()

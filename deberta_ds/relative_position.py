@@ -30,19 +30,19 @@ def log_bucket(relative: torch.Tensor, position_buckets: int, max_relative_posit
 
 
 @functools.lru_cache(maxsize=64)
-def _slot_table_cpu(query_len: int, key_len: int, position_buckets: int, max_relative_positions: int):
+def _slot_table(query_len: int, key_len: int, position_buckets: int, max_relative_positions: int,
+                device: torch.device) -> torch.Tensor:
     relative = torch.arange(query_len)[:, None] - torch.arange(key_len)[None, :]  # [Lq, Lk]
     slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
-    return slots.clamp_(0, 2 * position_buckets - 1)
+    return slots.clamp_(0, 2 * position_buckets - 1).to(device)
 
 
 def relative_slots(query_len: int, key_len: int, position_buckets: int, max_relative_positions: int,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """idx[i, j] = clamp(bucket(i - j) + k, 0, 2k - 1): the row of the relative table for (i, j).
 
-    Returns int64 [query_len, key_len]. Slots grow with i - j, so the reachable slots at this
-    length are the contiguous range [idx[0, -1], idx[-1, 0]].
+    Returns int64 [query_len, key_len], built once per shape and device (every layer of every
+    step reuses it: no rebuild, no host-to-GPU copy). Slots grow with i - j, so the reachable
+    slots at this length are the contiguous range [idx[0, -1], idx[-1, 0]].
     """
-    table = _slot_table_cpu(query_len, key_len, position_buckets, max_relative_positions)
-    return table.to(device)
-
+    return _slot_table(query_len, key_len, position_buckets, max_relative_positions, torch.device(device))

@@ -81,8 +81,7 @@ def dropout_streams(seed: int):
     mask drawn again after restoring the checkpointed RNG states."""
     from deberta_ds.kernels.reference import disentangled_attention_reference
     from deberta_ds.parallel import state
-    from deberta_ds.parallel.random import fork_tp_rng, seed_streams
-    from deberta_ds.training.checkpoint import _rng_state, _set_rng_state
+    from deberta_ds.parallel.random import fork_tp_rng, get_rng_states, seed_streams, set_rng_states
 
     state.initialize(2)
     try:
@@ -97,9 +96,9 @@ def dropout_streams(seed: int):
             return out[0, 0] != 0                                            # [32, 32] kept probabilities
 
         replicated = torch.nn.functional.dropout(torch.ones(64), 0.5) != 0   # default stream
-        saved = _rng_state()
+        saved = get_rng_states()
         first = attention_mask()
-        _set_rng_state(saved)
+        set_rng_states(saved)
         again = attention_mask()
         masks = [torch.empty(2, 1024, dtype=torch.bool) for _ in range(4)]
         dist.all_gather(masks, torch.stack([first.flatten(), torch.nn.functional.pad(replicated, (0, 960))]))

@@ -48,4 +48,4 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
         checkpoint.save(tmp_path, {"joint": _Engine()}, step, {"step": step}, 0, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000005"]
     assert checkpoint.find_latest(tmp_path).name == "step_00000005"
-    assert torch.load(tmp_path / "step_00000005" / "rng_rank0.pt", weights_only=False)["torch"].dtype == torch.uint8
+    assert torch.load(tmp_path / "step_00000005" / "rng_rank0.pt", weights_only=False)["generators"]["cpu"].dtype == torch.uint8

@@ -97,8 +97,9 @@ def gdes_isolation_under_zero3(run: dict) -> dict:
     """One discriminator-only and one generator-only step with two ZeRO-3 engines."""
     import deepspeed
 
+    from deberta_ds.training.prefetch import to_tensors
     from deberta_ds.training.run_config import run_config_from_dict
-    from deberta_ds.training.trainer import Trainer, to_tensors
+    from deberta_ds.training.trainer import Trainer
 
     trainer = Trainer(run_config_from_dict(run), resume="none")
     model, engines = trainer.model, trainer.engines
@@ -136,3 +137,22 @@ def test_gdes_steps_are_isolated_under_zero3(train_shards, tmp_path):
     assert not torch.equal(state["after_disc"]["delta"], state["before"]["delta"])  # the step did something
     assert torch.equal(state["after_gen"]["delta"], state["after_disc"]["delta"])   # bitwise
     assert not torch.equal(state["after_gen"]["e_g"], state["after_disc"]["e_g"])
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_matches_under_zero0_zero3_and_tp2(train_shards, tmp_path):
+    """The same 3 steps with and without `train.activation_checkpointing: layers`, dropout on:
+    identical losses and weights (bitwise: the recomputation replays the same operations on the
+    same RNG states) at ZeRO-0 and ZeRO-3 over 2 data-parallel ranks, and at TP = 2."""
+    def run(name, checkpointing, **train):
+        train = {"steps": 3, "activation_checkpointing": checkpointing, **train}
+        return tiny_run(train_shards, tmp_path / f"{name}_{checkpointing}", train=train)
+
+    data_parallel = [run("zero0", c) for c in ("none", "layers")] + \
+        [run("zero3", c, zero_stage=3, ds_overrides=ZERO3_PARTITION_EVERYTHING) for c in ("none", "layers")]
+    tensor_parallel = [run("tp2", c, tp=2, global_batch_size=4, micro_batch_size=4) for c in ("none", "layers")]
+    results = run_distributed(train_runs, 2, data_parallel + tensor_parallel, tmp_dir=tmp_path)
+    for plain, checkpointed, label in zip(results[::2], results[1::2], ("zero0", "zero3", "tp2")):
+        assert plain["losses"] == checkpointed["losses"], label
+        for name, tensor in plain["weights"].items():
+            assert torch.equal(tensor, checkpointed["weights"][name]), (label, name)

@@ -15,7 +15,7 @@ from deberta_ds.kernels import disentangled_attention
 from deberta_ds.parallel import state
 from deberta_ds.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         init_partitioned_, parallel_embedding)
-from deberta_ds.parallel.random import fork_tp_rng
+from deberta_ds.parallel.random import checkpoint, fork_tp_rng
 
 
 def layer_norm(size: int, eps: float) -> nn.Module:
@@ -162,8 +162,17 @@ class Encoder(nn.Module):
         self.rel_embeddings = nn.Parameter(torch.empty(2 * config.position_buckets, config.hidden_size))
         self.rel_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        # Recompute each layer in the backward instead of keeping its activations (a run-time
+        # choice of the trainer, not part of the model's shape: see set_activation_checkpointing).
+        self.activation_checkpointing = False
         init_weights(self, config.initializer_range)
         nn.init.normal_(self.rel_embeddings, std=config.initializer_range)
+
+    def run_layer(self, layer: EncoderLayer, hidden, attention_mask, rel_table, query_states=None):
+        """One layer, recomputed in the backward when activation checkpointing is on."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, hidden, attention_mask, rel_table, query_states)
+        return layer(hidden, attention_mask, rel_table, query_states)
 
     def relative_table(self) -> torch.Tensor:
         return self.rel_norm(self.rel_embeddings)                             # [2k, H]
@@ -177,5 +186,13 @@ class Encoder(nn.Module):
         hidden = self.embeddings(input_ids, attention_mask, inputs_embeds, word_embedding_weight)
         rel_table = self.relative_table()
         for layer in self.layers[:num_layers]:
-            hidden = layer(hidden, attention_mask, rel_table)
+            hidden = self.run_layer(layer, hidden, attention_mask, rel_table)
         return hidden
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Every encoder inside `model` (generator, discriminator, the EMD's layer calls) recomputes
+    its layers in the backward (enabled) or keeps their activations."""
+    for module in model.modules():
+        if isinstance(module, Encoder):
+            module.activation_checkpointing = enabled

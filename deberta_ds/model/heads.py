@@ -34,7 +34,7 @@ class EnhancedMaskDecoder(nn.Module):
         query = kv_states + positions
         last_layer = encoder.layers[-1]
         for _ in range(2):
-            query = last_layer(kv_states, attention_mask, rel_table, query_states=query)
+            query = encoder.run_layer(last_layer, kv_states, attention_mask, rel_table, query_states=query)
         return query
 
 

@@ -3,7 +3,7 @@
 Layout under OUTPUT/checkpoints/:
     step_00000012/<engine>/...        DeepSpeed's files, one folder per engine (joint | generator, discriminator)
     step_00000012/trainer_state.json  step, consumed samples, run config, tokenizer metadata, world size
-    step_00000012/rng_rank{r}.pt      each rank's RNG states (default and tensor-parallel streams)
+    step_00000012/rng_rank{r}.pt      each rank's RNG states (CPU and CUDA, default and tensor-parallel streams)
     step_00000012/weights_tp{t}.safetensors   TP > 1 only: each TP rank's full module shard
     step_00000012/COMPLETE            written by rank 0 after every rank finished writing
     latest                            the newest COMPLETE tag; moved (write + rename) only after COMPLETE
@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from deberta_ds.parallel import state as parallel_state
-from deberta_ds.parallel.random import get_tp_rng_state, set_tp_rng_state
+from deberta_ds.parallel.random import get_rng_states, set_rng_states
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -41,18 +39,6 @@ def tag_for(step: int) -> str:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "tensor_parallel": get_tp_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    set_tp_rng_state(state.get("tensor_parallel"))
 
 
 def tp_weights_file(folder: Path, tp_rank: int) -> Path:
@@ -84,7 +70,7 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
     _barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder), tag=name, save_latest=False)
-    torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+    torch.save(get_rng_states(), folder / f"rng_rank{rank}.pt")
     if tp_model is not None:
         _save_tp_weights(folder, tp_model)
     if rank == 0:
@@ -161,5 +147,5 @@ def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
                 group["lr"] = lr
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.is_file() and not universal:
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_states(torch.load(rng_file, weights_only=False))
     return read_state(folder)

@@ -61,9 +61,13 @@ def build_ds_config(config: RunConfig, data_parallel_size: int, lr: float, on_cp
         if enabled != (config.train.precision == precision):
             raise ValueError(f"{path}: {key}.enabled = {enabled} does not match train.precision = "
                              f"{config.train.precision}")
-    ds["optimizer"] = {"type": "AdamW", "params": {
-        "lr": lr, "betas": list(config.optim.betas), "eps": config.optim.eps,
-        "weight_decay": config.optim.weight_decay,
-        # torch's AdamW on CPU (FusedAdam needs a CUDA build); FusedAdam on GPU.
-        "torch_adam": on_cpu}}
+    # torch's AdamW: on the CPU, and on GPUs its fused CUDA kernel (the same update as DeepSpeed's
+    # FusedAdam, without a JIT build of DeepSpeed's op on every fresh node). ZeRO-Offload keeps
+    # DeepSpeed's CPU Adam, the one optimiser that steps CPU-resident states at speed.
+    torch_adam = on_cpu or not config.train.offload
+    params = {"lr": lr, "betas": list(config.optim.betas), "eps": config.optim.eps,
+              "weight_decay": config.optim.weight_decay, "torch_adam": torch_adam}
+    if torch_adam and not on_cpu:
+        params["fused"] = True
+    ds["optimizer"] = {"type": "AdamW", "params": params}
     return ds

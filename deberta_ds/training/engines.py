@@ -89,12 +89,13 @@ def register_external_parameters(model: ReplacedTokenDetection, joint: bool) -> 
         deepspeed.zero.register_external_parameter(model.discriminator, generator_embedding)
 
 
-def _global_grad_norm(module: nn.Module) -> float:
-    """L2 norm of all gradients; TP-split parameters summed over the TP group, replicated ones once."""
+def _global_grad_norm(module: nn.Module, device: torch.device) -> torch.Tensor:
+    """L2 norm of all gradients; TP-split parameters summed over the TP group, replicated ones
+    once. A 0-d tensor on `device`: read on the host only when it is logged."""
     from deberta_ds.parallel import state
     from deberta_ds.parallel.mappings import all_reduce_no_grad
 
-    split, replicated = torch.zeros(()), torch.zeros(())
+    split, replicated = torch.zeros((), device=device), torch.zeros((), device=device)
     for param in module.parameters():
         if param.grad is not None:
             squares = param.grad.detach().float().pow(2).sum()
@@ -104,7 +105,7 @@ def _global_grad_norm(module: nn.Module) -> float:
                 replicated += squares
     if state.tp_size() > 1:
         split = all_reduce_no_grad(split.reshape(1))[0]
-    return float((split + replicated).sqrt())
+    return (split + replicated).sqrt()
 
 
 @dataclass
@@ -114,11 +115,16 @@ class StepResult:
     corrupted: torch.Tensor
     replaced_ratio: torch.Tensor
     loss: torch.Tensor              # the joint objective (also reported in decoupled mode)
-    finite: bool
+    finite: bool                    # every rank's losses were finite (training steps only)
+    stop: bool                      # some rank asked to stop (SIGTERM), agreed in the same reduction
 
 
 class RTDEngines:
-    """Owns the engine(s) and runs one micro-batch of training or evaluation."""
+    """Owns the engine(s) and runs one micro-batch of training or evaluation.
+
+    `device` (DeepSpeed's choice for this rank: cuda:LOCAL_RANK, or cpu) is where batches, RNG
+    and every tensor the loop creates for the model must live; the trainer reads it here.
+    """
 
     def __init__(self, model: ReplacedTokenDetection, config: RunConfig, dp_size: int, on_cpu: bool, mpu=None,
                  load_universal: bool = False):
@@ -138,17 +144,20 @@ class RTDEngines:
         else:
             self.engines = {"generator": build(model.generator, config.optim.generator_lr or config.optim.lr),
                             "discriminator": build(model.discriminator, config.optim.lr)}
+        self.device = next(iter(self.engines.values())).device
 
     def grad_norm(self, name: str) -> float | None:
         """The global gradient norm of the engine's last step (DeepSpeed's, else our own)."""
         norm = self.engines[name].get_global_grad_norm()
-        return float(norm) if norm is not None else self._norms.get(name)
+        if norm is None:
+            norm = self._norms.get(name)
+        return None if norm is None else float(norm)
 
     def _step(self, name: str) -> None:
         """engine.step(), recording the gradient norm where DeepSpeed keeps none (no ZeRO, fp32)."""
         engine = self.engines[name]
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-            self._norms[name] = _global_grad_norm(engine.module)
+            self._norms[name] = _global_grad_norm(engine.module, self.device)
         engine.step()
 
     def train(self, mode: bool = True) -> None:
@@ -161,55 +170,60 @@ class RTDEngines:
         with context:
             return weight.detach().clone()
 
-    def _all_finite(self, *losses) -> bool:
-        finite = torch.tensor([float(all(torch.isfinite(loss).item() for loss in losses))])
-        if torch.distributed.is_initialized():  # over the whole world: TP and DP ranks decide together
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        return bool(finite.item())
+    def _agree(self, losses, stop_requested: bool) -> tuple[bool, bool]:
+        """(every rank's losses are finite, some rank asked to stop): one small all-reduce over
+        the whole world (TP and DP ranks decide together) and one host synchronisation."""
+        finite = torch.stack([torch.isfinite(loss).all() for loss in losses]).all()
+        flags = torch.stack([finite.float(), torch.full((), float(not stop_requested), device=self.device)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        all_finite, none_stopping = flags.tolist()
+        return all_finite == 1.0, none_stopping == 0.0
 
     def micro_step(self, batch: dict, rng: torch.Generator, loss_multiplier: float = 1.0,
-                   train: bool = True) -> StepResult:
-        """Forward (and, when train, backward and step) of one micro-batch. Non-finite losses on
-        any rank skip the backward on every rank (the caller counts and aborts)."""
+                   train: bool = True, stop_requested: bool = False) -> StepResult:
+        """Forward (and, when train, backward and step) of one micro-batch on `self.device`.
+        Training agrees once per micro-batch, before any backward, whether every rank's losses
+        are finite (if not, no rank runs a backward; the caller counts and aborts) and whether
+        any rank asked to stop. Evaluation synchronises nothing."""
         context = nullcontext() if train else torch.no_grad()
         with context:
             if self.joint:
-                return self._joint(batch, rng, loss_multiplier, train)
-            return self._decoupled(batch, rng, loss_multiplier, train)
+                return self._joint(batch, rng, loss_multiplier, train, stop_requested)
+            return self._decoupled(batch, rng, loss_multiplier, train, stop_requested)
 
-    def _joint(self, batch, rng, loss_multiplier, train) -> StepResult:
+    def _joint(self, batch, rng, loss_multiplier, train, stop_requested) -> StepResult:
         engine = self.engines["joint"]
         out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], rng=rng)
         loss = out.loss * loss_multiplier
-        finite = self._all_finite(loss)
+        finite, stop = self._agree([loss], stop_requested) if train else (True, False)
         if train and finite:
             engine.backward(loss)
             self._step("joint")
-        return StepResult(out.generator, out.discriminator, out.corrupted_ids, out.replaced_ratio, out.loss, finite)
+        return StepResult(out.generator, out.discriminator, out.corrupted_ids, out.replaced_ratio, out.loss, finite,
+                          stop)
 
-    def _decoupled(self, batch, rng, loss_multiplier, train) -> StepResult:
+    def _decoupled(self, batch, rng, loss_multiplier, train, stop_requested) -> StepResult:
         generator, discriminator = self.engines["generator"], self.engines["discriminator"]
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        es = self.config.rtd.embedding_sharing == "es"
-        if es and train:
-            with torch.no_grad():
-                sampling_logits = generator(ids, mask, labels).logits
-        else:
+        es = self.config.rtd.embedding_sharing == "es" and train
+        # ES: the samples come from a no-grad pass; the generator's graph is built after the
+        # discriminator's backward, when the RTD gradient w.r.t. E_G is known.
+        with torch.no_grad() if es else nullcontext():
             gen_out = generator(ids, mask, labels)
-            sampling_logits = gen_out.logits
-        corrupted, replaced = self.model.corrupt(ids, labels, sampling_logits, rng)
-        embedding = self._gathered_generator_embedding().requires_grad_(es and train)
+        corrupted, replaced = self.model.corrupt(ids, labels, gen_out.logits, rng)
+        embedding = self._gathered_generator_embedding().requires_grad_(es)
         disc_out = discriminator(corrupted, mask, replaced, embedding)
         disc_loss = disc_out.loss * loss_multiplier
-        finite = self._all_finite(disc_loss)
-        if es and train:
-            if finite:
-                discriminator.backward(disc_loss)
-            gen_out = generator(ids, mask, labels, embedding_gradient=embedding.grad if finite else None)
-        gen_objective = gen_out.objective * loss_multiplier
-        finite = finite and self._all_finite(gen_objective)
+        # Under ES the generator objective checked is the sampling pass's: the pass with a graph
+        # reads the same weights and batch (only its dropout masks differ).
+        finite, stop = (self._agree([disc_loss, gen_out.objective * loss_multiplier], stop_requested) if train
+                        else (True, False))
         if train and finite:
-            generator.backward(gen_objective)
+            if es:
+                discriminator.backward(disc_loss)
+                gen_out = generator(ids, mask, labels, embedding_gradient=embedding.grad)
+            generator.backward(gen_out.objective * loss_multiplier)
             self._step("generator")
             if not es:
                 discriminator.backward(disc_loss)
@@ -217,4 +231,4 @@ class RTDEngines:
         masked = labels != -100
         replaced_ratio = replaced[masked].float().mean()
         joint_loss = gen_out.loss + self.config.rtd.rtd_lambda * disc_out.loss
-        return StepResult(gen_out, disc_out, corrupted, replaced_ratio, joint_loss, finite)
+        return StepResult(gen_out, disc_out, corrupted, replaced_ratio, joint_loss, finite, stop)

@@ -6,16 +6,46 @@ import resource
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
-def replaced_precision_recall(logits: torch.Tensor, replaced: torch.Tensor, mask: torch.Tensor):
-    """Precision and recall of the 'replaced' class over real tokens (nan when undefined)."""
-    real = mask.bool()
-    predicted, actual = (logits[real] > 0), replaced[real]
-    true_positive = (predicted & actual).sum().item()
-    precision = true_positive / predicted.sum().item() if predicted.any() else float("nan")
-    recall = true_positive / actual.sum().item() if actual.any() else float("nan")
-    return precision, recall
+class TrainingStatistics:
+    """The training statistics of the micro-batches since the last log step, summed on the
+    device (no host synchronisation per micro-batch) and reduced over every rank, then copied
+    to the host, only when logged. Means skip non-finite values; precision and recall of the
+    'replaced' class are pooled over the interval's tokens. TP ranks repeat their replica's
+    values, which leaves every mean and ratio unchanged."""
+
+    MEANS = ("generator/mlm_loss", "generator/mlm_accuracy", "discriminator/rtd_loss", "discriminator/rtd_accuracy",
+             "discriminator/replaced_ratio")
+
+    def __init__(self, device: torch.device):
+        # [sums of MEANS, counts of MEANS, true positives, predicted positives, actual positives]
+        self.totals = torch.zeros(2 * len(self.MEANS) + 3, dtype=torch.float64, device=device)
+
+    def add(self, result, attention_mask: torch.Tensor) -> None:
+        """result: the engines' StepResult of one micro-batch."""
+        values = torch.stack([result.generator.loss, result.generator.accuracy, result.discriminator.loss,
+                              result.discriminator.accuracy, result.replaced_ratio]).detach().double()
+        defined = torch.isfinite(values)
+        real = attention_mask.bool()
+        predicted, actual = result.discriminator.logits.detach()[real] > 0, result.discriminator.replaced[real]
+        confusion = torch.stack([(predicted & actual).sum(), predicted.sum(), actual.sum()]).double()
+        self.totals += torch.cat([torch.where(defined, values, 0.0), defined.double(), confusion])
+
+    def reduce(self) -> dict:
+        """Means over every rank's micro-batches since the last call (None where undefined); resets."""
+        totals = self.totals.clone()
+        self.totals.zero_()
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        host = totals.tolist()
+        count = len(self.MEANS)
+        sums, counts, (true_positive, predicted, actual) = host[:count], host[count:2 * count], host[2 * count:]
+        metrics = {name: total / n if n else None for name, total, n in zip(self.MEANS, sums, counts)}
+        metrics["discriminator/replaced_precision"] = true_positive / predicted if predicted else None
+        metrics["discriminator/replaced_recall"] = true_positive / actual if actual else None
+        return metrics
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -83,7 +83,8 @@ class TrainSection:
     ds_config: str | None = None        # default: ds_configs/zero{stage}[_offload]_{precision}.json
     ds_overrides: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON (e.g. zero bucket sizes)
     tp: int = 1
-    log_every: int = 10
+    activation_checkpointing: str = "none"   # layers: recompute every encoder layer in the backward
+    log_every: int = 10                 # log steps: step 1, every log_every, the last (means since the previous)
     eval_every: int = 0                 # 0: evaluate only at the end
     eval_batches: int = 4
     save_every: int = 0                 # 0: save only at the end and on SIGTERM
@@ -102,6 +103,9 @@ class TrainSection:
         _require(self.steps > 0, "train.steps", "must be positive")
         _require(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
         _require(self.tp >= 1, "train.tp", "must be >= 1")
+        _require(self.activation_checkpointing in ("none", "layers"), "train.activation_checkpointing",
+                 f"{self.activation_checkpointing!r} is not none or layers")
+        _require(self.log_every >= 1, "train.log_every", "must be >= 1")
         _require(not self.offload or self.zero_stage == 3, "train.offload", "CPU offload needs zero_stage 3")
 
 

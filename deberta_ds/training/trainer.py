@@ -26,13 +26,14 @@ from deberta_ds.data.indexed_dataset import find_shard_prefixes
 from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
 from deberta_ds.model import ReplacedTokenDetection
-from deberta_ds.model.encoder import check_tensor_parallel
+from deberta_ds.model.encoder import check_tensor_parallel, set_activation_checkpointing
 from deberta_ds.parallel import state as parallel_state
 from deberta_ds.parallel_env import free_engines_then_destroy_process_groups, init_distributed
 from deberta_ds.parallel.random import seed_streams
 from deberta_ds.training import checkpoint
-from deberta_ds.training.metrics import (ScalarLog, model_flops_per_token, peak_memory_bytes,
-                                         replaced_precision_recall, roc_auc)
+from deberta_ds.training.metrics import (ScalarLog, TrainingStatistics, model_flops_per_token, peak_memory_bytes,
+                                         roc_auc)
+from deberta_ds.training.prefetch import BatchPrefetcher, to_device, to_tensors
 from deberta_ds.training.run_config import RunConfig, load_run_config, to_dict
 
 
@@ -83,19 +84,17 @@ def build_data(config: RunConfig):
     return train, valid, rtd_config, asdict(meta)
 
 
-def to_tensors(batch: dict) -> dict:
-    return {key: torch.from_numpy(value) for key, value in batch.items()}
-
-
 def loss_scale(engine) -> float:
     """The dynamic fp16 loss scale (ZeRO optimisers call it cur_scale, FP16_Optimizer loss_scale)."""
     optimizer = engine.optimizer
     return float(optimizer.cur_scale if hasattr(optimizer, "cur_scale") else optimizer.loss_scale)
 
 
-def sampling_rng(seed: int, first_global_index: int) -> torch.Generator:
-    """Generator for the RTD samples of a micro-batch: a function of the data, not of the stage."""
-    return torch.Generator().manual_seed(int(hash64(seed, first_global_index)) & ((1 << 63) - 1))
+def sampling_rng(seed: int, first_global_index: int, device: torch.device) -> torch.Generator:
+    """Generator on the model's device for the RTD samples of a micro-batch: a function of the
+    data, not of the rank or the stage (CPU and CUDA generators draw different, equally valid
+    samples from the same seed)."""
+    return torch.Generator(device=device).manual_seed(int(hash64(seed, first_global_index)) & ((1 << 63) - 1))
 
 
 class Trainer:
@@ -120,9 +119,11 @@ class Trainer:
         self.model = ReplacedTokenDetection(rtd_config)
         if config.init_from and not latest:
             self._load_initial_weights()
+        set_activation_checkpointing(self.model, config.train.activation_checkpointing == "layers")
         self.engines = RTDEngines(self.model, config, self.dp_size, on_cpu=not torch.cuda.is_available(),
                                   mpu=parallel_state.MPU() if config.train.tp > 1 else None,
                                   load_universal=universal)
+        self.device = self.engines.device
         seed_streams(config.seed)  # dropout: per DP replica, plus a per-TP-rank stream for attention
         self.step, self.consumed = 0, 0
         if latest:
@@ -132,6 +133,7 @@ class Trainer:
             self.step, self.consumed = state["step"], state["consumed_samples"]
             self.log(f"resumed from {latest} at step {self.step} ({self.consumed} samples)")
         self.scalars = ScalarLog(self.output / "tensorboard", self.rank == 0)
+        self.statistics = TrainingStatistics(self.device)
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self.history: list[dict] = []
         self.output.mkdir(parents=True, exist_ok=True)
@@ -183,11 +185,6 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
-    def _agree(self, flag: bool) -> bool:
-        value = torch.tensor([float(flag)])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
     def client_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed, "world_size": dist.get_world_size(),
                 "data_parallel_size": self.dp_size, "tp": self.config.train.tp,
@@ -199,46 +196,34 @@ class Trainer:
                                  self.config.train.keep_last, self.model if self.config.train.tp > 1 else None)
         self.log(f"saved checkpoint {folder}")
 
-    def train_step(self) -> dict:
+    def train_step(self, micro_batches) -> bool:
+        """One optimiser step over this rank's micro-batches [(global indices, host tensors)];
+        returns whether some rank asked to stop (agreed with the step's other reductions)."""
         config = self.config.train
-        sampler = GlobalBatchSampler(config.global_batch_size, self.dp_rank, self.dp_size, self.consumed)
-        local_indices = next(iter(sampler))                                   # [micro * accumulation]
         multiplier = 1e30 if config.inject_loss_scale_at_step == self.step else 1.0
         results = []
-        for micro in np.split(local_indices, self.accumulation):
-            batch = to_tensors(self.train_samples.batch(micro))
+        for micro, host_batch in micro_batches:
+            batch = to_device(host_batch, self.device)
             if config.inject_nan_from_step is not None and self.step >= config.inject_nan_from_step:
                 multiplier = float("nan")
-            results.append((batch, self.engines.micro_step(batch, sampling_rng(self.config.seed, int(micro[0])),
-                                                           multiplier)))
+            result = self.engines.micro_step(batch, sampling_rng(self.config.seed, int(micro[0]), self.device),
+                                             multiplier, stop_requested=self.stop_requested)
+            self.statistics.add(result, batch["attention_mask"])
+            results.append(result)
         self.consumed += config.global_batch_size
         self.step += 1
-        finite = all(result.finite for _, result in results)
+        finite = all(result.finite for result in results)
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         self.nonfinite_total += not finite
         if self.nonfinite_in_a_row >= config.max_nonfinite_steps:
             raise TrainingError(f"aborting at step {self.step}: {self.nonfinite_in_a_row} non-finite losses in a row "
                                 f"(train.max_nonfinite_steps={config.max_nonfinite_steps}); lower optim.lr, check the "
                                 "data, or use bf16 instead of fp16")
-        return self.step_metrics(results)
+        return any(result.stop for result in results)
 
-    def step_metrics(self, results) -> dict:
-        """Means over this step's micro-batches on every data-parallel rank."""
-        names = ["generator/mlm_loss", "generator/mlm_accuracy", "discriminator/rtd_loss",
-                 "discriminator/rtd_accuracy", "discriminator/replaced_ratio", "discriminator/replaced_precision",
-                 "discriminator/replaced_recall"]
-        rows = []
-        for batch, r in results:
-            precision, recall = replaced_precision_recall(r.discriminator.logits.float(), r.discriminator.replaced,
-                                                          batch["attention_mask"])
-            rows.append([r.generator.loss.item(), r.generator.accuracy.item(), r.discriminator.loss.item(),
-                         r.discriminator.accuracy.item(), r.replaced_ratio.item(), precision, recall])
-        values = torch.tensor(rows, dtype=torch.float64)                       # [micro, metric]
-        defined = torch.isfinite(values)
-        totals = torch.stack([torch.where(defined, values, 0.0).sum(0), defined.sum(0).double()])
-        dist.all_reduce(totals)
-        means = (totals[0] / totals[1]).tolist()
-        metrics = {name: (value if np.isfinite(value) else None) for name, value in zip(names, means)}
+    def logged_metrics(self) -> dict:
+        """The statistics since the last log step (reduced over ranks) and the engines' state."""
+        metrics = self.statistics.reduce()
         metrics["train/skipped_nonfinite_steps"] = self.nonfinite_total
         for name, engine in self.engines.engines.items():
             metrics[f"{name}/lr"] = engine.get_lr()[0]
@@ -253,20 +238,21 @@ class Trainer:
         if self.valid_samples is None:
             return {}
         self.engines.train(False)
-        config, sums, scores, labels = self.config.train, np.zeros(5), [], []
+        config, sums, scores, labels = self.config.train, torch.zeros(5, device=self.device), [], []
         local = config.global_batch_size // self.dp_size
         for b in range(config.eval_batches):
             start = b * config.global_batch_size + self.dp_rank * local
-            batch = to_tensors(self.valid_samples.batch(np.arange(start, start + local)))
-            result = self.engines.micro_step(batch, sampling_rng(self.config.seed + 1, start), train=False)
+            batch = to_device(to_tensors(self.valid_samples.batch(np.arange(start, start + local))), self.device)
+            result = self.engines.micro_step(batch, sampling_rng(self.config.seed + 1, start, self.device), train=False)
             real = batch["attention_mask"].bool()
-            sums += [result.generator.loss.item(), result.generator.accuracy.item(), result.discriminator.loss.item(),
-                     result.discriminator.accuracy.item(), 1]
-            scores.append(result.discriminator.logits.float()[real].numpy())
-            labels.append(result.discriminator.replaced[real].numpy())
+            sums += torch.stack([result.generator.loss, result.generator.accuracy, result.discriminator.loss,
+                                 result.discriminator.accuracy, torch.ones((), device=self.device)]).float()
+            scores.append(result.discriminator.logits.float()[real])
+            labels.append(result.discriminator.replaced[real])
         self.engines.train(True)
+        local_results = (sums.double().cpu().numpy(), torch.cat(scores).cpu().numpy(), torch.cat(labels).cpu().numpy())
         gathered = [None] * dist.get_world_size()  # TP ranks repeat their replica's values: means are unchanged
-        dist.all_gather_object(gathered, (sums, np.concatenate(scores), np.concatenate(labels)))
+        dist.all_gather_object(gathered, local_results)
         total = sum(g[0] for g in gathered)
         return {"eval/mlm_loss": total[0] / total[4], "eval/mlm_accuracy": total[1] / total[4],
                 "eval/rtd_loss": total[2] / total[4], "eval/rtd_accuracy": total[3] / total[4],
@@ -274,46 +260,68 @@ class Trainer:
                                         np.concatenate([g[2] for g in gathered])),
                 "eval/all_original_baseline": 1.0 - float(np.concatenate([g[2] for g in gathered]).mean())}
 
+    def _prefetcher(self) -> BatchPrefetcher:
+        config = self.config.train
+        sampler = GlobalBatchSampler(config.global_batch_size, self.dp_rank, self.dp_size, self.consumed)
+        return BatchPrefetcher(self.train_samples, sampler, self.accumulation, pin=self.device.type == "cuda")
+
     def run(self) -> None:
         config = self.config.train
         bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         started, first_step = time.monotonic(), self.step
-        while self.step < config.steps:
-            metrics = self.train_step()
-            elapsed = time.monotonic() - started
-            samples_per_s = (self.step - first_step) * config.global_batch_size / elapsed
-            tokens_per_s = samples_per_s * self.config.data.max_length
-            metrics |= {"perf/samples_per_s": samples_per_s, "perf/tokens_per_s": tokens_per_s,
-                        "perf/model_tflops": tokens_per_s * self.flops_per_token / 1e12,
-                        "perf/peak_memory_gb": peak_memory_bytes() / 2 ** 30}
-            self.record(metrics)
-            bar.update(1)
-            bar.set_postfix(mlm=f"{metrics['generator/mlm_loss']:.3f}", rtd=f"{metrics['discriminator/rtd_loss']:.3f}")
-            if self.step % config.log_every == 0 or self.step == config.steps:
-                self.scalars.write(metrics, self.step)
-                self.log(f"step {self.step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items()
-                                                           if k.startswith(("generator/mlm", "discriminator/rtd"))))
-            if config.eval_every and self.step % config.eval_every == 0:
-                self.report_eval()
-            if self._agree(self.stop_requested):
-                self.log("SIGTERM: saving a checkpoint and stopping")
-                self.save()
-                return
-            if config.exit_after_steps and self.step - first_step >= config.exit_after_steps:
-                self.log(f"train.exit_after_steps={config.exit_after_steps}: saving a checkpoint and stopping")
-                self.save()
-                return
-            if config.save_every and self.step % config.save_every == 0:
-                self.save()
+        prefetcher = self._prefetcher()
+        last_log, waited_at_last_log = started, 0.0
+        try:
+            while self.step < config.steps:
+                stop = self.train_step(prefetcher.next_step())
+                bar.update(1)
+                if self.step == 1 or self.step % config.log_every == 0 or self.step == config.steps:
+                    now = time.monotonic()
+                    metrics = self.logged_metrics() | self._performance(now - started, self.step - first_step)
+                    metrics["perf/data_wait_fraction"] = (prefetcher.wait_s - waited_at_last_log) / (now - last_log)
+                    last_log, waited_at_last_log = now, prefetcher.wait_s
+                    self.report(metrics)
+                    bar.set_postfix(mlm=f"{metrics['generator/mlm_loss'] or float('nan'):.3f}",
+                                    rtd=f"{metrics['discriminator/rtd_loss'] or float('nan'):.3f}")
+                if config.eval_every and self.step % config.eval_every == 0:
+                    self.report_eval()
+                if stop:
+                    self.log("SIGTERM: saving a checkpoint and stopping")
+                    self.save()
+                    return
+                if config.exit_after_steps and self.step - first_step >= config.exit_after_steps:
+                    self.log(f"train.exit_after_steps={config.exit_after_steps}: saving a checkpoint and stopping")
+                    self.save()
+                    return
+                if config.save_every and self.step % config.save_every == 0:
+                    self.save()
+        finally:
+            prefetcher.close()
         bar.close()
         self.report_eval()
         if not config.save_every or self.step % config.save_every:
             self.save()
         self.scalars.close()
 
+    def _performance(self, elapsed_s: float, steps: int) -> dict:
+        """Throughput since this invocation started, and the peak memory so far."""
+        samples_per_s = steps * self.config.train.global_batch_size / elapsed_s
+        tokens_per_s = samples_per_s * self.config.data.max_length
+        return {"perf/samples_per_s": samples_per_s, "perf/tokens_per_s": tokens_per_s,
+                "perf/model_tflops": tokens_per_s * self.flops_per_token / 1e12,
+                "perf/peak_memory_gb": peak_memory_bytes() / 2 ** 30}
+
+    def report(self, metrics: dict) -> None:
+        """A log step: TensorBoard, metrics.jsonl and the console."""
+        self.record(metrics)
+        self.scalars.write(metrics, self.step)
+        self.log(f"step {self.step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items()
+                                                   if k.startswith(("generator/mlm", "discriminator/rtd"))
+                                                   and v is not None))
+
     def record(self, metrics: dict) -> None:
-        """Every step's metrics, in memory and appended to OUTPUT/metrics.jsonl (rank 0); evaluations
-        go to OUTPUT/eval.jsonl."""
+        """A log step's metrics (means since the previous log step), in memory and appended to
+        OUTPUT/metrics.jsonl (rank 0); evaluations go to OUTPUT/eval.jsonl."""
         entry = {"step": self.step, "consumed_samples": self.consumed} | metrics
         self.history.append(entry)
         if self.rank == 0:
