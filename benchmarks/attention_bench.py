@@ -7,10 +7,14 @@ peak attention memory, for
   ours-ref deberta_ds reference path (the model's unfused attention)
   hf       transformers DebertaV2 DisentangledSelfAttention, eager (includes its q/k/v projections)
   flashdeberta  when the package imports
+  disentangled-flash  DisentangledFlash's Triton training attention layer (fused backward), when
+           it imports; like hf it includes its q/k/v projections
   sdpa     torch scaled_dot_product_attention (flash) on the same q, k, v WITHOUT position terms
-TFLOP/s counts the c2c and PV products only (4 B h L^2 d forward, 2.5x that backward). The last
-column is the fused kernel's tensor-core work over SDPA's at that length (`kernel_work.py`). A
-last line gives the fused kernel's peak memory at B = 1 (B x h = 12) and the longest L.
+TFLOP/s uses DisentangledFlash's FLOP count, B h (14 L^2 d + 16 L R d) forward+backward with R
+the relative-table rows reachable at length L, so the figures compare with its published tables.
+The last column is the fused kernel's tensor-core work over SDPA's at that length
+(`kernel_work.py`). A last line gives the fused kernel's peak memory at B = 1 (B x h = 12) and
+the longest L. A peer that fails (import, shape, memory) is reported in its row, not fatal.
 
     python benchmarks/attention_bench.py [--tokens 65536] [--lengths 128 512 2048]
 
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.kernel_work import work_ratios  # noqa: E402
 from deberta_ds.kernels.fused import disentangled_attention_fused  # noqa: E402
 from deberta_ds.kernels.reference import disentangled_attention_reference  # noqa: E402
+from deberta_ds.relative_position import log_bucket  # noqa: E402
 
 HEADS, HEAD_DIM, BUCKETS, MAX_REL = 12, 64, 256, 512
 
@@ -101,6 +106,8 @@ def candidates(batch: int, seq_len: int, device: str, fused_only: bool = False):
         rel_pos = encoder.get_rel_pos(hidden)
         # the normalised table is rebuilt per call (it is part of every forward's graph)
         runs["hf"] = lambda: hf(hidden, mask, relative_pos=rel_pos, rel_embeddings=encoder.get_rel_embedding())[0]
+        if device == "cuda":  # DisentangledFlash runs on CUDA only
+            runs["disentangled-flash"] = disentangled_flash_run(config, hidden, mask, encoder, device, dtype)
     except ImportError:
         pass
     try:
@@ -123,6 +130,29 @@ def flashdeberta_run(q, k, v, pos_key, pos_query):
                                 scale, BUCKETS, MAX_REL)
 
 
+def disentangled_flash_run(config, hidden, mask, encoder, device, dtype):
+    """DisentangledFlash 1.1.1's training attention layer on HF's config and inputs (a failure to
+    import or build is reported in its row)."""
+    try:
+        from disentangled_flash import TritonTrainingDisentangledSelfAttention
+        layer = TritonTrainingDisentangledSelfAttention(config).to(device, dtype)
+    except Exception as error:  # noqa: BLE001 - the peer's row says why it is missing
+        return unavailable(error)
+    return lambda: layer(hidden, mask, rel_embeddings=encoder.get_rel_embedding())[0]
+
+
+def unavailable(error: Exception):
+    def run():
+        raise RuntimeError(f"unavailable: {type(error).__name__}: {error}")
+    return run
+
+
+def relative_rows(seq_len: int) -> int:
+    """Rows of the 2k relative table reachable at this length (DisentangledFlash's R)."""
+    slots = log_bucket(torch.arange(-(seq_len - 1), seq_len), BUCKETS, MAX_REL)
+    return int(slots.max() - slots.min()) + 1
+
+
 def forward_backward(forward):
     def run():
         forward().float().sum().backward()
@@ -136,7 +166,9 @@ def measure(batch: int, seq_len: int, device: str, repeats: int) -> dict:
         try:
             rows[name] = (timed(forward, repeats), timed(both, repeats), peak_mb(both))
         except torch.cuda.OutOfMemoryError:
-            rows[name] = None
+            rows[name] = "OOM"
+        except Exception as error:  # noqa: BLE001 - a failing peer is a row, not the end of the run
+            rows[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -156,22 +188,22 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke run: numbers mean nothing)"
     print(f"device: {name}, date: {datetime.date.today()}, torch {torch.__version__}, "
           f"h={HEADS} d={HEAD_DIM} buckets={BUCKETS}")
-    print("| L | B | impl | fwd ms | fwd+bwd ms | peak MB | fwd+bwd TFLOP/s | fwd+bwd speed-up of fused | "
-          "fwd+bwd products / SDPA's |")
+    print("| L | B | impl | fwd ms | fwd+bwd ms | peak MB | fwd+bwd TFLOP/s (DisentangledFlash's count) | "
+          "fwd+bwd speed-up of fused | fwd+bwd products / SDPA's |")
     print("|---|---|---|---|---|---|---|---|---|")
     for seq_len in args.lengths:
         batch = max(1, args.tokens // seq_len)
         rows = measure(batch, seq_len, args.device, args.repeats)
-        flops = 4 * batch * HEADS * seq_len ** 2 * HEAD_DIM * 3.5
+        flops = batch * HEADS * (14 * seq_len ** 2 * HEAD_DIM + 16 * seq_len * relative_rows(seq_len) * HEAD_DIM)
         fused = rows.get("fused")
         # The fused kernel's tensor-core work over SDPA's (benchmarks/kernel_work.py): its time ratio to
         # SDPA divided by this is how much slower it runs each product than SDPA does.
         work = {"fused": f"{work_ratios(seq_len, BUCKETS, MAX_REL, HEAD_DIM)['total']:.2f}x", "sdpa": "1x"}
         for impl, row in rows.items():
-            if row is None:
-                print(f"| {seq_len} | {batch} | {impl} | OOM | OOM | OOM | - | - | {work.get(impl, '-')} |")
+            if isinstance(row, str):
+                print(f"| {seq_len} | {batch} | {impl} | {row} | - | - | - | - | {work.get(impl, '-')} |")
                 continue
-            ratio = row[1] / fused[1] if fused else float("nan")
+            ratio = row[1] / fused[1] if isinstance(fused, tuple) else float("nan")
             print(f"| {seq_len} | {batch} | {impl} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.0f} | "
                   f"{flops / row[1] / 1e9:.1f} | {ratio:.2f}x | {work.get(impl, '-')} |")
     longest = max(args.lengths)

@@ -6,6 +6,7 @@
 #   3. pre-trains the tiny RTD pair with GDES under the deepspeed launcher, 2 processes, ZeRO-2
 #   4. exports the discriminator to Hugging Face format and loads it with transformers
 # Usage: bash launch_scripts/quickstart.sh [OUTPUT_DIR] [SECTION.FIELD=VALUE ...]   (default runs/quickstart)
+# CORPUS_BYTES / VOCAB_SIZE shrink the data step (default: the whole corpus, 4000 pieces).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=runs/quickstart
@@ -20,8 +21,9 @@ data=$out/data
 
 echo "== 2/4 data: built-in corpus -> tokenizer -> shards"
 if [ ! -f "$data/shards/split_valid.idx" ]; then
-  "$python" -m data_prep default-corpus --output "$data/corpus.txt"
-  "$python" -m data_prep train-tokenizer --input "$data/corpus.txt" --output-dir "$data/tokenizer" --vocab-size 4000
+  "$python" -m data_prep default-corpus --output "$data/corpus.txt" ${CORPUS_BYTES:+--max-bytes "$CORPUS_BYTES"}
+  "$python" -m data_prep train-tokenizer --input "$data/corpus.txt" --output-dir "$data/tokenizer" \
+    --vocab-size "${VOCAB_SIZE:-4000}"
   "$python" -m data_prep tokenize --input "$data/corpus.txt" --output-prefix "$data/shards/all" \
     --tokenizer "$data/tokenizer" --workers 2
   "$python" -m data_prep split --input "$data/shards/all_00000" --output-prefix "$data/shards/split" \
@@ -46,15 +48,20 @@ from pathlib import Path
 import torch
 from transformers import DebertaV2Model
 
+from data_prep.tokenizer import load_tokenizer
+
 out = Path(sys.argv[1])
 model = DebertaV2Model.from_pretrained(out / "hf_discriminator").eval()
-ids = torch.tensor([[1, 120, 87, 1500, 33, 2]])
+processor, meta = load_tokenizer(out / "data" / "tokenizer")
+text = "The assert statement checks a condition."
+ids = torch.tensor([[meta.cls_id, *processor.encode(text), meta.sep_id]])
 with torch.no_grad():
     hidden = model(input_ids=ids).last_hidden_state
-print(f"transformers loaded {out / 'hf_discriminator'}: last hidden state {tuple(hidden.shape)}")
+print(f"transformers loaded {out / 'hf_discriminator'}: last hidden state {tuple(hidden.shape)} for {text!r}")
 history = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
 first, last = history[0], history[-1]
-print(f"generator MLM loss: first step {first['generator/mlm_loss']:.3f} -> last step {last['generator/mlm_loss']:.3f}")
+print(f"generator MLM loss: step 1 {first['generator/mlm_loss']:.3f} -> step {last['step']} "
+      f"{last['generator/mlm_loss']:.3f} (mean since the previous log step)")
 evaluation = json.loads((out / "run" / "eval.jsonl").read_text().splitlines()[-1])
 print(f"held-out evaluation at step {evaluation['step']}: MLM loss {evaluation['eval/mlm_loss']:.3f}, "
       f"RTD accuracy {evaluation['eval/rtd_accuracy']:.4f} (all-'original' baseline "

@@ -191,20 +191,32 @@ def test_custom_op_traces_under_torch_compile():
     assert torch.allclose(compiled(q, k, v, pos_key, pos_query), attention(q, k, v, pos_key, pos_query))
 
 
-def test_auto_falls_back_to_the_reference_when_the_kernel_does_not_compile(monkeypatch):
+def test_auto_falls_back_to_the_reference_per_variant_when_the_kernel_does_not_compile(monkeypatch):
+    """A variant that does not compile (Triton 3.6 once rejected the p2c-only forward) falls back
+    alone: the kernel keeps serving every other variant, and is not retried for the failed one."""
     import deberta_ds.kernels as kernels
     from triton.runtime.errors import OutOfResources
 
-    def kernel_that_does_not_fit(*args, **kwargs):
-        raise OutOfResources(300_000, 232_448, "shared memory")
+    calls = []
 
-    monkeypatch.setattr(kernels, "_fused", lambda: (kernel_that_does_not_fit, None))
-    monkeypatch.setattr(kernels, "_fused_does_not_compile", False)
-    tensors, mask = inputs(SHAPES[0], torch.float32, ("c2p", "p2c"), True)
+    def kernel_without_p2c_only(q, k, v, pos_key, pos_query, attention_mask, **kwargs):
+        calls.append(pos_key is None)
+        if pos_key is None:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return disentangled_attention_fused(q, k, v, pos_key, pos_query, attention_mask, **kwargs)
+
+    monkeypatch.setattr(kernels, "_fused", lambda: (kernel_without_p2c_only, None))
+    monkeypatch.setattr(kernels, "_variants_that_do_not_compile", set())
+    (q, k, v, pos_key, pos_query), mask = inputs(SHAPES[0], torch.float32, ("c2p", "p2c"), True)
+    q, k, v, pos_key, pos_query = (t.float() for t in (q, k, v, pos_key, pos_query))
     kwargs = dict(position_buckets=4, max_relative_positions=8)
-    with pytest.warns(UserWarning, match="does not compile here"):
-        out = kernels.select_attention("auto", torch.device("cuda"))(*tensors, mask, **kwargs)
-    assert torch.equal(out, disentangled_attention_reference(*tensors, mask, **kwargs))
-    assert kernels.select_attention("auto", torch.device("cuda")) is disentangled_attention_reference
+    auto = kernels.select_attention("auto", torch.device("cuda"))
+    with pytest.warns(UserWarning, match=r"does not compile here for .*\('float32', 32, False, True, True, False\)"):
+        out = auto(q, k, v, None, pos_query, mask, **kwargs)
+    assert torch.equal(out, disentangled_attention_reference(q, k, v, None, pos_query, mask, **kwargs))
+    auto(q, k, v, None, pos_query, mask, **kwargs)                          # not retried
+    both = auto(q, k, v, pos_key, pos_query, mask, **kwargs)                # another variant: the kernel
+    assert calls == [True, False]
+    assert torch.equal(both, disentangled_attention_fused(q, k, v, pos_key, pos_query, mask, **kwargs))
     with pytest.raises(OutOfResources):  # asking for the kernel explicitly never hides its failure
-        kernels.select_attention("fused", torch.device("cuda"))(*tensors, mask, **kwargs)
+        kernels.select_attention("fused", torch.device("cuda"))(q, k, v, None, pos_query, mask, **kwargs)

@@ -218,3 +218,47 @@ def test_bf16_zero2_trains(train_shards, tmp_path):
     run_ok([sys.executable, "-m", "deberta_ds.train", "--config", str(write_config(tmp_path / "c.json", run))])
     entries = last_entry_per_step(tmp_path / "bf16")
     assert all(0 < entries[s]["generator/mlm_loss"] < 20 for s in (1, 2, 3))
+
+
+def train_cli(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
+    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(config), *extra], cwd=REPO)
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_relaunching_a_finished_run_or_mistyping_resume_touches_nothing(train_shards, tmp_path):
+    out = tmp_path / "done"
+    config = write_config(tmp_path / "c.json", tiny_run(train_shards, out, train={"steps": 2}))
+    train_cli(config)
+    before = snapshot(out)
+    again = train_cli(config)
+    assert "already trained to step 2 (train.steps=2); nothing to do" in again.stdout + again.stderr
+    typo = train_cli(config, "--resume", "autp", expect=1)
+    assert "--resume 'autp': choose auto, none, or the path of a complete checkpoint folder" in typo.stderr
+    assert "Traceback" not in typo.stderr
+    assert snapshot(out) == before  # checkpoint, latest, metrics and logs: not a byte or a timestamp changed
+
+
+@pytest.mark.slow
+def test_resume_from_a_named_checkpoint_continues_that_run(train_shards, tmp_path):
+    """Steps 3-4 resumed from another run's step-2 checkpoint equal the uninterrupted run's; resuming
+    the first run itself from step 2 is refused because its step-4 checkpoint would be replaced."""
+    full = train_cli(write_config(tmp_path / "full.json", tiny_run(train_shards, tmp_path / "full",
+                                                                 train={"steps": 4, "save_every": 2})))
+    assert full.returncode == 0
+    step2 = tmp_path / "full" / "checkpoints" / "step_00000002"
+    refused = train_cli(tmp_path / "full.json", "--resume", str(step2), expect=1)
+    assert "holds newer checkpoints (step_00000004)" in refused.stderr
+    branch = write_config(tmp_path / "branch.json", tiny_run(train_shards, tmp_path / "branch", train={"steps": 4}))
+    resumed = train_cli(branch, "--resume", str(step2))
+    assert f"resumed from {step2} at step 2" in resumed.stdout + resumed.stderr
+    expected, actual = last_entry_per_step(tmp_path / "full"), last_entry_per_step(tmp_path / "branch")
+    assert sorted(actual) == [3, 4]
+    for step in (3, 4):
+        for key in ("generator/mlm_loss", "discriminator/rtd_loss"):
+            assert abs(actual[step][key] - expected[step][key]) <= 1e-6, (step, key)

@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from deberta_ds.config import RTDConfig, preset
@@ -49,3 +50,37 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000005"]
     assert checkpoint.find_latest(tmp_path).name == "step_00000005"
     assert torch.load(tmp_path / "step_00000005" / "rng_rank0.pt", weights_only=False)["generators"]["cpu"].dtype == torch.uint8
+
+
+class _EngineThatMustNotWrite:
+    def save_checkpoint(self, folder, tag, save_latest):
+        raise AssertionError(f"{folder}/{tag} rewritten")
+
+
+def test_a_complete_checkpoint_is_never_rewritten(tmp_path):
+    folder = checkpoint.save(tmp_path, {"joint": _Engine()}, 3, {"step": 3}, 0, keep_last=2)
+    files = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    assert checkpoint.save(tmp_path, {"joint": _EngineThatMustNotWrite()}, 3, {"step": 3}, 0, keep_last=2) == folder
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == files
+
+
+def test_resume_takes_auto_none_or_a_complete_checkpoint(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (2, 4):
+        checkpoint.save(root, {"joint": _Engine()}, step, {"step": step}, 0, keep_last=3)
+    assert checkpoint.checkpoint_to_resume("auto", root) == root / "step_00000004"
+    assert checkpoint.checkpoint_to_resume("auto", tmp_path / "fresh") is None
+    assert checkpoint.checkpoint_to_resume("none", tmp_path / "fresh") is None
+    with pytest.raises(ValueError, match="--resume none: .* already holds checkpoints"):
+        checkpoint.checkpoint_to_resume("none", root)
+    for typo in ("Auto", "latest", str(root), str(root / "step_00000009")):
+        with pytest.raises(ValueError, match="choose auto, none, or the path of a complete checkpoint folder"):
+            checkpoint.checkpoint_to_resume(typo, root)
+    assert checkpoint.checkpoint_to_resume(str(root / "step_00000004"), root) == root / "step_00000004"
+    # an older checkpoint of this run would overwrite the newer ones: refused; into a fresh run: fine
+    with pytest.raises(ValueError, match=r"holds newer checkpoints \(step_00000004\)"):
+        checkpoint.checkpoint_to_resume(str(root / "step_00000002"), root)
+    assert checkpoint.checkpoint_to_resume(str(root / "step_00000002"), tmp_path / "other") == root / "step_00000002"
+    (root / "step_00000004" / checkpoint.COMPLETE).unlink()  # half-written: not a checkpoint to resume
+    with pytest.raises(ValueError, match="choose auto, none"):
+        checkpoint.checkpoint_to_resume(str(root / "step_00000004"), tmp_path / "other")

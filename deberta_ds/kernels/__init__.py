@@ -3,8 +3,9 @@
 ``disentangled_attention`` has one signature for every implementation; the pure-PyTorch
 reference defines the semantics. ``attention_impl``: ``reference`` always uses it,
 ``fused`` requires the fused Triton kernel, ``auto`` uses the fused kernel on CUDA when it
-is available and the reference elsewhere; if the kernel fails to compile for this GPU and Triton,
-``auto`` warns once and uses the reference from then on (``fused`` raises instead).
+is available and the reference elsewhere; if a kernel variant (dtype, head dim, positional
+terms, mask, dropout) fails to compile for this GPU and Triton, ``auto`` warns once and uses the
+reference for that variant from then on, the kernel for every other (``fused`` raises instead).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from deberta_ds.kernels.reference import disentangled_attention_reference
 
-_fused_does_not_compile = False  # set once the auto path gave up on the kernel in this process
+_variants_that_do_not_compile: set[tuple] = set()  # what the auto path gave up on in this process
 
 
 def _fused():
@@ -27,18 +28,26 @@ def _fused():
     return disentangled_attention_fused, None
 
 
+def _variant(q, pos_key, pos_query, attention_mask, dropout_p) -> tuple:
+    """What selects a compiled kernel: (dtype, head dim, c2p, p2c, mask, dropout)."""
+    return (str(q.dtype).removeprefix("torch."), q.shape[-1], pos_key is not None, pos_query is not None,
+            attention_mask is not None, dropout_p > 0.0)
+
+
 def _falling_back_to_reference(fused):
-    def attention(*args, **kwargs):
+    def attention(q, k, v, pos_key, pos_query, attention_mask, **kwargs):
         from triton import TritonError  # compilation, PTX assembly and shared-memory/register limits
 
-        try:
-            return fused(*args, **kwargs)
-        except TritonError as error:
-            global _fused_does_not_compile
-            _fused_does_not_compile = True
-            warnings.warn(f"attention_impl='auto': the fused attention kernel does not compile here ({error}); "
-                          "using the reference attention from now on", stacklevel=2)
-            return disentangled_attention_reference(*args, **kwargs)
+        variant = _variant(q, pos_key, pos_query, attention_mask, kwargs.get("dropout_p", 0.0))
+        if variant not in _variants_that_do_not_compile:
+            try:
+                return fused(q, k, v, pos_key, pos_query, attention_mask, **kwargs)
+            except TritonError as error:
+                _variants_that_do_not_compile.add(variant)
+                warnings.warn(f"attention_impl='auto': the fused attention kernel does not compile here for "
+                              f"(dtype, head dim, c2p, p2c, mask, dropout) = {variant} ({error}); using the "
+                              "reference attention for it from now on", stacklevel=2)
+        return disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask, **kwargs)
     return attention
 
 
@@ -52,7 +61,7 @@ def select_attention(impl: str, device: torch.device):
                              "triton or use attention_impl='reference'")
         return fused
     if impl == "auto":
-        fused = _fused()[0] if device.type == "cuda" and not _fused_does_not_compile else None
+        fused = _fused()[0] if device.type == "cuda" else None
         return _falling_back_to_reference(fused) if fused else disentangled_attention_reference
     raise ValueError(f"attention_impl: {impl!r} is not one of reference, fused, auto")
 

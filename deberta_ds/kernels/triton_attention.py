@@ -78,8 +78,13 @@ def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, offs_m, offs_n, seq_len, bucket
         if HAS_P2C:
             qr = tl.load(qr_ptr + rows[:, None] * stride_r + offs_d[None, :],
                          mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-            p2c_window = tl.dot(k, tl.trans(qr), input_precision=PRECISION)               # [BN, W]
-            s += tl.trans(tl.gather(p2c_window, tl.trans(local), axis=1))
+            if HAS_C2P:
+                p2c_window = tl.dot(k, tl.trans(qr), input_precision=PRECISION)           # [BN, W]
+                s += tl.trans(tl.gather(p2c_window, tl.trans(local), axis=1))
+            else:  # Triton 3.6's layout pass fails on the form above without c2p; this form
+                # (no transposes) compiles everywhere but spills at d = 128 beside c2p.
+                p2c_window = tl.dot(qr, tl.trans(k), input_precision=PRECISION)           # [W, BN]
+                s += tl.gather(p2c_window, local, axis=0)
     return s * scale, window_start, saturated
 
 

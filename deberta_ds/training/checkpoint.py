@@ -56,15 +56,20 @@ def _save_tp_weights(folder: Path, model) -> None:
     zero3 = any(hasattr(p, "ds_id") for p in params)
     with deepspeed.zero.GatheredParameters(params, enabled=zero3):
         if parallel_state.get().dp_rank == 0:
-            shard = {name: p.detach().float().contiguous().clone() for name, p in model.named_parameters()}
+            shard = {name: p.detach().float().cpu().contiguous().clone() for name, p in model.named_parameters()}
             path = tp_weights_file(folder, parallel_state.tp_rank())
             save_file(shard, str(path.with_name(path.name + ".tmp")))
             os.replace(path.with_name(path.name + ".tmp"), path)
 
 
 def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, keep_last: int, tp_model=None) -> Path:
+    """Write step's checkpoint and point `latest` at it. A complete checkpoint of this step is
+    never rewritten (a relaunch that saves again before any step would otherwise put the only
+    copy at risk); a half-written one is removed first."""
     tag = tag_for(step)
     folder = root / tag
+    if (folder / COMPLETE).is_file():
+        return folder
     if rank == 0 and folder.exists():  # a half-written attempt at this step: start clean
         shutil.rmtree(folder)
     _barrier()
@@ -94,9 +99,36 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    complete = _complete_checkpoints(root)
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+
+
+def checkpoint_to_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint `--resume` names: auto (root's `latest`, if any), none (start fresh; refused
+    when root holds checkpoints), or the path of a complete checkpoint folder, refused when root
+    holds newer checkpoints that continuing from it would replace."""
+    if resume == "auto":
+        return find_latest(root)
+    if resume == "none":
+        if (root / LATEST).exists():
+            raise ValueError(f"--resume none: {root} already holds checkpoints; use --resume auto or another "
+                             "output_dir")
+        return None
+    folder = Path(resume)
+    if not (folder / COMPLETE).is_file() or not (folder / STATE).is_file():
+        raise ValueError(f"--resume {resume!r}: choose auto, none, or the path of a complete checkpoint folder "
+                         f"(a step_N folder holding {COMPLETE} and {STATE}, e.g. {root / tag_for(1000)})")
+    step = read_state(folder)["step"]
+    newer = [p.name for p in _complete_checkpoints(root) if read_state(p)["step"] > step]
+    if newer:
+        raise ValueError(f"--resume {folder}: {root} holds newer checkpoints ({', '.join(newer)}) that continuing "
+                         f"from step {step} would replace; move them out of {root} first")
+    return folder
 
 
 def find_latest(root: Path) -> Path | None:
@@ -147,5 +179,5 @@ def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
                 group["lr"] = lr
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.is_file() and not universal:
-        set_rng_states(torch.load(rng_file, weights_only=False))
+        set_rng_states(torch.load(rng_file, map_location="cpu", weights_only=False))
     return read_state(folder)

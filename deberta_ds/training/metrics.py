@@ -79,17 +79,18 @@ def peak_memory_bytes() -> int:
 
 
 class ScalarLog:
-    """TensorBoard scalars on rank 0 only (a no-op elsewhere)."""
+    """TensorBoard scalars on rank 0 only (a no-op elsewhere). The event file is created by the
+    first write, so a run that logs nothing (a relaunch of a finished run) leaves no trace."""
 
     def __init__(self, log_dir, enabled: bool):
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.log_dir, self.enabled, self.writer = log_dir, enabled, None
 
     def write(self, scalars: dict, step: int) -> None:
-        if self.writer is None:
+        if not self.enabled:
             return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
         for name, value in scalars.items():
             if value is not None and np.isfinite(value):
                 self.writer.add_scalar(name, value, step)

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="run config, YAML or JSON (see deberta_ds/training/run_config.py)")
     parser.add_argument("--resume", default="auto",
                         help="auto: continue from OUTPUT/checkpoints/latest when it exists (default); none: start "
-                             "fresh (refused if checkpoints exist)")
+                             "fresh (refused if checkpoints exist); PATH: continue from that complete checkpoint "
+                             "folder (refused if OUTPUT/checkpoints holds newer ones)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (same as train.tp=N)")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE", help="run-config overrides")
@@ -97,6 +98,18 @@ def sampling_rng(seed: int, first_global_index: int, device: torch.device) -> to
     return torch.Generator(device=device).manual_seed(int(hash64(seed, first_global_index)) & ((1 << 63) - 1))
 
 
+@dataclass
+class _LogClock:
+    """When this invocation started (and at which step), and the last log step's time and data wait."""
+    started: float
+    first_step: int
+    last_log: float = 0.0
+    data_wait_s: float = 0.0
+
+    def __post_init__(self):
+        self.last_log = self.started
+
+
 class Trainer:
     def __init__(self, config: RunConfig, resume: str):
         from deberta_ds.training.engines import RTDEngines
@@ -110,10 +123,7 @@ class Trainer:
         self.parallel = parallel_state.initialize(config.train.tp)   # TP ranks adjacent, DP over the rest
         self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
         self.accumulation = config.check_batch_geometry(self.dp_size)
-        latest = checkpoint.find_latest(self.checkpoints) if resume == "auto" else None
-        if resume == "none" and (self.checkpoints / checkpoint.LATEST).exists():
-            raise TrainingError(f"--resume none: {self.checkpoints} already holds checkpoints; use --resume auto "
-                                "or another output_dir")
+        latest = checkpoint.checkpoint_to_resume(resume, self.checkpoints)
         universal = self._needs_universal(checkpoint.read_state(latest) if latest else None)
         torch.manual_seed(config.seed)  # identical initial (full) weights on every rank, at any TP size
         self.model = ReplacedTokenDetection(rtd_config)
@@ -267,19 +277,19 @@ class Trainer:
 
     def run(self) -> None:
         config = self.config.train
+        if self.step >= config.steps:  # a relaunch of a finished run: its checkpoint stays as it is
+            self.log(f"{self.output} is already trained to step {self.step} (train.steps={config.steps}); nothing "
+                     "to do. Raise train.steps to train on.")
+            return
         bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
-        started, first_step = time.monotonic(), self.step
+        clock = _LogClock(time.monotonic(), self.step)
         prefetcher = self._prefetcher()
-        last_log, waited_at_last_log = started, 0.0
         try:
             while self.step < config.steps:
                 stop = self.train_step(prefetcher.next_step())
                 bar.update(1)
                 if self.step == 1 or self.step % config.log_every == 0 or self.step == config.steps:
-                    now = time.monotonic()
-                    metrics = self.logged_metrics() | self._performance(now - started, self.step - first_step)
-                    metrics["perf/data_wait_fraction"] = (prefetcher.wait_s - waited_at_last_log) / (now - last_log)
-                    last_log, waited_at_last_log = now, prefetcher.wait_s
+                    metrics = self.logged_metrics() | self._performance(clock, prefetcher.wait_s)
                     self.report(metrics)
                     bar.set_postfix(mlm=f"{metrics['generator/mlm_loss'] or float('nan'):.3f}",
                                     rtd=f"{metrics['discriminator/rtd_loss'] or float('nan'):.3f}")
@@ -289,7 +299,7 @@ class Trainer:
                     self.log("SIGTERM: saving a checkpoint and stopping")
                     self.save()
                     return
-                if config.exit_after_steps and self.step - first_step >= config.exit_after_steps:
+                if config.exit_after_steps and self.step - clock.first_step >= config.exit_after_steps:
                     self.log(f"train.exit_after_steps={config.exit_after_steps}: saving a checkpoint and stopping")
                     self.save()
                     return
@@ -303,13 +313,17 @@ class Trainer:
             self.save()
         self.scalars.close()
 
-    def _performance(self, elapsed_s: float, steps: int) -> dict:
-        """Throughput since this invocation started, and the peak memory so far."""
-        samples_per_s = steps * self.config.train.global_batch_size / elapsed_s
+    def _performance(self, clock: _LogClock, data_wait_s: float) -> dict:
+        """Throughput since this invocation started, the peak memory so far, and the share of the
+        time since the last log step that the loop waited for data (data_wait_s: in all)."""
+        now = time.monotonic()
+        samples_per_s = (self.step - clock.first_step) * self.config.train.global_batch_size / (now - clock.started)
         tokens_per_s = samples_per_s * self.config.data.max_length
+        wait_fraction = (data_wait_s - clock.data_wait_s) / (now - clock.last_log)
+        clock.last_log, clock.data_wait_s = now, data_wait_s
         return {"perf/samples_per_s": samples_per_s, "perf/tokens_per_s": tokens_per_s,
                 "perf/model_tflops": tokens_per_s * self.flops_per_token / 1e12,
-                "perf/peak_memory_gb": peak_memory_bytes() / 2 ** 30}
+                "perf/peak_memory_gb": peak_memory_bytes() / 2 ** 30, "perf/data_wait_fraction": wait_fraction}
 
     def report(self, metrics: dict) -> None:
         """A log step: TensorBoard, metrics.jsonl and the console."""
