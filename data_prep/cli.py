@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                           "globs or directories")
     _tokenizer_flag(verify, required=False)
     verify.add_argument("--vocab-size", type=_positive_int, help="ids must be below this (default: from --tokenizer)")
+    verify.add_argument("--allow-incomplete", action="store_true",
+                        help="accept shards of a tokenize job that did not finish (with a warning)")
 
     inspect = commands.add_parser("inspect", help="print sizes, length statistics and the first document")
     inspect.add_argument("path", metavar="PREFIX_OR_DIR")
@@ -130,7 +132,9 @@ def _sentences(args):
 
 def run(args) -> int:
     from data_prep import tools
+    from data_prep.tokenize import check_provenance
     from data_prep.tokenizer import load_tokenizer
+    from deberta_ds.data.indexed_dataset import find_shard_prefixes
 
     if args.command == "default-corpus":
         from data_prep.default_corpus import write_default_corpus
@@ -151,10 +155,12 @@ def run(args) -> int:
                                 progress=not args.no_progress)
         print(f"{prefix}_*: {stats.report()}")
     elif args.command == "verify":
-        processor, vocab = None, args.vocab_size
+        processor, vocab, tokenizer_sha256 = None, args.vocab_size, None
         if args.tokenizer:
             processor, meta = load_tokenizer(args.tokenizer)
-            vocab = vocab or meta.model_vocab_size
+            vocab, tokenizer_sha256 = vocab or meta.model_vocab_size, meta.sha256
+        check_provenance(find_shard_prefixes(args.paths), tokenizer_sha256, args.allow_incomplete,
+                         warn=lambda message: print(message, file=sys.stderr))
         return tools.verify(args.paths, vocab, processor)
     elif args.command == "inspect":
         tools.inspect(args.path, load_tokenizer(args.tokenizer)[0] if args.tokenizer else None)

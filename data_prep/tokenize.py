@@ -16,6 +16,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -149,6 +150,30 @@ def manifest_path(prefix: str | Path) -> Path:
 
 def shard_prefix(prefix: str | Path, index: int) -> str:
     return f"{prefix}_{index:05d}"
+
+
+def check_provenance(prefixes, tokenizer_sha256: str | None, allow_incomplete: bool = False, warn=print) -> None:
+    """Shards written by `tokenize` have their job's manifest beside them (PREFIX_00000 ->
+    PREFIX.manifest.json). Refuse shards of a job that did not finish (with allow_incomplete:
+    warn instead) and shards made with another tokenizer than `tokenizer_sha256`, naming both
+    hashes. Shards without a manifest (merge/split outputs, Megatron's own) are not judged here."""
+    set_prefixes = {match[1] for prefix in prefixes if (match := re.fullmatch(r"(.*)_\d{5}", str(prefix)))}
+    for path in sorted(manifest_path(prefix) for prefix in set_prefixes):
+        if not path.is_file():
+            continue
+        manifest = json.loads(path.read_text())
+        if tokenizer_sha256 and manifest.get("tokenizer_sha256") != tokenizer_sha256:
+            raise ValueError(f"{path}: these shards were tokenised with tokenizer sha256 "
+                             f"{manifest.get('tokenizer_sha256')}, not with the given one ({tokenizer_sha256}); "
+                             "use the tokenizer they were made with, or tokenise again")
+        if not manifest.get("complete"):
+            message = (f"{path}: the tokenize job that wrote these shards did not finish "
+                       f"({len(manifest.get('shards', []))} shards so far); re-run the same tokenize command to "
+                       "finish it")
+            if not allow_incomplete:
+                raise ValueError(message + " (or accept the incomplete set: data.allow_incomplete_shards=true for "
+                                           "training, --allow-incomplete for verify)")
+            warn(f"warning: {message}; using the incomplete set as asked")
 
 
 def _job_identity(files, tokenizer_sha, settings) -> dict:

@@ -33,6 +33,7 @@ from deberta_ds.native_checkpoint import (
     save_native,
     split_tp,
 )
+from deberta_ds.training.safe_load import UnsafeCheckpointError
 
 # (our name inside an Encoder, HF name inside DebertaV2Model); "{i}" is the layer index.
 _ENCODER_KEYS = [
@@ -320,7 +321,7 @@ def main(argv=None) -> int:
             split_tp(args.checkpoint, args.out, args.tp)
         else:
             to_hf(args.checkpoint, args.out, args.part)
-    except ConversionError as error:
+    except (ConversionError, UnsafeCheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

@@ -74,10 +74,13 @@ def _merged_tp_pair(rtd_config: dict, folder: Path, tp_size: int) -> ReplacedTok
 def _deepspeed_engine_state(folder: Path, engine: str, sharded: bool) -> dict:
     """Consolidated fp32 weights of one engine folder of a training checkpoint. Sharded
     (ZeRO 1-3, or bf16/fp16 master weights) checkpoints go through DeepSpeed's zero_to_fp32."""
-    if sharded:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=engine)
-    states = torch.load(folder / engine / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    from deberta_ds.training.safe_load import weights_only_loads
+
+    with weights_only_loads():  # DeepSpeed's files are pickles: nothing in them may run
+        if sharded:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=engine)
+        states = torch.load(folder / engine / "mp_rank_00_model_states.pt", map_location="cpu")
     return {key: value.float() for key, value in states["module"].items()}
 
 

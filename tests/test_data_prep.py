@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 import os
 import signal
 import subprocess
@@ -276,3 +277,99 @@ def test_every_command_has_help():
         with pytest.raises(SystemExit) as exit_info:
             cli([command, "--help"])
         assert exit_info.value.code == 0
+
+
+# Every field of a 3-document shard (header 34 B, lengths at 34, pointers at 46, documents at 70),
+# damaged one at a time, with what the refusal must say. None of these needs a pass over P.bin.
+STRUCTURAL_DAMAGE = [
+    (".idx", 0, b"NOTMAGIC!", "bad magic"),
+    (".idx", 9, np.uint64(2).tobytes(), "unsupported version 2 at offset 9"),
+    (".idx", 17, bytes([1]), "token dtype uint8 at offset 17 is not uint16 or int32"),
+    (".idx", 17, bytes([2]), "token dtype int8 at offset 17"),
+    (".idx", 17, bytes([9]), "unknown dtype code 9 at offset 17"),
+    (".idx", 18, np.uint64(4).tobytes(), "g.idx: size 102 bytes, the header implies 114"),
+    (".idx", 26, np.uint64(5).tobytes(), "g.idx: size 102 bytes, the header implies 110"),
+    (".idx", 38, np.int32(-1).tobytes(), "negative sequence length at offset 38"),
+    (".idx", 38, np.int32(40_000_000).tobytes(), "pointer 10 at offset 62 breaks monotonicity"),
+    (".idx", 46, np.int64(600).tobytes(), "pointer 600 at offset 46"),
+    (".idx", 70, np.int64(1).tobytes(), "document index at offset 70 must start at 0 and end at 3"),
+    (".idx", 94, np.int64(2).tobytes(), "document index at offset 70 must start at 0 and end at 3"),
+    (".idx", 78, np.int64(30_000_000).tobytes(), "document index decreases at offset 86"),
+    (".idx", 102, b"\0" * 8, "g.idx: size 110 bytes, the header implies 102"),
+    (".bin", 12, b"\0\0", "g.bin: size 14 bytes, the index implies 12"),
+]
+
+
+def _damage(prefix: Path, suffix: str, offset: int, data: bytes) -> None:
+    path = prefix.with_suffix(suffix)
+    if offset >= path.stat().st_size:  # past the end: pad
+        path.write_bytes(path.read_bytes() + data)
+    else:
+        _corrupt(path, offset, data)
+
+
+@pytest.mark.parametrize("suffix, offset, data, message", STRUCTURAL_DAMAGE)
+def test_every_reader_refuses_a_structurally_damaged_shard(tmp_path, capsys, suffix, offset, data, message):
+    """Training (TokenCorpus), inspect, merge and split open shards with verify's structural checks:
+    the file and offset are named, and merge/split write nothing (no laundering into a 'valid' shard)."""
+    from deberta_ds.data.dataset import TokenCorpus
+    from deberta_ds.data.indexed_dataset import ShardFormatError
+
+    prefix = _good_shard(tmp_path)
+    _damage(prefix, suffix, offset, data)
+    with pytest.raises(ShardFormatError, match=re.escape(message)):
+        TokenCorpus([prefix])
+    for command in (["inspect", str(prefix)], ["merge", "--input", str(prefix), "--output-prefix", str(tmp_path / "m")],
+                    ["split", "--input", str(prefix), "--output-prefix", str(tmp_path / "s"), "--valid-fraction", "0.5"]):
+        assert cli(command) == 1, command
+        assert message in capsys.readouterr().err, command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.bin", "g.idx"]
+
+
+def test_a_truncated_bin_is_refused_by_training_not_read_in_part(tmp_path):
+    """The trainer used to train on what was left of a truncated .bin without a word."""
+    from deberta_ds.data.dataset import TokenCorpus
+    from deberta_ds.data.indexed_dataset import ShardFormatError
+
+    prefix = _good_shard(tmp_path)
+    prefix.with_suffix(".bin").write_bytes(prefix.with_suffix(".bin").read_bytes()[:4])
+    with pytest.raises(ShardFormatError, match=r"g\.bin: size 4 bytes, the index implies 12 .* offset 4"):
+        TokenCorpus([prefix])
+
+
+def test_unfinished_or_foreign_shard_sets_are_refused(tmp_path, small_corpus, tokenizer_dir, capsys):
+    """verify --tokenizer and training read the tokenize manifest: an unfinished job's shards and
+    shards of another tokenizer (same vocabulary size) are refused, naming the manifest and hashes."""
+    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from deberta_ds.training.run_config import run_config_from_dict
+    from deberta_ds.training.trainer import build_data
+
+    prefix = tmp_path / "set" / "s"
+    assert cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(prefix), "--tokenizer",
+                str(tokenizer_dir), "--shard-tokens", "30000", "--no-progress"]) == 0
+    run = {"model": "tiny", "data": {"train": [str(tmp_path / "set")], "tokenizer": str(tokenizer_dir)}}
+    build_data(run_config_from_dict(run))  # the finished set with its own tokenizer: accepted
+    manifest_file = tmp_path / "set" / "s.manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert len(manifest["shards"]) > 2
+    manifest["complete"] = False  # as a killed job leaves it
+    manifest_file.write_text(json.dumps(manifest))
+    assert cli(["verify", str(tmp_path / "set"), "--tokenizer", str(tokenizer_dir)]) == 1
+    assert "s.manifest.json: the tokenize job that wrote these shards did not finish" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="did not finish .* data.allow_incomplete_shards=true"):
+        build_data(run_config_from_dict(run))
+    assert cli(["verify", str(tmp_path / "set"), "--tokenizer", str(tokenizer_dir), "--allow-incomplete"]) == 0
+    assert "warning: " in capsys.readouterr().err
+    run["data"]["allow_incomplete_shards"] = True
+    build_data(run_config_from_dict(run))
+    manifest["complete"] = True
+    manifest_file.write_text(json.dumps(manifest))
+    other = tmp_path / "other_tok"  # same vocabulary size, other text: other ids for the same pieces
+    train_tokenizer(iter(small_corpus.read_text().splitlines()[::-1][:4000]), other, 1000, sample_sentences=50_000)
+    ours, theirs = load_tokenizer(tokenizer_dir)[1].sha256, load_tokenizer(other)[1].sha256
+    assert ours != theirs
+    assert cli(["verify", str(tmp_path / "set"), "--tokenizer", str(other)]) == 1
+    assert f"tokenizer sha256 {ours}, not with the given one ({theirs})" in capsys.readouterr().err
+    run["data"]["tokenizer"] = str(other)
+    with pytest.raises(ValueError, match=f"sha256 {ours}, not with the given one"):
+        build_data(run_config_from_dict(run))

@@ -49,7 +49,7 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
         checkpoint.save(tmp_path, {"joint": _Engine()}, step, {"step": step}, 0, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000005"]
     assert checkpoint.find_latest(tmp_path).name == "step_00000005"
-    assert torch.load(tmp_path / "step_00000005" / "rng_rank0.pt", weights_only=False)["generators"]["cpu"].dtype == torch.uint8
+    assert checkpoint.rng_file(tmp_path / "step_00000005", 0).is_file()
 
 
 class _EngineThatMustNotWrite:
@@ -84,3 +84,24 @@ def test_resume_takes_auto_none_or_a_complete_checkpoint(tmp_path):
     (root / "step_00000004" / checkpoint.COMPLETE).unlink()  # half-written: not a checkpoint to resume
     with pytest.raises(ValueError, match="choose auto, none"):
         checkpoint.checkpoint_to_resume(str(root / "step_00000004"), tmp_path / "other")
+
+
+def test_rng_states_round_trip_through_the_checkpoint_file(tmp_path):
+    """CPU generator, numpy, Python and the TP stream come back exactly (no pickle involved)."""
+    import random
+
+    import numpy as np
+
+    from deberta_ds.parallel.random import get_tracker_states, seed_streams
+
+    seed_streams(5)
+    checkpoint._save_rng_states(tmp_path / "rng.safetensors")
+    draws = lambda: (torch.rand(4), np.random.rand(3), random.random())  # noqa: E731
+    expected, tracker = draws(), get_tracker_states()
+    draws()
+    seed_streams(6)
+    checkpoint._load_rng_states(tmp_path / "rng.safetensors")
+    actual = draws()
+    assert torch.equal(expected[0], actual[0]) and np.array_equal(expected[1], actual[1]) and expected[2] == actual[2]
+    restored = get_tracker_states()
+    assert restored.keys() == tracker.keys() and all(torch.equal(restored[n]["cpu"], tracker[n]["cpu"]) for n in tracker)

@@ -163,7 +163,8 @@ def read_header(idx_file: Path) -> IndexHeader:
 
 
 class IndexedShard:
-    """Zero-copy reader of one PREFIX.bin/.idx pair (numpy memmaps, reopened after pickling)."""
+    """Zero-copy reader of one PREFIX.bin/.idx pair (numpy memmaps, reopened after pickling),
+    structurally checked on every open."""
 
     def __init__(self, prefix: str | Path):
         self.prefix = str(prefix)
@@ -185,9 +186,41 @@ class IndexedShard:
         self.lengths = index[HEADER.size:HEADER.size + 4 * n].view(np.int32)
         self.pointers = index[HEADER.size + 4 * n:HEADER.size + 12 * n].view(np.int64)
         self.doc_index = index[HEADER.size + 12 * n:].view(np.int64)
+        self._check_structure()
         bin_size = data_path(self.prefix).stat().st_size
         self.tokens = (np.memmap(data_path(self.prefix), dtype=self.dtype, mode="r") if bin_size
                        else np.zeros(0, dtype=self.dtype))
+
+    def _check_structure(self) -> None:
+        """Everything but the token values, vectorised over the index (no pass over P.bin): token
+        dtype, lengths, pointers, document index and P.bin's size. Every open runs it, so a shard
+        that would read past its data, or misread it, never reaches training, inspect, merge or split."""
+        idx_file, bin_file = index_path(self.prefix), data_path(self.prefix)
+        n = len(self.lengths)
+        pointers_offset = HEADER.size + 4 * n
+        docs_offset = pointers_offset + 8 * n
+        if self.dtype.type not in TOKEN_DTYPES:
+            raise ShardFormatError(f"{idx_file}: token dtype {self.dtype} at offset 17 is not uint16 or int32")
+        bad = np.flatnonzero(self.lengths < 0)
+        if bad.size:
+            raise ShardFormatError(f"{idx_file}: negative sequence length at offset {HEADER.size + 4 * bad[0]}")
+        expected_pointers = (np.cumsum(self.lengths, dtype=np.int64) - self.lengths) * self.dtype.itemsize
+        bad = np.flatnonzero(self.pointers != expected_pointers)
+        if bad.size:
+            raise ShardFormatError(f"{idx_file}: sequence pointer {int(self.pointers[bad[0]])} at offset "
+                                   f"{pointers_offset + 8 * bad[0]} breaks monotonicity (expected "
+                                   f"{int(expected_pointers[bad[0]])})")
+        docs = self.doc_index
+        if len(docs) == 0 or docs[0] != 0 or docs[-1] != n:
+            raise ShardFormatError(f"{idx_file}: document index at offset {docs_offset} must start at 0 and end at {n}")
+        bad = np.flatnonzero(np.diff(docs) < 0)
+        if bad.size:
+            raise ShardFormatError(f"{idx_file}: document index decreases at offset {docs_offset + 8 * (bad[0] + 1)}")
+        total_bytes = int(self.lengths.sum(dtype=np.int64)) * self.dtype.itemsize
+        if bin_file.stat().st_size != total_bytes:
+            raise ShardFormatError(f"{bin_file}: size {bin_file.stat().st_size} bytes, the index implies {total_bytes} "
+                                   f"(pointers past the end or truncated data at offset "
+                                   f"{min(total_bytes, bin_file.stat().st_size)})")
 
     def __getstate__(self):
         return {"prefix": self.prefix}
@@ -223,36 +256,11 @@ class IndexedShard:
 
 
 def verify_shard(prefix: str | Path, vocab_size: int | None = None) -> IndexedShard:
-    """Full check of one shard; raises ShardFormatError naming the file and first bad offset."""
+    """Full check of one shard: the structure (every open checks it) and, given vocab_size, every
+    token id (one pass over P.bin); raises ShardFormatError naming the file and first bad offset."""
     shard = IndexedShard(prefix)
-    idx_file, bin_file = index_path(prefix), data_path(prefix)
-    n = len(shard)
-    lengths_offset = HEADER.size
-    pointers_offset = lengths_offset + 4 * n
-    docs_offset = pointers_offset + 8 * n
-    if shard.dtype.type not in TOKEN_DTYPES:
-        raise ShardFormatError(f"{idx_file}: token dtype {shard.dtype} at offset 17 is not uint16 or int32")
-    bad = np.flatnonzero(shard.lengths < 0)
-    if bad.size:
-        raise ShardFormatError(f"{idx_file}: negative sequence length at offset {lengths_offset + 4 * bad[0]}")
-    expected_pointers = (np.cumsum(shard.lengths, dtype=np.int64) - shard.lengths) * shard.dtype.itemsize
-    bad = np.flatnonzero(shard.pointers != expected_pointers)
-    if bad.size:
-        raise ShardFormatError(f"{idx_file}: sequence pointer {int(shard.pointers[bad[0]])} at offset "
-                               f"{pointers_offset + 8 * bad[0]} breaks monotonicity (expected "
-                               f"{int(expected_pointers[bad[0]])})")
-    docs = shard.doc_index
-    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n:
-        raise ShardFormatError(f"{idx_file}: document index at offset {docs_offset} must start at 0 and end at {n}")
-    bad = np.flatnonzero(np.diff(docs) < 0)
-    if bad.size:
-        raise ShardFormatError(f"{idx_file}: document index decreases at offset {docs_offset + 8 * (bad[0] + 1)}")
-    total_bytes = int(shard.lengths.sum(dtype=np.int64)) * shard.dtype.itemsize
-    if bin_file.stat().st_size != total_bytes:
-        raise ShardFormatError(f"{bin_file}: size {bin_file.stat().st_size} bytes, the index implies {total_bytes} "
-                               f"(pointers past the end or truncated data at offset "
-                               f"{min(total_bytes, bin_file.stat().st_size)})")
     if vocab_size is not None:
+        bin_file = data_path(prefix)
         for start in range(0, len(shard.tokens), _CHUNK):
             chunk = shard.tokens[start:start + _CHUNK]
             bad = np.flatnonzero((chunk >= vocab_size) | (chunk < 0))

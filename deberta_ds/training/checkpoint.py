@@ -3,7 +3,7 @@
 Layout under OUTPUT/checkpoints/:
     step_00000012/<engine>/...        DeepSpeed's files, one folder per engine (joint | generator, discriminator)
     step_00000012/trainer_state.json  step, consumed samples, run config, tokenizer metadata, world size
-    step_00000012/rng_rank{r}.pt      each rank's RNG states (CPU and CUDA, default and tensor-parallel streams)
+    step_00000012/rng_rank{r}.safetensors  each rank's RNG states (CPU and CUDA, default and TP streams, numpy, Python)
     step_00000012/weights_tp{t}.safetensors   TP > 1 only: each TP rank's full module shard
     step_00000012/COMPLETE            written by rank 0 after every rank finished writing
     latest                            the newest COMPLETE tag; moved (write + rename) only after COMPLETE
@@ -21,11 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from deberta_ds.parallel import state as parallel_state
 from deberta_ds.parallel.random import get_rng_states, set_rng_states
+from deberta_ds.training.safe_load import weights_only_loads
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -39,6 +41,43 @@ def tag_for(step: int) -> str:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_rank{rank}.safetensors"
+
+
+def _save_rng_states(path: Path) -> None:
+    """Generator states as tensors and numpy's and Python's as JSON in one safetensors file
+    (nothing that loading could execute)."""
+    from safetensors.torch import save_file
+
+    states = get_rng_states()
+    tensors = {f"generators.{device}": state for device, state in states["generators"].items()}
+    tensors |= {f"tracker.{name}.{device}": state for name, stream in states["tracker"].items()
+                for device, state in stream.items()}
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    metadata = {"numpy": json.dumps([kind, keys.tolist(), position, has_gauss, cached_gaussian]),
+                "python": json.dumps(states["python"])}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _load_rng_states(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = handle.metadata()
+    kind, keys, position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
+    version, internal, gauss_next = json.loads(metadata["python"])
+    tracker: dict = {}
+    for key, tensor in tensors.items():
+        if key.startswith("tracker."):
+            name, device = key[len("tracker."):].rsplit(".", 1)
+            tracker.setdefault(name, {})[device] = tensor
+    set_rng_states({"generators": {key.split(".", 1)[1]: t for key, t in tensors.items() if key.startswith("generators.")},
+                    "numpy": (kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian),
+                    "python": (version, tuple(internal), gauss_next), "tracker": tracker})
 
 
 def tp_weights_file(folder: Path, tp_rank: int) -> Path:
@@ -75,7 +114,7 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
     _barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder), tag=name, save_latest=False)
-    torch.save(get_rng_states(), folder / f"rng_rank{rank}.pt")
+    _save_rng_states(rng_file(folder, rank))
     if tp_model is not None:
         _save_tp_weights(folder, tp_model)
     if rank == 0:
@@ -160,7 +199,8 @@ def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
                 continue
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+            subprocess.run([sys.executable, "-m", "deberta_ds.training.safe_load", "deepspeed.checkpoint.ds_to_universal",
+                            "--input_folder",
                             str(folder / name), "--output_folder", str(tmp), "--inject_missing_state",
                             "--num_extract_workers", "1", "--num_merge_workers", "1"],
                            check=True, stdout=subprocess.DEVNULL)
@@ -171,13 +211,13 @@ def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
 def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
     for name, engine in engines.items():
         tag = universal_folder(folder, name).name if universal else name
-        path, _ = engine.load_checkpoint(str(folder), tag=tag)
+        with weights_only_loads():
+            path, _ = engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
             raise RuntimeError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
         if universal:  # the universal loader restores the scheduler but leaves the groups' lr at 0
             for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
                 group["lr"] = lr
-    rng_file = folder / f"rng_rank{rank}.pt"
-    if rng_file.is_file() and not universal:
-        set_rng_states(torch.load(rng_file, map_location="cpu", weights_only=False))
+    if rng_file(folder, rank).is_file() and not universal:
+        _load_rng_states(rng_file(folder, rank))
     return read_state(folder)

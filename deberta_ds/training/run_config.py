@@ -45,6 +45,7 @@ class DataSection:
     cross_documents: bool = True
     mask_probability: float = 0.15
     seed: int = 1234
+    allow_incomplete_shards: bool = False   # accept shards of a tokenize job that did not finish (warns)
 
     def __post_init__(self):
         _require(self.max_length >= 3, "data.max_length", "must be at least 3 ([CLS] x [SEP])")

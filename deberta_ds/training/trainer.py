@@ -57,6 +57,7 @@ def parse_args(argv=None):
 
 def build_data(config: RunConfig):
     """Datasets and the RTD model config, with clear errors for every mismatch."""
+    from data_prep.tokenize import check_provenance
     from data_prep.tokenizer import load_tokenizer
 
     if not config.data.train:
@@ -72,7 +73,10 @@ def build_data(config: RunConfig):
     masking = MaskingConfig(probability=config.data.mask_probability)
 
     def samples(paths, seed):
-        corpus = TokenCorpus(find_shard_prefixes(paths))
+        prefixes = find_shard_prefixes(paths)
+        check_provenance(prefixes, meta.sha256, config.data.allow_incomplete_shards,
+                         warn=lambda message: print(message, file=sys.stderr))
+        corpus = TokenCorpus(prefixes)
         if corpus.max_token_id >= model_config.vocab_size:
             raise ValueError(f"data: shards {paths} hold token id {corpus.max_token_id}, outside the model "
                              f"vocabulary of {model_config.vocab_size} from tokenizer {config.data.tokenizer}; "

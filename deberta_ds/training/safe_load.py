@@ -1,0 +1,65 @@
+"""Checkpoint loading that cannot run code from the checkpoint.
+
+`torch.load(weights_only=False)` unpickles anything: a replaced checkpoint file would run
+arbitrary code on resume, `to-hf`, `init_from` or `split-tp`. DeepSpeed loads its own files
+that way (its checkpoint engine, zero_to_fp32, the universal-checkpoint tools), so every load
+of a training checkpoint runs inside `weights_only_loads()`: torch.load is weights-only there
+whatever the caller asks, with only the few DeepSpeed classes its files hold allowed besides
+tensors and containers. `python -m deberta_ds.training.safe_load MODULE ARGS...` runs a module
+(DeepSpeed's ds_to_universal) the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import runpy
+import sys
+
+import torch
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds something other than tensors, containers and the allowed classes."""
+
+
+def _allowed_deepspeed_classes() -> list:
+    """What DeepSpeed 0.19's model and optimizer state files hold besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block, every torch.load is weights-only (the DeepSpeed classes above allowed);
+    a file that holds anything else raises UnsafeCheckpointError naming it, and nothing of it runs."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise UnsafeCheckpointError(f"{f}: refused to load, it holds objects a checkpoint must not hold "
+                                        f"({first_line}); was the file replaced?") from None
+
+    with torch.serialization.safe_globals(_allowed_deepspeed_classes()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+def main() -> None:
+    module, sys.argv = sys.argv[1], sys.argv[1:]
+    with weights_only_loads():
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
