@@ -184,3 +184,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ShardFormatError, JobMismatchError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a full disk, a read-only folder: the open output was removed, finished shards kept
+        print(f"error: {error} (disk full or not writable?); no partial output was left behind, and re-running the "
+              "same command continues after the last finished shard", file=sys.stderr)
+        return 1

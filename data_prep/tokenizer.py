@@ -8,6 +8,7 @@ appended after the last piece (id = number of pieces), as in DeBERTaV3 (128,000 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -62,7 +63,12 @@ def load_tokenizer(path: str | Path) -> tuple[spm.SentencePieceProcessor, Tokeni
     processor = spm.SentencePieceProcessor(model_file=str(model_path))
     metadata_path = model_path.parent / METADATA_FILE
     if metadata_path.is_file():
-        metadata = TokenizerMetadata(**json.loads(metadata_path.read_text()))
+        try:
+            metadata = TokenizerMetadata(**json.loads(metadata_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            known = [f.name for f in dataclasses.fields(TokenizerMetadata)]
+            raise ValueError(f"{metadata_path}: not a deberta_ds tokenizer description ({error}); its fields are "
+                             f"{known}. Re-create it with data_prep train-tokenizer") from None
     else:  # a foreign spm.model: derive the same metadata
         pieces = processor.get_piece_size()
         metadata = TokenizerMetadata(pieces, pieces, round_up(pieces + 1, 128))

@@ -313,6 +313,9 @@ def main(argv=None) -> int:
     split_cmd.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
     split_cmd.add_argument("--out", required=True, help="output directory (weights_tp{r}.safetensors)")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out {args.out} is a file; name a directory to write the checkpoint into", file=sys.stderr)
+        return 2
     try:
         if args.command == "from-hf":
             model = from_hf(args.hf, args.generator, as_rtd=args.rtd, embedding_sharing=args.embedding_sharing)

@@ -87,11 +87,16 @@ def _deepspeed_engine_state(folder: Path, engine: str, sharded: bool) -> dict:
 def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
     """The RTD pair of a `deberta_ds.train` checkpoint: a step folder, its checkpoints/ folder or the
     run's output_dir (the `latest` complete step)."""
+    from deberta_ds.training.checkpoint import COMPLETE, STATE
+
     folder = Path(folder)
     for pointer in (folder / "latest", folder / "checkpoints" / "latest"):
         if pointer.is_file():
             folder = pointer.parent / pointer.read_text().strip()
-    state = json.loads((folder / "trainer_state.json").read_text())
+    if not (folder / COMPLETE).is_file():
+        raise ConversionError(f"{folder}: not a complete training checkpoint (no {COMPLETE} marker: it was being "
+                              "written when the run stopped); use an earlier step folder")
+    state = json.loads((folder / STATE).read_text())
     if state.get("tp", 1) > 1:
         return _merged_tp_pair(state["rtd_config"], folder, state["tp"])
     model = ReplacedTokenDetection(rtd_config_from_dict(state["rtd_config"]))

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -66,3 +67,40 @@ def test_unshared_attention_keys_build_separate_projections():
     encoder = Encoder(preset("tiny", share_att_key=False, pos_att_type=("c2p",)))
     names = {n for n, _ in encoder.named_parameters()}
     assert "layers.0.attention.pos_key.weight" in names and "layers.0.attention.pos_query.weight" not in names
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "steps", "ten", "train.steps: 'ten' is not of type int"),
+    ("train", "steps", True, "train.steps: True is not of type int"),
+    ("train", "steps", 0, "train.steps: must be positive"),
+    ("train", "global_batch_size", -8, "train.global_batch_size: must be positive, got -8"),
+    ("train", "save_every", 1.5, "train.save_every: 1.5 is not of type int"),
+    ("train", "save_every", -1, "train.save_every: must be >= 0"),
+    ("train", "log_every", 0, "train.log_every: must be >= 1"),
+    ("train", "eval_batches", 0, "train.eval_batches: must be positive"),
+    ("data", "max_length", 512.0, "data.max_length: 512.0 is not of type int"),
+    ("data", "max_length", 2, "data.max_length: must be at least 3"),
+    ("data", "train", "shards/", "data.train: 'shards/' is not of type list"),
+    ("data", "cross_documents", "yes", "data.cross_documents: 'yes' is not of type bool"),
+    ("optim", "lr", "1e-3", "optim.lr: '1e-3' is not of type float (YAML 1.1 reads 1e-3 as text: write 1.0e-3)"),
+])
+def test_run_config_names_the_field_of_a_bad_value(section, field, value, message):
+    from deberta_ds.training.run_config import run_config_from_dict
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_config_from_dict({section: {field: value}})
+
+
+def test_bad_config_files_and_tokenizer_descriptions_are_named(tmp_path):
+    from data_prep.tokenizer import load_tokenizer
+    from deberta_ds.training.run_config import load_run_config
+    from tests.data_helpers import corpus_file, trained_tokenizer
+
+    (tmp_path / "bad.yaml").write_text("train: {steps: 3\n")
+    with pytest.raises(ValueError, match=r"--config .*bad\.yaml: not valid YAML"):
+        load_run_config(tmp_path / "bad.yaml")
+    tokenizer = trained_tokenizer(tmp_path / "tok", corpus_file(tmp_path, max_bytes=100_000), vocab_size=300)
+    description = tokenizer / "tokenizer.json"
+    description.write_text(json.dumps(json.loads(description.read_text()) | {"surprise": 1}))
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a deberta_ds tokenizer description .*surprise"):
+        load_tokenizer(tokenizer)

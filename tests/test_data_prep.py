@@ -373,3 +373,16 @@ def test_unfinished_or_foreign_shard_sets_are_refused(tmp_path, small_corpus, to
     run["data"]["tokenizer"] = str(other)
     with pytest.raises(ValueError, match=f"sha256 {ours}, not with the given one"):
         build_data(run_config_from_dict(run))
+
+
+def test_tokenize_on_a_full_disk_leaves_no_partial_output(tmp_path, small_corpus, tokenizer_dir):
+    """A file-size limit stands in for a full disk: a clear error, no traceback, no .tmp file."""
+    import resource
+
+    result = subprocess.run([sys.executable, "-m", "data_prep", "tokenize", "--input", str(small_corpus),
+                             "--output-prefix", str(tmp_path / "out" / "s"), "--tokenizer", str(tokenizer_dir),
+                             "--no-progress"], capture_output=True, text=True, timeout=300,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000)))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "(disk full or not writable?); no partial output was left behind" in result.stderr
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]

@@ -6,6 +6,7 @@ world of one). Resumed runs must reproduce the uninterrupted losses within 1e-6 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +67,8 @@ def test_sigkill_then_resume_auto_reproduces_the_uninterrupted_run(train_shards,
     run_ok(launcher(killed, 2, "--resume", "auto"))
     expected, actual = last_entry_per_step(tmp_path / "full"), last_entry_per_step(killed_dir)
     assert sorted(actual) == sorted(expected) == list(range(1, 13))
+    logged = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 13))  # steps logged after step 6 by the killed run were dropped on resume
     for step in range(1, 13):
         assert actual[step]["consumed_samples"] == expected[step]["consumed_samples"]  # same data order
         for key in ("generator/mlm_loss", "discriminator/rtd_loss"):
@@ -262,3 +265,38 @@ def test_resume_from_a_named_checkpoint_continues_that_run(train_shards, tmp_pat
     for step in (3, 4):
         for key in ("generator/mlm_loss", "discriminator/rtd_loss"):
             assert abs(actual[step][key] - expected[step][key]) <= 1e-6, (step, key)
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_files_and_failed_writes_are_reported_not_tracebacks(train_shards, tmp_path):
+    """A truncated model, optimizer or RNG file in the latest checkpoint is named, with the previous
+    complete checkpoint to resume from; a write that fails (here: a file-size limit, as a full
+    disk) stops the run with `latest` kept; an unwritable output_dir fails at start-up."""
+    import resource
+
+    run = tiny_run(train_shards, tmp_path / "run", train={"steps": 2, "save_every": 1, "zero_stage": 2})
+    config = write_config(tmp_path / "run.json", run)
+    train_cli(config)
+    step2 = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for damaged in ("generator/mp_rank_00_model_states.pt", "discriminator/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                    "rng_rank0.safetensors"):
+        copy = tmp_path / f"copy_{Path(damaged).stem}"
+        shutil.copytree(tmp_path / "run", copy)
+        target = copy / "checkpoints" / "step_00000002" / damaged
+        target.write_bytes(target.read_bytes()[:200])
+        bigger = write_config(tmp_path / f"{copy.name}.json", run | {"output_dir": str(copy),
+                                                                    "train": run["train"] | {"steps": 3}})
+        result = train_cli(bigger, expect=1)
+        assert f"{Path(damaged).name}: cannot be read, the file is truncated or damaged" in result.stderr, damaged
+        assert f"--resume {copy / 'checkpoints' / 'step_00000001'}" in result.stderr and "Traceback" not in result.stderr
+    limited = write_config(tmp_path / "limited.json", run | {"train": run["train"] | {"steps": 3}})
+    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(limited)], cwd=REPO,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "writing the checkpoint of step 3" in result.stderr
+    assert "(disk full?); step_00000002 is still the latest complete checkpoint" in result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
+    (tmp_path / "a_file").write_text("")
+    unwritable = write_config(tmp_path / "unwritable.json", run | {"output_dir": str(tmp_path / "a_file" / "out")})
+    result = train_cli(unwritable, expect=1)
+    assert f"output_dir {tmp_path / 'a_file' / 'out'}: cannot write there" in result.stderr

@@ -105,3 +105,18 @@ def test_rng_states_round_trip_through_the_checkpoint_file(tmp_path):
     assert torch.equal(expected[0], actual[0]) and np.array_equal(expected[1], actual[1]) and expected[2] == actual[2]
     restored = get_tracker_states()
     assert restored.keys() == tracker.keys() and all(torch.equal(restored[n]["cpu"], tracker[n]["cpu"]) for n in tracker)
+
+
+def test_convert_refuses_an_incomplete_checkpoint_and_an_output_that_is_a_file(tmp_path, capsys):
+    from deberta_ds.convert import main as convert
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / checkpoint.STATE).write_text("{}")  # written, but COMPLETE never was
+    (step.parent / checkpoint.LATEST).write_text(step.name)
+    assert convert(["to-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    assert "step_00000004: not a complete training checkpoint" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert convert(["to-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "file")]) == 2
+    assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

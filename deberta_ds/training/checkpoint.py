@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from deberta_ds.parallel import state as parallel_state
 from deberta_ds.parallel.random import get_rng_states, set_rng_states
@@ -118,17 +119,18 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
     if tp_model is not None:
         _save_tp_weights(folder, tp_model)
     if rank == 0:
-        _write_atomic(folder / STATE, json.dumps(client_state, indent=1))
+        write_atomic(folder / STATE, json.dumps(client_state, indent=1))
     _barrier()  # every rank has finished writing
     if rank == 0:
-        _write_atomic(folder / COMPLETE, "")
-        _write_atomic(root / LATEST, tag)
+        write_atomic(folder / COMPLETE, "")
+        write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
     _barrier()
     return folder
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """text -> path via a temporary name, fsync and rename: never a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
@@ -177,7 +179,7 @@ def find_latest(root: Path) -> Path | None:
         return None
     folder = root / pointer.read_text().strip()
     if not (folder / COMPLETE).is_file():
-        raise RuntimeError(f"{pointer} names {folder.name}, which is not complete; the checkpoint directory was "
+        raise ValueError(f"{pointer} names {folder.name}, which is not complete; the checkpoint directory was "
                            "modified by hand")
     return folder
 
@@ -209,15 +211,31 @@ def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
 
 
 def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
+    """Engine states and this rank's RNG states; a damaged file is named, with the previous complete
+    checkpoint to resume from instead."""
+    try:
+        return _load(folder, engines, rank, universal)
+    except ValueError as error:
+        previous = [p for p in _complete_checkpoints(folder.parent) if p.name < folder.name]
+        advice = (f"resume from the previous complete checkpoint with --resume {previous[-1]}" if previous
+                  else "no earlier complete checkpoint exists")
+        raise ValueError(f"{error}; {advice}") from None
+
+
+def _load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
     for name, engine in engines.items():
         tag = universal_folder(folder, name).name if universal else name
         with weights_only_loads():
             path, _ = engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
-            raise RuntimeError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
+            raise ValueError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
         if universal:  # the universal loader restores the scheduler but leaves the groups' lr at 0
             for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
                 group["lr"] = lr
     if rng_file(folder, rank).is_file() and not universal:
-        _load_rng_states(rng_file(folder, rank))
+        try:
+            _load_rng_states(rng_file(folder, rank))
+        except SafetensorError as error:
+            raise ValueError(f"{rng_file(folder, rank)}: cannot be read, the file is truncated or damaged "
+                             f"({error})") from None
     return read_state(folder)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +89,9 @@ class TrainSection:
     activation_checkpointing: str = "none"   # layers: recompute every encoder layer in the backward
     log_every: int = 10                 # log steps: step 1, every log_every, the last (means since the previous)
     eval_every: int = 0                 # 0: evaluate only at the end
-    eval_batches: int = 4
+    eval_batches: int = 4               # held-out batches per evaluation (at least 1)
     save_every: int = 0                 # 0: save only at the end and on SIGTERM
-    keep_last: int = 3
+    keep_last: int = 3                  # complete checkpoints kept (older ones are pruned)
     exit_after_steps: int | None = None   # stop with a checkpoint after this many steps of one invocation
     max_nonfinite_steps: int = 5        # abort after this many non-finite losses in a row
     inject_loss_scale_at_step: int | None = None   # testing aid: multiply the loss by 1e30 at this step
@@ -101,8 +103,11 @@ class TrainSection:
                  f"{self.precision!r} is not fp32, bf16 or fp16")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage",
                  f"unknown ZeRO stage {self.zero_stage}; use 0, 1, 2 or 3")
-        _require(self.steps > 0, "train.steps", "must be positive")
-        _require(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+        for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches", "keep_last"):
+            _require(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
+        for name in ("save_every", "eval_every"):
+            _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0 (0: only at the end), got "
+                                                                f"{getattr(self, name)}")
         _require(self.tp >= 1, "train.tp", "must be >= 1")
         _require(self.activation_checkpointing in ("none", "layers"), "train.activation_checkpointing",
                  f"{self.activation_checkpointing!r} is not none or layers")
@@ -140,14 +145,39 @@ class RunConfig:
 _SECTIONS = {"rtd": RTDSection, "data": DataSection, "optim": OptimSection, "train": TrainSection}
 
 
+def _matches(value, annotation) -> bool:
+    """Whether a value read from YAML/JSON has the field's type (bool is not an int; an int is a float)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in args)
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(item, args[0]) for item in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
 def _build(cls, data: dict, where: str):
+    _require(isinstance(data, dict), where or "run config", f"must be a mapping of fields, got {data!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     _require(not unknown, where or "run config", f"unknown fields {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**data)
-    except TypeError as error:  # a value of the wrong type, e.g. steps: "ten"
-        raise ValueError(f"{where or 'run config'}: a field has a value of the wrong type ({error})") from None
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]) and dataclasses.is_dataclass(value):
+            continue
+        hint = ""
+        if isinstance(value, str) and _matches(0.0, hints[name]) and _parse_value(value) != value:
+            hint = " (YAML 1.1 reads 1e-3 as text: write 1.0e-3)"
+        _require(_matches(value, hints[name]), f"{where}.{name}" if where else name,
+                 f"{value!r} is not of type {getattr(hints[name], '__name__', hints[name])}{hint}")
+    return cls(**data)
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
@@ -188,7 +218,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         path = Path(path)
         _require(path.is_file(), "--config", f"{path} not found")
         text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ValueError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                             f"{error}") from None
     return run_config_from_dict(apply_overrides(data, list(overrides)))
 
 

@@ -23,6 +23,10 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds something other than tensors, containers and the allowed classes."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file is truncated or damaged."""
+
+
 def _allowed_deepspeed_classes() -> list:
     """What DeepSpeed 0.19's model and optimizer state files hold besides tensors and containers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -46,6 +50,10 @@ def weights_only_loads():
             first_line = str(error).strip().splitlines()[0]
             raise UnsafeCheckpointError(f"{f}: refused to load, it holds objects a checkpoint must not hold "
                                         f"({first_line}); was the file replaced?") from None
+        except (RuntimeError, EOFError) as error:  # torch's zip reader on a truncated or damaged file
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UnreadableCheckpointError(f"{f}: cannot be read, the file is truncated or damaged "
+                                            f"({first_line})") from None
 
     with torch.serialization.safe_globals(_allowed_deepspeed_classes()):
         torch.load = load

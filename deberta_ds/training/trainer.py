@@ -89,6 +89,27 @@ def build_data(config: RunConfig):
     return train, valid, rtd_config, asdict(meta)
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Drop a JSON-lines log's entries past `step` (written after the checkpoint a run resumes
+    from), so each step stands in it once; replaced atomically."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    checkpoint.write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def check_writable(folder: Path) -> None:
+    """Fail at start-up, not at the first log line or checkpoint, when output_dir cannot be written."""
+    probe = folder / f".write_probe_{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise TrainingError(f"output_dir {folder}: cannot write there ({error}); choose a writable output_dir") \
+            from None
+
+
 def loss_scale(engine) -> float:
     """The dynamic fp16 loss scale (ZeRO optimisers call it cur_scale, FP16_Optimizer loss_scale)."""
     optimizer = engine.optimizer
@@ -121,6 +142,7 @@ class Trainer:
         self.config = config
         self.rank = dist.get_rank()
         self.output = Path(config.output_dir)
+        check_writable(self.output)
         self.checkpoints = self.output / "checkpoints"
         self.train_samples, self.valid_samples, rtd_config, self.tokenizer_meta = build_data(config)
         check_tensor_parallel(rtd_config.discriminator, config.train.tp)
@@ -145,12 +167,14 @@ class Trainer:
                 checkpoint.convert_to_universal(latest, self.engines.engines, self.rank)
             state = checkpoint.load(latest, self.engines.engines, self.rank, universal)
             self.step, self.consumed = state["step"], state["consumed_samples"]
+            if self.rank == 0:
+                for log in (self.output / "metrics.jsonl", self.output / "eval.jsonl"):
+                    truncate_log(log, self.step)
             self.log(f"resumed from {latest} at step {self.step} ({self.consumed} samples)")
         self.scalars = ScalarLog(self.output / "tensorboard", self.rank == 0)
         self.statistics = TrainingStatistics(self.device)
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self.history: list[dict] = []
-        self.output.mkdir(parents=True, exist_ok=True)
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
         generator_params = sum(p.numel() for p in self.model.generator.parameters())
@@ -206,8 +230,18 @@ class Trainer:
                 "tokenizer": self.tokenizer_meta, "engines": list(self.engines.engines)}
 
     def save(self) -> None:
-        folder = checkpoint.save(self.checkpoints, self.engines.engines, self.step, self.client_state(), self.rank,
-                                 self.config.train.keep_last, self.model if self.config.train.tp > 1 else None)
+        """This step's checkpoint (kept as it is when it already exists complete). A failed write
+        (a full disk, say) stops the run with the last complete checkpoint still `latest`."""
+        try:
+            folder = checkpoint.save(self.checkpoints, self.engines.engines, self.step, self.client_state(),
+                                     self.rank, self.config.train.keep_last,
+                                     self.model if self.config.train.tp > 1 else None)
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+            latest = self.checkpoints / checkpoint.LATEST
+            kept = f"{latest.read_text().strip()} is still the latest complete checkpoint" if latest.is_file() else \
+                "no complete checkpoint exists yet"
+            raise TrainingError(f"writing the checkpoint of step {self.step} under {self.checkpoints} failed: "
+                                f"{error} (disk full?); {kept}") from None
         self.log(f"saved checkpoint {folder}")
 
     def train_step(self, micro_batches) -> bool:
@@ -312,9 +346,8 @@ class Trainer:
         finally:
             prefetcher.close()
         bar.close()
+        self.save()  # before the final evaluation, which must never cost the run its checkpoint
         self.report_eval()
-        if not config.save_every or self.step % config.save_every:
-            self.save()
         self.scalars.close()
 
     def _performance(self, clock: _LogClock, data_wait_s: float) -> dict:
