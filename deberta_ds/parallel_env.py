@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from pathlib import Path
@@ -24,8 +25,9 @@ def deepspeed_shm_buffer(rank: int, addr: str, port: str) -> Path:
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
-def init_distributed() -> None:
-    """deepspeed.init_distributed (NCCL on GPUs, gloo on CPU), then, on the CPU accelerator, unlink
+def init_distributed(timeout_s: float | None = None) -> None:
+    """deepspeed.init_distributed (NCCL on GPUs, gloo on CPU; collectives fail after timeout_s,
+    torch's default when None), then, on the CPU accelerator, unlink
     this rank's shared-memory all-reduce buffer (about 58 MB), which DeepSpeed never removes.
 
     The unlink must wait for a barrier: each rank leaves DeepSpeed's shm set-up once it has mapped
@@ -39,7 +41,8 @@ def init_distributed() -> None:
 
     if torch.cuda.is_available():  # NCCL's communicators bind to the current device: this rank's own
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **timeout)
     if get_accelerator().device_name() == "cpu":
         dist.barrier()
         rank, addr, port = dist.get_rank(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")

@@ -86,6 +86,7 @@ class TrainSection:
     ds_config: str | None = None        # default: ds_configs/zero{stage}[_offload]_{precision}.json
     ds_overrides: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON (e.g. zero bucket sizes)
     tp: int = 1
+    collective_timeout_s: int = 1800    # a collective waiting this long for a peer fails the run (lost node)
     activation_checkpointing: str = "none"   # layers: recompute every encoder layer in the backward
     log_every: int = 10                 # log steps: step 1, every log_every, the last (means since the previous)
     eval_every: int = 0                 # 0: evaluate only at the end
@@ -103,7 +104,8 @@ class TrainSection:
                  f"{self.precision!r} is not fp32, bf16 or fp16")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage",
                  f"unknown ZeRO stage {self.zero_stage}; use 0, 1, 2 or 3")
-        for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches", "keep_last"):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches", "keep_last",
+                     "collective_timeout_s"):
             _require(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
         for name in ("save_every", "eval_every"):
             _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0 (0: only at the end), got "

@@ -389,6 +389,15 @@ class Trainer:
             self.log(f"eval at step {self.step}: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
 
 
+def lost_contact(error: RuntimeError) -> bool:
+    """Whether a collective failed because a peer or the network went away (a timeout or a closed
+    connection in gloo or NCCL), as opposed to a bug, which must surface with its traceback."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(sign in text for sign in (
+        "gloo/transport", "Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+        "NCCL communicator was aborted", "Watchdog caught collective operation timeout"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -403,11 +412,18 @@ def main(argv=None) -> int:
     if os.environ.get("DEBERTA_DS_CPU_FP16") == "1":  # testing aid: DeepSpeed refuses fp16 without mkldnn fp16
         from deepspeed.accelerator import get_accelerator
         get_accelerator().is_fp16_supported = lambda: True
-    init_distributed()
+    init_distributed(timeout_s=config.train.collective_timeout_s)
     try:
         Trainer(config, args.resume).run()  # no name keeps the engines alive past the run
     except (ValueError, FileNotFoundError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if not lost_contact(error):
+            raise
+        print(f"error: rank {dist.get_rank()} lost contact with the other ranks ({str(error).strip().splitlines()[0]}); "
+              f"a node or the network failed (train.collective_timeout_s={config.train.collective_timeout_s}). "
+              "Relaunch the same command to resume from the last complete checkpoint", file=sys.stderr)
         return 1
     finally:
         free_engines_then_destroy_process_groups()
