@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram", help="default unigram")
     train.add_argument("--character-coverage", type=_fraction, default=0.9995,
                        help="fraction of characters covered by the vocabulary (default 0.9995)")
+    train.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
+                       help="characters outside the vocabulary become UTF-8 byte pieces, not [UNK] (default on)")
     train.add_argument("--sample-sentences", type=_positive_int, default=2_000_000,
                        help="sentences sampled (reservoir) for training, so a huge corpus needs no RAM "
                             "(default 2,000,000)")
@@ -143,7 +145,8 @@ def run(args) -> int:
     elif args.command == "train-tokenizer":
         from data_prep.tokenizer import train_tokenizer
         meta = train_tokenizer(_sentences(args), args.output_dir, args.vocab_size, args.model_type,
-                               args.character_coverage, args.sample_sentences, args.seed, args.workers)
+                               args.character_coverage, args.sample_sentences, args.seed, args.workers,
+                               args.byte_fallback)
         print(f"wrote {args.output_dir}/spm.model: {meta.pieces} pieces, [MASK]={meta.mask_id}, "
               f"model vocab {meta.model_vocab_size}")
     elif args.command == "tokenize":

@@ -78,9 +78,11 @@ def load_tokenizer(path: str | Path) -> tuple[spm.SentencePieceProcessor, Tokeni
 
 def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_type: str = "unigram",
                     character_coverage: float = 0.9995, sample_sentences: int = 2_000_000,
-                    seed: int = 0, num_threads: int | None = None) -> TokenizerMetadata:
+                    seed: int = 0, num_threads: int | None = None, byte_fallback: bool = True) -> TokenizerMetadata:
     """Train on an iterator of sentences; SentencePiece samples `sample_sentences` of them
-    (reservoir sampling while streaming), so the corpus never has to fit in memory."""
+    (reservoir sampling while streaming), so the corpus never has to fit in memory. With
+    byte_fallback (the default) a character outside the vocabulary becomes its UTF-8 bytes
+    (256 byte pieces join the vocabulary) instead of [UNK], so no text is lost."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     prefix = output_dir / "spm.tmp"
@@ -90,7 +92,7 @@ def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_ty
         model_type=model_type, character_coverage=character_coverage,
         input_sentence_size=sample_sentences, shuffle_input_sentence=True,
         pad_id=PAD_ID, bos_id=CLS_ID, eos_id=SEP_ID, unk_id=UNK_ID,
-        pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]",
+        pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]", byte_fallback=byte_fallback,
         num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     os.replace(f"{prefix}.model", output_dir / MODEL_FILE)
     Path(f"{prefix}.vocab").replace(output_dir / "spm.vocab")

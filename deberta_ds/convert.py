@@ -30,6 +30,7 @@ from deberta_ds.native_checkpoint import (
     atomic_write_json,
     load_native,
     load_strict,
+    recorded_tokenizer,
     save_native,
     split_tp,
 )
@@ -292,6 +293,31 @@ def to_hf(checkpoint, out_dir, part: str = "discriminator") -> Path:
     return out_dir
 
 
+def export_tokenizer(checkpoint, out_dir, tokenizer: str | None, vocab_size: int) -> None:
+    """The tokenizer files beside an export: from --tokenizer, else the one the training run
+    recorded (checked against its hash). An export without a tokenizer is an error: transformers
+    would otherwise load a 7-token default and tokenise every text into [UNK]s."""
+    from data_prep.hf_tokenizer import write_hf_tokenizer
+    from data_prep.tokenizer import load_tokenizer
+
+    recorded = recorded_tokenizer(checkpoint) if tokenizer is None else None
+    if tokenizer is None and recorded is None:
+        raise ConversionError(f"--tokenizer: {checkpoint} does not record a tokenizer (a native or converted "
+                              "checkpoint); pass --tokenizer DIR, the directory of the spm.model it was trained with")
+    path = tokenizer or recorded[0]
+    try:
+        meta = load_tokenizer(path)[1]
+    except FileNotFoundError as error:
+        raise ConversionError(f"--tokenizer: {error}") from None
+    if recorded and meta.sha256 != recorded[1]:
+        raise ConversionError(f"--tokenizer: {path} has sha256 {meta.sha256}, but the run was trained with "
+                              f"{recorded[1]}; pass --tokenizer with the run's tokenizer")
+    if meta.mask_id >= vocab_size:
+        raise ConversionError(f"--tokenizer: {path} has {meta.mask_id + 1} ids, more than the model's vocabulary "
+                              f"of {vocab_size}; it is not this model's tokenizer")
+    write_hf_tokenizer(path, out_dir)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deberta_ds.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,6 +334,8 @@ def main(argv=None) -> int:
     to_cmd.add_argument("--out", required=True, help="output HF checkpoint directory")
     to_cmd.add_argument("--part", default="discriminator", choices=["discriminator", "generator"],
                         help="which model of an RTD pair to export (default discriminator)")
+    to_cmd.add_argument("--tokenizer", help="tokenizer directory (spm.model + tokenizer.json of data_prep) to "
+                                            "export beside the model (default: the one a training run recorded)")
     split_cmd = commands.add_parser("split-tp", help="TP = 1 RTD checkpoint -> N tensor-parallel shards")
     split_cmd.add_argument("--checkpoint", required=True, help="deberta_ds checkpoint or training output_dir")
     split_cmd.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
@@ -323,7 +351,10 @@ def main(argv=None) -> int:
         elif args.command == "split-tp":
             split_tp(args.checkpoint, args.out, args.tp)
         else:
-            to_hf(args.checkpoint, args.out, args.part)
+            model = load_native(args.checkpoint)
+            vocab_size = hf_state_from_model(model, args.part)[0]["vocab_size"]
+            export_tokenizer(args.checkpoint, args.out, args.tokenizer, vocab_size)
+            to_hf(model, args.out, args.part)
     except (ConversionError, UnsafeCheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

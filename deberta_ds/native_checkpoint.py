@@ -84,19 +84,40 @@ def _deepspeed_engine_state(folder: Path, engine: str, sharded: bool) -> dict:
     return {key: value.float() for key, value in states["module"].items()}
 
 
-def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
-    """The RTD pair of a `deberta_ds.train` checkpoint: a step folder, its checkpoints/ folder or the
-    run's output_dir (the `latest` complete step)."""
-    from deberta_ds.training.checkpoint import COMPLETE, STATE
+def training_step_folder(folder: str | Path) -> Path:
+    """The complete step folder a training checkpoint path names (a step folder, its checkpoints/
+    folder or the run's output_dir: the `latest` step)."""
+    from deberta_ds.training.checkpoint import COMPLETE, LATEST
 
     folder = Path(folder)
-    for pointer in (folder / "latest", folder / "checkpoints" / "latest"):
+    for pointer in (folder / LATEST, folder / "checkpoints" / LATEST):
         if pointer.is_file():
             folder = pointer.parent / pointer.read_text().strip()
     if not (folder / COMPLETE).is_file():
         raise ConversionError(f"{folder}: not a complete training checkpoint (no {COMPLETE} marker: it was being "
                               "written when the run stopped); use an earlier step folder")
-    state = json.loads((folder / STATE).read_text())
+    return folder
+
+
+def training_state(step_folder: Path) -> dict:
+    from deberta_ds.training.checkpoint import STATE
+
+    return json.loads((step_folder / STATE).read_text())
+
+
+def recorded_tokenizer(checkpoint_dir: str | Path) -> tuple[str, str] | None:
+    """(tokenizer path, its sha256) a training checkpoint was trained with; None for other checkpoints."""
+    if not _is_training_checkpoint(Path(checkpoint_dir)):
+        return None
+    state = training_state(training_step_folder(checkpoint_dir))
+    return state["run_config"]["data"]["tokenizer"], state["tokenizer"]["sha256"]
+
+
+def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
+    """The RTD pair of a `deberta_ds.train` checkpoint: a step folder, its checkpoints/ folder or the
+    run's output_dir (the `latest` complete step)."""
+    folder = training_step_folder(folder)
+    state = training_state(folder)
     if state.get("tp", 1) > 1:
         return _merged_tp_pair(state["rtd_config"], folder, state["tp"])
     model = ReplacedTokenDetection(rtd_config_from_dict(state["rtd_config"]))

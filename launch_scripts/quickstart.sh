@@ -46,18 +46,17 @@ import json, sys
 from pathlib import Path
 
 import torch
-from transformers import DebertaV2Model
-
-from data_prep.tokenizer import load_tokenizer
+from transformers import AutoModel, AutoTokenizer
 
 out = Path(sys.argv[1])
-model = DebertaV2Model.from_pretrained(out / "hf_discriminator").eval()
-processor, meta = load_tokenizer(out / "data" / "tokenizer")
+model = AutoModel.from_pretrained(out / "hf_discriminator").eval()
+tokenizer = AutoTokenizer.from_pretrained(out / "hf_discriminator")  # exported with the model
 text = "The assert statement checks a condition."
-ids = torch.tensor([[meta.cls_id, *processor.encode(text), meta.sep_id]])
+batch = tokenizer(text, return_tensors="pt")
 with torch.no_grad():
-    hidden = model(input_ids=ids).last_hidden_state
-print(f"transformers loaded {out / 'hf_discriminator'}: last hidden state {tuple(hidden.shape)} for {text!r}")
+    hidden = model(**batch).last_hidden_state
+print(f"transformers loaded {out / 'hf_discriminator'} and its tokenizer: {text!r} -> "
+      f"{tokenizer.convert_ids_to_tokens(batch['input_ids'][0])} -> last hidden state {tuple(hidden.shape)}")
 history = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
 first, last = history[0], history[-1]
 print(f"generator MLM loss: step 1 {first['generator/mlm_loss']:.3f} -> step {last['step']} "

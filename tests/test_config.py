@@ -99,7 +99,7 @@ def test_bad_config_files_and_tokenizer_descriptions_are_named(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: {steps: 3\n")
     with pytest.raises(ValueError, match=r"--config .*bad\.yaml: not valid YAML"):
         load_run_config(tmp_path / "bad.yaml")
-    tokenizer = trained_tokenizer(tmp_path / "tok", corpus_file(tmp_path, max_bytes=100_000), vocab_size=300)
+    tokenizer = trained_tokenizer(tmp_path / "tok", corpus_file(tmp_path, max_bytes=200_000), vocab_size=600)
     description = tokenizer / "tokenizer.json"
     description.write_text(json.dumps(json.loads(description.read_text()) | {"surprise": 1}))
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a deberta_ds tokenizer description .*surprise"):

@@ -296,7 +296,7 @@ STRUCTURAL_DAMAGE = [
     (".idx", 94, np.int64(2).tobytes(), "document index at offset 70 must start at 0 and end at 3"),
     (".idx", 78, np.int64(30_000_000).tobytes(), "document index decreases at offset 86"),
     (".idx", 102, b"\0" * 8, "g.idx: size 110 bytes, the header implies 102"),
-    (".bin", 12, b"\0\0", "g.bin: size 14 bytes, the index implies 12"),
+    (".bin", 12, b"\0", "g.bin: size 13 bytes, the index implies 12"),  # odd-sized
 ]
 
 

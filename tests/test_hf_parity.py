@@ -155,9 +155,16 @@ def test_not_deberta_shaped_checkpoint_is_rejected_clearly(tmp_path, changes, me
         encoder_from_hf(_write_hf(tmp_path, **changes))
 
 
-def test_cli_round_trip(tmp_path):
+def test_cli_round_trip(tmp_path, tokenizer_dir, capsys):
+    from transformers import AutoTokenizer
+
     from deberta_ds.convert import main
     hf_dir = _write_hf(tmp_path / "hf")
     assert main(["from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "ours")]) == 0
-    assert main(["to-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
+    # a converted checkpoint records no tokenizer: exporting it without one is an error, not a silent success
+    assert main(["to-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 2
+    assert "--tokenizer: " in capsys.readouterr().err and not (tmp_path / "back").exists()
+    assert main(["to-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back"), "--tokenizer",
+                 str(tokenizer_dir)]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "back").mask_token_id == 1000
     assert main(["to-hf", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

@@ -19,4 +19,5 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "transformers loaded" in result.stdout and "TensorBoard logs" in result.stdout
     assert "held-out evaluation at step 4" in result.stdout
     assert (tmp_path / "qs" / "hf_discriminator" / "model.safetensors").is_file()
+    assert (tmp_path / "qs" / "hf_discriminator" / "tokenizer.json").is_file()  # AutoTokenizer gets ours
     assert list((tmp_path / "qs" / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -177,7 +177,8 @@ def test_bad_input_is_reported_before_training(train_shards, tmp_path, small_cor
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"train": [str(tmp_path / "nowhere")]})))
     small = tmp_path / "small_tok"
-    train_tokenizer(iter(small_corpus.read_text().splitlines()[:300]), small, 100, sample_sentences=1000)
+    train_tokenizer(iter(small_corpus.read_text().splitlines()[:300]), small, 100, sample_sentences=1000,
+                    byte_fallback=False)  # 100 pieces: no room for the 256 byte pieces
     with pytest.raises(ValueError, match="outside the model vocabulary"):
         build_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"tokenizer": str(small)})))
     with pytest.raises(ValueError, match="global_batch_size: 10 is not divisible"):

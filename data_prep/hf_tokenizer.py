@@ -1,0 +1,66 @@
+"""Our SentencePiece tokenizer as Hugging Face tokenizer files, so that an exported model loads
+with `AutoTokenizer.from_pretrained(dir)` and gets exactly our ids.
+
+Written: `tokenizer.json` (the `tokenizers` library's format, built here from the SentencePiece
+model: its precompiled normalisation, whitespace collapsing, "▁" word starts, the unigram pieces
+and scores, byte fallback when the model has it, [MASK] after the last piece, and
+[CLS] A [SEP] / [CLS] A [SEP] B [SEP] templates), `spm.model` (for SentencePiece-backed
+DebertaV2Tokenizer classes of older transformers), `tokenizer_config.json` and
+`special_tokens_map.json`. transformers' own converter is not used: it assigns [MASK] and
+whitespace differently from SentencePiece in cases the tests cover.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from data_prep.tokenizer import CLS_ID, MODEL_FILE, PAD_ID, SEP_ID, UNK_ID, load_tokenizer, resolve_model_path
+
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
+                  "mask_token": "[MASK]", "bos_token": "[CLS]", "eos_token": "[SEP]"}
+
+
+def fast_tokenizer(model_file: Path, mask_id: int):
+    """A `tokenizers.Tokenizer` whose ids equal SentencePiece's for every text."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    if mask_id != len(vocab):
+        raise ValueError(f"{model_file}: [MASK] must follow the last of its {len(vocab)} pieces, not be id {mask_id}")
+    vocab.append(("[MASK]", 0.0))
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=UNK_ID, byte_fallback=proto.trainer_spec.byte_fallback))
+    # SentencePiece's remove_extra_whitespaces: whitespace runs become one space, none at either end.
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+                                                 normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
+    return tokenizer
+
+
+def write_hf_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, model_max_length: int = 512) -> None:
+    """The tokenizer files of a Hugging Face model directory (see the module docstring)."""
+    model_file = resolve_model_path(tokenizer_path)
+    _, meta = load_tokenizer(model_file)
+    if (meta.pad_id, meta.cls_id, meta.sep_id, meta.unk_id) != (PAD_ID, CLS_ID, SEP_ID, UNK_ID):
+        raise ValueError(f"{tokenizer_path}: special ids {meta} are not DeBERTaV3's [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast_tokenizer(model_file, meta.mask_id).save(str(out_dir / "tokenizer.json"))
+    shutil.copyfile(model_file, out_dir / MODEL_FILE)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "do_lower_case": False, "split_by_punct": False,
+              "add_prefix_space": True, "model_max_length": model_max_length, "vocab_file": MODEL_FILE,
+              **SPECIAL_TOKENS}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=1) + "\n")
