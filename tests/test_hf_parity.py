@@ -119,6 +119,21 @@ def test_rtd_generator_export_loads_as_masked_lm(tmp_path):
     assert (ours - theirs).abs().max().item() <= TOLERANCE
 
 
+def test_generator_export_runs_the_fill_mask_pipeline_with_its_own_tokenizer(tmp_path, tokenizer_dir):
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    from deberta_ds.convert import main
+    from deberta_ds.native_checkpoint import save_native
+
+    save_native(_trained_looking_rtd("gdes"), tmp_path / "ours")
+    assert main(["to-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "gen"), "--part",
+                 "generator", "--tokenizer", str(tokenizer_dir)]) == 0
+    assert isinstance(AutoModelForMaskedLM.from_pretrained(tmp_path / "gen"), DebertaV2ForMaskedLM)
+    fill = pipeline("fill-mask", model=str(tmp_path / "gen"), device="cpu")
+    predictions = fill("The assert [MASK] checks a condition.", top_k=3)
+    assert len(predictions) == 3 and all(p["token"] < 1000 and "[MASK]" not in p["sequence"] for p in predictions)
+
+
 def test_hf_pair_imports_as_rtd_for_continued_pretraining(tmp_path):
     model = _trained_looking_rtd("gdes")
     to_hf(model, tmp_path / "disc", part="discriminator")
