@@ -1,0 +1,115 @@
+"""python -m deberta_ds.finetune on small files made here: a tiny exported model learns a lexical
+cue (classification from TSV, sentence pairs from JSONL, regression from CSV), saves its best
+epoch in HF format, and bad inputs are named. Metrics are checked against hand-computed values."""
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from deberta_ds.finetune import main as finetune, scores
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer_dir):
+    from data_prep.hf_tokenizer import write_hf_tokenizer
+    from deberta_ds.config import RTDConfig, preset
+    from deberta_ds.convert import to_hf
+    from deberta_ds.model import ReplacedTokenDetection
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "hf"
+    to_hf(ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny"), mask_token_id=1000)), folder)
+    write_hf_tokenizer(tokenizer_dir, folder)
+    return folder
+
+
+def cue_examples(count: int, seed: int) -> list[tuple[str, str]]:
+    """(text, label): the label is the text's first word, followed by random words."""
+    words = "the list of values is sorted when a function returns its result to the caller".split()
+    rng = random.Random(seed)
+    return [(f"{cue} " + " ".join(rng.choices(words, k=rng.randint(3, 12))), cue)
+            for cue in rng.choices(["good", "bad"], k=count)]
+
+
+def write_tsv(path, rows, header=("sentence", "label")):
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(row) + "\n" for row in rows))
+    return path
+
+
+def run(exported, tmp_path, train, valid, *extra, test=None):
+    args = ["--model", str(exported), "--train", str(train), "--valid", str(valid), "--out", str(tmp_path / "out"),
+            "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--max-length", "32", "--no-progress", *extra]
+    return finetune(args + (["--test", str(test)] if test else []))
+
+
+def test_classification_learns_and_saves_the_best_epoch(exported, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    train = write_tsv(tmp_path / "train.tsv", cue_examples(240, 0))
+    valid = write_tsv(tmp_path / "dev.tsv", cue_examples(60, 1))
+    test = write_tsv(tmp_path / "test.tsv", cue_examples(60, 2))
+    assert run(exported, tmp_path, train, valid, test=test) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["labels"] == ["bad", "good"] and len(metrics["valid"]) == 3
+    assert metrics["best"]["accuracy"] >= 0.95 and metrics["test"]["accuracy"] >= 0.9
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "best").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "best")
+    texts, labels = zip(*cue_examples(60, 2))
+    with torch.no_grad():
+        predicted = model(**tokenizer(list(texts), padding=True, return_tensors="pt")).logits.argmax(-1).numpy()
+    targets = np.array([metrics["labels"].index(label) for label in labels])
+    assert scores(predicted, targets, False)["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_sentence_pairs_from_jsonl_and_regression_from_csv(exported, tmp_path):
+    def pairs(count, seed):
+        return [{"first": text, "second": f"{label} answer", "label": int(label == "good")}
+                for text, label in cue_examples(count, seed)]
+    for name, count, seed in (("train", 240, 3), ("dev", 60, 4)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs(count, seed)))
+    assert run(exported, tmp_path, tmp_path / "train.jsonl", tmp_path / "dev.jsonl", "--text-column", "first",
+               "--pair-column", "second") == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["best"]["accuracy"] >= 0.95
+    for name, count, seed in (("train", 240, 5), ("dev", 60, 6)):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "score"])
+            writer.writerows([(text, 1.0 if label == "good" else 0.0) for text, label in cue_examples(count, seed)])
+    assert run(exported, tmp_path, tmp_path / "train.csv", tmp_path / "dev.csv", "--task", "regression",
+               "--text-column", "text", "--label-column", "score") == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["best"]["pearson"] >= 0.8
+
+
+def test_bad_inputs_are_named(exported, tmp_path, capsys):
+    train = write_tsv(tmp_path / "train.tsv", cue_examples(20, 0))
+    cases = [
+        (write_tsv(tmp_path / "cols.tsv", [("x", "good")], header=("text", "label")), "no column 'sentence'"),
+        (write_tsv(tmp_path / "odd.tsv", [("x", "good"), ("y", "great")]), "labels ['great'] are not in the label set"),
+        (write_tsv(tmp_path / "empty.tsv", []), "empty.tsv: no examples"),
+    ]
+    for valid, message in cases:
+        assert run(exported, tmp_path, train, valid) == 1
+        assert message in capsys.readouterr().err
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert finetune(["--model", str(bert), "--train", str(train), "--valid", str(train), "--out", str(tmp_path / "o")]) == 1
+    assert "model_type 'bert' is not a DeBERTa-v2/v3 checkpoint" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((exported / "config.json").read_text())
+    assert finetune(["--model", str(bare), "--train", str(train), "--valid", str(train), "--out", str(tmp_path / "o")]) == 1
+    assert "holds no tokenizer" in capsys.readouterr().err
+
+
+def test_metrics_against_hand_computed_values():
+    predicted, target = np.array([1, 1, 0, 0, 1, 0]), np.array([1, 0, 0, 0, 1, 1])
+    result = scores(predicted, target, regression=False)  # tp 2, fp 1, fn 1, tn 2
+    assert result["accuracy"] == pytest.approx(4 / 6) and result["f1"] == pytest.approx(2 / 3)
+    assert result["mcc"] == pytest.approx((2 * 2 - 1 * 1) / np.sqrt(3 * 3 * 3 * 3))
+    regression = scores(np.array([1.0, 2.0, 3.0, 5.0]), np.array([2.0, 4.0, 6.0, 8.0]), regression=True)
+    assert regression["spearman"] == pytest.approx(1.0) and 0.95 < regression["pearson"] < 1.0
