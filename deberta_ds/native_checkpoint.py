@@ -99,25 +99,23 @@ def training_step_folder(folder: str | Path) -> Path:
     return folder
 
 
-def training_state(step_folder: Path) -> dict:
-    from deberta_ds.training.checkpoint import STATE
-
-    return json.loads((step_folder / STATE).read_text())
-
-
 def recorded_tokenizer(checkpoint_dir: str | Path) -> tuple[str, str] | None:
     """(tokenizer path, its sha256) a training checkpoint was trained with; None for other checkpoints."""
     if not _is_training_checkpoint(Path(checkpoint_dir)):
         return None
-    state = training_state(training_step_folder(checkpoint_dir))
+    from deberta_ds.training.checkpoint import read_state
+
+    state = read_state(training_step_folder(checkpoint_dir))
     return state["run_config"]["data"]["tokenizer"], state["tokenizer"]["sha256"]
 
 
 def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
     """The RTD pair of a `deberta_ds.train` checkpoint: a step folder, its checkpoints/ folder or the
     run's output_dir (the `latest` complete step)."""
+    from deberta_ds.training.checkpoint import read_state
+
     folder = training_step_folder(folder)
-    state = training_state(folder)
+    state = read_state(folder)
     if state.get("tp", 1) > 1:
         return _merged_tp_pair(state["rtd_config"], folder, state["tp"])
     model = ReplacedTokenDetection(rtd_config_from_dict(state["rtd_config"]))

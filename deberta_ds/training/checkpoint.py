@@ -180,7 +180,7 @@ def find_latest(root: Path) -> Path | None:
     folder = root / pointer.read_text().strip()
     if not (folder / COMPLETE).is_file():
         raise ValueError(f"{pointer} names {folder.name}, which is not complete; the checkpoint directory was "
-                           "modified by hand")
+                         "modified by hand")
     return folder
 
 
