@@ -336,12 +336,16 @@ def main(argv=None) -> int:
                         help="which model of an RTD pair to export (default discriminator)")
     to_cmd.add_argument("--tokenizer", help="tokenizer directory (spm.model + tokenizer.json of data_prep) to "
                                             "export beside the model (default: the one a training run recorded)")
+    onnx_cmd = commands.add_parser("to-onnx", help="deberta_ds checkpoint -> ONNX discriminator (dynamic batch "
+                                                   "and length; hidden states and RTD logits)")
+    onnx_cmd.add_argument("--checkpoint", required=True, help="deberta_ds checkpoint or training run")
+    onnx_cmd.add_argument("--out", required=True, help="output .onnx file")
     split_cmd = commands.add_parser("split-tp", help="TP = 1 RTD checkpoint -> N tensor-parallel shards")
     split_cmd.add_argument("--checkpoint", required=True, help="deberta_ds checkpoint or training output_dir")
     split_cmd.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
     split_cmd.add_argument("--out", required=True, help="output directory (weights_tp{r}.safetensors)")
     args = parser.parse_args(argv)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
+    if args.command != "to-onnx" and Path(args.out).exists() and not Path(args.out).is_dir():
         print(f"error: --out {args.out} is a file; name a directory to write the checkpoint into", file=sys.stderr)
         return 2
     try:
@@ -350,6 +354,9 @@ def main(argv=None) -> int:
             save_native(model, args.out)
         elif args.command == "split-tp":
             split_tp(args.checkpoint, args.out, args.tp)
+        elif args.command == "to-onnx":
+            from deberta_ds.onnx_export import export_onnx
+            export_onnx(load_native(args.checkpoint), args.out)
         else:
             model = load_native(args.checkpoint)
             vocab_size = hf_state_from_model(model, args.part)[0]["vocab_size"]

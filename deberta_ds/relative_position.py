@@ -23,18 +23,25 @@ def log_bucket(relative: torch.Tensor, position_buckets: int, max_relative_posit
     mid = position_buckets // 2
     sign = torch.sign(relative)
     # |r| < mid never reaches the log branch; substituting mid - 1 keeps log() finite.
-    abs_pos = torch.where(relative.abs() < mid, torch.full_like(relative, mid - 1), relative.abs())
+    abs_pos = torch.where(relative.abs() < mid, relative.new_tensor(mid - 1), relative.abs())  # broadcast: any L
     log_ratio = torch.log(abs_pos / mid) / torch.log(torch.tensor((max_relative_positions - 1) / mid))
     log_pos = torch.ceil(log_ratio * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, relative.to(log_pos.dtype), log_pos * sign).long()
 
 
+def slots_of_positions(query_positions: torch.Tensor, key_positions: torch.Tensor, position_buckets: int,
+                       max_relative_positions: int) -> torch.Tensor:
+    """clamp(bucket(i - j) + k, 0, 2k - 1) for positions i [Lq] and j [Lk]: int64 [Lq, Lk]."""
+    relative = query_positions[:, None] - key_positions[None, :]
+    slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
+    return slots.clamp(0, 2 * position_buckets - 1)
+
+
 @functools.lru_cache(maxsize=64)
 def _slot_table(query_len: int, key_len: int, position_buckets: int, max_relative_positions: int,
                 device: torch.device) -> torch.Tensor:
-    relative = torch.arange(query_len)[:, None] - torch.arange(key_len)[None, :]  # [Lq, Lk]
-    slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
-    return slots.clamp_(0, 2 * position_buckets - 1).to(device)
+    return slots_of_positions(torch.arange(query_len, device=device), torch.arange(key_len, device=device),
+                              position_buckets, max_relative_positions)
 
 
 def relative_slots(query_len: int, key_len: int, position_buckets: int, max_relative_positions: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from deberta_ds.relative_position import relative_slots
+from deberta_ds.relative_position import relative_slots, slots_of_positions
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,10 +30,16 @@ def attention_scores(q, k, pos_key, pos_query, *, position_buckets, max_relative
     scores = q_scaled @ k.to(dtype).transpose(-1, -2)                # [B, h, L, L]
     if pos_key is None and pos_query is None:
         return scores
-    slots = relative_slots(seq_len, seq_len, position_buckets, max_relative_positions, q.device)
-    # Only slots [first, last] are reachable at this length: project against those rows only.
-    first, last = int(slots[0, -1]), int(slots[-1, 0])
-    slots = (slots - first).expand(*scores.shape)                   # [B, h, L, L]
+    if torch.onnx.is_in_onnx_export():  # the exported graph takes any length: slots from positions computed
+        # in the graph (not a table cached for the example's length), and every table row projected
+        column = q[0, 0, :, 0]  # tracing records factories (arange, ones_like) at the example's length,
+        positions = ((column == column) | (column != column)).long().cumsum(0) - 1  # so derive [L] from data
+        slots = slots_of_positions(positions, positions, position_buckets, max_relative_positions)
+        first, last = 0, (pos_key if pos_key is not None else pos_query).shape[1] - 1
+    else:  # only slots [first, last] are reachable at this length: project against those rows only
+        slots = relative_slots(seq_len, seq_len, position_buckets, max_relative_positions, q.device)
+        first, last = int(slots[0, -1]), int(slots[-1, 0])
+    slots = (slots - first).expand_as(scores)                         # [B, h, L, L]
     # In-place adds: the matmul's backward needs its inputs, not `scores`, so no [B, h, L, L]
     # temporary survives per term.
     if pos_key is not None:
