@@ -4,7 +4,9 @@
 #   2. writes the built-in corpus (Python's own documentation), trains a 4k SentencePiece
 #      tokenizer, tokenises it into Megatron-layout shards and splits off a validation set
 #   3. pre-trains the tiny RTD pair with GDES under the deepspeed launcher, 2 processes, ZeRO-2
-#   4. exports the discriminator to Hugging Face format and loads it with transformers
+#   4. exports the discriminator (with its tokenizer) to Hugging Face format, loads it with
+#      transformers, shows which tokens it flags as replaced, and fine-tunes it on a sample of
+#      SST-2 when $SST2_DIR (default ../shared/corpora/sst2) holds it
 # Usage: bash launch_scripts/quickstart.sh [OUTPUT_DIR] [SECTION.FIELD=VALUE ...]   (default runs/quickstart)
 # CORPUS_BYTES / VOCAB_SIZE shrink the data step (default: the whole corpus, 4000 pieces).
 set -euo pipefail
@@ -48,15 +50,22 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from deberta_ds.native_checkpoint import load_training_checkpoint
+
 out = Path(sys.argv[1])
 model = AutoModel.from_pretrained(out / "hf_discriminator").eval()
 tokenizer = AutoTokenizer.from_pretrained(out / "hf_discriminator")  # exported with the model
-text = "The assert statement checks a condition."
-batch = tokenizer(text, return_tensors="pt")
-with torch.no_grad():
-    hidden = model(**batch).last_hidden_state
-print(f"transformers loaded {out / 'hf_discriminator'} and its tokenizer: {text!r} -> "
-      f"{tokenizer.convert_ids_to_tokens(batch['input_ids'][0])} -> last hidden state {tuple(hidden.shape)}")
+rtd_head = load_training_checkpoint(out / "run").discriminator.head.eval()  # HF has no RTD head: ours
+print(f"transformers loaded {out / 'hf_discriminator'} and its tokenizer; the three tokens its discriminator "
+      "finds most likely replaced (P(replaced) from the RTD head of our checkpoint; > 0.5 is a flag):")
+for text in ("The assert statement checks a condition and raises an exception.",
+             "The assert statement eats a condition and raises an elephant."):  # two words replaced
+    batch = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        logits = rtd_head(model(**batch).last_hidden_state)[0]
+    tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0])[1:-1]
+    ranked = sorted(zip(torch.sigmoid(logits[1:-1]).tolist(), tokens), reverse=True)[:3]
+    print(f"  {text!r}: " + ", ".join(f"{token} {p:.2f}" for p, token in ranked))
 history = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
 first, last = history[0], history[-1]
 print(f"generator MLM loss: step 1 {first['generator/mlm_loss']:.3f} -> step {last['step']} "
@@ -66,4 +75,15 @@ print(f"held-out evaluation at step {evaluation['step']}: MLM loss {evaluation['
       f"RTD accuracy {evaluation['eval/rtd_accuracy']:.4f} (all-'original' baseline "
       f"{evaluation['eval/all_original_baseline']:.4f}), RTD AUC {evaluation['eval/rtd_auc']:.3f}")
 PY
+sst2=${SST2_DIR:-$repo/../shared/corpora/sst2}
+if [ -f "$sst2/train.tsv" ]; then
+  echo "== fine-tuning the export on a sample of SST-2 ($sst2): 2,000 training phrases, 1 epoch"
+  mkdir -p "$out/sst2_sample"
+  head -n 2001 "$sst2/train.tsv" > "$out/sst2_sample/train.tsv"
+  head -n 501 "$sst2/dev.tsv" > "$out/sst2_sample/dev.tsv"
+  "$python" -m deberta_ds.finetune --model "$out/hf_discriminator" --train "$out/sst2_sample/train.tsv" \
+    --valid "$out/sst2_sample/dev.tsv" --test "$sst2/test.tsv" --out "$out/sst2" --epochs 1 --lr 1e-4 --no-progress
+else
+  echo "== SST-2 not found at $sst2 (set SST2_DIR): skipping the fine-tuning demo"
+fi
 echo "TensorBoard logs: $out/run/tensorboard   (tensorboard --logdir $out/run/tensorboard)"

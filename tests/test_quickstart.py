@@ -17,6 +17,9 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "eval at step 4" in result.stdout + result.stderr
     assert "transformers loaded" in result.stdout and "TensorBoard logs" in result.stdout
+    assert "most likely replaced" in result.stdout and "'The assert statement eats a condition" in result.stdout
+    assert "fine-tuning the export on a sample of SST-2" in result.stdout or "skipping the fine-tuning demo" in \
+        result.stdout
     assert "held-out evaluation at step 4" in result.stdout
     assert (tmp_path / "qs" / "hf_discriminator" / "model.safetensors").is_file()
     assert (tmp_path / "qs" / "hf_discriminator" / "tokenizer.json").is_file()  # AutoTokenizer gets ours
