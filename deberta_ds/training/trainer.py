@@ -94,8 +94,10 @@ def truncate_log(path: Path, step: int) -> None:
     from), so each step stands in it once; replaced atomically."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    checkpoint.write_atomic(path, "".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):  # untouched otherwise (a relaunch of a finished run changes nothing)
+        checkpoint.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def check_writable(folder: Path) -> None:
