@@ -107,7 +107,8 @@ def candidates(batch: int, seq_len: int, device: str, fused_only: bool = False):
         # the normalised table is rebuilt per call (it is part of every forward's graph)
         runs["hf"] = lambda: hf(hidden, mask, relative_pos=rel_pos, rel_embeddings=encoder.get_rel_embedding())[0]
         if device == "cuda":  # DisentangledFlash runs on CUDA only
-            runs["disentangled-flash"] = disentangled_flash_run(config, hidden, mask, encoder, device, dtype)
+            padding = torch.ones(batch, seq_len, dtype=torch.long, device=device)  # it takes [B, L] masks
+            runs["disentangled-flash"] = disentangled_flash_run(config, hidden, padding, encoder, device, dtype)
     except ImportError:
         pass
     try:

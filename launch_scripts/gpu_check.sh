@@ -66,7 +66,7 @@ else
   export PYTHONPATH="$repo:/tmp/site${PYTHONPATH#"$repo"}" PATH="/tmp/site/bin:$PATH" DEBERTA_DS_OFFLINE=1
   part pytest 200 "$python" -m pytest -m cuda -q -p no:cacheprovider tests/test_gpu.py
   part attention_bench 90 "$python" benchmarks/attention_bench.py --lengths 512 2048 8192 --tokens 16384
-  part train_bench 240 "$python" benchmarks/train_bench.py --out "$work/train_bench" --timeout-s 55
+  part train_bench 320 "$python" benchmarks/train_bench.py --out "$work/train_bench" --timeout-s 75
   part quickstart 150 bash launch_scripts/quickstart.sh "$work/quickstart"
 fi
 cp "$work/train_bench/train_bench.json" "$out/" 2>/dev/null || echo '{"systems": {}}' > "$out/train_bench.json"

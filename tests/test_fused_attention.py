@@ -122,14 +122,19 @@ def test_low_precision_matches_float64_reference(dtype):
         assert relative_error(got, want) <= TOLERANCE[dtype]
 
 
-def kernel_dropout_mask(B, h, L, p, seed, device="cpu"):
-    """The kernel's keep-mask [B, h, L, L]: with q = k = 0 and v = I the output is the dropped-out
-    uniform probability matrix (the mask depends on seed and position only, not on the data)."""
-    zeros = torch.zeros(B, h, L, L, device=device)
-    identity = torch.eye(L, device=device).expand(B, h, L, L).contiguous()
-    out = disentangled_attention_fused(zeros, zeros, identity, None, None, None, position_buckets=4,
-                                       max_relative_positions=8, dropout_p=p, seed=seed)
-    return out != 0
+def kernel_dropout_mask(B, h, L, p, seed, device="cpu", width=64):
+    """The kernel's keep-mask [B, h, L, L]: with q = k = 0 and v = columns of I the output is the
+    dropped-out uniform probability matrix, `width` columns per call (the head dims the kernel
+    supports); the mask depends on seed and position only, not on the data."""
+    zeros = torch.zeros(B, h, L, min(L, width), device=device)
+    identity = torch.eye(L, device=device)
+    columns = []
+    for start in range(0, L, width):
+        values = identity[:, start:start + width].expand(B, h, L, -1).contiguous()          # [B, h, L, w]
+        columns.append(disentangled_attention_fused(zeros[..., :values.shape[-1]], zeros[..., :values.shape[-1]],
+                                                    values, None, None, None, position_buckets=4,
+                                                    max_relative_positions=8, dropout_p=p, seed=seed))
+    return torch.cat(columns, dim=-1) != 0
 
 
 def test_dropout_is_reproducible_and_matches_reference_with_the_kernels_mask():
@@ -141,7 +146,7 @@ def test_dropout_is_reproducible_and_matches_reference_with_the_kernels_mask():
     other = run(disentangled_attention_fused, tensors, mask, shape, torch.float32, grad_out, dropout_p=p, seed=8)
     assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
     assert not torch.equal(first[0], other[0])
-    keep = kernel_dropout_mask(1, 2, 40, p, seed=7)
+    keep = kernel_dropout_mask(1, 2, 40, p, seed=7, width=16)  # three calls: 16 + 16 + 8 columns
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03
 
     def reference_with_mask(q, k, v, pos_key, pos_query, attention_mask, *, position_buckets, max_relative_positions):
