@@ -75,15 +75,17 @@ def main() -> None:
     rows = {}
     for mode in ("none", "layers"):
         command = [sys.executable, __file__, "--child", "--device", args.device, "--micro-batch",
-                   str(args.micro_batch), "--length", str(args.length)] + (["--checkpointing"] if mode == "layers" else [])
+                   str(args.micro_batch), "--length", str(args.length)]
+        command += ["--checkpointing"] if mode == "layers" else []
         rows[mode] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
     plain, checkpointed = rows["none"], rows["layers"]
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (peak resident set)"
     above = [row["peak_bytes"] - row["weights_bytes"] for row in (plain, checkpointed)]
+    ratio = checkpointed["peak_bytes"] / plain["peak_bytes"]
     print(f"{datetime.date.today()}, {name}, torch {torch.__version__}: base RTD pair, micro-batch "
           f"{args.micro_batch} x L {args.length}, one step (fwd + bwd + AdamW)")
     print(f"peak without checkpointing {plain['peak_bytes'] / 2 ** 30:.2f} GiB, with "
-          f"{checkpointed['peak_bytes'] / 2 ** 30:.2f} GiB: ratio {checkpointed['peak_bytes'] / plain['peak_bytes']:.1%} "
+          f"{checkpointed['peak_bytes'] / 2 ** 30:.2f} GiB: ratio {ratio:.1%} "
           f"(target <= 45%); above the weights: {above[0] / 2 ** 30:.2f} -> {above[1] / 2 ** 30:.2f} GiB, "
           f"ratio {above[1] / above[0]:.1%}")
 

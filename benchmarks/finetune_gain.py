@@ -42,7 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     out, data = Path(args.out), Path(args.data)
     rows = {}
-    for name, model in (("pre-trained", Path(args.model)), ("random init", random_twin(Path(args.model), out / "random"))):
+    twin = random_twin(Path(args.model), out / "random")
+    for name, model in (("pre-trained", Path(args.model)), ("random init", twin)):
         start = time.perf_counter()
         code = finetune(["--model", str(model), "--train", str(data / "train.tsv"), "--valid", str(data / "dev.tsv"),
                          "--test", str(data / "test.tsv"), "--out", str(out / name.replace(" ", "_")),

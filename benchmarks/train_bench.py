@@ -89,7 +89,7 @@ def run_deberta_ds(args, data: dict, micro_batch: int) -> dict:
         "train": {"steps": steps, "global_batch_size": micro_batch, "micro_batch_size": micro_batch,
                   "mode": "decoupled", "precision": "bf16", "zero_stage": 2, "log_every": 10 ** 9}})
     trainer = Trainer(config, resume="none")
-    prefetcher = trainer._prefetcher()
+    prefetcher = trainer.batch_prefetcher()
     try:
         for _ in range(args.warmup):
             trainer.train_step(prefetcher.next_step())
@@ -216,7 +216,8 @@ def driver(args) -> dict:
         row_file.unlink(missing_ok=True)
         command = [sys.executable, __file__, "--child", "--system", system, "--data", str(out / "data.json"),
                    "--row", str(row_file), "--out", str(out), "--micro-batch", str(args.micro_batch),
-                   "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--cpu-smoke"] if args.cpu_smoke else [])
+                   "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        command += ["--cpu-smoke"] if args.cpu_smoke else []
         process = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
         if process.returncode == 0 and row_file.exists():
             results["systems"][system] = finish(json.loads(row_file.read_text()), device_name)

@@ -169,7 +169,8 @@ def finetune(args) -> dict:
                                       regression)
     train, valid = read(args.train), read(args.valid)
     classes = args.labels.split(",") if args.labels else sorted(set(train.labels))
-    encode = (lambda e, path: e.labels) if regression else (lambda e, path: label_ids(e, classes, Path(path)))  # noqa: E731
+    def encode(examples: Examples, path: str) -> list:
+        return examples.labels if regression else label_ids(examples, classes, Path(path))
     train_targets, valid_targets = encode(train, args.train), encode(valid, args.valid)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,8 +182,10 @@ def finetune(args) -> dict:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     steps = args.epochs * math.ceil(len(train_targets) / args.batch_size)
     warmup = int(args.warmup_ratio * steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup)))
+    def factor(step: int) -> float:  # linear warm-up, then linear decay to 0
+        return (step + 1) / max(1, warmup) if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     history, best, primary = [], None, "pearson" if regression else "accuracy"

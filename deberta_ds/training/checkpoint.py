@@ -76,9 +76,10 @@ def _load_rng_states(path: Path) -> None:
         if key.startswith("tracker."):
             name, device = key[len("tracker."):].rsplit(".", 1)
             tracker.setdefault(name, {})[device] = tensor
-    set_rng_states({"generators": {key.split(".", 1)[1]: t for key, t in tensors.items() if key.startswith("generators.")},
+    generators = {key.split(".", 1)[1]: tensor for key, tensor in tensors.items() if key.startswith("generators.")}
+    set_rng_states({"generators": generators, "tracker": tracker,
                     "numpy": (kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian),
-                    "python": (version, tuple(internal), gauss_next), "tracker": tracker})
+                    "python": (version, tuple(internal), gauss_next)})
 
 
 def tp_weights_file(folder: Path, tp_rank: int) -> Path:
@@ -201,8 +202,8 @@ def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
                 continue
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "deberta_ds.training.safe_load", "deepspeed.checkpoint.ds_to_universal",
-                            "--input_folder",
+            subprocess.run([sys.executable, "-m", "deberta_ds.training.safe_load",  # weights-only loads
+                            "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                             str(folder / name), "--output_folder", str(tmp), "--inject_missing_state",
                             "--num_extract_workers", "1", "--num_merge_workers", "1"],
                            check=True, stdout=subprocess.DEVNULL)

@@ -310,7 +310,8 @@ class Trainer:
                                         np.concatenate([g[2] for g in gathered])),
                 "eval/all_original_baseline": 1.0 - float(np.concatenate([g[2] for g in gathered]).mean())}
 
-    def _prefetcher(self) -> BatchPrefetcher:
+    def batch_prefetcher(self) -> BatchPrefetcher:
+        """This rank's training batches from the current step on, built in the background."""
         config = self.config.train
         sampler = GlobalBatchSampler(config.global_batch_size, self.dp_rank, self.dp_size, self.consumed)
         return BatchPrefetcher(self.train_samples, sampler, self.accumulation, pin=self.device.type == "cuda")
@@ -323,7 +324,7 @@ class Trainer:
             return
         bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         clock = _LogClock(time.monotonic(), self.step)
-        prefetcher = self._prefetcher()
+        prefetcher = self.batch_prefetcher()
         try:
             while self.step < config.steps:
                 stop = self.train_step(prefetcher.next_step())
@@ -423,7 +424,8 @@ def main(argv=None) -> int:
     except RuntimeError as error:
         if not lost_contact(error):
             raise
-        print(f"error: rank {dist.get_rank()} lost contact with the other ranks ({str(error).strip().splitlines()[0]}); "
+        reason = str(error).strip().splitlines()[0]
+        print(f"error: rank {dist.get_rank()} lost contact with the other ranks ({reason}); "
               f"a node or the network failed (train.collective_timeout_s={config.train.collective_timeout_s}). "
               "Relaunch the same command to resume from the last complete checkpoint", file=sys.stderr)
         return 1
