@@ -125,3 +125,23 @@ def test_two_ranks_cover_the_one_rank_sequence_and_resume_continues_it():
 def test_sampler_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GlobalBatchSampler(**kwargs)
+
+
+def test_unknown_and_special_tokens_are_never_masked(shards, tokenizer_dir):
+    """[UNK] (like [CLS], [SEP], [PAD]) is never chosen: never a generator target, never replaced."""
+    for masking in (MaskingConfig(), MaskingConfig(mode="mlm"), MaskingConfig(mode="mlm", whole_word=True)):
+        samples = make_samples(shards, tokenizer_dir, masking)
+        original = samples.packed.tokens  # plant [UNK]s: every 5th token of every sample
+
+        def with_unknowns(index, original=original):
+            tokens = original(index).copy()
+            tokens[::5] = samples.special.unk
+            return tokens
+
+        samples.packed.tokens = with_unknowns
+        batch = samples.batch(np.arange(300))
+        unknown = batch["labels"] == samples.special.unk
+        assert not unknown.any(), masking
+        ids = batch["input_ids"]
+        assert ((ids == samples.special.unk).sum(1) >= (batch["attention_mask"].sum(1) - 2) // 5).all()
+        assert (batch["labels"] != IGNORE_INDEX).mean() > 0.1  # masking still happens around them

@@ -13,10 +13,12 @@ from deberta_ds.training.engines import lr_lambda, parameter_groups
 from deberta_ds.training.run_config import run_config_from_dict
 
 
-def test_weight_decay_skips_biases_layer_norms_and_gdes_delta():
+def test_weight_decay_skips_biases_and_layer_norms_and_decays_the_gdes_delta_unless_asked():
     model = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny"), mask_token_id=5))
-    decay, no_decay = parameter_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
+    published = parameter_groups(model, 0.01)  # the published code decays E_delta
+    assert "discriminator.embedding_delta" in {names[id(p)] for p in published[0]["params"]}
+    decay, no_decay = parameter_groups(model, 0.01, decay_embedding_delta=False)
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0

@@ -99,6 +99,7 @@ class SpecialIds:
     pad: int = 0
     cls: int = 1
     sep: int = 2
+    unk: int = 3
     mask: int = 4000
     first_regular: int = 4      # random replacements draw from [first_regular, num_pieces)
     num_pieces: int = 4000
@@ -139,7 +140,8 @@ class PretrainingSamples:
             ids[row, 1:1 + len(tokens)] = tokens
             ids[row, 1 + len(tokens)] = self.special.sep
             attention_mask[row, :2 + len(tokens)] = 1
-        maskable = attention_mask.astype(bool) & ~np.isin(ids, [self.special.cls, self.special.sep,
+        # Special ids ([UNK] too) are never masked, so never a generator target or a replacement site.
+        maskable = attention_mask.astype(bool) & ~np.isin(ids, [self.special.cls, self.special.sep, self.special.unk,
                                                                  self.special.mask, self.special.pad])
         if self.masking.whole_word:
             selected = np.stack([self._whole_word_selection(g, row, can)

@@ -29,14 +29,17 @@ from deberta_ds.training.ds_config import build_ds_config
 from deberta_ds.training.run_config import RunConfig
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases, LayerNorm weights and the GDES delta."""
+def parameter_groups(module: nn.Module, weight_decay: float, decay_embedding_delta: bool = True) -> list[dict]:
+    """AdamW groups: no decay for biases and LayerNorm weights. The GDES delta E_delta is decayed
+    like every other weight, as in the published DeBERTa code (it keeps E_D near E_G), unless
+    decay_embedding_delta is off."""
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
         is_norm = ".norm." in f".{name}" or "_norm." in name
-        (no_decay if param.dim() < 2 or is_norm or name.endswith("embedding_delta") else decay).append(param)
+        exempt_delta = name.endswith("embedding_delta") and not decay_embedding_delta
+        (no_decay if param.dim() < 2 or is_norm or exempt_delta else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -69,7 +72,7 @@ def _initialize(module, config: RunConfig, lr: float, dp_size: int, on_cpu: bool
     ds_config = build_ds_config(config, dp_size, lr, on_cpu)
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
-    groups = parameter_groups(module, config.optim.weight_decay)
+    groups = parameter_groups(module, config.optim.weight_decay, config.optim.decay_embedding_delta)
     optimizer = None
     if config.optim.name == "lamb":
         optimizer = _lamb(groups, config, lr)

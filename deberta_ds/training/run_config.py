@@ -61,6 +61,7 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
     weight_decay: float = 0.01
+    decay_embedding_delta: bool = True  # false: exempt GDES's E_delta from weight decay (the published code decays it)
     warmup_steps: int = 10000
     schedule: str = "linear"            # linear | cosine decay to min_lr_ratio * lr after warmup
     min_lr_ratio: float = 0.0
