@@ -6,8 +6,9 @@ model: its precompiled normalisation, whitespace collapsing, "▁" word starts, 
 and scores, byte fallback when the model has it, [MASK] after the last piece, and
 [CLS] A [SEP] / [CLS] A [SEP] B [SEP] templates), `spm.model` (for SentencePiece-backed
 DebertaV2Tokenizer classes of older transformers), `tokenizer_config.json` and
-`special_tokens_map.json`. transformers' own converter is not used: it assigns [MASK] and
-whitespace differently from SentencePiece in cases the tests cover.
+`special_tokens_map.json`. The config names the generic fast class: transformers 5's
+`DebertaV2Tokenizer` rebuilds its pipeline from the vocabulary (NFC instead of SentencePiece's
+NFKC charsmap, no byte fallback) and would disagree with SentencePiece.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP
 
 
 def fast_tokenizer(model_file: Path, mask_id: int):
-    """A `tokenizers.Tokenizer` whose ids equal SentencePiece's for every text."""
+    """A `tokenizers.Tokenizer` whose ids equal SentencePiece's, except where a text has several
+    segmentations of exactly equal score (runs of one repeated character): the two libraries
+    break such ties in opposite orders."""
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram

@@ -152,13 +152,19 @@ def shard_prefix(prefix: str | Path, index: int) -> str:
     return f"{prefix}_{index:05d}"
 
 
+def job_prefix(shard: str | Path) -> str | None:
+    """The output prefix of the tokenize job that wrote `shard` (shard_prefix's inverse), or None."""
+    match = re.fullmatch(r"(.*)_\d{5}", str(shard))
+    return match[1] if match else None
+
+
 def check_provenance(prefixes, tokenizer_sha256: str | None, allow_incomplete: bool = False, warn=print) -> None:
     """Shards written by `tokenize` have their job's manifest beside them (PREFIX_00000 ->
     PREFIX.manifest.json). Refuse shards of a job that did not finish (with allow_incomplete:
     warn instead) and shards made with another tokenizer than `tokenizer_sha256`, naming both
     hashes. Shards without a manifest (merge/split outputs, Megatron's own) are not judged here."""
-    set_prefixes = {match[1] for prefix in prefixes if (match := re.fullmatch(r"(.*)_\d{5}", str(prefix)))}
-    for path in sorted(manifest_path(prefix) for prefix in set_prefixes):
+    jobs = {job_prefix(prefix) for prefix in prefixes} - {None}
+    for path in sorted(manifest_path(job) for job in jobs):
         if not path.is_file():
             continue
         manifest = json.loads(path.read_text())

@@ -359,8 +359,8 @@ def main(argv=None) -> int:
             export_onnx(load_native(args.checkpoint), args.out)
         else:
             model = load_native(args.checkpoint)
-            vocab_size = hf_state_from_model(model, args.part)[0]["vocab_size"]
-            export_tokenizer(args.checkpoint, args.out, args.tokenizer, vocab_size)
+            config = model.config.discriminator if isinstance(model, ReplacedTokenDetection) else model.config
+            export_tokenizer(args.checkpoint, args.out, args.tokenizer, config.vocab_size)  # both parts share it
             to_hf(model, args.out, args.part)
     except (ConversionError, UnsafeCheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -49,21 +49,30 @@ def test_prefetcher_yields_each_step_in_order_from_the_consumed_samples():
     assert not prefetcher.thread.is_alive()
 
 
+class _SlowSamples(_Samples):
+    def batch(self, indices):
+        time.sleep(0.2)
+        return super().batch(indices)
+
+
 def test_prefetcher_builds_ahead_and_counts_waiting():
     samples = _Samples()
     prefetcher = BatchPrefetcher(samples, GlobalBatchSampler(4), accumulation=1, pin=False, depth=3)
     try:
         prefetcher.next_step()
         for _ in range(100):  # the builder fills the queue while nobody asks
-            if samples.calls >= 4:
+            if prefetcher.ready.full():
                 break
             time.sleep(0.05)
-        assert samples.calls >= 4  # one taken, three ready
-        waited = prefetcher.wait_s
-        prefetcher.next_step()
-        assert prefetcher.wait_s - waited < 0.05  # ready steps cost no wait
+        assert prefetcher.ready.full() and samples.calls >= 4  # one taken, three ready
     finally:
         prefetcher.close()  # returns although the builder is blocked on a full queue
+    slow = BatchPrefetcher(_SlowSamples(), GlobalBatchSampler(4), accumulation=1, pin=False)
+    try:
+        slow.next_step()
+        assert slow.wait_s >= 0.15  # the loop waited for a step that was still being built
+    finally:
+        slow.close()
 
 
 def test_prefetcher_raises_the_builders_error_at_the_step_that_failed():

@@ -130,11 +130,8 @@ class _LogClock:
     """When this invocation started (and at which step), and the last log step's time and data wait."""
     started: float
     first_step: int
-    last_log: float = 0.0
+    last_log: float
     data_wait_s: float = 0.0
-
-    def __post_init__(self):
-        self.last_log = self.started
 
 
 class Trainer:
@@ -323,7 +320,8 @@ class Trainer:
                      "to do. Raise train.steps to train on.")
             return
         bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
-        clock = _LogClock(time.monotonic(), self.step)
+        now = time.monotonic()
+        clock = _LogClock(started=now, first_step=self.step, last_log=now)
         prefetcher = self.batch_prefetcher()
         try:
             while self.step < config.steps:
