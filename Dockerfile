@@ -8,7 +8,7 @@
 #
 #   docker build -t deberta_ds .
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 -v /data:/data -v $PWD/runs:/workspace/deberta_ds/runs \
-#     -e TRAIN_SHARDS=/data/shards -e TOKENIZER=/data/tok -e PRESET=base deberta_ds bash launch_scripts/pretrain.sh
+#     -e TRAIN_SHARDS=/data/shards -e TOKENIZER=/data/tok -e RECIPE=base deberta_ds bash launch_scripts/pretrain.sh
 FROM nvcr.io/nvidia/pytorch:25.12-py3
 
 ENV DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1 TORCH_CUDA_ARCH_LIST="8.0 9.0" PYTHONUNBUFFERED=1

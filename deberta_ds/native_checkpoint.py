@@ -133,6 +133,24 @@ def _is_training_checkpoint(path: Path) -> bool:
     return any(p.is_file() for p in (path / "trainer_state.json", path / "latest", path / "checkpoints" / "latest"))
 
 
+def checkpoint_vocab_size(path: str | Path) -> int:
+    """The vocabulary rows of a checkpoint `init_from` may name (HF, native or training), read
+    from its config alone."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return int(json.loads((path / "config.json").read_text())["vocab_size"])
+    if _is_training_checkpoint(path):
+        from deberta_ds.training.checkpoint import read_state
+
+        return int(read_state(training_step_folder(path))["rtd_config"]["discriminator"]["vocab_size"])
+    meta_path = path / NATIVE_CONFIG
+    if not meta_path.is_file():
+        raise ConversionError(f"{path}: neither a Hugging Face checkpoint (config.json) nor a deberta_ds checkpoint "
+                              f"({NATIVE_CONFIG}) nor a training run's output_dir")
+    config = json.loads(meta_path.read_text())["config"]
+    return int(config["discriminator"]["vocab_size"] if "discriminator" in config else config["vocab_size"])
+
+
 def load_native(checkpoint_dir: str | Path) -> Encoder | ReplacedTokenDetection:
     """A native checkpoint directory (whole or split-tp) or a training checkpoint, at TP = 1."""
     checkpoint_dir = Path(checkpoint_dir)

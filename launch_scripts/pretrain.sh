@@ -8,9 +8,11 @@
 #   TRAIN_SHARDS   training shards: a directory, prefix or glob (required)
 #   TOKENIZER      tokenizer directory holding spm.model + tokenizer.json (required)
 #   VALID_SHARDS   held-out shards for evaluation
-#   PRESET         model preset: tiny xsmall small base large (default base)
-#   CONFIG         run config YAML/JSON (default launch_scripts/pretrain.yaml)
-#   OUTPUT_DIR     default runs/$PRESET
+#   RECIPE         a published setting from launch_scripts/recipes/: ablation_base (default),
+#                  xsmall, small, base, large (each file cites its sources)
+#   CONFIG         any run config YAML/JSON instead of a recipe
+#   PRESET         model preset overriding the config's: tiny xsmall small base large
+#   OUTPUT_DIR     default runs/$RECIPE (runs/$PRESET when PRESET is set)
 #   NUM_GPUS       processes per node (default: GPUs visible, else 2 CPU processes)
 #   ZERO_STAGE, PRECISION, GLOBAL_BATCH, MICRO_BATCH, STEPS, TP   run-config shortcuts
 #   HOSTFILE       multi-node with ssh: deepspeed --hostfile (lines "host slots=N"); LAUNCHER pdsh|openmpi
@@ -37,9 +39,15 @@ done
 [ -n "${TOKENIZER:-}" ] || fail "TOKENIZER is not set"
 compgen -G "${TRAIN_SHARDS%/}*" >/dev/null || fail "TRAIN_SHARDS=$TRAIN_SHARDS matches nothing"
 [ -f "$TOKENIZER/spm.model" ] || [ -f "$TOKENIZER" ] || fail "TOKENIZER=$TOKENIZER holds no spm.model"
-preset=${PRESET:-base}
-case "$preset" in tiny|xsmall|small|base|large) ;; *) fail "PRESET=$preset is not tiny, xsmall, small, base or large" ;; esac
-config=${CONFIG:-$repo/launch_scripts/pretrain.yaml}
+recipe=${RECIPE:-ablation_base}
+if [ -n "${PRESET:-}" ]; then
+  case "$PRESET" in tiny|xsmall|small|base|large) ;; *) fail "PRESET=$PRESET is not tiny, xsmall, small, base or large" ;; esac
+fi
+if [ -z "${CONFIG:-}" ]; then
+  CONFIG=$repo/launch_scripts/recipes/$recipe.yaml
+  [ -f "$CONFIG" ] || fail "RECIPE=$recipe is not one of: $(cd "$repo/launch_scripts/recipes" && ls | sed 's/\.yaml$//' | tr '\n' ' ')"
+fi
+config=$CONFIG
 [ -f "$config" ] || fail "CONFIG=$config not found"
 if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
@@ -47,8 +55,9 @@ if [ -z "${NUM_GPUS:-}" ]; then
 fi
 [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || fail "NUM_GPUS=$NUM_GPUS is not a positive integer"
 
-run_args=(--config "$config" "model=$preset" "data.train=[$TRAIN_SHARDS]" "data.tokenizer=$TOKENIZER"
-          "output_dir=${OUTPUT_DIR:-runs/$preset}")
+run_args=(--config "$config" "data.train=[$TRAIN_SHARDS]" "data.tokenizer=$TOKENIZER"
+          "output_dir=${OUTPUT_DIR:-runs/${PRESET:-$recipe}}")
+[ -n "${PRESET:-}" ] && run_args+=("model=$PRESET")
 [ -n "${VALID_SHARDS:-}" ] && run_args+=("data.valid=[$VALID_SHARDS]")
 for pair in ZERO_STAGE:train.zero_stage PRECISION:train.precision GLOBAL_BATCH:train.global_batch_size \
             MICRO_BATCH:train.micro_batch_size STEPS:train.steps TP:train.tp; do

@@ -145,3 +145,75 @@ def test_unknown_and_special_tokens_are_never_masked(shards, tokenizer_dir):
         ids = batch["input_ids"]
         assert ((ids == samples.special.unk).sum(1) >= (batch["attention_mask"].sum(1) - 2) // 5).all()
         assert (batch["labels"] != IGNORE_INDEX).mean() > 0.1  # masking still happens around them
+
+
+def _run_config_batch(train_shards, tmp_path, **masking):
+    """400 training samples built the way the trainer builds them from `data.masking`."""
+    from deberta_ds.training.run_config import run_config_from_dict
+    from deberta_ds.training.trainer import build_data
+    from tests.train_helpers import tiny_run
+
+    config = run_config_from_dict(tiny_run(train_shards, tmp_path, data={"masking": masking}))
+    train, _, _, meta = build_data(config)
+    return train.batch(np.arange(400)), meta["mask_id"]
+
+
+def _word_runs(batch, word_start) -> list[int]:
+    """Words per maximal run of selected pieces (a run spans the words it touches)."""
+    selected, original = batch["labels"] != IGNORE_INDEX, np.where(batch["labels"] != IGNORE_INDEX,
+                                                                  batch["labels"], batch["input_ids"])
+    runs = []
+    for row in range(len(selected)):
+        words = 0
+        for pos in range(len(selected[row])):
+            if selected[row, pos]:
+                words += bool(word_start[original[row, pos]]) or words == 0
+            elif words:
+                runs.append(words)
+                words = 0
+    return runs
+
+
+def test_run_config_masking_mode_and_probability(train_shards, tmp_path):
+    rtd, mask_id = _run_config_batch(train_shards, tmp_path, mode="rtd", probability=0.3)
+    selected = rtd["labels"] != IGNORE_INDEX
+    assert abs(selected.sum() / (rtd["attention_mask"].sum() - 2 * len(selected)) - 0.3) < 0.01
+    assert (rtd["input_ids"][selected] == mask_id).all()
+    mlm, _ = _run_config_batch(train_shards, tmp_path, mode="mlm")
+    selected = mlm["labels"] != IGNORE_INDEX
+    assert abs((mlm["input_ids"][selected] == mask_id).mean() - 0.8) < 0.03     # 80/10/10
+
+
+def test_run_config_whole_word_and_max_ngram(train_shards, tmp_path, tokenizer_dir):
+    processor, meta = load_tokenizer(tokenizer_dir)
+    word_start = word_start_table(processor, meta.model_vocab_size)
+    pieces, _ = _run_config_batch(train_shards, tmp_path)
+    unigrams, _ = _run_config_batch(train_shards, tmp_path, whole_word=True, max_ngram=1)
+    trigrams, _ = _run_config_batch(train_shards, tmp_path, whole_word=True, max_ngram=3)
+
+    def split_words(batch) -> int:
+        """Selected pieces whose next piece continues the same word but is not selected."""
+        selected = batch["labels"] != IGNORE_INDEX
+        original = np.where(selected, batch["labels"], batch["input_ids"])
+        following = original[:, 1:]
+        return int((selected[:, :-1] & ~selected[:, 1:] & ~word_start[following]
+                    & (batch["attention_mask"][:, 1:] == 1) & (following > 3)).sum())
+
+    assert split_words(pieces) > 50 and split_words(unigrams) == split_words(trigrams) == 0
+    # n-grams of up to 3 words make longer runs than single words (p(n) ~ 1/n: mean n = 1.64)
+    assert np.mean(_word_runs(trigrams, word_start)) > 1.3 * np.mean(_word_runs(unigrams, word_start))
+
+
+@pytest.mark.parametrize("masking, message", [
+    ({"mode": "bert"}, "data.masking.mode: 'bert' is not 'rtd' or 'mlm'"),
+    ({"probability": 1.5}, "data.masking.probability: must be in (0, 1)"),
+    ({"max_ngram": 0}, "data.masking.max_ngram: must be >= 1"),
+    ({"whole_words": True}, "data.masking: unknown fields ['whole_words']"),
+    ({"whole_word": "yes"}, "data.masking.whole_word: 'yes' is not of type bool"),
+])
+def test_run_config_rejects_bad_masking_naming_the_field(masking, message):
+    from deberta_ds.training.run_config import run_config_from_dict
+
+    with pytest.raises(ValueError) as error:
+        run_config_from_dict({"data": {"masking": masking}})
+    assert message in str(error.value)

@@ -79,3 +79,33 @@ def test_dockerfile_installs_the_pinned_requirements():
     from setup import requirements  # setup.py reads the same file
     assert [r for r in requirements() if "==" in r] == [f"{k}=={v}" for k, v in pins.items()]
     assert "docker run" in dockerfile and "DS_BUILD_CPU_ADAM=1" in dockerfile
+
+
+RECIPES = sorted((REPO / "launch_scripts" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
+def test_each_recipe_loads_validates_and_cites_its_numbers(recipe):
+    from deberta_ds.config import preset
+    from deberta_ds.training.ds_config import build_ds_config
+    from deberta_ds.training.run_config import load_run_config
+
+    config = load_run_config(recipe)
+    assert config.model == recipe.stem.removeprefix("ablation_")
+    preset(config.model, **config.model_overrides)                 # the model section validates too
+    ds = build_ds_config(config, data_parallel_size=64, lr=config.optim.lr, on_cpu=False)
+    assert ds["train_batch_size"] == config.train.global_batch_size and ds["gradient_clipping"] == 1.0
+    assert (config.train.global_batch_size, config.train.steps) == \
+        ((2048, 125_000) if recipe.stem.startswith("ablation") else (8192, 500_000))
+    for field in ("lr:", "betas:", "eps:", "weight_decay:", "warmup_steps:", "steps:", "global_batch_size:"):
+        line = next(line for line in recipe.read_text().splitlines() if line.strip().startswith(field))
+        assert re.search(r"#.*(\[paper\]|\[script\]|\[code\]|no from-scratch)", line), (recipe.name, line)
+
+
+def test_recipe_selects_the_run_config_and_a_bad_recipe_is_named(data):
+    result = pretrain(data | {"RECIPE": "large"}, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "recipes/large.yaml" in result.stdout and "output_dir=runs/large" in result.stdout
+    assert "model=" not in result.stdout                          # the recipe's own model
+    result = pretrain(data | {"RECIPE": "huge"}, "--dry-run")
+    assert result.returncode == 2 and "RECIPE=huge is not one of: ablation_base base large small xsmall" in result.stderr

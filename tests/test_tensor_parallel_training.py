@@ -181,3 +181,34 @@ def test_continued_training_from_hf_at_tp2_equals_tp1(train_shards, tmp_path):
                                                      train={"steps": 2, "global_batch_size": 4,
                                                             "micro_batch_size": 4})], tmp_dir=tmp_path)[0]
     assert abs(fresh["losses"][0][0] - one["losses"][0][0]) > 1e-3  # the initial weights really came from HF
+
+
+@pytest.mark.slow
+def test_init_from_a_published_vocabulary_needs_no_override(train_shards, tmp_path):
+    """Published checkpoints have 128,000 pieces + 100 rows (not a multiple of 128): the run adopts
+    the checkpoint's rows (here 1,000 pieces -> 1,100) when the tokenizer's ids fit in them."""
+    from deberta_ds.config import RTDConfig, preset
+    from deberta_ds.convert import to_hf
+    from deberta_ds.model import ReplacedTokenDetection
+    from deberta_ds.training.run_config import run_config_from_dict
+    from deberta_ds.training.trainer import build_data
+
+    torch.manual_seed(5)
+    pair = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny", vocab_size=1100), mask_token_id=1000))
+    to_hf(pair, tmp_path / "hf_disc", part="discriminator")
+    to_hf(pair, tmp_path / "hf_gen", part="generator")
+    run = tiny_run(train_shards, tmp_path / "run", init_from=str(tmp_path / "hf_disc"),
+                   init_generator_from=str(tmp_path / "hf_gen"),
+                   train={"steps": 1, "global_batch_size": 4, "micro_batch_size": 4})
+    result = run_distributed(train_runs, 1, [run], tmp_dir=tmp_path)[0]
+    embedding = result["weights"]["generator.encoder.embeddings.word_embeddings.weight"]
+    assert embedding.shape[0] == 1100 and len(result["losses"]) == 1
+    # The initial weights came from the checkpoint: rows no batch touched are unchanged... up to one Adam step
+    assert (embedding[1001:] - pair.generator.word_embeddings.weight.detach()[1001:]).abs().max() < 2 * 2e-3
+    # A checkpoint too small for the tokenizer is refused, naming init_from.
+    small = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny", vocab_size=900), mask_token_id=800))
+    to_hf(small, tmp_path / "hf_small", part="discriminator")
+    config = run_config_from_dict(run | {"init_from": str(tmp_path / "hf_small")})
+    with pytest.raises(ValueError, match=r"init_from: .*hf_small has 900 vocabulary rows but the tokenizer .* "
+                                         r"needs 1001"):
+        build_data(config)

@@ -80,18 +80,20 @@ class PackedSamples:
 
 @dataclass
 class MaskingConfig:
-    mode: str = "rtd"              # rtd: all masked pieces -> [MASK]; mlm: 80/10/10
+    """Which pieces the generator must predict: the run config's `data.masking` section."""
+
+    mode: str = "rtd"              # rtd: every selected piece -> [MASK]; mlm: 80% [MASK], 10% random, 10% kept
     probability: float = 0.15
-    whole_word: bool = False       # mlm: mask whole words, n-grams of up to max_ngram words
+    whole_word: bool = False       # select whole words (n-grams of 1..max_ngram words, p(n) ~ 1/n)
     max_ngram: int = 3
 
     def __post_init__(self):
         if self.mode not in ("rtd", "mlm"):
-            raise ValueError(f"masking.mode: {self.mode!r} is not 'rtd' or 'mlm'")
+            raise ValueError(f"data.masking.mode: {self.mode!r} is not 'rtd' or 'mlm'")
         if not 0.0 < self.probability < 1.0:
-            raise ValueError(f"masking.probability must be in (0, 1), got {self.probability}")
+            raise ValueError(f"data.masking.probability: must be in (0, 1), got {self.probability}")
         if self.max_ngram < 1:
-            raise ValueError("masking.max_ngram must be >= 1")
+            raise ValueError(f"data.masking.max_ngram: must be >= 1, got {self.max_ngram}")
 
 
 @dataclass

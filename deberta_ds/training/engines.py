@@ -2,8 +2,9 @@
 
 joint:     one engine over the whole pair, one backward of mlm + lambda * rtd, one step.
 decoupled: two engines (generator, discriminator), each with its own optimiser and loss
-           scale: the generator steps on the MLM loss, the discriminator on the RTD loss of
-           the sampled batch. Every engine sees exactly one backward per micro-batch (ZeRO-1/2
+           scale: the generator steps on the MLM loss, the discriminator on rtd_lambda x the
+           RTD loss of the sampled batch (as the published code does), so both modes follow
+           the gradients of the same objective. Every engine sees exactly one backward per micro-batch (ZeRO-1/2
            keep only the last of several backward calls before a step).
 
 Under ZeRO-3 the generator's embedding E_G is partitioned outside the generator's own
@@ -217,7 +218,9 @@ class RTDEngines:
         corrupted, replaced = self.model.corrupt(ids, labels, gen_out.logits, rng)
         embedding = self._gathered_generator_embedding().requires_grad_(es)
         disc_out = discriminator(corrupted, mask, replaced, embedding)
-        disc_loss = disc_out.loss * loss_multiplier
+        # lambda scales what the discriminator steps on: with clipping and Adam's eps it is not a
+        # no-op, and under ES it sets the weight of the RTD gradient that reaches E_G.
+        disc_loss = self.config.rtd.rtd_lambda * disc_out.loss * loss_multiplier
         # Under ES the generator objective checked is the sampling pass's: the pass with a graph
         # reads the same weights and batch (only its dropout masks differ).
         finite, stop = (self._agree([disc_loss, gen_out.objective * loss_multiplier], stop_requested) if train

@@ -3,7 +3,8 @@
     model: tiny                  # preset name
     model_overrides: {}          # any ModelConfig field
     rtd: {embedding_sharing: gdes, rtd_lambda: 50}
-    data: {train: [shards/], valid: [valid/], tokenizer: tok/, max_length: 128}
+    data: {train: [shards/], valid: [valid/], tokenizer: tok/, max_length: 128,
+           masking: {mode: rtd, probability: 0.15, whole_word: false, max_ngram: 3}}
     optim: {lr: 5e-4, warmup_steps: 10}
     train: {steps: 100, global_batch_size: 16, micro_batch_size: 8, zero_stage: 2}
     output_dir: runs/quickstart
@@ -23,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from deberta_ds.config import PRESETS
+from deberta_ds.data.dataset import MaskingConfig
 
 
 def _require(condition: bool, name: str, message: str) -> None:
@@ -45,7 +47,7 @@ class DataSection:
     tokenizer: str = ""
     max_length: int = 512
     cross_documents: bool = True
-    mask_probability: float = 0.15
+    masking: MaskingConfig = field(default_factory=MaskingConfig)   # {mode, probability, whole_word, max_ngram}
     seed: int = 1234
     allow_incomplete_shards: bool = False   # accept shards of a tokenize job that did not finish (warns)
 
@@ -172,9 +174,13 @@ def _build(cls, data: dict, where: str):
     unknown = sorted(set(data) - known)
     _require(not unknown, where or "run config", f"unknown fields {unknown}; known: {sorted(known)}")
     hints = typing.get_type_hints(cls)
+    data = dict(data)
     for name, value in data.items():
-        if dataclasses.is_dataclass(hints[name]) and dataclasses.is_dataclass(value):
-            continue
+        if dataclasses.is_dataclass(hints[name]):
+            if isinstance(value, dict):   # a nested section, e.g. data.masking
+                data[name] = _build(hints[name], value, f"{where}.{name}")
+            if dataclasses.is_dataclass(data[name]):
+                continue
         hint = ""
         if isinstance(value, str) and _matches(0.0, hints[name]) and _parse_value(value) != value:
             hint = " (YAML 1.1 reads 1e-3 as text: write 1.0e-3)"

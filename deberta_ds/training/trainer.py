@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from deberta_ds.config import RTDConfig, preset
-from deberta_ds.data.dataset import MaskingConfig, PretrainingSamples, SpecialIds, TokenCorpus
+from deberta_ds.data.dataset import PretrainingSamples, SpecialIds, TokenCorpus
 from deberta_ds.data.indexed_dataset import find_shard_prefixes
 from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
@@ -58,19 +58,21 @@ def parse_args(argv=None):
 def build_data(config: RunConfig):
     """Datasets and the RTD model config, with clear errors for every mismatch."""
     from data_prep.tokenize import check_provenance
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer import load_tokenizer, word_start_table
 
     if not config.data.train:
         raise ValueError("data.train: no training shards given")
-    _, meta = load_tokenizer(config.data.tokenizer)
+    processor, meta = load_tokenizer(config.data.tokenizer)
     overrides = dict(config.model_overrides)
-    if overrides.setdefault("vocab_size", meta.model_vocab_size) < meta.model_vocab_size:
+    overrides.setdefault("vocab_size", initial_vocab_size(config, meta))
+    if overrides["vocab_size"] <= meta.mask_id:
         raise ValueError(f"model_overrides.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's "
-                         f"vocabulary ({meta.model_vocab_size}, {config.data.tokenizer})")
+                         f"{meta.mask_id + 1} ids ([MASK] = {meta.mask_id}, {config.data.tokenizer})")
     model_config = preset(config.model, **overrides)
     rtd_config = RTDConfig(discriminator=model_config, mask_token_id=meta.mask_id, **asdict(config.rtd))
     special = SpecialIds(mask=meta.mask_id, num_pieces=meta.pieces)
-    masking = MaskingConfig(probability=config.data.mask_probability)
+    masking = config.data.masking
+    word_start = word_start_table(processor, model_config.vocab_size) if masking.whole_word else None
 
     def samples(paths, seed):
         prefixes = find_shard_prefixes(paths)
@@ -82,11 +84,25 @@ def build_data(config: RunConfig):
                              f"vocabulary of {model_config.vocab_size} from tokenizer {config.data.tokenizer}; "
                              "were they tokenised with another tokenizer?")
         return PretrainingSamples(corpus, config.data.max_length, special, masking, seed,
-                                  config.data.cross_documents)
+                                  config.data.cross_documents, word_start)
 
     train = samples(config.data.train, config.data.seed)
     valid = samples(config.data.valid, config.data.seed + 1) if config.data.valid else None
     return train, valid, rtd_config, asdict(meta)
+
+
+def initial_vocab_size(config: RunConfig, meta) -> int:
+    """The model's vocabulary rows: the init_from checkpoint's (128,100 for the published models)
+    when the tokenizer's ids fit in it, else the tokenizer's (pieces + [MASK], rounded up to 128)."""
+    from deberta_ds.native_checkpoint import checkpoint_vocab_size
+
+    if not config.init_from:
+        return meta.model_vocab_size
+    rows, tokenizer_ids = checkpoint_vocab_size(config.init_from), meta.mask_id + 1
+    if rows < tokenizer_ids:
+        raise ValueError(f"init_from: {config.init_from} has {rows} vocabulary rows but the tokenizer "
+                         f"{config.data.tokenizer} needs {tokenizer_ids}; it is not that checkpoint's tokenizer")
+    return rows
 
 
 def truncate_log(path: Path, step: int) -> None:
