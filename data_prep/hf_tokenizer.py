@@ -24,9 +24,10 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP
 
 
 def fast_tokenizer(model_file: Path, mask_id: int):
-    """A `tokenizers.Tokenizer` whose ids equal SentencePiece's, except where a text has several
-    segmentations of exactly equal score (runs of one repeated character): the two libraries
-    break such ties in opposite orders."""
+    """A `tokenizers.Tokenizer` whose ids equal SentencePiece's. Ties between segmentations of
+    equal score (runs like '-----') resolve alike only when both libraries sum scores exactly:
+    our train-tokenizer puts the scores on a grid for that (data_prep.tokenizer.quantize_scores);
+    a foreign spm.model off the grid may, rarely, segment such a run in another order."""
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram

@@ -94,6 +94,7 @@ def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_ty
         pad_id=PAD_ID, bos_id=CLS_ID, eos_id=SEP_ID, unk_id=UNK_ID,
         pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]", byte_fallback=byte_fallback,
         num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+    quantize_scores(Path(f"{prefix}.model"))
     os.replace(f"{prefix}.model", output_dir / MODEL_FILE)
     Path(f"{prefix}.vocab").replace(output_dir / "spm.vocab")
     metadata = TokenizerMetadata(vocab_size, vocab_size, round_up(vocab_size + 1, 128), model_type=model_type,
@@ -102,6 +103,24 @@ def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_ty
     tmp.write_text(json.dumps(asdict(metadata), indent=2) + "\n")
     tmp.replace(output_dir / METADATA_FILE)
     return metadata
+
+
+SCORE_GRID = 2 ** -8
+
+
+def quantize_scores(model_file: Path) -> None:
+    """Round every piece's score to a multiple of 2^-8 (a change of at most 0.002 in a log
+    probability). SentencePiece sums a segmentation's scores in float32, the `tokenizers` library
+    (our Hugging Face export) in float64; on the grid both sums are exact (up to ~6,000 pieces per
+    line), so segmentations of equal score (runs like '-----') tie in both and both libraries keep
+    the first candidate: the exported tokenizer gives SentencePiece's ids."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    for piece in proto.pieces:
+        piece.score = round(piece.score / SCORE_GRID) * SCORE_GRID
+    model_file.write_bytes(proto.SerializeToString())
 
 
 def word_start_table(processor: spm.SentencePieceProcessor, vocab_size: int):

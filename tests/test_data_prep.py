@@ -29,6 +29,9 @@ def test_tokenizer_has_deberta_special_ids(tokenizer_dir):
     assert [processor.id_to_piece(i) for i in range(4)] == ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
     assert meta.mask_id == processor.get_piece_size() == 1000 and meta.model_vocab_size == 1024
     assert json.loads((tokenizer_dir / "tokenizer.json").read_text())["mask_id"] == 1000
+    # Scores on the 2^-8 grid, where float32 and float64 segmentation sums are exact (HF parity).
+    scores = [processor.get_score(i) for i in range(processor.get_piece_size())]
+    assert all(score * 256 == round(score * 256) for score in scores) and len(set(scores)) > 100
 
 
 def test_bpe_tokenizer_trains(tmp_path, small_corpus):

@@ -3,10 +3,10 @@
 Held-out text: the part of the built-in corpus (Python's documentation) the tokenizers did not
 train on, over 1 MB, plus strings built to break tokenizers (accents, CJK, emoji with joiners,
 tabs, long whitespace runs, NBSP, ligatures, zero-width characters); with and without byte
-fallback; through AutoTokenizer and PreTrainedTokenizerFast. Every line's ids are equal, except
-where a run of one repeated character has several segmentations of exactly equal score: the
-two libraries break that tie in opposite orders (the same pieces, permuted; 2 of 6,550 held-out
-lines, both rows of '-' or '*'). The test allows exactly that and nothing else."""
+fallback; through AutoTokenizer and PreTrainedTokenizerFast. Every line's ids are equal, runs of
+one repeated character ('-----', several segmentations of exactly equal score) included: the
+trained scores lie on a grid where SentencePiece's float32 sums and tokenizers' float64 sums are
+both exact (without it, 2 of these 6,550 lines differed)."""
 
 import unicodedata
 
@@ -20,16 +20,6 @@ HARD = ["Hello world, the assert statement.", "  leading and   multiple   spaces
         "Café naïve résumé Ångström façade", "日本語のテキスト 中文 한국어", "emoji 😀🎉 and ZWJ 👩‍👩‍👧",
         "QUEEN ELIZABETH & co. ☃ 𝔘𝔫𝔦", "x" * 300, "mixed\u00a0nbsp\u2003em space", "①②③ ﬁ ligature Ⅻ",
         "\u200bzero\u200dwidth", "\t\t  \n", "a" + " " * 50 + "b", "ÉCOLE ÉTÉ Øre ß ẞ"]
-
-
-def is_repeated_character_tie(want: list, got: list, processor) -> bool:
-    """The two id lists differ only in a stretch where the same pieces, all spelling one repeated
-    character, stand in another order (an exact tie between segmentations)."""
-    start = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
-    end = next(i for i, (a, b) in enumerate(zip(want[::-1], got[::-1])) if a != b)
-    ours, theirs = want[start:len(want) - end], got[start:len(got) - end]
-    spelled = "".join(processor.id_to_piece(ours)).lstrip("\u2581")
-    return sorted(ours) == sorted(theirs) and len(set(spelled)) == 1
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +49,8 @@ def test_ids_equal_sentencepiece_on_held_out_and_hard_text(exported, corpus, loa
     texts = corpus[1] + HARD
     expected = [[meta.cls_id, *ids, meta.sep_id] for ids in processor.encode(texts)]
     actual = tokenizer(texts)["input_ids"]
-    mismatched = [(text, want, got) for text, want, got in zip(texts, expected, actual) if want != got]
-    for text, want, got in mismatched:
-        assert is_repeated_character_tie(want, got, processor), text[:200]
-    assert len(mismatched) <= len(texts) // 1000
+    mismatched = [text[:200] for text, want, got in zip(texts, expected, actual) if want != got]
+    assert mismatched == []
     assert (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id,
             tokenizer.mask_token_id) == (meta.pad_id, meta.cls_id, meta.sep_id, meta.unk_id, meta.mask_id)
     pair = tokenizer("first part", "second part")["input_ids"]

@@ -348,8 +348,8 @@ class Trainer:
                     self.report(metrics)
                     bar.set_postfix(mlm=f"{metrics['generator/mlm_loss'] or float('nan'):.3f}",
                                     rtd=f"{metrics['discriminator/rtd_loss'] or float('nan'):.3f}")
-                if config.eval_every and self.step % config.eval_every == 0:
-                    self.report_eval()
+                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+                    self.report_eval()  # the last step's evaluation follows the final save
                 if stop:
                     self.log("SIGTERM: saving a checkpoint and stopping")
                     self.save()
