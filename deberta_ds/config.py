@@ -62,6 +62,12 @@ class ModelConfig:
         _require(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", "must be a valid token id")
         _require(self.layer_norm_eps > 0, "layer_norm_eps", "must be positive")
 
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Clear errors for shapes that cannot be split over `tp_size` ranks (whole heads, FFN columns)."""
+        for name in ("num_heads", "intermediate_size"):
+            _require(getattr(self, name) % tp_size == 0, name,
+                     f"{getattr(self, name)} is not divisible by the tensor-parallel size {tp_size}")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

@@ -62,49 +62,43 @@ def discriminator_hidden_at_tp(run: dict, ids, mask):
 
     from deberta_ds.config import rtd_config_from_dict
     from deberta_ds.model import ReplacedTokenDetection
-    from deberta_ds.parallel import state
+    from deberta_ds.parallel.state import initialize
     from deberta_ds.training.checkpoint import find_latest, read_state, tp_weights_file
 
-    state.initialize(2)
-    try:
-        folder = find_latest(__import__("pathlib").Path(run["output_dir"]) / "checkpoints")
-        model = ReplacedTokenDetection(rtd_config_from_dict(read_state(folder)["rtd_config"])).eval()
-        model.load_state_dict(load_file(str(tp_weights_file(folder, state.tp_rank()))))
-        with torch.no_grad():
-            return model.discriminator.encoder(ids, mask, word_embedding_weight=model.discriminator_embedding_weight())
-    finally:
-        state.reset()
+    tp = initialize(2).tp
+    folder = find_latest(__import__("pathlib").Path(run["output_dir"]) / "checkpoints")
+    model = ReplacedTokenDetection(rtd_config_from_dict(read_state(folder)["rtd_config"]), tp).eval()
+    model.load_state_dict(load_file(str(tp_weights_file(folder, tp.rank))))
+    with torch.no_grad():
+        return model.discriminator.encoder(ids, mask, word_embedding_weight=model.discriminator_embedding_weight())
 
 
 def dropout_streams(seed: int):
     """Attention-dropout masks on every rank of TP = 2 x DP = 2 for identical inputs, and the
     mask drawn again after restoring the checkpointed RNG states."""
     from deberta_ds.kernels.reference import disentangled_attention_reference
-    from deberta_ds.parallel import state
     from deberta_ds.parallel.random import fork_tp_rng, get_rng_states, seed_streams, set_rng_states
+    from deberta_ds.parallel.state import initialize
 
-    state.initialize(2)
-    try:
-        seed_streams(seed)
-        zeros, identity = torch.zeros(1, 1, 32, 32), torch.eye(32)[None, None]
+    parallel = initialize(2)
+    seed_streams(seed, parallel)
+    zeros, identity = torch.zeros(1, 1, 32, 32), torch.eye(32)[None, None]
 
-        def attention_mask():
-            """With q = k = 0 and v = I the output is the dropped-out probability matrix itself."""
-            with fork_tp_rng():
-                out = disentangled_attention_reference(zeros, zeros, identity, None, None, None, position_buckets=4,
-                                                       max_relative_positions=8, dropout_p=0.5)
-            return out[0, 0] != 0                                            # [32, 32] kept probabilities
+    def attention_mask():
+        """With q = k = 0 and v = I the output is the dropped-out probability matrix itself."""
+        with fork_tp_rng(parallel.tp):
+            out = disentangled_attention_reference(zeros, zeros, identity, None, None, None, position_buckets=4,
+                                                   max_relative_positions=8, dropout_p=0.5)
+        return out[0, 0] != 0                                                # [32, 32] kept probabilities
 
-        replicated = torch.nn.functional.dropout(torch.ones(64), 0.5) != 0   # default stream
-        saved = get_rng_states()
-        first = attention_mask()
-        set_rng_states(saved)
-        again = attention_mask()
-        masks = [torch.empty(2, 1024, dtype=torch.bool) for _ in range(4)]
-        dist.all_gather(masks, torch.stack([first.flatten(), torch.nn.functional.pad(replicated, (0, 960))]))
-        return {"masks": masks, "reproduced": torch.equal(first, again)}
-    finally:
-        state.reset()
+    replicated = torch.nn.functional.dropout(torch.ones(64), 0.5) != 0       # default stream
+    saved = get_rng_states()
+    first = attention_mask()
+    set_rng_states(saved)
+    again = attention_mask()
+    masks = [torch.empty(2, 1024, dtype=torch.bool) for _ in range(4)]
+    dist.all_gather(masks, torch.stack([first.flatten(), torch.nn.functional.pad(replicated, (0, 960))]))
+    return {"masks": masks, "reproduced": torch.equal(first, again)}
 
 
 @pytest.mark.slow
@@ -122,18 +116,17 @@ def test_dropout_streams_across_tp_and_dp(tmp_path):
 
 def test_start_up_errors_for_tp(train_shards, tmp_path):
     from deberta_ds.config import preset
-    from deberta_ds.model.encoder import check_tensor_parallel
 
-    with pytest.raises(ValueError, match="num_heads=4 is not divisible by the tensor-parallel size 3"):
-        check_tensor_parallel(preset("tiny"), 3)
-    with pytest.raises(ValueError, match="intermediate_size=130"):
-        check_tensor_parallel(preset("tiny", intermediate_size=130), 4)
+    with pytest.raises(ValueError, match="num_heads: 4 is not divisible by the tensor-parallel size 3"):
+        preset("tiny").check_tensor_parallel(3)
+    with pytest.raises(ValueError, match="intermediate_size: 130"):
+        preset("tiny", intermediate_size=130).check_tensor_parallel(4)
 
 
 def world_not_divisible():
-    from deberta_ds.parallel import state
+    from deberta_ds.parallel.state import initialize
     try:
-        state.initialize(3)
+        initialize(3)
     except ValueError as error:
         return str(error)
     return "no error"

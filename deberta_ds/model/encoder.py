@@ -12,10 +12,10 @@ from torch import nn
 
 from deberta_ds.config import ModelConfig
 from deberta_ds.kernels import disentangled_attention
-from deberta_ds.parallel import state
-from deberta_ds.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+from deberta_ds.parallel.layers import (SINGLE, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         init_partitioned_, parallel_embedding)
 from deberta_ds.parallel.random import checkpoint, fork_tp_rng
+from deberta_ds.parallel.state import TensorParallel
 
 
 def layer_norm(size: int, eps: float) -> nn.Module:
@@ -30,19 +30,12 @@ def layer_norm(size: int, eps: float) -> nn.Module:
     return nn.LayerNorm(size, eps=eps)
 
 
-def check_tensor_parallel(config: ModelConfig, tp_size: int) -> None:
-    """Clear start-up errors for shapes that cannot be split over `tp_size` ranks."""
-    for name in ("num_heads", "intermediate_size"):
-        if getattr(config, name) % tp_size:
-            raise ValueError(f"{name}={getattr(config, name)} is not divisible by the tensor-parallel size {tp_size}")
-
-
 def init_weights(module: nn.Module, std: float) -> None:
     """DeBERTa init: Linear/Embedding N(0, std), biases 0, LayerNorm (1, 0), padding row 0.
     Tensor-parallel layers draw their full weight and keep their slice (same init at any TP)."""
     for m in module.modules():
         if hasattr(m, "full_shape"):
-            init_partitioned_(m.weight, m.full_shape, std)
+            init_partitioned_(m.weight, m.full_shape, std, m.tp)
         elif isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=std)
         if isinstance(m, nn.Linear) and m.bias is not None:
@@ -58,18 +51,18 @@ def init_weights(module: nn.Module, std: float) -> None:
 class Embeddings(nn.Module):
     """word embedding -> LayerNorm -> zero padded positions -> dropout (no absolute positions)."""
 
-    def __init__(self, config: ModelConfig, own_word_embeddings: bool = True):
+    def __init__(self, config: ModelConfig, own_word_embeddings: bool = True, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.pad_token_id = config.pad_token_id
+        self.pad_token_id, self.tp = config.pad_token_id, tp
         # Without its own table (GDES/ES discriminator) the caller passes the weight to use.
-        self.word_embeddings = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.word_embeddings = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id, tp)
                                 if own_word_embeddings else None)
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, input_ids, attention_mask, inputs_embeds=None, word_embedding_weight=None):
         if inputs_embeds is None and word_embedding_weight is not None:  # this rank's rows of the table
-            inputs_embeds = parallel_embedding(input_ids, word_embedding_weight, self.pad_token_id)
+            inputs_embeds = parallel_embedding(input_ids, word_embedding_weight, self.pad_token_id, self.tp)
         elif inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)                    # [B, L, H]
         hidden = self.norm(inputs_embeds) * attention_mask.unsqueeze(-1).to(inputs_embeds.dtype)
@@ -77,22 +70,22 @@ class Embeddings(nn.Module):
 
 
 class DisentangledSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.config = config
+        self.config, self.tp = config, tp
         hidden = config.hidden_size
         # Column-parallel by whole heads: this rank computes num_heads / TP of them.
-        self.query = ColumnParallelLinear(hidden, hidden)
-        self.key = ColumnParallelLinear(hidden, hidden)
-        self.value = ColumnParallelLinear(hidden, hidden)
+        self.query = ColumnParallelLinear(hidden, hidden, tp=tp)
+        self.key = ColumnParallelLinear(hidden, hidden, tp=tp)
+        self.value = ColumnParallelLinear(hidden, hidden, tp=tp)
         if not config.share_att_key:
-            self.pos_key = ColumnParallelLinear(hidden, hidden) if "c2p" in config.pos_att_type else None
-            self.pos_query = ColumnParallelLinear(hidden, hidden) if "p2c" in config.pos_att_type else None
+            self.pos_key = ColumnParallelLinear(hidden, hidden, tp=tp) if "c2p" in config.pos_att_type else None
+            self.pos_query = ColumnParallelLinear(hidden, hidden, tp=tp) if "p2c" in config.pos_att_type else None
         self.pos_dropout = nn.Dropout(config.hidden_dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[..., L, H/tp] -> [..., h/tp, L, d]."""
-        x = x.unflatten(-1, (self.config.num_heads // state.tp_size(), self.config.head_dim))
+        x = x.unflatten(-1, (self.config.num_heads // self.tp.size, self.config.head_dim))
         return x.transpose(-2, -3)
 
     def _positional(self, rel_table: torch.Tensor):
@@ -114,7 +107,7 @@ class DisentangledSelfAttention(nn.Module):
         k = self._heads(self.key(hidden_states))
         v = self._heads(self.value(hidden_states))
         pos_key, pos_query = self._positional(rel_table)
-        with fork_tp_rng():  # probabilities of this rank's heads: a TP-rank-specific dropout stream
+        with fork_tp_rng(self.tp):  # probabilities of this rank's heads: a TP-rank-specific dropout stream
             context = disentangled_attention(
                 q, k, v, pos_key, pos_query, attention_mask,
                 position_buckets=self.config.position_buckets,
@@ -128,14 +121,14 @@ class DisentangledSelfAttention(nn.Module):
 class EncoderLayer(nn.Module):
     """Post-LN: attention -> dense -> dropout -> +res -> LN; FFN (erf GELU) -> dropout -> +res -> LN."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
         hidden = config.hidden_size
-        self.attention = DisentangledSelfAttention(config)
-        self.attention_out = RowParallelLinear(hidden, hidden)
+        self.attention = DisentangledSelfAttention(config, tp)
+        self.attention_out = RowParallelLinear(hidden, hidden, tp=tp)
         self.attention_norm = layer_norm(hidden, config.layer_norm_eps)
-        self.ffn_in = ColumnParallelLinear(hidden, config.intermediate_size)
-        self.ffn_out = RowParallelLinear(config.intermediate_size, hidden)
+        self.ffn_in = ColumnParallelLinear(hidden, config.intermediate_size, tp=tp)
+        self.ffn_out = RowParallelLinear(config.intermediate_size, hidden, tp=tp)
         self.ffn_norm = layer_norm(hidden, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -151,17 +144,19 @@ class Encoder(nn.Module):
     """Embeddings + layers sharing one LayerNorm-ed relative-position table.
 
     forward: (input_ids [B, L], attention_mask [B, L]) -> last hidden states [B, L, H].
+    `tp`: the tensor-parallel group the layers are split over (default TP = 1).
     """
 
-    def __init__(self, config: ModelConfig, own_word_embeddings: bool = True):
+    def __init__(self, config: ModelConfig, own_word_embeddings: bool = True, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.config = config
-        self.embeddings = Embeddings(config, own_word_embeddings)
+        config.check_tensor_parallel(tp.size)
+        self.config, self.tp = config, tp
+        self.embeddings = Embeddings(config, own_word_embeddings, tp)
         # A bare parameter of the encoder (not an nn.Embedding that is never called), so ZeRO-3
         # gathers it with the encoder's own forward.
         self.rel_embeddings = nn.Parameter(torch.empty(2 * config.position_buckets, config.hidden_size))
         self.rel_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(EncoderLayer(config, tp) for _ in range(config.num_layers))
         # Recompute each layer in the backward instead of keeping its activations (a run-time
         # choice of the trainer, not part of the model's shape: see set_activation_checkpointing).
         self.activation_checkpointing = False

@@ -8,9 +8,9 @@ from torch import nn
 
 from deberta_ds.config import ModelConfig
 from deberta_ds.model.encoder import Encoder, init_weights, layer_norm
-from deberta_ds.parallel import state
-from deberta_ds.parallel.layers import mark_partitioned, padded_vocab_size
+from deberta_ds.parallel.layers import SINGLE, mark_partitioned, padded_vocab_size
 from deberta_ds.parallel.mappings import copy_to_tp
+from deberta_ds.parallel.state import TensorParallel
 
 
 class EnhancedMaskDecoder(nn.Module):
@@ -42,17 +42,18 @@ class LMHead(nn.Module):
     """dense -> GELU -> LayerNorm -> h . W_word^T + bias, W_word passed in (tied). Under TP the
     word table and the bias are vocabulary-split and so are the logits [M, V/tp]."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
+        self.tp = tp
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps)
-        rows = padded_vocab_size(config.vocab_size, state.tp_size()) // state.tp_size()
-        self.bias = mark_partitioned(nn.Parameter(torch.zeros(rows)), 0, vocab_parallel=True)
+        rows = padded_vocab_size(config.vocab_size, tp.size) // tp.size
+        self.bias = mark_partitioned(nn.Parameter(torch.zeros(rows)), 0, tp, vocab_parallel=True)
         init_weights(self, config.initializer_range)
 
     def forward(self, hidden, word_embedding_weight):
         hidden = self.norm(F.gelu(self.dense(hidden)))
-        return F.linear(copy_to_tp(hidden), word_embedding_weight, self.bias)
+        return F.linear(copy_to_tp(hidden, self.tp), word_embedding_weight, self.bias)
 
 
 class RTDHead(nn.Module):

@@ -18,9 +18,9 @@ from torch import nn
 from deberta_ds.config import RTDConfig
 from deberta_ds.model.encoder import Encoder
 from deberta_ds.model.heads import EnhancedMaskDecoder, LMHead, RTDHead
-from deberta_ds.parallel import state
-from deberta_ds.parallel.layers import (mark_partitioned, padded_vocab_size, vocab_parallel_argmax,
+from deberta_ds.parallel.layers import (SINGLE, mark_partitioned, padded_vocab_size, vocab_parallel_argmax,
                                         vocab_parallel_cross_entropy)
+from deberta_ds.parallel.state import TensorParallel
 
 IGNORE_INDEX = -100
 
@@ -48,11 +48,12 @@ class RTDOutput(NamedTuple):
 
 
 class Generator(nn.Module):
-    def __init__(self, config: RTDConfig):
+    def __init__(self, config: RTDConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.encoder = Encoder(config.generator)
+        self.tp = tp
+        self.encoder = Encoder(config.generator, tp=tp)
         self.emd = EnhancedMaskDecoder(config.generator)
-        self.lm_head = LMHead(config.generator)
+        self.lm_head = LMHead(config.generator, tp)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -68,8 +69,8 @@ class Generator(nn.Module):
         logits = self.lm_head(decoded[masked], self.word_embeddings.weight)      # [M, V/tp]
         targets = labels[masked]
         vocab = self.encoder.config.vocab_size
-        loss = vocab_parallel_cross_entropy(logits, targets, vocab).mean()
-        accuracy = (vocab_parallel_argmax(logits, vocab) == targets).float().mean()
+        loss = vocab_parallel_cross_entropy(logits, targets, vocab, self.tp).mean()
+        accuracy = (vocab_parallel_argmax(logits, vocab, self.tp) == targets).float().mean()
         objective = loss
         if embedding_gradient is not None:
             objective = loss + (self.word_embeddings.weight * embedding_gradient).sum()
@@ -81,15 +82,15 @@ class Discriminator(nn.Module):
     stopgrad(E_G) + E_delta (E_delta lives here, zero-initialised), ES reads E_G itself, NES
     owns a table. The generator's E_G is passed in, so each model can sit in its own engine."""
 
-    def __init__(self, config: RTDConfig):
+    def __init__(self, config: RTDConfig, tp: TensorParallel = SINGLE):
         super().__init__()
         self.sharing = config.embedding_sharing
-        self.encoder = Encoder(config.discriminator, own_word_embeddings=self.sharing == "nes")
+        self.encoder = Encoder(config.discriminator, own_word_embeddings=self.sharing == "nes", tp=tp)
         self.head = RTDHead(config.discriminator)
         if self.sharing == "gdes":  # vocabulary-split like E_G
-            rows = padded_vocab_size(config.discriminator.vocab_size, state.tp_size()) // state.tp_size()
+            rows = padded_vocab_size(config.discriminator.vocab_size, tp.size) // tp.size
             self.embedding_delta = mark_partitioned(nn.Parameter(torch.zeros(rows, config.discriminator.hidden_size)), 0,
-                                                   vocab_parallel=True)
+                                                   tp, vocab_parallel=True)
 
     def word_embedding_weight(self, generator_embedding: torch.Tensor | None) -> torch.Tensor | None:
         """The discriminator's word-embedding matrix [V, H]; None when it owns one (NES)."""
@@ -110,13 +111,14 @@ class Discriminator(nn.Module):
 
 
 class ReplacedTokenDetection(nn.Module):
-    """Generator + discriminator with GDES (E_D = stopgrad(E_G) + E_delta), ES or NES sharing."""
+    """Generator + discriminator with GDES (E_D = stopgrad(E_G) + E_delta), ES or NES sharing,
+    split over the tensor-parallel group `tp` (default TP = 1)."""
 
-    def __init__(self, config: RTDConfig):
+    def __init__(self, config: RTDConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.config = config
-        self.generator = Generator(config)
-        self.discriminator = Discriminator(config)
+        self.config, self.tp = config, tp
+        self.generator = Generator(config, tp)
+        self.discriminator = Discriminator(config, tp)
 
     def discriminator_embedding_weight(self) -> torch.Tensor | None:
         return self.discriminator.word_embedding_weight(self.generator.word_embeddings.weight)
@@ -134,10 +136,10 @@ class ReplacedTokenDetection(nn.Module):
         vocab = self.config.discriminator.vocab_size
         uniform = torch.rand((generator_logits.shape[0], vocab), generator=rng, device=generator_logits.device)
         gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))   # [M, V]
-        start, width = state.tp_rank() * generator_logits.shape[-1], generator_logits.shape[-1]
+        start, width = self.tp.rank * generator_logits.shape[-1], generator_logits.shape[-1]
         local_gumbel = F.pad(gumbel[:, start:start + width], (0, max(0, start + width - vocab)))
         scores = generator_logits.float() / self.config.temperature + local_gumbel
-        sampled = vocab_parallel_argmax(scores, vocab)                          # [M]
+        sampled = vocab_parallel_argmax(scores, vocab, self.tp)                 # [M]
         corrupted = input_ids.clone()
         corrupted[masked] = sampled
         replaced = torch.zeros_like(masked)

@@ -3,7 +3,7 @@
 The default torch generators (the CPU one and the current GPU's) are seeded per data-parallel
 replica, identically on the TP ranks of one replica, so dropout on replicated activations
 matches across TP ranks. Dropout inside a TP region (attention probabilities, each rank
-holding other heads) runs under `fork_tp_rng()`: a second stream seeded by TP rank, so it
+holding other heads) runs under `fork_tp_rng(tp)`: a second stream seeded by TP rank, so it
 differs across TP ranks and matches across DP replicas. A stream is a pair of generator
 states (CPU, and the current CUDA device's when there is one) because a model on the GPU
 draws its dropout masks from the CUDA generator and the fused kernel its seeds from the CPU
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from deberta_ds.parallel import state
+from deberta_ds.parallel.state import ParallelState, TensorParallel
 
 _TP_SEED_OFFSET = 2718
 _DP_SEED_MULTIPLIER = 1000
@@ -68,18 +68,17 @@ _TRACKER = RNGStatesTracker()
 TP_STREAM = "tensor-parallel"
 
 
-def seed_streams(seed: int) -> None:
+def seed_streams(seed: int, parallel: ParallelState = ParallelState()) -> None:
     """Default streams: seed + 1000 (dp_rank + 1); TP stream: seed + 2718 + tp_rank."""
-    parallel = state.get()
     _TRACKER.states.clear()
-    _TRACKER.add(TP_STREAM, seed + _TP_SEED_OFFSET + parallel.tp_rank)
+    _TRACKER.add(TP_STREAM, seed + _TP_SEED_OFFSET + parallel.tp.rank)
     torch.manual_seed(seed + _DP_SEED_MULTIPLIER * (parallel.dp_rank + 1))
 
 
 @contextlib.contextmanager
-def fork_tp_rng():
+def fork_tp_rng(tp: TensorParallel):
     """Run the block on the TP stream (a no-op at TP = 1 or before seeding)."""
-    if state.tp_size() == 1 or TP_STREAM not in _TRACKER.states:
+    if tp.size == 1 or TP_STREAM not in _TRACKER.states:
         yield
         return
     with _TRACKER.fork(TP_STREAM):

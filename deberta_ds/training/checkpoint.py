@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
-from deberta_ds.parallel import state as parallel_state
 from deberta_ds.parallel.random import get_rng_states, set_rng_states
 from deberta_ds.training.safe_load import weights_only_loads
 
@@ -86,7 +85,7 @@ def tp_weights_file(folder: Path, tp_rank: int) -> Path:
     return folder / f"weights_tp{tp_rank}.safetensors"
 
 
-def _save_tp_weights(folder: Path, model) -> None:
+def _save_tp_weights(folder: Path, model, dp_rank: int) -> None:
     """TP > 1: the first replica's ranks write their full-precision module shards (ZeRO-3
     parameters gathered over the data-parallel group), which `convert` merges into TP = 1."""
     from safetensors.torch import save_file
@@ -96,15 +95,17 @@ def _save_tp_weights(folder: Path, model) -> None:
     params = list(model.parameters())
     zero3 = any(hasattr(p, "ds_id") for p in params)
     with deepspeed.zero.GatheredParameters(params, enabled=zero3):
-        if parallel_state.get().dp_rank == 0:
+        if dp_rank == 0:
             shard = {name: p.detach().float().cpu().contiguous().clone() for name, p in model.named_parameters()}
-            path = tp_weights_file(folder, parallel_state.tp_rank())
+            path = tp_weights_file(folder, model.tp.rank)
             save_file(shard, str(path.with_name(path.name + ".tmp")))
             os.replace(path.with_name(path.name + ".tmp"), path)
 
 
-def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, keep_last: int, tp_model=None) -> Path:
-    """Write step's checkpoint and point `latest` at it. A complete checkpoint of this step is
+def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, keep_last: int, tp_model=None,
+         dp_rank: int = 0) -> Path:
+    """Write step's checkpoint and point `latest` at it (tp_model: the TP > 1 model whose shards
+    the first data-parallel replica writes). A complete checkpoint of this step is
     never rewritten (a relaunch that saves again before any step would otherwise put the only
     copy at risk); a half-written one is removed first."""
     tag = tag_for(step)
@@ -118,7 +119,7 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
         engine.save_checkpoint(str(folder), tag=name, save_latest=False)
     _save_rng_states(rng_file(folder, rank))
     if tp_model is not None:
-        _save_tp_weights(folder, tp_model)
+        _save_tp_weights(folder, tp_model, dp_rank)
     if rank == 0:
         write_atomic(folder / STATE, json.dumps(client_state, indent=1))
     _barrier()  # every rank has finished writing

@@ -93,10 +93,9 @@ def register_external_parameters(model: ReplacedTokenDetection, joint: bool) -> 
         deepspeed.zero.register_external_parameter(model.discriminator, generator_embedding)
 
 
-def _global_grad_norm(module: nn.Module, device: torch.device) -> torch.Tensor:
-    """L2 norm of all gradients; TP-split parameters summed over the TP group, replicated ones
-    once. A 0-d tensor on `device`: read on the host only when it is logged."""
-    from deberta_ds.parallel import state
+def _global_grad_norm(module: nn.Module, device: torch.device, tp) -> torch.Tensor:
+    """L2 norm of all gradients; TP-split parameters summed over the TP group `tp`, replicated
+    ones once. A 0-d tensor on `device`: read on the host only when it is logged."""
     from deberta_ds.parallel.mappings import all_reduce_no_grad
 
     split, replicated = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -107,8 +106,7 @@ def _global_grad_norm(module: nn.Module, device: torch.device) -> torch.Tensor:
                 split += squares
             else:
                 replicated += squares
-    if state.tp_size() > 1:
-        split = all_reduce_no_grad(split.reshape(1))[0]
+    split = all_reduce_no_grad(split.reshape(1), tp)[0]
     return (split + replicated).sqrt()
 
 
@@ -161,7 +159,7 @@ class RTDEngines:
         """engine.step(), recording the gradient norm where DeepSpeed keeps none (no ZeRO, fp32)."""
         engine = self.engines[name]
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-            self._norms[name] = _global_grad_norm(engine.module, self.device)
+            self._norms[name] = _global_grad_norm(engine.module, self.device, self.model.tp)
         engine.step()
 
     def train(self, mode: bool = True) -> None:

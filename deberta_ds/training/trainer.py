@@ -26,8 +26,8 @@ from deberta_ds.data.indexed_dataset import find_shard_prefixes
 from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
 from deberta_ds.model import ReplacedTokenDetection
-from deberta_ds.model.encoder import check_tensor_parallel, set_activation_checkpointing
-from deberta_ds.parallel import state as parallel_state
+from deberta_ds.model.encoder import set_activation_checkpointing
+from deberta_ds.parallel.state import MPU, initialize as initialize_parallel
 from deberta_ds.parallel_env import free_engines_then_destroy_process_groups, init_distributed
 from deberta_ds.parallel.random import seed_streams
 from deberta_ds.training import checkpoint
@@ -160,22 +160,22 @@ class Trainer:
         check_writable(self.output)
         self.checkpoints = self.output / "checkpoints"
         self.train_samples, self.valid_samples, rtd_config, self.tokenizer_meta = build_data(config)
-        check_tensor_parallel(rtd_config.discriminator, config.train.tp)
-        self.parallel = parallel_state.initialize(config.train.tp)   # TP ranks adjacent, DP over the rest
+        rtd_config.discriminator.check_tensor_parallel(config.train.tp)
+        self.parallel = initialize_parallel(config.train.tp)   # TP ranks adjacent, DP over the rest
         self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
         self.accumulation = config.check_batch_geometry(self.dp_size)
         latest = checkpoint.checkpoint_to_resume(resume, self.checkpoints)
         universal = self._needs_universal(checkpoint.read_state(latest) if latest else None)
         torch.manual_seed(config.seed)  # identical initial (full) weights on every rank, at any TP size
-        self.model = ReplacedTokenDetection(rtd_config)
+        self.model = ReplacedTokenDetection(rtd_config, self.parallel.tp)
         if config.init_from and not latest:
             self._load_initial_weights()
         set_activation_checkpointing(self.model, config.train.activation_checkpointing == "layers")
         self.engines = RTDEngines(self.model, config, self.dp_size, on_cpu=not torch.cuda.is_available(),
-                                  mpu=parallel_state.MPU() if config.train.tp > 1 else None,
+                                  mpu=MPU(self.parallel) if config.train.tp > 1 else None,
                                   load_universal=universal)
         self.device = self.engines.device
-        seed_streams(config.seed)  # dropout: per DP replica, plus a per-TP-rank stream for attention
+        seed_streams(config.seed, self.parallel)  # dropout: per DP replica, plus a per-TP-rank stream for attention
         self.step, self.consumed = 0, 0
         if latest:
             if universal:
@@ -205,17 +205,16 @@ class Trainer:
         from deberta_ds.parallel.checkpoint import partition_plan, split_state
 
         source = Path(self.config.init_from)
-        with parallel_state.single_rank():
-            if (source / "config.json").is_file():  # a Hugging Face checkpoint
-                full = from_hf(source, self.config.init_generator_from, as_rtd=True,
-                               embedding_sharing=self.model.config.embedding_sharing)
-            else:
-                full = load_native(source)
+        if (source / "config.json").is_file():  # a Hugging Face checkpoint (built at TP = 1)
+            full = from_hf(source, self.config.init_generator_from, as_rtd=True,
+                           embedding_sharing=self.model.config.embedding_sharing)
+        else:
+            full = load_native(source)
         if not isinstance(full, ReplacedTokenDetection) or full.config.discriminator != self.model.config.discriminator:
             raise ValueError(f"init_from: {source} does not hold an RTD pair with this run's model shape "
                              f"({self.config.model} + model_overrides, vocab {self.model.config.discriminator.vocab_size})")
         shard = split_state(full.state_dict(), partition_plan(self.model), full.config.discriminator.vocab_size,
-                            self.parallel.tp_size, self.parallel.tp_rank)
+                            self.parallel.tp.size, self.parallel.tp.rank)
         self.model.load_state_dict(shard)
         self.log(f"initialised from {source}")
 
@@ -250,7 +249,7 @@ class Trainer:
         try:
             folder = checkpoint.save(self.checkpoints, self.engines.engines, self.step, self.client_state(),
                                      self.rank, self.config.train.keep_last,
-                                     self.model if self.config.train.tp > 1 else None)
+                                     self.model if self.config.train.tp > 1 else None, self.dp_rank)
         except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
             latest = self.checkpoints / checkpoint.LATEST
             kept = f"{latest.read_text().strip()} is still the latest complete checkpoint" if latest.is_file() else \
