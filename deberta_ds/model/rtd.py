@@ -4,7 +4,8 @@ Outputs are NamedTuples: DeepSpeed's ZeRO-3 hooks find the tensors inside them (
 inside dataclasses), which they need to gather parameters again for the backward pass.
 
 Batch convention: ``input_ids`` already carry [MASK] at the masked positions, ``labels``
-hold the original id there and -100 elsewhere, ``attention_mask`` is 1 for real tokens.
+hold the original id there and IGNORE_INDEX (-100, the data module's convention) elsewhere,
+``attention_mask`` is 1 for real tokens.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from deberta_ds.config import RTDConfig
+from deberta_ds.data.dataset import IGNORE_INDEX
 from deberta_ds.model.encoder import Encoder
 from deberta_ds.model.heads import EnhancedMaskDecoder, LMHead, RTDHead
 from deberta_ds.parallel.layers import (SINGLE, mark_partitioned, padded_vocab_size, vocab_parallel_argmax,
                                         vocab_parallel_cross_entropy)
 from deberta_ds.parallel.state import TensorParallel
 
-IGNORE_INDEX = -100
+
+def replaced_ratio(labels: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
+    """Fraction of the masked positions whose sample differs from the original."""
+    return replaced[labels != IGNORE_INDEX].float().mean()
 
 
 class GeneratorOutput(NamedTuple):
@@ -149,14 +154,19 @@ class ReplacedTokenDetection(nn.Module):
     def discriminate(self, corrupted_ids, attention_mask, replaced) -> DiscriminatorOutput:
         return self.discriminator(corrupted_ids, attention_mask, replaced, self.generator.word_embeddings.weight)
 
+    def weighted_rtd(self, rtd_loss: torch.Tensor) -> torch.Tensor:
+        """The discriminator's share of the objective, lambda x RTD (what it steps on in either mode)."""
+        return self.config.rtd_lambda * rtd_loss
+
+    def objective(self, generator: GeneratorOutput, discriminator: DiscriminatorOutput) -> torch.Tensor:
+        """The joint objective: MLM + lambda x RTD."""
+        return generator.loss + self.weighted_rtd(discriminator.loss)
+
     def forward(self, input_ids, attention_mask, labels, rng: torch.Generator | None = None) -> RTDOutput:
         gen = self.generator(input_ids, attention_mask, labels)
         corrupted, replaced = self.corrupt(input_ids, labels, gen.logits, rng)
         disc = self.discriminate(corrupted, attention_mask, replaced)
-        masked = labels != IGNORE_INDEX
-        replaced_ratio = replaced[masked].float().mean()
-        loss = gen.loss + self.config.rtd_lambda * disc.loss
-        return RTDOutput(loss, gen, disc, corrupted, replaced_ratio)
+        return RTDOutput(self.objective(gen, disc), gen, disc, corrupted, replaced_ratio(labels, replaced))
 
     def export_discriminator_embedding(self) -> torch.Tensor:
         """One merged word-embedding matrix for the exported discriminator (E_G + E_delta under GDES)."""

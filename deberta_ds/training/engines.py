@@ -25,7 +25,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from deberta_ds.model.rtd import GeneratorOutput, DiscriminatorOutput, ReplacedTokenDetection
+from deberta_ds.model.rtd import DiscriminatorOutput, GeneratorOutput, ReplacedTokenDetection, replaced_ratio
 from deberta_ds.training.ds_config import build_ds_config
 from deberta_ds.training.run_config import RunConfig
 
@@ -218,7 +218,7 @@ class RTDEngines:
         disc_out = discriminator(corrupted, mask, replaced, embedding)
         # lambda scales what the discriminator steps on: with clipping and Adam's eps it is not a
         # no-op, and under ES it sets the weight of the RTD gradient that reaches E_G.
-        disc_loss = self.config.rtd.rtd_lambda * disc_out.loss * loss_multiplier
+        disc_loss = self.model.weighted_rtd(disc_out.loss) * loss_multiplier
         # Under ES the generator objective checked is the sampling pass's: the pass with a graph
         # reads the same weights and batch (only its dropout masks differ).
         finite, stop = (self._agree([disc_loss, gen_out.objective * loss_multiplier], stop_requested) if train
@@ -232,7 +232,5 @@ class RTDEngines:
             if not es:
                 discriminator.backward(disc_loss)
             self._step("discriminator")
-        masked = labels != -100
-        replaced_ratio = replaced[masked].float().mean()
-        joint_loss = gen_out.loss + self.config.rtd.rtd_lambda * disc_out.loss
-        return StepResult(gen_out, disc_out, corrupted, replaced_ratio, joint_loss, finite, stop)
+        return StepResult(gen_out, disc_out, corrupted, replaced_ratio(labels, replaced),
+                          self.model.objective(gen_out, disc_out), finite, stop)
