@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import shutil
-import subprocess
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.hf_helpers builds the HF oracle
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from deberta_ds.config import preset
-from deberta_ds.convert import encoder_from_hf
-from tests.hf_helpers import random_hf_model
+from deberta_ds.config import preset  # noqa: E402
+from deberta_ds.convert import encoder_from_hf  # noqa: E402
+from deberta_ds.hf_oracle import random_hf_model  # noqa: E402
 
 
 def build(args, hf_dir: str):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from data_prep.inputs import DOC_BOUNDARIES, FORMATS, expand_inputs, iterate_blocks, split_block
+from deberta_ds.errors import UserError
 
 
 def _positive_int(text: str) -> int:
@@ -178,13 +179,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from data_prep.tokenize import JobMismatchError
-    from deberta_ds.data.indexed_dataset import ShardFormatError
-
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (FileNotFoundError, ShardFormatError, JobMismatchError, ValueError) as error:
+    except UserError as error:  # bad input; anything else keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a full disk, a read-only folder: the open output was removed, finished shards kept

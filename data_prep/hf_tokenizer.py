@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from data_prep.tokenizer import CLS_ID, MODEL_FILE, PAD_ID, SEP_ID, UNK_ID, load_tokenizer, resolve_model_path
+from deberta_ds.errors import UserError
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
                   "mask_token": "[MASK]", "bos_token": "[CLS]", "eos_token": "[SEP]"}
@@ -36,7 +37,7 @@ def fast_tokenizer(model_file: Path, mask_id: int):
     proto.ParseFromString(model_file.read_bytes())
     vocab = [(piece.piece, piece.score) for piece in proto.pieces]
     if mask_id != len(vocab):
-        raise ValueError(f"{model_file}: [MASK] must follow the last of its {len(vocab)} pieces, not be id {mask_id}")
+        raise UserError(f"{model_file}: [MASK] must follow the last of its {len(vocab)} pieces, not be id {mask_id}")
     vocab.append(("[MASK]", 0.0))
     tokenizer = Tokenizer(Unigram(vocab, unk_id=UNK_ID, byte_fallback=proto.trainer_spec.byte_fallback))
     # SentencePiece's remove_extra_whitespaces: whitespace runs become one space, none at either end.
@@ -58,7 +59,7 @@ def write_hf_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, model_ma
     model_file = resolve_model_path(tokenizer_path)
     _, meta = load_tokenizer(model_file)
     if (meta.pad_id, meta.cls_id, meta.sep_id, meta.unk_id) != (PAD_ID, CLS_ID, SEP_ID, UNK_ID):
-        raise ValueError(f"{tokenizer_path}: special ids {meta} are not DeBERTaV3's [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3")
+        raise UserError(f"{tokenizer_path}: special ids {meta} are not DeBERTaV3's [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast_tokenizer(model_file, meta.mask_id).save(str(out_dir / "tokenizer.json"))

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from deberta_ds.errors import MissingInputError
+
 FORMATS = ("text", "jsonl")
 DOC_BOUNDARIES = ("line", "blank-line")
 READ_BYTES = 1 << 20
@@ -48,9 +50,9 @@ def expand_inputs(patterns) -> list[Path]:
         elif path.is_file():
             matches = [path]
         else:
-            raise FileNotFoundError(f"--input {pattern}: no such file, directory or glob match")
+            raise MissingInputError(f"--input {pattern}: no such file, directory or glob match")
         if not matches:
-            raise FileNotFoundError(f"--input {pattern}: matched no files")
+            raise MissingInputError(f"--input {pattern}: matched no files")
         files.extend(matches)
     return files
 

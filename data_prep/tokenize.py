@@ -28,6 +28,8 @@ from tqdm import tqdm
 from data_prep.inputs import Block, cut_pieces, iterate_blocks, split_block
 from data_prep.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
 from deberta_ds.data.indexed_dataset import ShardWriter, data_path, dtype_for_vocab, index_path
+from deberta_ds.errors import UserError
+
 
 @dataclass
 class TokenizeStats:
@@ -47,7 +49,7 @@ class TokenizeStats:
                 f"malformed-utf8 {self.malformed_utf8:,}  unknown-token rate {unk_rate:.4%}")
 
 
-class JobMismatchError(ValueError):
+class JobMismatchError(UserError):
     pass
 
 
@@ -169,7 +171,7 @@ def check_provenance(prefixes, tokenizer_sha256: str | None, allow_incomplete: b
             continue
         manifest = json.loads(path.read_text())
         if tokenizer_sha256 and manifest.get("tokenizer_sha256") != tokenizer_sha256:
-            raise ValueError(f"{path}: these shards were tokenised with tokenizer sha256 "
+            raise UserError(f"{path}: these shards were tokenised with tokenizer sha256 "
                              f"{manifest.get('tokenizer_sha256')}, not with the given one ({tokenizer_sha256}); "
                              "use the tokenizer they were made with, or tokenise again")
         if not manifest.get("complete"):
@@ -177,7 +179,7 @@ def check_provenance(prefixes, tokenizer_sha256: str | None, allow_incomplete: b
                        f"({len(manifest.get('shards', []))} shards so far); re-run the same tokenize command to "
                        "finish it")
             if not allow_incomplete:
-                raise ValueError(message + " (or accept the incomplete set: data.allow_incomplete_shards=true for "
+                raise UserError(message + " (or accept the incomplete set: data.allow_incomplete_shards=true for "
                                            "training, --allow-incomplete for verify)")
             warn(f"warning: {message}; using the incomplete set as asked")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from deberta_ds.errors import MissingInputError, UserError
+
 MODEL_FILE = "spm.model"
 METADATA_FILE = "tokenizer.json"
 PAD_ID, CLS_ID, SEP_ID, UNK_ID = 0, 1, 2, 3
@@ -53,7 +55,7 @@ def resolve_model_path(path: str | Path) -> Path:
     path = Path(path)
     model = path / MODEL_FILE if path.is_dir() else path
     if not model.is_file():
-        raise FileNotFoundError(f"--tokenizer {path}: no SentencePiece model found (expected {MODEL_FILE} or "
+        raise MissingInputError(f"--tokenizer {path}: no SentencePiece model found (expected {MODEL_FILE} or "
                                 "its directory; create one with `python -m data_prep train-tokenizer`)")
     return model
 
@@ -67,7 +69,7 @@ def load_tokenizer(path: str | Path) -> tuple[spm.SentencePieceProcessor, Tokeni
             metadata = TokenizerMetadata(**json.loads(metadata_path.read_text()))
         except (json.JSONDecodeError, TypeError) as error:
             known = [f.name for f in dataclasses.fields(TokenizerMetadata)]
-            raise ValueError(f"{metadata_path}: not a deberta_ds tokenizer description ({error}); its fields are "
+            raise UserError(f"{metadata_path}: not a deberta_ds tokenizer description ({error}); its fields are "
                              f"{known}. Re-create it with data_prep train-tokenizer") from None
     else:  # a foreign spm.model: derive the same metadata
         pieces = processor.get_piece_size()

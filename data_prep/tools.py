@@ -6,7 +6,8 @@ import hashlib
 
 import numpy as np
 
-from deberta_ds.data.indexed_dataset import (IndexedShard, ShardWriter, find_shard_prefixes, verify_shard)
+from deberta_ds.data.indexed_dataset import IndexedShard, ShardWriter, find_shard_prefixes, verify_shard
+from deberta_ds.errors import UserError
 
 _COPY_TOKENS = 1 << 22  # tokens per streamed copy
 
@@ -81,7 +82,7 @@ def is_validation_document(global_doc: int, seed: int, valid_fraction: float) ->
 def split(paths, output_prefix, valid_fraction: float, seed: int = 0) -> tuple[ShardWriter, ShardWriter]:
     """Documents -> PREFIX_train / PREFIX_valid, chosen per document by a seeded hash."""
     if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
+        raise UserError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
     shards = [IndexedShard(p) for p in find_shard_prefixes(paths)]
     dtype = _common_dtype(shards)
     train, valid = ShardWriter(f"{output_prefix}_train", dtype), ShardWriter(f"{output_prefix}_valid", dtype)

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deberta_ds.errors import UserError
+
 POS_ATT_TYPES = ("c2p", "p2c")
 EMBEDDING_SHARING_MODES = ("gdes", "es", "nes")
 ATTENTION_IMPLS = ("reference", "fused", "auto")
@@ -18,7 +20,7 @@ ATTENTION_IMPLS = ("reference", "fused", "auto")
 
 def _require(condition: bool, field_name: str, message: str) -> None:
     if not condition:
-        raise ValueError(f"{field_name}: {message}")
+        raise UserError(f"{field_name}: {message}")
 
 
 @dataclass
@@ -77,7 +79,7 @@ class ModelConfig:
         """1 / sqrt(d * (1 + number of positional terms)): one scale for c2c, c2p and p2c."""
         return (self.head_dim * (1 + len(self.pos_att_type))) ** -0.5
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -115,7 +117,7 @@ def _config_from_dict(cls, data: dict):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields are {sorted(known)}")
+        raise UserError(f"{cls.__name__}: unknown fields {unknown}; known fields are {sorted(known)}")
     return cls(**data)
 
 
@@ -155,5 +157,5 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"model preset: unknown name {name!r}; choose one of {sorted(PRESETS)}")
+        raise UserError(f"model preset: unknown name {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})

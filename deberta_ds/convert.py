@@ -22,10 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 from deberta_ds.config import ModelConfig, RTDConfig
+from deberta_ds.errors import UserError
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 from deberta_ds.native_checkpoint import (
     WEIGHTS,
-    ConversionError,
+    CheckpointError,
     atomic_save,
     atomic_write_json,
     load_native,
@@ -34,7 +35,6 @@ from deberta_ds.native_checkpoint import (
     save_native,
     split_tp,
 )
-from deberta_ds.training.safe_load import UnsafeCheckpointError
 
 # (our name inside an Encoder, HF name inside DebertaV2Model); "{i}" is the layer index.
 _ENCODER_KEYS = [
@@ -87,7 +87,7 @@ def _rename(state: dict, table, src: int, dst: int, src_prefix: str = "", dst_pr
 
 def hf_to_model_config(hf: dict, source: str = "config.json") -> ModelConfig:
     def fail(message: str):
-        raise ConversionError(f"{source}: {message}")
+        raise CheckpointError(f"{source}: {message}")
 
     if hf.get("model_type") not in ("deberta-v2", None):
         fail(f"model_type is {hf.get('model_type')!r}; only DeBERTa-v2/v3 ('deberta-v2') checkpoints convert")
@@ -155,14 +155,14 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[dict, dict]:
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
-        raise ConversionError(f"{config_path}: not found; --hf must name a Hugging Face checkpoint directory")
+        raise CheckpointError(f"{config_path}: not found; --hf must name a Hugging Face checkpoint directory")
     config = json.loads(config_path.read_text())
     if (hf_dir / WEIGHTS).is_file():
         state = load_file(str(hf_dir / WEIGHTS))
     elif (hf_dir / "pytorch_model.bin").is_file():
         state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise ConversionError(f"{hf_dir}: neither {WEIGHTS} nor pytorch_model.bin found")
+        raise CheckpointError(f"{hf_dir}: neither {WEIGHTS} nor pytorch_model.bin found")
     return config, state
 
 
@@ -170,7 +170,7 @@ def _backbone_prefix(state: dict, source: str) -> str:
     for prefix in ("", "deberta."):
         if prefix + "embeddings.word_embeddings.weight" in state:
             return prefix
-    raise ConversionError(f"{source}: no 'embeddings.word_embeddings.weight' (or 'deberta.' prefixed) key; "
+    raise CheckpointError(f"{source}: no 'embeddings.word_embeddings.weight' (or 'deberta.' prefixed) key; "
                           "this is not a DeBERTa-v2/v3 checkpoint")
 
 
@@ -180,7 +180,7 @@ def _encoder_state_from_hf(state: dict, prefix: str, source: str) -> dict:
     ignored = {prefix + "embeddings.position_embeddings.weight"}
     unmapped = sorted(backbone - ignored - {prefix + hf for hf in _rename(ours, _ENCODER_KEYS, 0, 1)})
     if unmapped:
-        raise ConversionError(f"{source}: backbone keys not understood: {unmapped[:6]}")
+        raise CheckpointError(f"{source}: backbone keys not understood: {unmapped[:6]}")
     return ours
 
 
@@ -218,7 +218,7 @@ def rtd_from_hf(discriminator_dir: str | Path, generator_dir: str | Path | None 
         gen_hf, gen_state = read_hf_checkpoint(generator_dir)
         gen_config = hf_to_model_config(gen_hf, f"{generator_dir}/config.json")
         if gen_config.replace(num_layers=disc_config.num_layers) != disc_config:
-            raise ConversionError(f"{generator_dir}: generator width/heads/FFN/vocab differ from the discriminator")
+            raise CheckpointError(f"{generator_dir}: generator width/heads/FFN/vocab differ from the discriminator")
         generator_layers = gen_config.num_layers
     config = RTDConfig(discriminator=disc_config, generator_layers=generator_layers,
                        embedding_sharing=embedding_sharing,
@@ -266,7 +266,7 @@ def hf_state_from_model(model: Encoder | ReplacedTokenDetection, part: str = "di
     """(HF config dict, HF state dict) for an encoder or one part of an RTD pair."""
     if isinstance(model, Encoder):
         if part != "discriminator":
-            raise ConversionError(f"--part {part}: a plain encoder checkpoint has only the backbone; "
+            raise CheckpointError(f"--part {part}: a plain encoder checkpoint has only the backbone; "
                                   "use --part discriminator")
         return model_config_to_hf(model.config), encoder_state_to_hf(model.state_dict())
     if part == "discriminator":
@@ -279,7 +279,7 @@ def hf_state_from_model(model: Encoder | ReplacedTokenDetection, part: str = "di
         state = encoder_state_to_hf(generator.encoder.state_dict(), prefix="deberta.")
         state |= _rename(generator.lm_head.state_dict(), _LM_HEAD_KEYS, 0, 1)
         return hf_config, state
-    raise ConversionError(f"--part: {part!r} is not 'discriminator' or 'generator'")
+    raise CheckpointError(f"--part: {part!r} is not 'discriminator' or 'generator'")
 
 
 def to_hf(checkpoint, out_dir, part: str = "discriminator") -> Path:
@@ -302,18 +302,18 @@ def export_tokenizer(checkpoint, out_dir, tokenizer: str | None, vocab_size: int
 
     recorded = recorded_tokenizer(checkpoint) if tokenizer is None else None
     if tokenizer is None and recorded is None:
-        raise ConversionError(f"--tokenizer: {checkpoint} does not record a tokenizer (a native or converted "
+        raise CheckpointError(f"--tokenizer: {checkpoint} does not record a tokenizer (a native or converted "
                               "checkpoint); pass --tokenizer DIR, the directory of the spm.model it was trained with")
     path = tokenizer or recorded[0]
     try:
         meta = load_tokenizer(path)[1]
     except FileNotFoundError as error:
-        raise ConversionError(f"--tokenizer: {error}") from None
+        raise CheckpointError(f"--tokenizer: {error}") from None
     if recorded and meta.sha256 != recorded[1]:
-        raise ConversionError(f"--tokenizer: {path} has sha256 {meta.sha256}, but the run was trained with "
+        raise CheckpointError(f"--tokenizer: {path} has sha256 {meta.sha256}, but the run was trained with "
                               f"{recorded[1]}; pass --tokenizer with the run's tokenizer")
     if meta.mask_id >= vocab_size:
-        raise ConversionError(f"--tokenizer: {path} has {meta.mask_id + 1} ids, more than the model's vocabulary "
+        raise CheckpointError(f"--tokenizer: {path} has {meta.mask_id + 1} ids, more than the model's vocabulary "
                               f"of {vocab_size}; it is not this model's tokenizer")
     write_hf_tokenizer(path, out_dir)
 
@@ -362,7 +362,7 @@ def main(argv=None) -> int:
             config = model.config.discriminator if isinstance(model, ReplacedTokenDetection) else model.config
             export_tokenizer(args.checkpoint, args.out, args.tokenizer, config.vocab_size)  # both parts share it
             to_hf(model, args.out, args.part)
-    except (ConversionError, UnsafeCheckpointError) as error:
+    except UserError as error:  # a bad checkpoint or flag; anything else keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

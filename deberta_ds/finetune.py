@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from deberta_ds.errors import UserError
 
-class FinetuneError(ValueError):
+
+class FinetuneError(UserError):
     """Bad input, named: a file, a column, a line, a checkpoint."""
 
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deberta_ds.config import model_config_from_dict, rtd_config_from_dict, to_dict
+from deberta_ds.errors import UserError
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 from deberta_ds.parallel.checkpoint import merge_states, partition_plan, split_state
 
@@ -23,8 +24,9 @@ NATIVE_CONFIG = "deberta_ds.json"
 WEIGHTS = "model.safetensors"
 
 
-class ConversionError(ValueError):
-    """A checkpoint that is not DeBERTa-v2/v3 shaped, or a bad conversion request."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be loaded or converted (incomplete, damaged, not DeBERTa-v2/v3 shaped),
+    or a bad conversion request."""
 
 
 def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
@@ -32,11 +34,11 @@ def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
     expected = module.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ConversionError(f"{source}: weights do not match the config: missing {missing[:6]}"
+        raise CheckpointError(f"{source}: weights do not match the config: missing {missing[:6]}"
                               f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ConversionError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config implies "
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config implies "
                                   f"{tuple(expected[name].shape)}")
     module.load_state_dict(state)
 
@@ -94,7 +96,7 @@ def training_step_folder(folder: str | Path) -> Path:
         if pointer.is_file():
             folder = pointer.parent / pointer.read_text().strip()
     if not (folder / COMPLETE).is_file():
-        raise ConversionError(f"{folder}: not a complete training checkpoint (no {COMPLETE} marker: it was being "
+        raise CheckpointError(f"{folder}: not a complete training checkpoint (no {COMPLETE} marker: it was being "
                               "written when the run stopped); use an earlier step folder")
     return folder
 
@@ -145,7 +147,7 @@ def checkpoint_vocab_size(path: str | Path) -> int:
         return int(read_state(training_step_folder(path))["rtd_config"]["discriminator"]["vocab_size"])
     meta_path = path / NATIVE_CONFIG
     if not meta_path.is_file():
-        raise ConversionError(f"{path}: neither a Hugging Face checkpoint (config.json) nor a deberta_ds checkpoint "
+        raise CheckpointError(f"{path}: neither a Hugging Face checkpoint (config.json) nor a deberta_ds checkpoint "
                               f"({NATIVE_CONFIG}) nor a training run's output_dir")
     config = json.loads(meta_path.read_text())["config"]
     return int(config["discriminator"]["vocab_size"] if "discriminator" in config else config["vocab_size"])
@@ -158,7 +160,7 @@ def load_native(checkpoint_dir: str | Path) -> Encoder | ReplacedTokenDetection:
         return load_training_checkpoint(checkpoint_dir)
     meta_path = checkpoint_dir / NATIVE_CONFIG
     if not meta_path.is_file():
-        raise ConversionError(f"{meta_path}: not found; --checkpoint must name a deberta_ds checkpoint directory "
+        raise CheckpointError(f"{meta_path}: not found; --checkpoint must name a deberta_ds checkpoint directory "
                               f"(holding {NATIVE_CONFIG} and {WEIGHTS}) or a training run's output_dir or "
                               "checkpoint step folder")
     meta = json.loads(meta_path.read_text())
@@ -169,7 +171,7 @@ def load_native(checkpoint_dir: str | Path) -> Encoder | ReplacedTokenDetection:
     elif meta.get("kind") == "encoder":
         model = Encoder(model_config_from_dict(meta["config"]))
     else:
-        raise ConversionError(f"{meta_path}: 'kind' must be 'encoder' or 'rtd', got {meta.get('kind')!r}")
+        raise CheckpointError(f"{meta_path}: 'kind' must be 'encoder' or 'rtd', got {meta.get('kind')!r}")
     load_strict(model, load_file(str(checkpoint_dir / WEIGHTS)), str(checkpoint_dir / WEIGHTS))
     return model
 
@@ -179,7 +181,7 @@ def split_tp(checkpoint, out_dir, tp_size: int) -> Path:
     for continued training at that TP size."""
     model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_native(checkpoint)
     if not isinstance(model, ReplacedTokenDetection):
-        raise ConversionError("split-tp: the checkpoint must hold an RTD pair (use from-hf --rtd first)")
+        raise CheckpointError("split-tp: the checkpoint must hold an RTD pair (use from-hf --rtd first)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan, vocab = partition_plan(model), model.config.discriminator.vocab_size

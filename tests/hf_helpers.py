@@ -1,25 +1,9 @@
-"""Helpers shared by the tests that use Hugging Face transformers as the oracle."""
+"""Batches for the tests that compare with Hugging Face transformers (the oracle model itself:
+deberta_ds.hf_oracle)."""
 
 from __future__ import annotations
 
 import torch
-from transformers import DebertaV2Config, DebertaV2Model
-
-from deberta_ds.config import ModelConfig
-from deberta_ds.convert import model_config_to_hf
-
-
-def random_hf_model(config: ModelConfig, seed: int = 0) -> DebertaV2Model:
-    """A randomly initialised HF DebertaV2Model with our config's shapes, dropout off."""
-    torch.manual_seed(seed)
-    hf_config = DebertaV2Config(**(model_config_to_hf(config) | {"hidden_dropout_prob": 0.0,
-                                                                  "attention_probs_dropout_prob": 0.0}))
-    model = DebertaV2Model(hf_config).eval()
-    with torch.no_grad():  # non-trivial LayerNorm and bias values, so a swapped key cannot hide
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    return model
 
 
 def padded_batch(vocab_size: int, lengths: list[int], seed: int = 0):

@@ -87,8 +87,10 @@ def test_reference_matches_float64_loop(terms):
 def test_reference_dropout_is_reproducible_from_seed():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 16, 8, generator=gen) for _ in range(3))
-    run = lambda seed: disentangled_attention_reference(q, k, v, None, None, None, position_buckets=4,
-                                                        max_relative_positions=8, dropout_p=0.3, seed=seed)
+    def run(seed):
+        return disentangled_attention_reference(q, k, v, None, None, None, position_buckets=4,
+                                                max_relative_positions=8, dropout_p=0.3, seed=seed)
+
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
 

@@ -3,8 +3,16 @@ import re
 
 import pytest
 
-from deberta_ds.config import (PRESETS, ModelConfig, RTDConfig, model_config_from_dict, preset,
-                               rtd_config_from_dict, save_json, to_dict)
+from deberta_ds.config import (
+    PRESETS,
+    ModelConfig,
+    RTDConfig,
+    model_config_from_dict,
+    preset,
+    rtd_config_from_dict,
+    save_json,
+    to_dict,
+)
 from deberta_ds.model import Encoder
 
 PUBLISHED = {"xsmall": (12, 384, 6, 1536, 22e6), "small": (6, 768, 12, 3072, 44e6),

@@ -2,8 +2,8 @@
 
 import gzip
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -322,8 +322,10 @@ def test_every_reader_refuses_a_structurally_damaged_shard(tmp_path, capsys, suf
     _damage(prefix, suffix, offset, data)
     with pytest.raises(ShardFormatError, match=re.escape(message)):
         TokenCorpus([prefix])
-    for command in (["inspect", str(prefix)], ["merge", "--input", str(prefix), "--output-prefix", str(tmp_path / "m")],
-                    ["split", "--input", str(prefix), "--output-prefix", str(tmp_path / "s"), "--valid-fraction", "0.5"]):
+    for command in (["inspect", str(prefix)],
+                    ["merge", "--input", str(prefix), "--output-prefix", str(tmp_path / "m")],
+                    ["split", "--input", str(prefix), "--output-prefix", str(tmp_path / "s"),
+                     "--valid-fraction", "0.5"]):
         assert cli(command) == 1, command
         assert message in capsys.readouterr().err, command
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.bin", "g.idx"]
@@ -389,3 +391,28 @@ def test_tokenize_on_a_full_disk_leaves_no_partial_output(tmp_path, small_corpus
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "(disk full or not writable?); no partial output was left behind" in result.stderr
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_only_user_errors_lose_their_traceback(monkeypatch, capsys):
+    """Entry points print a UserError in one line; any other ValueError (a bug, or one raised by
+    NumPy or torch) propagates with its traceback."""
+    import data_prep.cli
+    from deberta_ds import convert
+    from deberta_ds.errors import UserError
+
+    for module, argv in ((data_prep.cli, ["inspect", "x"]), (convert, ["to-onnx", "--checkpoint", "c", "--out", "o"])):
+        target = "run" if module is data_prep.cli else "load_native"
+
+        def raise_user_error(*args, **kwargs):
+            raise UserError("--input x: not found")
+
+        monkeypatch.setattr(module, target, raise_user_error)
+        assert module.main(argv) in (1, 2)
+        assert "error: --input x: not found" in capsys.readouterr().err
+
+        def raise_bug(*args, **kwargs):
+            raise ValueError("operands could not be broadcast together")
+
+        monkeypatch.setattr(module, target, raise_bug)
+        with pytest.raises(ValueError, match="broadcast"):
+            module.main(argv)

@@ -9,8 +9,14 @@ import pytest
 
 from data_prep.cli import main as cli
 from data_prep.tokenizer import load_tokenizer, word_start_table
-from deberta_ds.data.dataset import (IGNORE_INDEX, MaskingConfig, PackedSamples, PretrainingSamples, SpecialIds,
-                                     TokenCorpus)
+from deberta_ds.data.dataset import (
+    IGNORE_INDEX,
+    MaskingConfig,
+    PackedSamples,
+    PretrainingSamples,
+    SpecialIds,
+    TokenCorpus,
+)
 from deberta_ds.data.sampler import GlobalBatchSampler
 
 
@@ -133,9 +139,9 @@ def test_unknown_and_special_tokens_are_never_masked(shards, tokenizer_dir):
         samples = make_samples(shards, tokenizer_dir, masking)
         original = samples.packed.tokens  # plant [UNK]s: every 5th token of every sample
 
-        def with_unknowns(index, original=original):
+        def with_unknowns(index, original=original, unk=samples.special.unk):
             tokens = original(index).copy()
-            tokens[::5] = samples.special.unk
+            tokens[::5] = unk
             return tokens
 
         samples.packed.tokens = with_unknowns

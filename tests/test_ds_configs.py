@@ -27,8 +27,9 @@ def test_file_builds_into_a_config_deepspeed_accepts(path):
     stage = raw["zero_optimization"]["stage"]
     precision = "bf16" if raw.get("bf16", {}).get("enabled") else "fp16" if raw.get("fp16", {}).get("enabled") \
         else "fp32"
-    run = run_config_from_dict({"train": {"zero_stage": stage, "precision": precision, "offload": "offload" in path.stem,
-                                          "global_batch_size": 64, "micro_batch_size": 8}})
+    run = run_config_from_dict({"train": {"zero_stage": stage, "precision": precision,
+                                          "offload": "offload" in path.stem, "global_batch_size": 64,
+                                          "micro_batch_size": 8}})
     assert default_ds_config_path(run) == path
     ds = build_ds_config(run, data_parallel_size=4, lr=1e-4, on_cpu=True)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from deberta_ds.finetune import main as finetune, scores
+from deberta_ds.finetune import main as finetune
+from deberta_ds.finetune import scores
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +98,14 @@ def test_bad_inputs_are_named(exported, tmp_path, capsys):
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    assert finetune(["--model", str(bert), "--train", str(train), "--valid", str(train), "--out", str(tmp_path / "o")]) == 1
+    assert finetune(["--model", str(bert), "--train", str(train), "--valid", str(train),
+                     "--out", str(tmp_path / "o")]) == 1
     assert "model_type 'bert' is not a DeBERTa-v2/v3 checkpoint" in capsys.readouterr().err
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text((exported / "config.json").read_text())
-    assert finetune(["--model", str(bare), "--train", str(train), "--valid", str(train), "--out", str(tmp_path / "o")]) == 1
+    assert finetune(["--model", str(bare), "--train", str(train), "--valid", str(train),
+                     "--out", str(tmp_path / "o")]) == 1
     assert "holds no tokenizer" in capsys.readouterr().err
 
 

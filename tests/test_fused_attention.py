@@ -199,8 +199,9 @@ def test_custom_op_traces_under_torch_compile():
 def test_auto_falls_back_to_the_reference_per_variant_when_the_kernel_does_not_compile(monkeypatch):
     """A variant that does not compile (Triton 3.6 once rejected the p2c-only forward) falls back
     alone: the kernel keeps serving every other variant, and is not retried for the failed one."""
-    import deberta_ds.kernels as kernels
     from triton.runtime.errors import OutOfResources
+
+    import deberta_ds.kernels as kernels
 
     calls = []
 

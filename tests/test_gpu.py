@@ -20,8 +20,9 @@ from deberta_ds.kernels.fused import disentangled_attention_fused
 from deberta_ds.kernels.reference import attention_scores
 from tests.dist_helpers import run_distributed
 from tests.proc_helpers import run_bounded
-from tests.test_fused_attention import TOLERANCE, inputs, kernel_dropout_mask, relative_error, run
-from tests.train_helpers import ZERO3_PARTITION_EVERYTHING, tiny_run, train_runs
+from tests.test_fused_attention import TOLERANCE, inputs, kernel_dropout_mask, relative_error
+from tests.test_fused_attention import run as run_kernel
+from tests.train_helpers import ZERO3_PARTITION_EVERYTHING, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 ON_GPU = torch.cuda.is_available()
@@ -59,9 +60,9 @@ def test_fused_kernel_matches_float64_reference_at_model_shapes(shape, dtype, dr
         probabilities = torch.softmax(scores, -1) * keep / (1 - dropout_p)
         return (probabilities @ v) * attention_mask[:, None, :, None]
 
-    expected, expected_grads = run(reference, tensors, mask, shape, torch.float64, grad_out)
-    actual, actual_grads = run(disentangled_attention_fused, tensors, mask, shape, dtype, grad_out,
-                               dropout_p=dropout_p, seed=11)
+    expected, expected_grads = run_kernel(reference, tensors, mask, shape, torch.float64, grad_out)
+    actual, actual_grads = run_kernel(disentangled_attention_fused, tensors, mask, shape, dtype, grad_out,
+                                     dropout_p=dropout_p, seed=11)
     assert actual.dtype == dtype and torch.isfinite(actual).all()
     assert relative_error(actual, expected) <= TOLERANCE[dtype]
     assert len(actual_grads) == 5

@@ -2,8 +2,9 @@
 
 Tolerance: max |ours - HF| <= 1e-5 on last hidden states and on gradients w.r.t. the input
 embeddings (float32); the gradients are ~100 in size (LayerNorm of 0.02-scale embeddings),
-so theirs are compared relative to their largest entry (<= 1e-5 of it). HF does not zero padded query rows (ours does, by design), so outputs
-are compared at real tokens only; real tokens never attend to padding in either model.
+so theirs are compared relative to their largest entry (<= 1e-5 of it). HF does not zero padded
+query rows (ours does, by design), so outputs are compared at real tokens only; real tokens never
+attend to padding in either model.
 """
 
 import pytest
@@ -12,9 +13,10 @@ from safetensors.torch import load_file
 from transformers import DebertaV2ForMaskedLM, DebertaV2Model
 
 from deberta_ds.config import RTDConfig, preset
-from deberta_ds.convert import ConversionError, encoder_from_hf, from_hf, to_hf
+from deberta_ds.convert import CheckpointError, encoder_from_hf, from_hf, to_hf
+from deberta_ds.hf_oracle import random_hf_model
 from deberta_ds.model import Encoder, ReplacedTokenDetection
-from tests.hf_helpers import padded_batch, random_hf_model
+from tests.hf_helpers import padded_batch
 
 TOLERANCE = 1e-5
 
@@ -166,7 +168,7 @@ def _write_hf(tmp_path, **config_changes):
     ({"num_hidden_layers": 3}, "missing"),
 ])
 def test_not_deberta_shaped_checkpoint_is_rejected_clearly(tmp_path, changes, message):
-    with pytest.raises(ConversionError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         encoder_from_hf(_write_hf(tmp_path, **changes))
 
 

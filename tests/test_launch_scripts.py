@@ -108,4 +108,5 @@ def test_recipe_selects_the_run_config_and_a_bad_recipe_is_named(data):
     assert "recipes/large.yaml" in result.stdout and "output_dir=runs/large" in result.stdout
     assert "model=" not in result.stdout                          # the recipe's own model
     result = pretrain(data | {"RECIPE": "huge"}, "--dry-run")
-    assert result.returncode == 2 and "RECIPE=huge is not one of: ablation_base base large small xsmall" in result.stderr
+    assert result.returncode == 2
+    assert "RECIPE=huge is not one of: ablation_base base large small xsmall" in result.stderr

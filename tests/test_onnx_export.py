@@ -35,7 +35,8 @@ def test_onnx_discriminator_equals_pytorch_at_any_length(tmp_path, kind):
         ids, mask = padded_batch(1024, lengths, seed=len(lengths))
         with torch.no_grad():
             if kind == "rtd":
-                hidden = model.discriminator.encoder(ids, mask, word_embedding_weight=model.discriminator_embedding_weight())
+                embedding = model.discriminator_embedding_weight()
+                hidden = model.discriminator.encoder(ids, mask, word_embedding_weight=embedding)
                 expected = [hidden, model.discriminator.head(hidden)]
             else:
                 expected = [model(ids, mask)]

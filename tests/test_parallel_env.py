@@ -19,7 +19,8 @@ def shm_state_after_init() -> dict:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     dist.barrier()  # every rank has returned from init_distributed (and so removed its buffer)
-    buffers = [deepspeed_shm_buffer(peer, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) for peer in range(world)]
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    buffers = [deepspeed_shm_buffer(peer, address, port) for peer in range(world)]
     left = [str(path) for path in buffers if path.exists()]
     summed = ds_comm.inference_all_reduce(torch.full((4096,), float(rank + 1)))  # through the unlinked buffers
     return {"left": left, "summed": summed.tolist(), "shm_op": ds_comm.cdb.shm_comm_op is not None}

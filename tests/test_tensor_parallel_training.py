@@ -140,8 +140,8 @@ def test_world_size_not_divisible_by_tp(tmp_path):
 
 def test_split_tp_round_trip(tmp_path):
     from deberta_ds.config import RTDConfig, preset
-    from deberta_ds.native_checkpoint import load_native, split_tp
     from deberta_ds.model import ReplacedTokenDetection
+    from deberta_ds.native_checkpoint import load_native, split_tp
 
     torch.manual_seed(0)
     model = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny", vocab_size=1000), mask_token_id=5))

@@ -106,7 +106,8 @@ def test_rng_states_round_trip_through_the_checkpoint_file(tmp_path):
     actual = draws()
     assert torch.equal(expected[0], actual[0]) and np.array_equal(expected[1], actual[1]) and expected[2] == actual[2]
     restored = get_tracker_states()
-    assert restored.keys() == tracker.keys() and all(torch.equal(restored[n]["cpu"], tracker[n]["cpu"]) for n in tracker)
+    assert restored.keys() == tracker.keys()
+    assert all(torch.equal(restored[n]["cpu"], tracker[n]["cpu"]) for n in tracker)
 
 
 def test_convert_refuses_an_incomplete_checkpoint_and_an_output_that_is_a_file(tmp_path, capsys):

@@ -14,6 +14,7 @@ import numpy as np
 
 from deberta_ds.data.indexed_dataset import IndexedShard, find_shard_prefixes
 from deberta_ds.data.random import permute, uniform
+from deberta_ds.errors import UserError
 
 IGNORE_INDEX = -100
 # Hash streams: independent random values per purpose.
@@ -48,7 +49,7 @@ class PackedSamples:
 
     def __init__(self, corpus: TokenCorpus, capacity: int, cross_documents: bool):
         if capacity < 1:
-            raise ValueError(f"max_length must be at least 3 ([CLS] x [SEP]), got capacity {capacity}")
+            raise UserError(f"max_length must be at least 3 ([CLS] x [SEP]), got capacity {capacity}")
         self.corpus, self.capacity, self.cross_documents = corpus, capacity, cross_documents
         if cross_documents:
             # A shard's .bin is its documents back to back, so the stream is the shards' token arrays.
@@ -59,7 +60,7 @@ class PackedSamples:
             self.sample_starts = np.concatenate([[0], np.cumsum(chunks)])              # [D + 1]
             self.num_samples = int(self.sample_starts[-1])
         if self.num_samples == 0:
-            raise ValueError("the shards hold no tokens")
+            raise UserError("the shards hold no tokens")
 
     def tokens(self, sample: int) -> np.ndarray:
         if not self.cross_documents:
@@ -89,11 +90,11 @@ class MaskingConfig:
 
     def __post_init__(self):
         if self.mode not in ("rtd", "mlm"):
-            raise ValueError(f"data.masking.mode: {self.mode!r} is not 'rtd' or 'mlm'")
+            raise UserError(f"data.masking.mode: {self.mode!r} is not 'rtd' or 'mlm'")
         if not 0.0 < self.probability < 1.0:
-            raise ValueError(f"data.masking.probability: must be in (0, 1), got {self.probability}")
+            raise UserError(f"data.masking.probability: must be in (0, 1), got {self.probability}")
         if self.max_ngram < 1:
-            raise ValueError(f"data.masking.max_ngram: must be >= 1, got {self.max_ngram}")
+            raise UserError(f"data.masking.max_ngram: must be >= 1, got {self.max_ngram}")
 
 
 @dataclass
@@ -115,7 +116,7 @@ class PretrainingSamples:
         self.packed = PackedSamples(corpus, max_length - 2, cross_documents)
         self.max_length, self.special, self.masking, self.seed = max_length, special, masking, seed
         if masking.whole_word and word_start is None:
-            raise ValueError("whole-word masking needs the tokenizer's word-start table")
+            raise UserError("whole-word masking needs the tokenizer's word-start table")
         self.word_start = word_start
 
     def __len__(self) -> int:

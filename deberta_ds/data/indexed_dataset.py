@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deberta_ds.errors import MissingInputError, UserError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, N sequences, D document entries
@@ -53,7 +55,7 @@ class ShardWriter:
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
-            raise ValueError(f"{self.prefix}: unsupported token dtype {self.dtype}")
+            raise UserError(f"{self.prefix}: unsupported token dtype {self.dtype}")
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(_tmp(data_path(prefix)), "wb")
         self._lengths = open(_tmp(Path(f"{prefix}.lengths")), "wb")
@@ -68,7 +70,7 @@ class ShardWriter:
         ids = np.asarray(ids)
         if ids.dtype != self.dtype:  # a conversion must not wrap around
             if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
-                raise ValueError(f"{self.prefix}: token id out of range for {self.dtype}")
+                raise UserError(f"{self.prefix}: token id out of range for {self.dtype}")
             ids = ids.astype(self.dtype)
         self._bin.write(ids.tobytes())
         self._open_sequence_tokens += ids.size
@@ -86,7 +88,7 @@ class ShardWriter:
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Many whole documents at once (one sequence each): `tokens` concatenated, `lengths` [n]."""
         if self._open_sequence_tokens:
-            raise ValueError(f"{self.prefix}: add_documents while a sequence is open")
+            raise UserError(f"{self.prefix}: add_documents while a sequence is open")
         self.add_tokens(tokens)
         self._open_sequence_tokens = 0
         self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
@@ -142,7 +144,7 @@ class IndexHeader:
     num_doc_entries: int
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UserError):
     """A shard that breaks the layout; the message names the file and the byte offset."""
 
 
@@ -174,14 +176,15 @@ class IndexedShard:
         idx_file = index_path(self.prefix)
         for path in (idx_file, data_path(self.prefix)):
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard file not found")
+                raise MissingInputError(f"{path}: shard file not found")
         header = read_header(idx_file)
         self.dtype = header.dtype
         n, d = header.num_sequences, header.num_doc_entries
         expected = HEADER.size + 12 * n + 8 * d
         if idx_file.stat().st_size != expected:
-            raise ShardFormatError(f"{idx_file}: size {idx_file.stat().st_size} bytes, the header implies "
-                                   f"{expected} (truncated or padded at offset {min(expected, idx_file.stat().st_size)})")
+            size = idx_file.stat().st_size
+            raise ShardFormatError(f"{idx_file}: size {size} bytes, the header implies {expected} (truncated or "
+                                   f"padded at offset {min(expected, size)})")
         index = np.memmap(idx_file, dtype=np.uint8, mode="r")
         self.lengths = index[HEADER.size:HEADER.size + 4 * n].view(np.int32)
         self.pointers = index[HEADER.size + 4 * n:HEADER.size + 12 * n].view(np.int64)
@@ -287,9 +290,9 @@ def find_shard_prefixes(paths) -> list[str]:
         else:
             found = [raw]
         if not found:
-            raise FileNotFoundError(f"{raw}: no shards (*.idx/*.bin) found")
+            raise MissingInputError(f"{raw}: no shards (*.idx/*.bin) found")
         for prefix in found:
             if not index_path(prefix).is_file():
-                raise FileNotFoundError(f"{index_path(prefix)}: shard index not found")
+                raise MissingInputError(f"{index_path(prefix)}: shard index not found")
         prefixes.extend(found)
     return prefixes

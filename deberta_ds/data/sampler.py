@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from deberta_ds.errors import UserError
+
 
 class GlobalBatchSampler:
     def __init__(self, global_batch_size: int, rank: int = 0, world_size: int = 1, consumed_samples: int = 0,
                  total_samples: int | None = None):
         if global_batch_size % world_size:
-            raise ValueError(f"global batch size {global_batch_size} is not divisible by the data-parallel "
+            raise UserError(f"global batch size {global_batch_size} is not divisible by the data-parallel "
                              f"world size {world_size}")
         if consumed_samples % global_batch_size:
-            raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of the global batch size "
+            raise UserError(f"consumed_samples {consumed_samples} is not a multiple of the global batch size "
                              f"{global_batch_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside the world of {world_size}")
+            raise UserError(f"rank {rank} is outside the world of {world_size}")
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.consumed_samples, self.total_samples = consumed_samples, total_samples
         self.local_batch_size = global_batch_size // world_size

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from deberta_ds.errors import UserError
 from deberta_ds.kernels.reference import disentangled_attention_reference
 
 _variants_that_do_not_compile: set[tuple] = set()  # what the auto path gave up on in this process
@@ -57,13 +58,13 @@ def select_attention(impl: str, device: torch.device):
     if impl == "fused":
         fused, error = _fused()
         if fused is None:
-            raise ValueError(f"attention_impl='fused': the Triton kernel cannot be imported ({error}); install "
+            raise UserError(f"attention_impl='fused': the Triton kernel cannot be imported ({error}); install "
                              "triton or use attention_impl='reference'")
         return fused
     if impl == "auto":
         fused = _fused()[0] if device.type == "cuda" else None
         return _falling_back_to_reference(fused) if fused else disentangled_attention_reference
-    raise ValueError(f"attention_impl: {impl!r} is not one of reference, fused, auto")
+    raise UserError(f"attention_impl: {impl!r} is not one of reference, fused, auto")
 
 
 def disentangled_attention(q, k, v, pos_key, pos_query, attention_mask, *, position_buckets,

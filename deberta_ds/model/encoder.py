@@ -12,8 +12,14 @@ from torch import nn
 
 from deberta_ds.config import ModelConfig
 from deberta_ds.kernels import disentangled_attention
-from deberta_ds.parallel.layers import (SINGLE, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                        init_partitioned_, parallel_embedding)
+from deberta_ds.parallel.layers import (
+    SINGLE,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    init_partitioned_,
+    parallel_embedding,
+)
 from deberta_ds.parallel.random import checkpoint, fork_tp_rng
 from deberta_ds.parallel.state import TensorParallel
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deberta_ds.config import ModelConfig
+from deberta_ds.errors import UserError
 from deberta_ds.model.encoder import Encoder, init_weights, layer_norm
 from deberta_ds.parallel.layers import SINGLE, mark_partitioned, padded_vocab_size
 from deberta_ds.parallel.mappings import copy_to_tp
@@ -28,7 +29,7 @@ class EnhancedMaskDecoder(nn.Module):
     def forward(self, encoder: Encoder, kv_states, attention_mask, rel_table):
         seq_len = kv_states.shape[1]
         if seq_len > self.position_embeddings.num_embeddings:
-            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings="
+            raise UserError(f"sequence length {seq_len} exceeds max_position_embeddings="
                              f"{self.position_embeddings.num_embeddings} of the generator's enhanced mask decoder")
         positions = self.position_embeddings.weight[:seq_len]                 # [L, H]
         query = kv_states + positions

@@ -20,8 +20,13 @@ from deberta_ds.config import RTDConfig
 from deberta_ds.data.dataset import IGNORE_INDEX
 from deberta_ds.model.encoder import Encoder
 from deberta_ds.model.heads import EnhancedMaskDecoder, LMHead, RTDHead
-from deberta_ds.parallel.layers import (SINGLE, mark_partitioned, padded_vocab_size, vocab_parallel_argmax,
-                                        vocab_parallel_cross_entropy)
+from deberta_ds.parallel.layers import (
+    SINGLE,
+    mark_partitioned,
+    padded_vocab_size,
+    vocab_parallel_argmax,
+    vocab_parallel_cross_entropy,
+)
 from deberta_ds.parallel.state import TensorParallel
 
 
@@ -94,8 +99,8 @@ class Discriminator(nn.Module):
         self.head = RTDHead(config.discriminator)
         if self.sharing == "gdes":  # vocabulary-split like E_G
             rows = padded_vocab_size(config.discriminator.vocab_size, tp.size) // tp.size
-            self.embedding_delta = mark_partitioned(nn.Parameter(torch.zeros(rows, config.discriminator.hidden_size)), 0,
-                                                   tp, vocab_parallel=True)
+            delta = nn.Parameter(torch.zeros(rows, config.discriminator.hidden_size))
+            self.embedding_delta = mark_partitioned(delta, 0, tp, vocab_parallel=True)
 
     def word_embedding_weight(self, generator_embedding: torch.Tensor | None) -> torch.Tensor | None:
         """The discriminator's word-embedding matrix [V, H]; None when it owns one (NES)."""

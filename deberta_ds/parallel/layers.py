@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from deberta_ds.errors import UserError
 from deberta_ds.parallel.mappings import all_reduce_no_grad, copy_to_tp, reduce_from_tp
 from deberta_ds.parallel.state import TensorParallel
 
@@ -62,7 +63,7 @@ class ColumnParallelLinear(_NoRandomInit, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, tp: TensorParallel = SINGLE):
         if out_features % tp.size:
-            raise ValueError(f"{out_features} output features are not divisible by the tensor-parallel size "
+            raise UserError(f"{out_features} output features are not divisible by the tensor-parallel size "
                              f"{tp.size}")
         super().__init__(in_features, out_features // tp.size, bias=bias)
         self.tp, self.full_shape = tp, (out_features, in_features)
@@ -79,7 +80,7 @@ class RowParallelLinear(_NoRandomInit, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, tp: TensorParallel = SINGLE):
         if in_features % tp.size:
-            raise ValueError(f"{in_features} input features are not divisible by the tensor-parallel size "
+            raise UserError(f"{in_features} input features are not divisible by the tensor-parallel size "
                              f"{tp.size}")
         super().__init__(in_features // tp.size, out_features, bias=bias)
         self.tp, self.full_shape = tp, (out_features, in_features)

@@ -68,8 +68,9 @@ _TRACKER = RNGStatesTracker()
 TP_STREAM = "tensor-parallel"
 
 
-def seed_streams(seed: int, parallel: ParallelState = ParallelState()) -> None:
+def seed_streams(seed: int, parallel: ParallelState | None = None) -> None:
     """Default streams: seed + 1000 (dp_rank + 1); TP stream: seed + 2718 + tp_rank."""
+    parallel = parallel or ParallelState()
     _TRACKER.states.clear()
     _TRACKER.add(TP_STREAM, seed + _TP_SEED_OFFSET + parallel.tp.rank)
     torch.manual_seed(seed + _DP_SEED_MULTIPLIER * (parallel.dp_rank + 1))

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from deberta_ds.errors import UserError
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -34,7 +36,7 @@ def initialize(tp_size: int) -> ParallelState:
     """Create the TP and DP groups over the whole world; every rank must call it."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if tp_size < 1 or world % tp_size:
-        raise ValueError(f"train.tp: the world size {world} is not divisible by the tensor-parallel size {tp_size}")
+        raise UserError(f"train.tp: the world size {world} is not divisible by the tensor-parallel size {tp_size}")
     if tp_size == 1:  # data parallel only: the default group is the data-parallel group
         return ParallelState(dp_size=world, dp_rank=rank)
     tp_group = dp_group = None

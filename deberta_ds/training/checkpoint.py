@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
+from deberta_ds.errors import UserError
 from deberta_ds.parallel.random import get_rng_states, set_rng_states
 from deberta_ds.training.safe_load import weights_only_loads
 
@@ -88,9 +88,8 @@ def tp_weights_file(folder: Path, tp_rank: int) -> Path:
 def _save_tp_weights(folder: Path, model, dp_rank: int) -> None:
     """TP > 1: the first replica's ranks write their full-precision module shards (ZeRO-3
     parameters gathered over the data-parallel group), which `convert` merges into TP = 1."""
-    from safetensors.torch import save_file
-
     import deepspeed
+    from safetensors.torch import save_file
 
     params = list(model.parameters())
     zero3 = any(hasattr(p, "ds_id") for p in params)
@@ -159,17 +158,17 @@ def checkpoint_to_resume(resume: str, root: Path) -> Path | None:
         return find_latest(root)
     if resume == "none":
         if (root / LATEST).exists():
-            raise ValueError(f"--resume none: {root} already holds checkpoints; use --resume auto or another "
+            raise UserError(f"--resume none: {root} already holds checkpoints; use --resume auto or another "
                              "output_dir")
         return None
     folder = Path(resume)
     if not (folder / COMPLETE).is_file() or not (folder / STATE).is_file():
-        raise ValueError(f"--resume {resume!r}: choose auto, none, or the path of a complete checkpoint folder "
+        raise UserError(f"--resume {resume!r}: choose auto, none, or the path of a complete checkpoint folder "
                          f"(a step_N folder holding {COMPLETE} and {STATE}, e.g. {root / tag_for(1000)})")
     step = read_state(folder)["step"]
     newer = [p.name for p in _complete_checkpoints(root) if read_state(p)["step"] > step]
     if newer:
-        raise ValueError(f"--resume {folder}: {root} holds newer checkpoints ({', '.join(newer)}) that continuing "
+        raise UserError(f"--resume {folder}: {root} holds newer checkpoints ({', '.join(newer)}) that continuing "
                          f"from step {step} would replace; move them out of {root} first")
     return folder
 
@@ -181,7 +180,7 @@ def find_latest(root: Path) -> Path | None:
         return None
     folder = root / pointer.read_text().strip()
     if not (folder / COMPLETE).is_file():
-        raise ValueError(f"{pointer} names {folder.name}, which is not complete; the checkpoint directory was "
+        raise UserError(f"{pointer} names {folder.name}, which is not complete; the checkpoint directory was "
                          "modified by hand")
     return folder
 
@@ -217,11 +216,11 @@ def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
     checkpoint to resume from instead."""
     try:
         return _load(folder, engines, rank, universal)
-    except ValueError as error:
+    except UserError as error:
         previous = [p for p in _complete_checkpoints(folder.parent) if p.name < folder.name]
         advice = (f"resume from the previous complete checkpoint with --resume {previous[-1]}" if previous
                   else "no earlier complete checkpoint exists")
-        raise ValueError(f"{error}; {advice}") from None
+        raise UserError(f"{error}; {advice}") from None
 
 
 def _load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
@@ -230,7 +229,7 @@ def _load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
         with weights_only_loads():
             path, _ = engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
-            raise ValueError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
+            raise UserError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
         if universal:  # the universal loader restores the scheduler but leaves the groups' lr at 0
             for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
                 group["lr"] = lr
@@ -238,6 +237,6 @@ def _load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
         try:
             _load_rng_states(rng_file(folder, rank))
         except SafetensorError as error:
-            raise ValueError(f"{rng_file(folder, rank)}: cannot be read, the file is truncated or damaged "
+            raise UserError(f"{rng_file(folder, rank)}: cannot be read, the file is truncated or damaged "
                              f"({error})") from None
     return read_state(folder)

@@ -11,6 +11,7 @@ import copy
 import json
 from pathlib import Path
 
+from deberta_ds.errors import UserError
 from deberta_ds.training.run_config import RunConfig
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -25,12 +26,12 @@ def default_ds_config_path(config: RunConfig) -> Path:
 def load_ds_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"train.ds_config: {path} not found (the ds_configs/ directory of the repository holds "
+        raise UserError(f"train.ds_config: {path} not found (the ds_configs/ directory of the repository holds "
                          "zero{0,1,2,3}[_offload]_{fp32,bf16,fp16}.json)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"train.ds_config: {path} is not valid JSON: {error}") from None
+        raise UserError(f"train.ds_config: {path} is not valid JSON: {error}") from None
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -50,16 +51,16 @@ def build_ds_config(config: RunConfig, data_parallel_size: int, lr: float, on_cp
              "gradient_clipping": config.optim.clip_grad}
     for key, value in owned.items():
         if key in ds and ds[key] != value:
-            raise ValueError(f"{path}: {key} = {ds[key]} disagrees with the run config ({value}); "
+            raise UserError(f"{path}: {key} = {ds[key]} disagrees with the run config ({value}); "
                              "remove it from the DeepSpeed JSON, the run config owns it")
         ds[key] = value
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage != config.train.zero_stage:
-        raise ValueError(f"{path}: zero_optimization.stage = {stage} but train.zero_stage = {config.train.zero_stage}")
+        raise UserError(f"{path}: zero_optimization.stage = {stage} but train.zero_stage = {config.train.zero_stage}")
     for precision, key in _PRECISION_KEYS.items():
         enabled = ds.get(key, {}).get("enabled", False)
         if enabled != (config.train.precision == precision):
-            raise ValueError(f"{path}: {key}.enabled = {enabled} does not match train.precision = "
+            raise UserError(f"{path}: {key}.enabled = {enabled} does not match train.precision = "
                              f"{config.train.precision}")
     # torch's AdamW: on the CPU, and on GPUs its fused CUDA kernel (the same update as DeepSpeed's
     # FusedAdam, without a JIT build of DeepSpeed's op on every fresh node). ZeRO-Offload keeps

@@ -25,6 +25,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from deberta_ds.errors import UserError
 from deberta_ds.model.rtd import DiscriminatorOutput, GeneratorOutput, ReplacedTokenDetection, replaced_ratio
 from deberta_ds.training.ds_config import build_ds_config
 from deberta_ds.training.run_config import RunConfig
@@ -63,7 +64,7 @@ def _lamb(groups: list[dict], config: RunConfig, lr: float):
     try:
         from apex.optimizers import FusedLAMB
     except ImportError:
-        raise ValueError("optim.name=lamb needs apex (pip install apex, or use the Docker image); "
+        raise UserError("optim.name=lamb needs apex (pip install apex, or use the Docker image); "
                          "use optim.name=adamw otherwise") from None
     return FusedLAMB(groups, lr=lr, betas=config.optim.betas, eps=config.optim.eps,
                      weight_decay=config.optim.weight_decay)

@@ -25,11 +25,12 @@ import yaml
 
 from deberta_ds.config import PRESETS
 from deberta_ds.data.dataset import MaskingConfig
+from deberta_ds.errors import UserError
 
 
 def _require(condition: bool, name: str, message: str) -> None:
     if not condition:
-        raise ValueError(f"{name}: {message}")
+        raise UserError(f"{name}: {message}")
 
 
 @dataclass
@@ -230,7 +231,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
         except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise ValueError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+            raise UserError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                              f"{error}") from None
     return run_config_from_dict(apply_overrides(data, list(overrides)))
 

@@ -18,12 +18,14 @@ import sys
 
 import torch
 
+from deberta_ds.errors import UserError
 
-class UnsafeCheckpointError(ValueError):
+
+class UnsafeCheckpointError(UserError):
     """A checkpoint file holds something other than tensors, containers and the allowed classes."""
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(UserError):
     """A checkpoint file is truncated or damaged."""
 
 

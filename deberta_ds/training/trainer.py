@@ -25,19 +25,20 @@ from deberta_ds.data.dataset import PretrainingSamples, SpecialIds, TokenCorpus
 from deberta_ds.data.indexed_dataset import find_shard_prefixes
 from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
+from deberta_ds.errors import UserError
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.encoder import set_activation_checkpointing
-from deberta_ds.parallel.state import MPU, initialize as initialize_parallel
-from deberta_ds.parallel_env import free_engines_then_destroy_process_groups, init_distributed
 from deberta_ds.parallel.random import seed_streams
+from deberta_ds.parallel.state import MPU
+from deberta_ds.parallel.state import initialize as initialize_parallel
+from deberta_ds.parallel_env import free_engines_then_destroy_process_groups, init_distributed
 from deberta_ds.training import checkpoint
-from deberta_ds.training.metrics import (ScalarLog, TrainingStatistics, model_flops_per_token, peak_memory_bytes,
-                                         roc_auc)
+from deberta_ds.training.metrics import ScalarLog, TrainingStatistics, model_flops_per_token, peak_memory_bytes, roc_auc
 from deberta_ds.training.prefetch import BatchPrefetcher, to_device, to_tensors
 from deberta_ds.training.run_config import RunConfig, load_run_config, to_dict
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """A condition that stops training with a message for the user (exit code 1)."""
 
 
@@ -61,12 +62,12 @@ def build_data(config: RunConfig):
     from data_prep.tokenizer import load_tokenizer, word_start_table
 
     if not config.data.train:
-        raise ValueError("data.train: no training shards given")
+        raise UserError("data.train: no training shards given")
     processor, meta = load_tokenizer(config.data.tokenizer)
     overrides = dict(config.model_overrides)
     overrides.setdefault("vocab_size", initial_vocab_size(config, meta))
     if overrides["vocab_size"] <= meta.mask_id:
-        raise ValueError(f"model_overrides.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's "
+        raise UserError(f"model_overrides.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's "
                          f"{meta.mask_id + 1} ids ([MASK] = {meta.mask_id}, {config.data.tokenizer})")
     model_config = preset(config.model, **overrides)
     rtd_config = RTDConfig(discriminator=model_config, mask_token_id=meta.mask_id, **asdict(config.rtd))
@@ -80,7 +81,7 @@ def build_data(config: RunConfig):
                          warn=lambda message: print(message, file=sys.stderr))
         corpus = TokenCorpus(prefixes)
         if corpus.max_token_id >= model_config.vocab_size:
-            raise ValueError(f"data: shards {paths} hold token id {corpus.max_token_id}, outside the model "
+            raise UserError(f"data: shards {paths} hold token id {corpus.max_token_id}, outside the model "
                              f"vocabulary of {model_config.vocab_size} from tokenizer {config.data.tokenizer}; "
                              "were they tokenised with another tokenizer?")
         return PretrainingSamples(corpus, config.data.max_length, special, masking, seed,
@@ -100,7 +101,7 @@ def initial_vocab_size(config: RunConfig, meta) -> int:
         return meta.model_vocab_size
     rows, tokenizer_ids = checkpoint_vocab_size(config.init_from), meta.mask_id + 1
     if rows < tokenizer_ids:
-        raise ValueError(f"init_from: {config.init_from} has {rows} vocabulary rows but the tokenizer "
+        raise UserError(f"init_from: {config.init_from} has {rows} vocabulary rows but the tokenizer "
                          f"{config.data.tokenizer} needs {tokenizer_ids}; it is not that checkpoint's tokenizer")
     return rows
 
@@ -211,8 +212,9 @@ class Trainer:
         else:
             full = load_native(source)
         if not isinstance(full, ReplacedTokenDetection) or full.config.discriminator != self.model.config.discriminator:
-            raise ValueError(f"init_from: {source} does not hold an RTD pair with this run's model shape "
-                             f"({self.config.model} + model_overrides, vocab {self.model.config.discriminator.vocab_size})")
+            vocab = self.model.config.discriminator.vocab_size
+            raise UserError(f"init_from: {source} does not hold an RTD pair with this run's model shape "
+                            f"({self.config.model} + model_overrides, vocab {vocab})")
         shard = split_state(full.state_dict(), partition_plan(self.model), full.config.discriminator.vocab_size,
                             self.parallel.tp.size, self.parallel.tp.rank)
         self.model.load_state_dict(shard)
@@ -419,7 +421,7 @@ def main(argv=None) -> int:
     try:
         overrides = args.overrides + ([f"train.tp={args.tp}"] if args.tp else [])
         config = load_run_config(args.config, overrides)
-    except ValueError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if "RANK" not in os.environ:  # started without a launcher: a world of one
@@ -431,7 +433,7 @@ def main(argv=None) -> int:
     init_distributed(timeout_s=config.train.collective_timeout_s)
     try:
         Trainer(config, args.resume).run()  # no name keeps the engines alive past the run
-    except (ValueError, FileNotFoundError, TrainingError) as error:
+    except UserError as error:  # a bad config or file; anything else keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
     except RuntimeError as error:

@@ -1,0 +1,11 @@
+"""The project's user-facing errors: a bad config field, flag or file, with a message that names
+it and says what to do. The command-line entry points print these without a traceback; any other
+exception (a bug here, or in torch, NumPy or DeepSpeed) keeps its traceback."""
+
+
+class UserError(ValueError):
+    """Bad input: the message names the field, flag or file and what to do."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
