@@ -1,26 +1,23 @@
 """Typed configuration for DeBERTaV3 encoders and the RTD generator/discriminator pair.
 
-Every field is validated in ``__post_init__``; a bad value raises ``ValueError`` naming the
-field and what to do. Configs round-trip through JSON (``to_json`` / ``from_json``).
+Every field is validated in ``__post_init__``; a bad value raises ``UserError`` naming the
+field and what to do. Configs round-trip through JSON (``to_dict`` / ``from_dict``), and the
+run config (deberta_ds.training.run_config) is read by the same ``from_dict``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from deberta_ds.errors import UserError
+from deberta_ds.errors import UserError, require
 
 POS_ATT_TYPES = ("c2p", "p2c")
 EMBEDDING_SHARING_MODES = ("gdes", "es", "nes")
 ATTENTION_IMPLS = ("reference", "fused", "auto")
-
-
-def _require(condition: bool, field_name: str, message: str) -> None:
-    if not condition:
-        raise UserError(f"{field_name}: {message}")
 
 
 @dataclass
@@ -48,26 +45,26 @@ class ModelConfig:
         self.pos_att_type = tuple(self.pos_att_type)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "position_buckets", "max_relative_positions", "max_position_embeddings"):
-            _require(int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
-        _require(self.hidden_size % self.num_heads == 0, "hidden_size",
+            require(int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
+        require(self.hidden_size % self.num_heads == 0, "hidden_size",
                  f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        _require(self.position_buckets <= self.max_relative_positions, "position_buckets",
+        require(self.position_buckets <= self.max_relative_positions, "position_buckets",
                  f"{self.position_buckets} buckets exceed max_relative_positions={self.max_relative_positions}")
-        _require(self.position_buckets >= 2, "position_buckets", "needs at least 2 buckets")
+        require(self.position_buckets >= 2, "position_buckets", "needs at least 2 buckets")
         for name in ("hidden_dropout", "attention_dropout"):
-            _require(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)}")
+            require(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)}")
         unknown = [t for t in self.pos_att_type if t not in POS_ATT_TYPES]
-        _require(not unknown, "pos_att_type", f"unsupported terms {unknown}; use a subset of {POS_ATT_TYPES}")
-        _require(len(set(self.pos_att_type)) == len(self.pos_att_type), "pos_att_type", "duplicated term")
-        _require(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+        require(not unknown, "pos_att_type", f"unsupported terms {unknown}; use a subset of {POS_ATT_TYPES}")
+        require(len(set(self.pos_att_type)) == len(self.pos_att_type), "pos_att_type", "duplicated term")
+        require(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
                  f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        _require(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", "must be a valid token id")
-        _require(self.layer_norm_eps > 0, "layer_norm_eps", "must be positive")
+        require(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", "must be a valid token id")
+        require(self.layer_norm_eps > 0, "layer_norm_eps", "must be positive")
 
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Clear errors for shapes that cannot be split over `tp_size` ranks (whole heads, FFN columns)."""
         for name in ("num_heads", "intermediate_size"):
-            _require(getattr(self, name) % tp_size == 0, name,
+            require(getattr(self, name) % tp_size == 0, name,
                      f"{getattr(self, name)} is not divisible by the tensor-parallel size {tp_size}")
 
     @property
@@ -84,27 +81,37 @@ class ModelConfig:
 
 
 @dataclass
-class RTDConfig:
-    """An ELECTRA-style generator/discriminator pair as trained for DeBERTaV3."""
+class RTDObjective:
+    """The objective's settings: the run config's `rtd` section, and part of every RTDConfig."""
 
-    discriminator: ModelConfig = field(default_factory=ModelConfig)
     generator_layers: int | None = None  # None: half the discriminator's layers
     embedding_sharing: str = "gdes"
     rtd_lambda: float = 50.0  # the paper's weight; the published script uses 10
     temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.generator_layers is None or self.generator_layers >= 1, "rtd.generator_layers",
+                 "must be at least 1")
+        require(self.embedding_sharing in EMBEDDING_SHARING_MODES, "rtd.embedding_sharing",
+                 f"{self.embedding_sharing!r} is not one of {EMBEDDING_SHARING_MODES}")
+        require(self.rtd_lambda > 0, "rtd.rtd_lambda", "must be positive")
+        require(self.temperature > 0, "rtd.temperature", "must be positive")
+
+
+@dataclass
+class RTDConfig(RTDObjective):
+    """An ELECTRA-style generator/discriminator pair as trained for DeBERTaV3."""
+
+    discriminator: ModelConfig = field(default_factory=ModelConfig)
     mask_token_id: int = 128000
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.discriminator, dict):
             self.discriminator = ModelConfig(**self.discriminator)
         if self.generator_layers is None:
             self.generator_layers = max(1, self.discriminator.num_layers // 2)
-        _require(self.generator_layers >= 1, "generator_layers", "must be at least 1")
-        _require(self.embedding_sharing in EMBEDDING_SHARING_MODES, "embedding_sharing",
-                 f"{self.embedding_sharing!r} is not one of {EMBEDDING_SHARING_MODES}")
-        _require(self.rtd_lambda > 0, "rtd_lambda", "must be positive")
-        _require(self.temperature > 0, "temperature", "must be positive")
-        _require(0 < self.mask_token_id < self.discriminator.vocab_size, "mask_token_id",
+        require(0 < self.mask_token_id < self.discriminator.vocab_size, "mask_token_id",
                  f"{self.mask_token_id} is outside the vocabulary (vocab_size={self.discriminator.vocab_size})")
 
     @property
@@ -113,34 +120,66 @@ class RTDConfig:
         return self.discriminator.replace(num_layers=self.generator_layers)
 
 
-def _config_from_dict(cls, data: dict):
+def _matches(value, annotation) -> bool:
+    """Whether a value read from YAML/JSON has the field's type (bool is not an int; an int is a float)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in args)
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(item, args[0]) for item in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _reads_as_number(value: str) -> bool:
+    try:
+        float(value)
+        return True
+    except ValueError:
+        return False
+
+
+def from_dict(cls, data: dict | None, where: str = ""):
+    """A config dataclass from a JSON/YAML mapping: unknown fields and values of the wrong type
+    are errors naming the dotted field; nested sections are built the same way; then the class
+    validates its values. The one reader for every config (model, RTD pair, run)."""
+    data = {} if data is None else data
+    require(isinstance(data, dict), where or "config", f"must be a mapping of fields, got {data!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"{cls.__name__}: unknown fields {unknown}; known fields are {sorted(known)}")
-    return cls(**data)
+    require(not unknown, where or "config", f"unknown fields {unknown}; known: {sorted(known)}")
+    hints, built = typing.get_type_hints(cls), {}
+    for name, value in data.items():
+        dotted = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hints[name]) and not dataclasses.is_dataclass(value):
+            built[name] = from_dict(hints[name], value, dotted)
+            continue
+        yaml_hint = isinstance(value, str) and _matches(0.0, hints[name]) and _reads_as_number(value)
+        require(_matches(value, hints[name]), dotted,
+                 f"{value!r} is not of type {getattr(hints[name], '__name__', hints[name])}"
+                 + (" (YAML 1.1 reads 1e-3 as text: write 1.0e-3)" if yaml_hint else ""))
+        built[name] = value
+    return cls(**built)
 
 
 def to_dict(config) -> dict:
-    data = dataclasses.asdict(config)
-    return json.loads(json.dumps(data))  # tuples -> lists, a plain JSON-able dict
+    """A config dataclass as a plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
-    return _config_from_dict(ModelConfig, data)
+    return from_dict(ModelConfig, data)
 
 
 def rtd_config_from_dict(data: dict) -> RTDConfig:
-    data = dict(data)
-    data["discriminator"] = model_config_from_dict(data.get("discriminator", {}))
-    return _config_from_dict(RTDConfig, data)
-
-
-def save_json(config, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    return from_dict(RTDConfig, data)
 
 
 PRESETS: dict[str, dict] = {

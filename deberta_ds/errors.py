@@ -9,3 +9,9 @@ class UserError(ValueError):
 
 class MissingInputError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""
+
+
+def require(condition: bool, field: str, message: str) -> None:
+    """Raise UserError("field: message") unless condition holds."""
+    if not condition:
+        raise UserError(f"{field}: {message}")

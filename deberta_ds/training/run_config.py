@@ -14,31 +14,15 @@ Overrides on the command line: `train.steps=10 optim.lr=1e-3` (values parsed as 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from deberta_ds.config import PRESETS
+from deberta_ds.config import PRESETS, RTDObjective, from_dict
 from deberta_ds.data.dataset import MaskingConfig
-from deberta_ds.errors import UserError
-
-
-def _require(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise UserError(f"{name}: {message}")
-
-
-@dataclass
-class RTDSection:
-    embedding_sharing: str = "gdes"
-    rtd_lambda: float = 50.0
-    temperature: float = 1.0
-    generator_layers: int | None = None
+from deberta_ds.errors import UserError, require
 
 
 @dataclass
@@ -53,7 +37,7 @@ class DataSection:
     allow_incomplete_shards: bool = False   # accept shards of a tokenize job that did not finish (warns)
 
     def __post_init__(self):
-        _require(self.max_length >= 3, "data.max_length", "must be at least 3 ([CLS] x [SEP])")
+        require(self.max_length >= 3, "data.max_length", "must be at least 3 ([CLS] x [SEP])")
 
 
 @dataclass
@@ -72,10 +56,10 @@ class OptimSection:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        _require(self.name in ("adamw", "lamb"), "optim.name", f"{self.name!r} is not adamw or lamb")
-        _require(self.schedule in ("linear", "cosine"), "optim.schedule", f"{self.schedule!r} is not linear or cosine")
-        _require(self.lr > 0, "optim.lr", "must be positive")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(self.name in ("adamw", "lamb"), "optim.name", f"{self.name!r} is not adamw or lamb")
+        require(self.schedule in ("linear", "cosine"), "optim.schedule", f"{self.schedule!r} is not linear or cosine")
+        require(self.lr > 0, "optim.lr", "must be positive")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
 
 
 @dataclass
@@ -103,29 +87,29 @@ class TrainSection:
     inject_nan_from_step: int | None = None        # testing aid: NaN losses from this step on
 
     def __post_init__(self):
-        _require(self.mode in ("decoupled", "joint"), "train.mode", f"{self.mode!r} is not decoupled or joint")
-        _require(self.precision in ("fp32", "bf16", "fp16"), "train.precision",
+        require(self.mode in ("decoupled", "joint"), "train.mode", f"{self.mode!r} is not decoupled or joint")
+        require(self.precision in ("fp32", "bf16", "fp16"), "train.precision",
                  f"{self.precision!r} is not fp32, bf16 or fp16")
-        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage",
+        require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage",
                  f"unknown ZeRO stage {self.zero_stage}; use 0, 1, 2 or 3")
         for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches", "keep_last",
                      "collective_timeout_s"):
-            _require(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
         for name in ("save_every", "eval_every"):
-            _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0 (0: only at the end), got "
+            require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0 (0: only at the end), got "
                                                                 f"{getattr(self, name)}")
-        _require(self.tp >= 1, "train.tp", "must be >= 1")
-        _require(self.activation_checkpointing in ("none", "layers"), "train.activation_checkpointing",
+        require(self.tp >= 1, "train.tp", "must be >= 1")
+        require(self.activation_checkpointing in ("none", "layers"), "train.activation_checkpointing",
                  f"{self.activation_checkpointing!r} is not none or layers")
-        _require(self.log_every >= 1, "train.log_every", "must be >= 1")
-        _require(not self.offload or self.zero_stage == 3, "train.offload", "CPU offload needs zero_stage 3")
+        require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        require(not self.offload or self.zero_stage == 3, "train.offload", "CPU offload needs zero_stage 3")
 
 
 @dataclass
 class RunConfig:
     model: str = "base"
     model_overrides: dict = field(default_factory=dict)
-    rtd: RTDSection = field(default_factory=RTDSection)
+    rtd: RTDObjective = field(default_factory=RTDObjective)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -137,76 +121,31 @@ class RunConfig:
     init_generator_from: str | None = None
 
     def __post_init__(self):
-        _require(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {sorted(PRESETS)}")
+        require(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {sorted(PRESETS)}")
 
     def check_batch_geometry(self, data_parallel_size: int) -> int:
         """Gradient-accumulation steps; a clear error when the batch sizes do not fit the world."""
         per_step = self.train.micro_batch_size * data_parallel_size
-        _require(self.train.global_batch_size % per_step == 0, "train.global_batch_size",
+        require(self.train.global_batch_size % per_step == 0, "train.global_batch_size",
                  f"{self.train.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
                  f"= {self.train.micro_batch_size} x {data_parallel_size}")
         return self.train.global_batch_size // per_step
 
 
-_SECTIONS = {"rtd": RTDSection, "data": DataSection, "optim": OptimSection, "train": TrainSection}
-
-
-def _matches(value, annotation) -> bool:
-    """Whether a value read from YAML/JSON has the field's type (bool is not an int; an int is a float)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, option) for option in args)
-    if annotation is type(None):
-        return value is None
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_matches(item, args[0]) for item in value)
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
-
-
-def _build(cls, data: dict, where: str):
-    _require(isinstance(data, dict), where or "run config", f"must be a mapping of fields, got {data!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    _require(not unknown, where or "run config", f"unknown fields {unknown}; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    data = dict(data)
-    for name, value in data.items():
-        if dataclasses.is_dataclass(hints[name]):
-            if isinstance(value, dict):   # a nested section, e.g. data.masking
-                data[name] = _build(hints[name], value, f"{where}.{name}")
-            if dataclasses.is_dataclass(data[name]):
-                continue
-        hint = ""
-        if isinstance(value, str) and _matches(0.0, hints[name]) and _parse_value(value) != value:
-            hint = " (YAML 1.1 reads 1e-3 as text: write 1.0e-3)"
-        _require(_matches(value, hints[name]), f"{where}.{name}" if where else name,
-                 f"{value!r} is not of type {getattr(hints[name], '__name__', hints[name])}{hint}")
-    return cls(**data)
-
-
 def run_config_from_dict(data: dict) -> RunConfig:
-    data = dict(data)
-    for name, cls in _SECTIONS.items():
-        data[name] = _build(cls, data.get(name) or {}, name)
-    return _build(RunConfig, data, "")
+    return from_dict(RunConfig, data)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """`section.field=value` strings (value parsed as YAML) applied to a nested dict."""
     for override in overrides:
-        _require("=" in override, "override", f"{override!r} is not of the form section.field=value")
+        require("=" in override, "override", f"{override!r} is not of the form section.field=value")
         dotted, raw = override.split("=", 1)
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-            _require(isinstance(node, dict), dotted, "is not a section")
+            require(isinstance(node, dict), dotted, "is not a section")
         node[leaf] = _parse_value(raw)
     return data
 
@@ -226,7 +165,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     data = {}
     if path is not None:
         path = Path(path)
-        _require(path.is_file(), "--config", f"{path} not found")
+        require(path.is_file(), "--config", f"{path} not found")
         text = path.read_text()
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
@@ -235,6 +174,3 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
                              f"{error}") from None
     return run_config_from_dict(apply_overrides(data, list(overrides)))
 
-
-def to_dict(config: RunConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from deberta_ds.config import RTDConfig, preset
+from deberta_ds.config import RTDConfig, preset, to_dict
 from deberta_ds.data.dataset import PretrainingSamples, SpecialIds, TokenCorpus
 from deberta_ds.data.indexed_dataset import find_shard_prefixes
 from deberta_ds.data.random import hash64
@@ -35,7 +35,7 @@ from deberta_ds.parallel_env import free_engines_then_destroy_process_groups, in
 from deberta_ds.training import checkpoint
 from deberta_ds.training.metrics import ScalarLog, TrainingStatistics, model_flops_per_token, peak_memory_bytes, roc_auc
 from deberta_ds.training.prefetch import BatchPrefetcher, to_device, to_tensors
-from deberta_ds.training.run_config import RunConfig, load_run_config, to_dict
+from deberta_ds.training.run_config import RunConfig, load_run_config
 
 
 class TrainingError(UserError):
