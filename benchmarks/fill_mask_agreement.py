@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from deberta_ds.convert import to_hf  # noqa: E402
-from deberta_ds.native_checkpoint import load_training_checkpoint, training_step_folder  # noqa: E402
-from deberta_ds.training.checkpoint import read_state  # noqa: E402
+from deberta_ds.native_checkpoint import load_training_checkpoint  # noqa: E402
+from deberta_ds.training.checkpoint import complete_step_folder, read_state  # noqa: E402
 from deberta_ds.training.run_config import run_config_from_dict  # noqa: E402
 from deberta_ds.training.trainer import build_data  # noqa: E402
 
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import DebertaV2ForMaskedLM
 
-    state = read_state(training_step_folder(args.run))
+    state = read_state(complete_step_folder(args.run))
     _, valid, _, _ = build_data(run_config_from_dict(state["run_config"]))
     pair = load_training_checkpoint(args.run).eval()
     with tempfile.TemporaryDirectory() as folder:

@@ -9,9 +9,10 @@ code, a few MB in all.
 from __future__ import annotations
 
 import ast
-import os
 import sysconfig
 from pathlib import Path
+
+from deberta_ds.atomic_files import atomic_path
 
 
 def _paragraphs(text: str):
@@ -61,14 +62,11 @@ def iter_documents(min_chars: int = 40):
 def write_default_corpus(path: str | Path, max_bytes: int | None = None) -> Path:
     """Write one document per line to `path` (atomically); stop after about max_bytes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     written = 0
-    with open(tmp, "w", encoding="utf-8") as out:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for doc in iter_documents():
             out.write(doc + "\n")
             written += len(doc) + 1
             if max_bytes is not None and written >= max_bytes:
                 break
-    os.replace(tmp, path)
     return path

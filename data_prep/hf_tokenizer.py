@@ -14,10 +14,10 @@ NFKC charsmap, no byte fallback) and would disagree with SentencePiece.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from data_prep.tokenizer import CLS_ID, MODEL_FILE, PAD_ID, SEP_ID, UNK_ID, load_tokenizer, resolve_model_path
+from deberta_ds.atomic_files import atomic_path, write_atomic
 from deberta_ds.errors import UserError
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
@@ -62,10 +62,11 @@ def write_hf_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, model_ma
         raise UserError(f"{tokenizer_path}: special ids {meta} are not DeBERTaV3's [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fast_tokenizer(model_file, meta.mask_id).save(str(out_dir / "tokenizer.json"))
-    shutil.copyfile(model_file, out_dir / MODEL_FILE)
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        fast_tokenizer(model_file, meta.mask_id).save(str(tmp))
+    write_atomic(out_dir / MODEL_FILE, model_file.read_bytes())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "do_lower_case": False, "split_by_punct": False,
               "add_prefix_space": True, "model_max_length": model_max_length, "vocab_file": MODEL_FILE,
               **SPECIAL_TOKENS}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=1) + "\n")
+    write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=1) + "\n")
+    write_atomic(out_dir / "special_tokens_map.json", json.dumps(SPECIAL_TOKENS, indent=1) + "\n")

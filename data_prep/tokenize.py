@@ -15,7 +15,6 @@ import array
 import contextlib
 import json
 import multiprocessing as mp
-import os
 import re
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from data_prep.inputs import Block, cut_pieces, iterate_blocks, split_block
 from data_prep.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
+from deberta_ds.atomic_files import write_atomic
 from deberta_ds.data.indexed_dataset import ShardWriter, data_path, dtype_for_vocab, index_path
 from deberta_ds.errors import UserError
 
@@ -190,9 +190,7 @@ def _job_identity(files, tokenizer_sha, settings) -> dict:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def _load_or_start_manifest(prefix, identity: dict) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from deberta_ds.atomic_files import commit, write_atomic
 from deberta_ds.errors import MissingInputError, UserError
 
 MODEL_FILE = "spm.model"
@@ -97,13 +98,11 @@ def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_ty
         pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]", byte_fallback=byte_fallback,
         num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     quantize_scores(Path(f"{prefix}.model"))
-    os.replace(f"{prefix}.model", output_dir / MODEL_FILE)
-    Path(f"{prefix}.vocab").replace(output_dir / "spm.vocab")
+    commit(Path(f"{prefix}.model"), output_dir / MODEL_FILE)
+    commit(Path(f"{prefix}.vocab"), output_dir / "spm.vocab")
     metadata = TokenizerMetadata(vocab_size, vocab_size, round_up(vocab_size + 1, 128), model_type=model_type,
                                  sha256=file_sha256(output_dir / MODEL_FILE))
-    tmp = output_dir / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(asdict(metadata), indent=2) + "\n")
-    tmp.replace(output_dir / METADATA_FILE)
+    write_atomic(output_dir / METADATA_FILE, json.dumps(asdict(metadata), indent=2) + "\n")
     return metadata
 
 

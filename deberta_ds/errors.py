@@ -11,6 +11,11 @@ class MissingInputError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint that cannot be loaded or converted (incomplete, damaged, not DeBERTa-v2/v3
+    shaped), or a bad conversion request."""
+
+
 def require(condition: bool, field: str, message: str) -> None:
     """Raise UserError("field: message") unless condition holds."""
     if not condition:

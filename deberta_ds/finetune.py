@@ -21,8 +21,6 @@ import argparse
 import csv
 import json
 import math
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from deberta_ds.atomic_files import atomic_path, write_atomic
 from deberta_ds.errors import UserError
 
 
@@ -157,12 +156,9 @@ def evaluate(model, tokenizer, examples, targets, args, device, regression: bool
 
 def save_atomically(model, tokenizer, folder: Path) -> None:
     """The model and tokenizer in HF format: written beside `folder`, then renamed into place."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def finetune(args) -> dict:
@@ -219,9 +215,7 @@ def finetune(args) -> dict:
         result["test"] = evaluate(best_model.to(device), tokenizer, test, encode(test, args.test), args, device,
                                   regression)
         tqdm.write("test: " + "  ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    write_atomic(out / "metrics.json", json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -15,18 +15,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from deberta_ds.atomic_files import atomic_path, write_atomic
 from deberta_ds.config import model_config_from_dict, rtd_config_from_dict, to_dict
-from deberta_ds.errors import UserError
+from deberta_ds.errors import CheckpointError
 from deberta_ds.model import Encoder, ReplacedTokenDetection
-from deberta_ds.parallel.checkpoint import merge_states, partition_plan, split_state
+from deberta_ds.parallel.state_dict_split import merge_states, partition_plan, split_state
+from deberta_ds.training import checkpoint as layout  # the one home of the training checkpoint layout
 
 NATIVE_CONFIG = "deberta_ds.json"
 WEIGHTS = "model.safetensors"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be loaded or converted (incomplete, damaged, not DeBERTa-v2/v3 shaped),
-    or a bad conversion request."""
 
 
 def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
@@ -44,15 +41,12 @@ def load_strict(module: torch.nn.Module, state: dict, source: str) -> None:
 
 
 def atomic_save(state: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def atomic_write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_native(model: Encoder | ReplacedTokenDetection, out_dir: str | Path) -> None:
@@ -67,7 +61,7 @@ def save_native(model: Encoder | ReplacedTokenDetection, out_dir: str | Path) ->
 def _merged_tp_pair(rtd_config: dict, folder: Path, tp_size: int) -> ReplacedTokenDetection:
     """The TP = 1 pair from `weights_tp{r}.safetensors`, r < tp_size (training or split-tp shards)."""
     model = ReplacedTokenDetection(rtd_config_from_dict(rtd_config))
-    shards = [load_file(str(folder / f"weights_tp{rank}.safetensors")) for rank in range(tp_size)]
+    shards = [load_file(str(layout.tp_weights_file(folder, rank))) for rank in range(tp_size)]
     load_strict(model, merge_states(shards, partition_plan(model), model.config.discriminator.vocab_size),
                 str(folder))
     return model
@@ -86,43 +80,24 @@ def _deepspeed_engine_state(folder: Path, engine: str, sharded: bool) -> dict:
     return {key: value.float() for key, value in states["module"].items()}
 
 
-def training_step_folder(folder: str | Path) -> Path:
-    """The complete step folder a training checkpoint path names (a step folder, its checkpoints/
-    folder or the run's output_dir: the `latest` step)."""
-    from deberta_ds.training.checkpoint import COMPLETE, LATEST
-
-    folder = Path(folder)
-    for pointer in (folder / LATEST, folder / "checkpoints" / LATEST):
-        if pointer.is_file():
-            folder = pointer.parent / pointer.read_text().strip()
-    if not (folder / COMPLETE).is_file():
-        raise CheckpointError(f"{folder}: not a complete training checkpoint (no {COMPLETE} marker: it was being "
-                              "written when the run stopped); use an earlier step folder")
-    return folder
-
-
 def recorded_tokenizer(checkpoint_dir: str | Path) -> tuple[str, str] | None:
     """(tokenizer path, its sha256) a training checkpoint was trained with; None for other checkpoints."""
-    if not _is_training_checkpoint(Path(checkpoint_dir)):
+    if not layout.is_training_checkpoint(Path(checkpoint_dir)):
         return None
-    from deberta_ds.training.checkpoint import read_state
-
-    state = read_state(training_step_folder(checkpoint_dir))
+    state = layout.read_state(layout.complete_step_folder(checkpoint_dir))
     return state["run_config"]["data"]["tokenizer"], state["tokenizer"]["sha256"]
 
 
 def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
     """The RTD pair of a `deberta_ds.train` checkpoint: a step folder, its checkpoints/ folder or the
     run's output_dir (the `latest` complete step)."""
-    from deberta_ds.training.checkpoint import read_state
-
-    folder = training_step_folder(folder)
-    state = read_state(folder)
+    folder = layout.complete_step_folder(folder)
+    state = layout.read_state(folder)
     if state.get("tp", 1) > 1:
         return _merged_tp_pair(state["rtd_config"], folder, state["tp"])
     model = ReplacedTokenDetection(rtd_config_from_dict(state["rtd_config"]))
     train = state["run_config"]["train"]
-    sharded = train["zero_stage"] > 0 or train["precision"] != "fp32"
+    sharded = layout.is_sharded(train["zero_stage"], train["precision"])
     weights = {}
     for engine in state["engines"]:
         prefix = "" if engine == "joint" else f"{engine}."
@@ -131,20 +106,15 @@ def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
     return model
 
 
-def _is_training_checkpoint(path: Path) -> bool:
-    return any(p.is_file() for p in (path / "trainer_state.json", path / "latest", path / "checkpoints" / "latest"))
-
-
 def checkpoint_vocab_size(path: str | Path) -> int:
     """The vocabulary rows of a checkpoint `init_from` may name (HF, native or training), read
     from its config alone."""
     path = Path(path)
     if (path / "config.json").is_file():
         return int(json.loads((path / "config.json").read_text())["vocab_size"])
-    if _is_training_checkpoint(path):
-        from deberta_ds.training.checkpoint import read_state
-
-        return int(read_state(training_step_folder(path))["rtd_config"]["discriminator"]["vocab_size"])
+    if layout.is_training_checkpoint(path):
+        state = layout.read_state(layout.complete_step_folder(path))
+        return int(state["rtd_config"]["discriminator"]["vocab_size"])
     meta_path = path / NATIVE_CONFIG
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: neither a Hugging Face checkpoint (config.json) nor a deberta_ds checkpoint "
@@ -156,7 +126,7 @@ def checkpoint_vocab_size(path: str | Path) -> int:
 def load_native(checkpoint_dir: str | Path) -> Encoder | ReplacedTokenDetection:
     """A native checkpoint directory (whole or split-tp) or a training checkpoint, at TP = 1."""
     checkpoint_dir = Path(checkpoint_dir)
-    if _is_training_checkpoint(checkpoint_dir):
+    if layout.is_training_checkpoint(checkpoint_dir):
         return load_training_checkpoint(checkpoint_dir)
     meta_path = checkpoint_dir / NATIVE_CONFIG
     if not meta_path.is_file():
@@ -187,6 +157,6 @@ def split_tp(checkpoint, out_dir, tp_size: int) -> Path:
     plan, vocab = partition_plan(model), model.config.discriminator.vocab_size
     for rank in range(tp_size):
         shard = split_state(model.state_dict(), plan, vocab, tp_size, rank)
-        atomic_save({k: v.contiguous() for k, v in shard.items()}, out_dir / f"weights_tp{rank}.safetensors")
+        atomic_save({k: v.contiguous() for k, v in shard.items()}, layout.tp_weights_file(out_dir, rank))
     atomic_write_json({"kind": "rtd", "config": to_dict(model.config), "tp": tp_size}, out_dir / NATIVE_CONFIG)
     return out_dir

@@ -10,12 +10,12 @@ bugs with these relative positions; this one is tested against PyTorch with onnx
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from deberta_ds.atomic_files import atomic_path
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 
 OPSET = 17
@@ -45,10 +45,7 @@ def export_onnx(model: Encoder | ReplacedTokenDetection, out_file: str | Path) -
     dynamic = {name: {0: "batch", 1: "length"} for name in ["input_ids", "attention_mask", *outputs]}
     example = torch.randint(5, 100, (2, 16)), torch.ones(2, 16, dtype=torch.long)
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    with torch.no_grad():
+    with torch.no_grad(), atomic_path(out_file) as tmp:
         torch.onnx.export(module, example, str(tmp), input_names=["input_ids", "attention_mask"],
                           output_names=outputs, dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
-    os.replace(tmp, out_file)
     return out_file

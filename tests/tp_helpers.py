@@ -7,8 +7,8 @@ import torch.distributed as dist
 
 from deberta_ds.config import rtd_config_from_dict
 from deberta_ds.model import ReplacedTokenDetection
-from deberta_ds.parallel.checkpoint import merge_states, partition_plan, split_state
 from deberta_ds.parallel.state import TensorParallel, initialize
+from deberta_ds.parallel.state_dict_split import merge_states, partition_plan, split_state
 
 
 def gather_full(tensors: dict, plan: dict, vocab_size: int, tp: TensorParallel) -> dict:

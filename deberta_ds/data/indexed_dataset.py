@@ -11,13 +11,13 @@ last): a killed run never leaves a pair that looks valid.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from deberta_ds.atomic_files import commit, temporary_name
 from deberta_ds.errors import MissingInputError, UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -43,8 +43,7 @@ def index_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.idx")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+_tmp = temporary_name
 
 
 class ShardWriter:
@@ -123,10 +122,8 @@ class ShardWriter:
             with open(docs_file, "rb") as docs:
                 while block := docs.read(_CHUNK * 8):
                     out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(_tmp(data_path(self.prefix)), data_path(self.prefix))
-        os.replace(idx_tmp, index_path(self.prefix))
+        commit(_tmp(data_path(self.prefix)), data_path(self.prefix))  # P.bin first: P.idx marks a finished shard
+        commit(idx_tmp, index_path(self.prefix))
         lengths_file.unlink()
         docs_file.unlink()
 

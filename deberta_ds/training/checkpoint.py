@@ -15,7 +15,6 @@ data-parallel size converts each engine folder with DeepSpeed's universal-checkp
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,8 @@ import numpy as np
 import torch.distributed as dist
 from safetensors import SafetensorError
 
-from deberta_ds.errors import UserError
+from deberta_ds.atomic_files import atomic_path, write_atomic
+from deberta_ds.errors import CheckpointError, UserError
 from deberta_ds.parallel.random import get_rng_states, set_rng_states
 from deberta_ds.training.safe_load import weights_only_loads
 
@@ -59,7 +59,8 @@ def _save_rng_states(path: Path) -> None:
     kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
     metadata = {"numpy": json.dumps([kind, keys.tolist(), position, has_gauss, cached_gaussian]),
                 "python": json.dumps(states["python"])}
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _load_rng_states(path: Path) -> None:
@@ -96,9 +97,8 @@ def _save_tp_weights(folder: Path, model, dp_rank: int) -> None:
     with deepspeed.zero.GatheredParameters(params, enabled=zero3):
         if dp_rank == 0:
             shard = {name: p.detach().float().cpu().contiguous().clone() for name, p in model.named_parameters()}
-            path = tp_weights_file(folder, model.tp.rank)
-            save_file(shard, str(path.with_name(path.name + ".tmp")))
-            os.replace(path.with_name(path.name + ".tmp"), path)
+            with atomic_path(tp_weights_file(folder, model.tp.rank)) as tmp:
+                save_file(shard, str(tmp))
 
 
 def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, keep_last: int, tp_model=None,
@@ -130,14 +130,6 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
     return folder
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """text -> path via a temporary name, fsync and rename: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -189,6 +181,31 @@ def read_state(folder: Path) -> dict:
     return json.loads((folder / STATE).read_text())
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    """A step folder, a checkpoints/ folder or a run's output_dir."""
+    return any(p.is_file() for p in (path / STATE, path / LATEST, path / "checkpoints" / LATEST))
+
+
+def complete_step_folder(folder: str | Path) -> Path:
+    """The complete step folder a training checkpoint path names (a step folder, its checkpoints/
+    folder or the run's output_dir: the `latest` step)."""
+    folder = Path(folder)
+    for pointer in (folder / LATEST, folder / "checkpoints" / LATEST):
+        if pointer.is_file():
+            folder = pointer.parent / pointer.read_text().strip()
+    if not (folder / COMPLETE).is_file():
+        raise CheckpointError(f"{folder}: not a complete training checkpoint (no {COMPLETE} marker: it was being "
+                              "written when the run stopped); use an earlier step folder")
+    return folder
+
+
+def is_sharded(zero_stage: int, precision: str) -> bool:
+    """Whether DeepSpeed's files hold the weights as shards (ZeRO 1-3, or bf16/fp16 with fp32
+    master weights): they are consolidated with zero_to_fp32, and changing the data-parallel size
+    needs the universal format."""
+    return zero_stage > 0 or precision != "fp32"
+
+
 def universal_folder(folder: Path, engine_name: str) -> Path:
     return folder / f"{engine_name}_universal"
 
@@ -200,14 +217,12 @@ def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
             target = universal_folder(folder, name)
             if target.is_dir():
                 continue
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "deberta_ds.training.safe_load",  # weights-only loads
-                            "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                            str(folder / name), "--output_folder", str(tmp), "--inject_missing_state",
-                            "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                           check=True, stdout=subprocess.DEVNULL)
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                subprocess.run([sys.executable, "-m", "deberta_ds.training.safe_load",  # weights-only loads
+                                "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                str(folder / name), "--output_folder", str(tmp), "--inject_missing_state",
+                                "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                               check=True, stdout=subprocess.DEVNULL)
     _barrier()
 
 

@@ -203,7 +203,7 @@ class Trainer:
         """Full weights from init_from, split to this rank's TP shard (any TP size)."""
         from deberta_ds.convert import from_hf
         from deberta_ds.native_checkpoint import load_native
-        from deberta_ds.parallel.checkpoint import partition_plan, split_state
+        from deberta_ds.parallel.state_dict_split import partition_plan, split_state
 
         source = Path(self.config.init_from)
         if (source / "config.json").is_file():  # a Hugging Face checkpoint (built at TP = 1)
@@ -230,7 +230,7 @@ class Trainer:
         if self.config.train.tp > 1:
             raise TrainingError("changing the data-parallel size of a TP > 1 run is not supported; resume on "
                                 f"{state['data_parallel_size']} data-parallel replicas")
-        return self.config.train.zero_stage > 0 or self.config.train.precision != "fp32"
+        return checkpoint.is_sharded(self.config.train.zero_stage, self.config.train.precision)
 
     def log(self, message: str) -> None:
         if self.rank == 0:

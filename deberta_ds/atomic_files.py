@@ -1,0 +1,69 @@
+"""Durable, all-or-nothing output: every file this project writes for later use goes through here.
+
+A file is written under a temporary name in its own folder, flushed and fsynced, renamed over
+the target (an atomic step on POSIX file systems), and the folder is fsynced so the rename
+itself survives a crash. A reader therefore sees the old file or the complete new one, never
+a half-written one; on an error the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def temporary_name(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file of a folder (and the folders themselves)."""
+    if path.is_dir():
+        for child in path.rglob("*"):
+            _fsync_tree(child) if child.is_file() else fsync_folder(child)
+        fsync_folder(path)
+        return
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """fsync the finished temporary file (or folder), rename it over `path`, fsync the parent."""
+    _fsync_tree(tmp)
+    if path.is_dir() and tmp.is_dir():  # a folder cannot be renamed over a non-empty one
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """For writers that take a file (or folder) name: yields the temporary name; when the block
+    ends without an error the output is committed to `path`, otherwise it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """text or bytes -> path, all or nothing."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
