@@ -27,8 +27,9 @@ import sentencepiece as spm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_prep.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
-from deberta_ds.data.dataset import MaskingConfig, PretrainingSamples, SpecialIds, TokenCorpus  # noqa: E402
+from data_prep.tokenizer import train_tokenizer  # noqa: E402
+from deberta_ds.data.dataset import MaskingConfig, PretrainingSamples, TokenCorpus, special_ids  # noqa: E402
+from deberta_ds.data.tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "corpora" / "wikitext-2" / "test.txt"
 
@@ -101,7 +102,7 @@ def concurrent_encode_rate(model: Path, texts: list[str], megabytes: float, proc
 
 
 def loader_rate(shards: Path, meta, masking: MaskingConfig, word_start=None, batches: int = 50) -> float:
-    special = SpecialIds(mask=meta.mask_id, num_pieces=meta.pieces)
+    special = special_ids(meta)
     samples = PretrainingSamples(TokenCorpus([shards]), 512, special, masking, seed=0, word_start=word_start)
     start = time.perf_counter()
     for b in range(batches):
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=50, help="corpus size for the throughput runs (MB)")
     parser.add_argument("--large-mb", type=int, default=0, help="also measure peak RSS on a corpus this large")
     args = parser.parse_args()
-    from data_prep.tokenizer import word_start_table
+    from deberta_ds.data.tokenizer import word_start_table
     work = Path(tempfile.mkdtemp(prefix="data_prep_bench_"))
     jsonl = make_jsonl(args.source, work / "corpus.jsonl", args.mb)
     texts = read_texts(jsonl)

@@ -135,9 +135,9 @@ def _sentences(args):
 
 def run(args) -> int:
     from data_prep import tools
-    from data_prep.tokenize import check_provenance
-    from data_prep.tokenizer import load_tokenizer
     from deberta_ds.data.indexed_dataset import find_shard_prefixes
+    from deberta_ds.data.provenance import check_provenance
+    from deberta_ds.data.tokenizer import load_tokenizer
 
     if args.command == "default-corpus":
         from data_prep.default_corpus import write_default_corpus
@@ -151,7 +151,7 @@ def run(args) -> int:
         print(f"wrote {args.output_dir}/spm.model: {meta.pieces} pieces, [MASK]={meta.mask_id}, "
               f"model vocab {meta.model_vocab_size}")
     elif args.command == "tokenize":
-        from data_prep.tokenize import tokenize_corpus
+        from data_prep.tokenize_corpus import tokenize_corpus
         prefix = _output_prefix(args, "shard")
         stats = tokenize_corpus(expand_inputs(args.input), prefix, args.tokenizer, fmt=args.format,
                                 doc_boundary=args.doc_boundary, json_key=args.json_key, workers=args.workers,

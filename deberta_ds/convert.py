@@ -297,8 +297,8 @@ def export_tokenizer(checkpoint, out_dir, tokenizer: str | None, vocab_size: int
     """The tokenizer files beside an export: from --tokenizer, else the one the training run
     recorded (checked against its hash). An export without a tokenizer is an error: transformers
     would otherwise load a 7-token default and tokenise every text into [UNK]s."""
-    from data_prep.hf_tokenizer import write_hf_tokenizer
-    from data_prep.tokenizer import load_tokenizer
+    from deberta_ds.data.tokenizer import load_tokenizer
+    from deberta_ds.hf_tokenizer import write_hf_tokenizer
 
     recorded = recorded_tokenizer(checkpoint) if tokenizer is None else None
     if tokenizer is None and recorded is None:

@@ -49,7 +49,7 @@ def init_distributed(timeout_s: float | None = None) -> None:
         deepspeed_shm_buffer(rank, addr, port).unlink(missing_ok=True)
 
 
-def free_engines_then_destroy_process_groups() -> None:
+def collect_cycles_then_destroy_process_groups() -> None:
     """End of a distributed process. DeepSpeed engines sit in reference cycles (hooks, optimizer
     back-references) that hold process groups and in-flight collective handles; left to the
     interpreter's final teardown, the gloo worker threads behind them can abort the process

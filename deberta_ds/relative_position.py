@@ -5,7 +5,8 @@ README): the published DeBERTa code clamps the distance to +/-(max_relative_posi
 before bucketing, Hugging Face does not. The two differ only for |i - j| >= max_relative_positions
 on the negative side (HF's bucket falls below -k and the slot clamps to 0; the published code
 stops at slot 1). We follow Hugging Face so that an exported model behaves identically in
-``transformers``; ``tests/test_relative_position.py`` pins this.
+``transformers``; ``tests/test_attention_reference.py`` (slots at L = 700) and
+``tests/test_hf_parity.py`` (HF parity at L = 513 and 700) pin this.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-from deberta_ds.parallel_env import free_engines_then_destroy_process_groups, free_port, init_distributed
+from deberta_ds.parallel_env import collect_cycles_then_destroy_process_groups, free_port, init_distributed
 
 
 def _worker(rank: int, world: int, port: int, fn, args, out: str) -> None:
@@ -25,7 +25,7 @@ def _worker(rank: int, world: int, port: int, fn, args, out: str) -> None:
             Path(out).write_bytes(pickle.dumps(result))
         dist.barrier()  # no rank tears its groups down while a peer still communicates
     finally:
-        free_engines_then_destroy_process_groups()
+        collect_cycles_then_destroy_process_groups()
     # Success: leave without interpreter finalization, where leftover gloo/DeepSpeed C++ state once
     # aborted a finished rank (SIGABRT) in CI. Failures above still raise and report normally.
     sys.stdout.flush()

@@ -99,7 +99,7 @@ def test_run_config_names_the_field_of_a_bad_value(section, field, value, messag
 
 
 def test_bad_config_files_and_tokenizer_descriptions_are_named(tmp_path):
-    from data_prep.tokenizer import load_tokenizer
+    from deberta_ds.data.tokenizer import load_tokenizer
     from deberta_ds.training.run_config import load_run_config
     from tests.data_helpers import corpus_file, trained_tokenizer
 

@@ -15,8 +15,8 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.cli import main as cli
-from data_prep.tokenizer import load_tokenizer
 from deberta_ds.data.indexed_dataset import IndexedShard, ShardWriter, find_shard_prefixes, verify_shard
+from deberta_ds.data.tokenizer import load_tokenizer
 
 
 def read_documents(prefix_or_dir) -> list[list[int]]:
@@ -345,7 +345,8 @@ def test_a_truncated_bin_is_refused_by_training_not_read_in_part(tmp_path):
 def test_unfinished_or_foreign_shard_sets_are_refused(tmp_path, small_corpus, tokenizer_dir, capsys):
     """verify --tokenizer and training read the tokenize manifest: an unfinished job's shards and
     shards of another tokenizer (same vocabulary size) are refused, naming the manifest and hashes."""
-    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from data_prep.tokenizer import train_tokenizer
+    from deberta_ds.data.tokenizer import load_tokenizer
     from deberta_ds.training.run_config import run_config_from_dict
     from deberta_ds.training.trainer import build_data
 

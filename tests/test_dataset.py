@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from data_prep.cli import main as cli
-from data_prep.tokenizer import load_tokenizer, word_start_table
 from deberta_ds.data.dataset import (
     IGNORE_INDEX,
     MaskingConfig,
     PackedSamples,
     PretrainingSamples,
-    SpecialIds,
     TokenCorpus,
+    special_ids,
 )
 from deberta_ds.data.sampler import GlobalBatchSampler
+from deberta_ds.data.tokenizer import load_tokenizer, word_start_table
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def shards(tmp_path_factory, small_corpus, tokenizer_dir):
 
 def make_samples(shards, tokenizer_dir, masking=None, seed=0, length=128, cross=True):
     processor, meta = load_tokenizer(tokenizer_dir)
-    special = SpecialIds(mask=meta.mask_id, num_pieces=meta.pieces)
+    special = special_ids(meta)
     return PretrainingSamples(TokenCorpus([shards]), length, special, masking or MaskingConfig(), seed=seed,
                               cross_documents=cross, word_start=word_start_table(processor, meta.model_vocab_size))
 

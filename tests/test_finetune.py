@@ -16,9 +16,9 @@ from deberta_ds.finetune import scores
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer_dir):
-    from data_prep.hf_tokenizer import write_hf_tokenizer
     from deberta_ds.config import RTDConfig, preset
     from deberta_ds.convert import to_hf
+    from deberta_ds.hf_tokenizer import write_hf_tokenizer
     from deberta_ds.model import ReplacedTokenDetection
 
     torch.manual_seed(0)

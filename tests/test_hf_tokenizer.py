@@ -12,8 +12,9 @@ import unicodedata
 
 import pytest
 
-from data_prep.hf_tokenizer import write_hf_tokenizer
-from data_prep.tokenizer import UNK_ID, load_tokenizer, train_tokenizer
+from data_prep.tokenizer import train_tokenizer
+from deberta_ds.data.tokenizer import UNK_ID, load_tokenizer
+from deberta_ds.hf_tokenizer import write_hf_tokenizer
 from tests.data_helpers import corpus_file
 
 HARD = ["Hello world, the assert statement.", "  leading and   multiple   spaces  ", "tab\there\tand\nnewline",

@@ -99,13 +99,21 @@ class MaskingConfig:
 
 @dataclass
 class SpecialIds:
+    """The ids masking must know, from the tokenizer (see `special_ids`)."""
+
+    mask: int                   # [MASK]: the id after the last piece
+    num_pieces: int
     pad: int = 0
     cls: int = 1
     sep: int = 2
     unk: int = 3
-    mask: int = 4000
     first_regular: int = 4      # random replacements draw from [first_regular, num_pieces)
-    num_pieces: int = 4000
+
+
+def special_ids(meta) -> SpecialIds:
+    """A tokenizer's (deberta_ds.data.tokenizer.TokenizerMetadata) special ids."""
+    return SpecialIds(mask=meta.mask_id, num_pieces=meta.pieces, pad=meta.pad_id, cls=meta.cls_id, sep=meta.sep_id,
+                      unk=meta.unk_id)
 
 
 class PretrainingSamples:

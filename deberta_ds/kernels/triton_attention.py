@@ -304,6 +304,9 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_p
 # ---------------------------------------------------------------- host side
 
 BLOCK_M = BLOCK_N = 32
+# The backward launches both passes (query side and key side) over cdiv(L, BLOCK_M) blocks, so it
+# needs square tiles; a change to either size must generalise fused_backward first.
+assert BLOCK_M == BLOCK_N, "fused_backward sizes both passes with BLOCK_M: tiles must be square"
 # 8 warps: at 32 x 32 tiles, 4 warps need more than 255 registers per thread and spill (the
 # window matmuls, gathers and dropout bits are live together); `compile_check` reports this.
 NUM_WARPS = 8

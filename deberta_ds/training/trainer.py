@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from deberta_ds.config import RTDConfig, preset, to_dict
-from deberta_ds.data.dataset import PretrainingSamples, SpecialIds, TokenCorpus
+from deberta_ds.data.dataset import PretrainingSamples, TokenCorpus, special_ids
 from deberta_ds.data.indexed_dataset import find_shard_prefixes
 from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
@@ -31,7 +31,7 @@ from deberta_ds.model.encoder import set_activation_checkpointing
 from deberta_ds.parallel.random import seed_streams
 from deberta_ds.parallel.state import MPU
 from deberta_ds.parallel.state import initialize as initialize_parallel
-from deberta_ds.parallel_env import free_engines_then_destroy_process_groups, init_distributed
+from deberta_ds.parallel_env import collect_cycles_then_destroy_process_groups, init_distributed
 from deberta_ds.training import checkpoint
 from deberta_ds.training.metrics import ScalarLog, TrainingStatistics, model_flops_per_token, peak_memory_bytes, roc_auc
 from deberta_ds.training.prefetch import BatchPrefetcher, to_device, to_tensors
@@ -58,8 +58,8 @@ def parse_args(argv=None):
 
 def build_data(config: RunConfig):
     """Datasets and the RTD model config, with clear errors for every mismatch."""
-    from data_prep.tokenize import check_provenance
-    from data_prep.tokenizer import load_tokenizer, word_start_table
+    from deberta_ds.data.provenance import check_provenance
+    from deberta_ds.data.tokenizer import load_tokenizer, word_start_table
 
     if not config.data.train:
         raise UserError("data.train: no training shards given")
@@ -71,7 +71,7 @@ def build_data(config: RunConfig):
                          f"{meta.mask_id + 1} ids ([MASK] = {meta.mask_id}, {config.data.tokenizer})")
     model_config = preset(config.model, **overrides)
     rtd_config = RTDConfig(discriminator=model_config, mask_token_id=meta.mask_id, **asdict(config.rtd))
-    special = SpecialIds(mask=meta.mask_id, num_pieces=meta.pieces)
+    special = special_ids(meta)
     masking = config.data.masking
     word_start = word_start_table(processor, model_config.vocab_size) if masking.whole_word else None
 
@@ -445,5 +445,5 @@ def main(argv=None) -> int:
               "Relaunch the same command to resume from the last complete checkpoint", file=sys.stderr)
         return 1
     finally:
-        free_engines_then_destroy_process_groups()
+        collect_cycles_then_destroy_process_groups()
     return 0

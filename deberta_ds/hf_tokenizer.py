@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_prep.tokenizer import CLS_ID, MODEL_FILE, PAD_ID, SEP_ID, UNK_ID, load_tokenizer, resolve_model_path
 from deberta_ds.atomic_files import atomic_path, write_atomic
+from deberta_ds.data.tokenizer import CLS_ID, MODEL_FILE, PAD_ID, SEP_ID, UNK_ID, load_tokenizer, resolve_model_path
 from deberta_ds.errors import UserError
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",

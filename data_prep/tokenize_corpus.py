@@ -15,7 +15,6 @@ import array
 import contextlib
 import json
 import multiprocessing as mp
-import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -25,9 +24,10 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.inputs import Block, cut_pieces, iterate_blocks, split_block
-from data_prep.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
 from deberta_ds.atomic_files import write_atomic
 from deberta_ds.data.indexed_dataset import ShardWriter, data_path, dtype_for_vocab, index_path
+from deberta_ds.data.provenance import manifest_path, shard_prefix
+from deberta_ds.data.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
 from deberta_ds.errors import UserError
 
 
@@ -145,44 +145,6 @@ def encode_block(block: Block) -> EncodedBlock:
 
 
 # ---------------------------------------------------------------- manifest
-
-def manifest_path(prefix: str | Path) -> Path:
-    return Path(f"{prefix}.manifest.json")
-
-
-def shard_prefix(prefix: str | Path, index: int) -> str:
-    return f"{prefix}_{index:05d}"
-
-
-def job_prefix(shard: str | Path) -> str | None:
-    """The output prefix of the tokenize job that wrote `shard` (shard_prefix's inverse), or None."""
-    match = re.fullmatch(r"(.*)_\d{5}", str(shard))
-    return match[1] if match else None
-
-
-def check_provenance(prefixes, tokenizer_sha256: str | None, allow_incomplete: bool = False, warn=print) -> None:
-    """Shards written by `tokenize` have their job's manifest beside them (PREFIX_00000 ->
-    PREFIX.manifest.json). Refuse shards of a job that did not finish (with allow_incomplete:
-    warn instead) and shards made with another tokenizer than `tokenizer_sha256`, naming both
-    hashes. Shards without a manifest (merge/split outputs, Megatron's own) are not judged here."""
-    jobs = {job_prefix(prefix) for prefix in prefixes} - {None}
-    for path in sorted(manifest_path(job) for job in jobs):
-        if not path.is_file():
-            continue
-        manifest = json.loads(path.read_text())
-        if tokenizer_sha256 and manifest.get("tokenizer_sha256") != tokenizer_sha256:
-            raise UserError(f"{path}: these shards were tokenised with tokenizer sha256 "
-                             f"{manifest.get('tokenizer_sha256')}, not with the given one ({tokenizer_sha256}); "
-                             "use the tokenizer they were made with, or tokenise again")
-        if not manifest.get("complete"):
-            message = (f"{path}: the tokenize job that wrote these shards did not finish "
-                       f"({len(manifest.get('shards', []))} shards so far); re-run the same tokenize command to "
-                       "finish it")
-            if not allow_incomplete:
-                raise UserError(message + " (or accept the incomplete set: data.allow_incomplete_shards=true for "
-                                           "training, --allow-incomplete for verify)")
-            warn(f"warning: {message}; using the incomplete set as asked")
-
 
 def _job_identity(files, tokenizer_sha, settings) -> dict:
     inputs = [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
