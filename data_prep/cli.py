@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--input", nargs="+", required=True, metavar="PREFIX_OR_DIR", help="shard sets, in order")
     merge.add_argument("--output-prefix", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
 
+    mixture = commands.add_parser("mixture", help="print a data.train block of temperature-sampled weights")
+    mixture.add_argument("paths", nargs="+", metavar="PREFIX_OR_DIR", help="one shard set per source")
+    mixture.add_argument("--alpha", type=_fraction, default=0.3,
+                         help="weights n_i^alpha, normalised (1: by size; lower: more weight to small sources; "
+                              "default 0.3)")
+
     split = commands.add_parser("split", help="train/valid split by document (deterministic)")
     split.add_argument("--input", nargs="+", required=True, metavar="PREFIX_OR_DIR", help="shard sets, in order")
     split.add_argument("--output-prefix", required=True, help="writes PREFIX_train.* and PREFIX_valid.*")
@@ -171,6 +177,8 @@ def run(args) -> int:
     elif args.command == "merge":
         writer = tools.merge(args.input, args.output_prefix)
         print(f"wrote {args.output_prefix}.bin/.idx: {writer.num_documents:,} documents, {writer.num_tokens:,} tokens")
+    elif args.command == "mixture":
+        print(tools.mixture_block(args.paths, args.alpha))
     elif args.command == "split":
         train, valid = tools.split(args.input, args.output_prefix, args.valid_fraction, args.seed)
         print(f"wrote {args.output_prefix}_train ({train.num_documents:,} documents) and "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 
@@ -100,3 +101,19 @@ def split(paths, output_prefix, valid_fraction: float, seed: int = 0) -> tuple[S
         valid.abort()
         raise
     return train, valid
+
+
+def mixture_block(paths: list[str], alpha: float) -> str:
+    """A ready `data.train` block: each shard set weighted by n_i^alpha (n_i its tokens), normalised."""
+    from deberta_ds.data.mixture import temperature_weights
+
+    tokens = [sum(int(IndexedShard(prefix).lengths.sum()) for prefix in find_shard_prefixes([path]))
+              for path in paths]
+    weights = temperature_weights(tokens, alpha)
+    lines = [f"# temperature sampling, alpha {alpha}: weight_i = n_i^alpha / sum_j n_j^alpha", "data:", "  train:"]
+    for path, count, weight in zip(paths, tokens, weights):
+        name = Path(path.rstrip("/")).name
+        lines.append(f"    - {{name: {name}, path: {path}, weight: {weight:.6f}}}   # {count:,} tokens, "
+                     f"{count / sum(tokens):.2%} of them")
+    return "\n".join(lines)
+

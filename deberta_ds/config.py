@@ -155,6 +155,9 @@ def from_dict(cls, data: dict | None, where: str = ""):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     require(not unknown, where or "config", f"unknown fields {unknown}; known: {sorted(known)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    require(not missing, where or "config", f"missing fields {missing}")
     hints, built = typing.get_type_hints(cls), {}
     for name, value in data.items():
         dotted = f"{where}.{name}" if where else name

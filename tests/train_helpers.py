@@ -37,11 +37,12 @@ def full_weights(trainer: Trainer) -> dict:
         return {name: param.detach().clone().float() for name, param in params.items()}
 
 
-def train_runs(runs: list[dict]) -> list[dict]:
-    """Train each run in this process group; losses per step and final full weights."""
+def train_runs(runs: list[dict], resume: str = "none") -> list[dict]:
+    """Train each run in this process group (resume: auto continues from its checkpoint); losses
+    per step of this invocation and final full weights."""
     results = []
     for run in runs:
-        trainer = Trainer(run_config_from_dict(run), resume="none")
+        trainer = Trainer(run_config_from_dict(run), resume=resume)
         trainer.run()
         results.append({"losses": [(h["generator/mlm_loss"], h["discriminator/rtd_loss"]) for h in trainer.history],
                         "weights": full_weights(trainer), "history": trainer.history})

@@ -26,8 +26,19 @@ from deberta_ds.errors import UserError, require
 
 
 @dataclass
+class DataSource:
+    """One entry of a weighted mixture in `data.train`."""
+
+    path: str                            # a shard directory, prefix or glob
+    name: str = ""                       # default: the path's last part
+    weight: float | None = None          # share of the samples (normalised over the sources)
+
+
+@dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)
+    # Plain paths (one corpus, each shard weighted by its tokens) or mixture entries
+    # {name, path, weight} (see deberta_ds.data.mixture).
+    train: list[str | dict | DataSource] = field(default_factory=list)
     valid: list[str] = field(default_factory=list)
     tokenizer: str = ""
     max_length: int = 512
@@ -38,6 +49,19 @@ class DataSection:
 
     def __post_init__(self):
         require(self.max_length >= 3, "data.max_length", "must be at least 3 ([CLS] x [SEP])")
+        self.train = [_source(entry, f"data.train[{i}]") for i, entry in enumerate(self.train)]
+        weighted = [source.weight is not None for source in self.train]
+        require(all(weighted) or not any(weighted), "data.train",
+                "give every entry a weight ({name, path, weight}) or none (plain paths)")
+        require(not any(weighted) or sum(source.weight for source in self.train) > 0, "data.train",
+                "the mixture weights sum to 0")
+        names = [source.name for source in self.train]
+        require(not self.is_mixture or len(set(names)) == len(names), "data.train",
+                f"source names repeat: {names}; give each a name")
+
+    @property
+    def is_mixture(self) -> bool:
+        return any(source.weight is not None for source in self.train)
 
 
 @dataclass
@@ -130,6 +154,15 @@ class RunConfig:
                  f"{self.train.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
                  f"= {self.train.micro_batch_size} x {data_parallel_size}")
         return self.train.global_batch_size // per_step
+
+
+def _source(entry, where: str) -> DataSource:
+    if isinstance(entry, DataSource):
+        return entry
+    source = from_dict(DataSource, {"path": entry} if isinstance(entry, str) else entry, where)
+    require(source.weight is None or source.weight >= 0, f"{where}.weight", f"must be >= 0, got {source.weight}")
+    source.name = source.name or Path(source.path.rstrip("/")).name
+    return source
 
 
 def run_config_from_dict(data: dict) -> RunConfig:

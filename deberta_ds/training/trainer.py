@@ -23,9 +23,10 @@ from tqdm import tqdm
 from deberta_ds.config import RTDConfig, preset, to_dict
 from deberta_ds.data.dataset import PretrainingSamples, TokenCorpus, special_ids
 from deberta_ds.data.indexed_dataset import find_shard_prefixes
+from deberta_ds.data.mixture import MixtureSamples
 from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
-from deberta_ds.errors import UserError
+from deberta_ds.errors import MissingInputError, UserError
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.encoder import set_activation_checkpointing
 from deberta_ds.parallel.random import seed_streams
@@ -87,9 +88,24 @@ def build_data(config: RunConfig):
         return PretrainingSamples(corpus, config.data.max_length, special, masking, seed,
                                   config.data.cross_documents, word_start)
 
-    train = samples(config.data.train, config.data.seed)
+    train = training_samples(config, samples)
     valid = samples(config.data.valid, config.data.seed + 1) if config.data.valid else None
     return train, valid, rtd_config, asdict(meta)
+
+
+def training_samples(config: RunConfig, samples):
+    """Plain paths: one corpus over all their shards (each weighted by its tokens). Weighted
+    entries: a MixtureSamples over one corpus per source, each with its own sample order."""
+    sources = config.data.train
+    if not config.data.is_mixture:
+        return samples([source.path for source in sources], config.data.seed)
+    parts = []
+    for i, source in enumerate(sources):
+        try:
+            parts.append(samples([source.path], config.data.seed + 1000 * (i + 1)))
+        except MissingInputError as error:
+            raise UserError(f"data.train[{i}] ({source.name}): {error}") from None
+    return MixtureSamples([source.name for source in sources], parts, [source.weight for source in sources])
 
 
 def initial_vocab_size(config: RunConfig, meta) -> int:
@@ -183,6 +199,8 @@ class Trainer:
                 checkpoint.convert_to_universal(latest, self.engines.engines, self.rank)
             state = checkpoint.load(latest, self.engines.engines, self.rank, universal)
             self.step, self.consumed = state["step"], state["consumed_samples"]
+            if isinstance(self.train_samples, MixtureSamples) and "mixture_counts" in state:
+                self.train_samples.restore(self.consumed, state["mixture_counts"])  # no replay of the rule
             if self.rank == 0:
                 for log in (self.output / "metrics.jsonl", self.output / "eval.jsonl"):
                     truncate_log(log, self.step)
@@ -243,7 +261,12 @@ class Trainer:
         return {"step": self.step, "consumed_samples": self.consumed, "world_size": dist.get_world_size(),
                 "data_parallel_size": self.dp_size, "tp": self.config.train.tp,
                 "run_config": to_dict(self.config), "rtd_config": asdict(self.model.config),
-                "tokenizer": self.tokenizer_meta, "engines": list(self.engines.engines)}
+                "tokenizer": self.tokenizer_meta, "engines": list(self.engines.engines)} | self._mixture_state()
+
+    def _mixture_state(self) -> dict:
+        if not isinstance(self.train_samples, MixtureSamples):
+            return {}
+        return {"mixture_counts": self.train_samples.counts_at(self.consumed)}
 
     def save(self) -> None:
         """This step's checkpoint (kept as it is when it already exists complete). A failed write
@@ -294,6 +317,11 @@ class Trainer:
             metrics[f"{name}/grad_norm"] = self.engines.grad_norm(name)
             metrics[f"{name}/loss_scale"] = loss_scale(engine) if self.config.train.precision == "fp16" else None
             metrics[f"{name}/skipped_steps"] = engine.skipped_steps
+        if isinstance(self.train_samples, MixtureSamples):  # per source: samples so far and passes over it
+            for source, count in self.train_samples.counts_at(self.consumed).items():
+                metrics[f"data/consumed_samples/{source}"] = count
+            for source, epochs in self.train_samples.epochs_at(self.consumed).items():
+                metrics[f"data/epochs/{source}"] = epochs
         return metrics
 
     @torch.no_grad()
