@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from deberta_ds.convert import to_hf  # noqa: E402
 from deberta_ds.native_checkpoint import load_training_checkpoint  # noqa: E402
 from deberta_ds.training.checkpoint import complete_step_folder, read_state  # noqa: E402
+from deberta_ds.training.data_setup import build_data  # noqa: E402
 from deberta_ds.training.run_config import run_config_from_dict  # noqa: E402
-from deberta_ds.training.trainer import build_data  # noqa: E402
 
 
 def main() -> None:

@@ -347,8 +347,8 @@ def test_unfinished_or_foreign_shard_sets_are_refused(tmp_path, small_corpus, to
     shards of another tokenizer (same vocabulary size) are refused, naming the manifest and hashes."""
     from data_prep.tokenizer import train_tokenizer
     from deberta_ds.data.tokenizer import load_tokenizer
+    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
-    from deberta_ds.training.trainer import build_data
 
     prefix = tmp_path / "set" / "s"
     assert cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(prefix), "--tokenizer",

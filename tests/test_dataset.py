@@ -155,8 +155,8 @@ def test_unknown_and_special_tokens_are_never_masked(shards, tokenizer_dir):
 
 def _run_config_batch(train_shards, tmp_path, **masking):
     """400 training samples built the way the trainer builds them from `data.masking`."""
+    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
-    from deberta_ds.training.trainer import build_data
     from tests.train_helpers import tiny_run
 
     config = run_config_from_dict(tiny_run(train_shards, tmp_path, data={"masking": masking}))

@@ -97,8 +97,8 @@ def test_a_bad_mixture_is_refused_naming_the_field(train, message):
 
 
 def test_an_unknown_source_path_is_refused_before_training(train_shards, tmp_path):
+    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
-    from deberta_ds.training.trainer import build_data
 
     mixture = [{"name": "wiki", "path": train_shards["train"], "weight": 0.7},
                {"name": "code", "path": str(tmp_path / "nowhere"), "weight": 0.3}]
@@ -146,3 +146,63 @@ def test_data_prep_mixture_prints_a_config_block(train_shards, capsys):
                                 "run_config_from_dict; run_config_from_dict(yaml.safe_load(sys.stdin.read()))"],
                                input=block, text=True, capture_output=True)
     assert completed.returncode == 0, completed.stderr
+
+
+def _phased_run(train_shards, tmp_path, name, **train):
+    mixture = [{"name": "big", "path": train_shards["train"], "weight": 0.5},
+               {"name": "small", "path": train_shards["valid"], "weight": 0.5}]
+    phases = [{"until_step": 3, "data.max_length": 32},
+              {"until_step": 6, "data.train": mixture, "data.max_length": 64, "data.masking.probability": 0.3}]
+    return tiny_run(train_shards, tmp_path / name, model_overrides={"hidden_dropout": 0.0, "attention_dropout": 0.0},
+                    phases=phases, train={"steps": 6, "save_every": 1} | train)
+
+
+def test_phases_change_length_data_and_masking_at_their_step(train_shards, tmp_path):
+    from deberta_ds.training.data_setup import build_data
+    from deberta_ds.training.run_config import run_config_from_dict
+
+    train, _, _, _ = build_data(run_config_from_dict(_phased_run(train_shards, tmp_path, "plan")))
+    first, second = train.batch(np.arange(16, 24)), train.batch(np.arange(24, 32))   # steps 3 and 4 (batch 8)
+    assert first["input_ids"].shape == (8, 32) and second["input_ids"].shape == (8, 64)
+    masked = [(batch["labels"] != -100).sum() / (batch["attention_mask"].sum() - 16) for batch in (first, second)]
+    assert abs(masked[0] - 0.15) < 0.06 and abs(masked[1] - 0.3) < 0.06
+    assert train.phase_at(24)[0] == 24 and list(train.phase_at(24)[1].counts_at(8).values()) == [4, 4]
+
+
+@pytest.mark.parametrize("phases, message", [
+    ([{"until_step": 4}, {"until_step": 2}], "phases[1].until_step: 2 must be greater than the previous"),
+    ([{"until_step": 3}], "phases[0].until_step: 3 ends before train.steps=6"),
+    ([{"until_step": 6, "optim.lr": 0.1}], "phases[0].optim.lr: phases change data.* fields only"),
+    ([{"until_step": 6, "data.max_length": 2}], "phases[0]: data.max_length: must be at least 3"),
+    ([{"until_step": 6, "data.max_lenght": 64}], "phases[0]: phases[0].data: unknown fields ['max_lenght']"),
+    ([{"data.max_length": 64}], "phases[0]: needs until_step"),
+])
+def test_bad_phases_are_refused_before_training(phases, message):
+    from deberta_ds.training.run_config import run_config_from_dict
+
+    with pytest.raises(ValueError) as error:
+        run_config_from_dict({"train": {"steps": 6}, "phases": phases})
+    assert message in str(error.value)
+
+
+def test_a_phase_longer_than_the_generator_positions_is_refused(train_shards, tmp_path):
+    from deberta_ds.training.data_setup import build_data
+    from deberta_ds.training.run_config import run_config_from_dict
+
+    run = tiny_run(train_shards, tmp_path, train={"steps": 6}, phases=[{"until_step": 6, "data.max_length": 600}])
+    with pytest.raises(ValueError, match=r"phases\[0\].data.max_length: 600 exceeds the model's "
+                                         r"max_position_embeddings \(512"):
+        build_data(run_config_from_dict(run))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_after", [2, 4])   # resume before the boundary (step 3) and inside phase 2
+def test_resume_across_a_phase_boundary_equals_the_uninterrupted_run(train_shards, tmp_path, stop_after):
+    whole, first = run_distributed(train_runs, 1, [_phased_run(train_shards, tmp_path, "whole"),
+                                                   _phased_run(train_shards, tmp_path, "split",
+                                                               exit_after_steps=stop_after)], tmp_dir=tmp_path)
+    rest = run_distributed(train_runs, 1, [_phased_run(train_shards, tmp_path, "split")], "auto", tmp_dir=tmp_path)[0]
+    resumed = first["losses"][:stop_after] + rest["losses"]
+    assert len(resumed) == len(whole["losses"]) == 6
+    for step, (expected, actual) in enumerate(zip(whole["losses"], resumed)):
+        assert abs(expected[0] - actual[0]) <= 1e-6 and abs(expected[1] - actual[1]) <= 1e-6, step

@@ -171,8 +171,8 @@ def test_nan_losses_abort_after_the_configured_count(train_shards, tmp_path):
 
 def test_bad_input_is_reported_before_training(train_shards, tmp_path, small_corpus):
     from data_prep.tokenizer import train_tokenizer
+    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
-    from deberta_ds.training.trainer import build_data
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"train": [str(tmp_path / "nowhere")]})))

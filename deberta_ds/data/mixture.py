@@ -32,7 +32,6 @@ class MixtureSamples:
         total = float(sum(weights))
         self.names, self.sources = list(names), list(sources)
         self.weights = [w / total for w in weights]
-        self.max_length = sources[0].max_length
         self._known = {0: (0,) * len(sources)}       # position -> counts of the samples before it
         self._last_end, self._pinned = 0, {0}         # the last end and restored positions are kept too
         self._lock = threading.Lock()

@@ -14,6 +14,8 @@ Overrides on the command line: `train.steps=10 optim.lr=1e-3` (values parsed as 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,9 +145,44 @@ class RunConfig:
     # split-tp shards) or an HF discriminator directory (+ init_generator_from, an HF generator).
     init_from: str | None = None
     init_generator_from: str | None = None
+    # Phases: [{until_step: N, data.train: [...], data.max_length: L, data.masking.probability: p}, ...]
+    # change the data section at step boundaries (the last until_step is train.steps or beyond).
+    phases: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         require(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {sorted(PRESETS)}")
+        self.phase_plan()  # validated now, before anything is built
+
+    def phase_plan(self) -> list[tuple[int, DataSection]]:
+        """(first step, data section) of every phase in order; one phase without `phases`."""
+        if not self.phases:
+            return [(0, self.data)]
+        plan, start = [], 0
+        base = json.loads(json.dumps(dataclasses.asdict(self.data)))
+        for i, phase in enumerate(self.phases):
+            where = f"phases[{i}]"
+            require(isinstance(phase, dict) and isinstance(phase.get("until_step"), int), where,
+                    "needs until_step (an integer) and data.* fields")
+            until = phase["until_step"]
+            require(until > start, f"{where}.until_step", f"{until} must be greater than the previous phase's end "
+                                                          f"({start})")
+            data = copy.deepcopy(base)
+            for dotted, value in phase.items():
+                if dotted == "until_step":
+                    continue
+                require(dotted.startswith("data."), f"{where}.{dotted}", "phases change data.* fields only")
+                node, *parents = data, *dotted.split(".")[1:-1]
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[dotted.split(".")[-1]] = value
+            try:
+                plan.append((start, from_dict(DataSection, data, f"{where}.data")))
+            except UserError as error:
+                raise UserError(f"{where}: {error}") from None
+            start = until
+        require(start >= self.train.steps, f"phases[{len(self.phases) - 1}].until_step",
+                f"{start} ends before train.steps={self.train.steps}; the last phase must reach it")
+        return plan
 
     def check_batch_geometry(self, data_parallel_size: int) -> int:
         """Gradient-accumulation steps; a clear error when the batch sizes do not fit the world."""

@@ -20,13 +20,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from deberta_ds.config import RTDConfig, preset, to_dict
-from deberta_ds.data.dataset import PretrainingSamples, TokenCorpus, special_ids
-from deberta_ds.data.indexed_dataset import find_shard_prefixes
+from deberta_ds.config import to_dict
 from deberta_ds.data.mixture import MixtureSamples
 from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
-from deberta_ds.errors import MissingInputError, UserError
+from deberta_ds.errors import UserError
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.encoder import set_activation_checkpointing
 from deberta_ds.parallel.random import seed_streams
@@ -34,6 +32,7 @@ from deberta_ds.parallel.state import MPU
 from deberta_ds.parallel.state import initialize as initialize_parallel
 from deberta_ds.parallel_env import collect_cycles_then_destroy_process_groups, init_distributed
 from deberta_ds.training import checkpoint
+from deberta_ds.training.data_setup import build_data
 from deberta_ds.training.metrics import ScalarLog, TrainingStatistics, model_flops_per_token, peak_memory_bytes, roc_auc
 from deberta_ds.training.prefetch import BatchPrefetcher, to_device, to_tensors
 from deberta_ds.training.run_config import RunConfig, load_run_config
@@ -55,71 +54,6 @@ def parse_args(argv=None):
     parser.add_argument("--tp", type=int, help="tensor-parallel size (same as train.tp=N)")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE", help="run-config overrides")
     return parser.parse_args(argv)
-
-
-def build_data(config: RunConfig):
-    """Datasets and the RTD model config, with clear errors for every mismatch."""
-    from deberta_ds.data.provenance import check_provenance
-    from deberta_ds.data.tokenizer import load_tokenizer, word_start_table
-
-    if not config.data.train:
-        raise UserError("data.train: no training shards given")
-    processor, meta = load_tokenizer(config.data.tokenizer)
-    overrides = dict(config.model_overrides)
-    overrides.setdefault("vocab_size", initial_vocab_size(config, meta))
-    if overrides["vocab_size"] <= meta.mask_id:
-        raise UserError(f"model_overrides.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's "
-                         f"{meta.mask_id + 1} ids ([MASK] = {meta.mask_id}, {config.data.tokenizer})")
-    model_config = preset(config.model, **overrides)
-    rtd_config = RTDConfig(discriminator=model_config, mask_token_id=meta.mask_id, **asdict(config.rtd))
-    special = special_ids(meta)
-    masking = config.data.masking
-    word_start = word_start_table(processor, model_config.vocab_size) if masking.whole_word else None
-
-    def samples(paths, seed):
-        prefixes = find_shard_prefixes(paths)
-        check_provenance(prefixes, meta.sha256, config.data.allow_incomplete_shards,
-                         warn=lambda message: print(message, file=sys.stderr))
-        corpus = TokenCorpus(prefixes)
-        if corpus.max_token_id >= model_config.vocab_size:
-            raise UserError(f"data: shards {paths} hold token id {corpus.max_token_id}, outside the model "
-                             f"vocabulary of {model_config.vocab_size} from tokenizer {config.data.tokenizer}; "
-                             "were they tokenised with another tokenizer?")
-        return PretrainingSamples(corpus, config.data.max_length, special, masking, seed,
-                                  config.data.cross_documents, word_start)
-
-    train = training_samples(config, samples)
-    valid = samples(config.data.valid, config.data.seed + 1) if config.data.valid else None
-    return train, valid, rtd_config, asdict(meta)
-
-
-def training_samples(config: RunConfig, samples):
-    """Plain paths: one corpus over all their shards (each weighted by its tokens). Weighted
-    entries: a MixtureSamples over one corpus per source, each with its own sample order."""
-    sources = config.data.train
-    if not config.data.is_mixture:
-        return samples([source.path for source in sources], config.data.seed)
-    parts = []
-    for i, source in enumerate(sources):
-        try:
-            parts.append(samples([source.path], config.data.seed + 1000 * (i + 1)))
-        except MissingInputError as error:
-            raise UserError(f"data.train[{i}] ({source.name}): {error}") from None
-    return MixtureSamples([source.name for source in sources], parts, [source.weight for source in sources])
-
-
-def initial_vocab_size(config: RunConfig, meta) -> int:
-    """The model's vocabulary rows: the init_from checkpoint's (128,100 for the published models)
-    when the tokenizer's ids fit in it, else the tokenizer's (pieces + [MASK], rounded up to 128)."""
-    from deberta_ds.native_checkpoint import checkpoint_vocab_size
-
-    if not config.init_from:
-        return meta.model_vocab_size
-    rows, tokenizer_ids = checkpoint_vocab_size(config.init_from), meta.mask_id + 1
-    if rows < tokenizer_ids:
-        raise UserError(f"init_from: {config.init_from} has {rows} vocabulary rows but the tokenizer "
-                         f"{config.data.tokenizer} needs {tokenizer_ids}; it is not that checkpoint's tokenizer")
-    return rows
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -176,7 +110,7 @@ class Trainer:
         self.output = Path(config.output_dir)
         check_writable(self.output)
         self.checkpoints = self.output / "checkpoints"
-        self.train_samples, self.valid_samples, rtd_config, self.tokenizer_meta = build_data(config)
+        self.train_samples, self.valid_samples, rtd_config, self.tokenizer_meta = build_data(config)  # phased
         rtd_config.discriminator.check_tensor_parallel(config.train.tp)
         self.parallel = initialize_parallel(config.train.tp)   # TP ranks adjacent, DP over the rest
         self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
@@ -199,8 +133,9 @@ class Trainer:
                 checkpoint.convert_to_universal(latest, self.engines.engines, self.rank)
             state = checkpoint.load(latest, self.engines.engines, self.rank, universal)
             self.step, self.consumed = state["step"], state["consumed_samples"]
-            if isinstance(self.train_samples, MixtureSamples) and "mixture_counts" in state:
-                self.train_samples.restore(self.consumed, state["mixture_counts"])  # no replay of the rule
+            phase_start, phase_samples = self.train_samples.phase_at(self.consumed)
+            if isinstance(phase_samples, MixtureSamples) and "mixture_counts" in state:  # no replay of the rule
+                phase_samples.restore(self.consumed - phase_start, state["mixture_counts"])
             if self.rank == 0:
                 for log in (self.output / "metrics.jsonl", self.output / "eval.jsonl"):
                     truncate_log(log, self.step)
@@ -264,9 +199,11 @@ class Trainer:
                 "tokenizer": self.tokenizer_meta, "engines": list(self.engines.engines)} | self._mixture_state()
 
     def _mixture_state(self) -> dict:
-        if not isinstance(self.train_samples, MixtureSamples):
+        """The current phase's per-source counts, when it trains on a mixture."""
+        phase_start, samples = self.train_samples.phase_at(self.consumed)
+        if not isinstance(samples, MixtureSamples):
             return {}
-        return {"mixture_counts": self.train_samples.counts_at(self.consumed)}
+        return {"mixture_counts": samples.counts_at(self.consumed - phase_start)}
 
     def save(self) -> None:
         """This step's checkpoint (kept as it is when it already exists complete). A failed write
@@ -317,10 +254,11 @@ class Trainer:
             metrics[f"{name}/grad_norm"] = self.engines.grad_norm(name)
             metrics[f"{name}/loss_scale"] = loss_scale(engine) if self.config.train.precision == "fp16" else None
             metrics[f"{name}/skipped_steps"] = engine.skipped_steps
-        if isinstance(self.train_samples, MixtureSamples):  # per source: samples so far and passes over it
-            for source, count in self.train_samples.counts_at(self.consumed).items():
+        phase_start, samples = self.train_samples.phase_at(self.consumed)
+        if isinstance(samples, MixtureSamples):  # per source of this phase: samples so far, passes over it
+            for source, count in samples.counts_at(self.consumed - phase_start).items():
                 metrics[f"data/consumed_samples/{source}"] = count
-            for source, epochs in self.train_samples.epochs_at(self.consumed).items():
+            for source, epochs in samples.epochs_at(self.consumed - phase_start).items():
                 metrics[f"data/epochs/{source}"] = epochs
         return metrics
 
