@@ -24,7 +24,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -69,8 +68,8 @@ def prepare_data(out: Path, wikitext: Path, vocab: int) -> dict:
 
 
 def pretrain(run_dir: Path, sharing: str, mode: str, data: dict, scale: dict, port: int) -> float:
-    """One pre-training run under the deepspeed launcher; returns its wall time in seconds."""
-    start = time.perf_counter()
+    """One pre-training run under the deepspeed launcher (kept when it exists); returns the
+    training loop's time in seconds (steps x batch / the logged samples per second)."""
     if not (run_dir / "checkpoints" / "latest").is_file():
         subprocess.run(["deepspeed", "--num_gpus", str(scale["processes"]), "--master_port", str(port),
                         "--module", "deberta_ds.train", "--config", str(REPO / "launch_scripts" / "quickstart.yaml"),
@@ -78,7 +77,8 @@ def pretrain(run_dir: Path, sharing: str, mode: str, data: dict, scale: dict, po
                         f"data.tokenizer={data['tokenizer']}", f"output_dir={run_dir}",
                         f"rtd.embedding_sharing={sharing}", f"train.mode={mode}", *scale["overrides"]],
                        check=True, cwd=REPO)
-    return time.perf_counter() - start
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return last["consumed_samples"] / last["perf/samples_per_s"]
 
 
 def average_cosine(table: torch.Tensor) -> float:
@@ -106,7 +106,7 @@ def sample_tsv(source: Path, target: Path, rows: int, seed: int) -> Path:
     return target
 
 
-def probe(model_dir: Path, sst2: Path, out: Path, seeds: list[int], train_rows: int) -> list[float]:
+def probe(model_dir: Path, sst2: Path, out: Path, seeds: list[int], train_rows: int, lr: float) -> list[float]:
     """SST-2 test accuracy per seed: `train_rows` sampled phrases, 1 epoch, the same recipe for all."""
     from deberta_ds.finetune import main as finetune
 
@@ -118,7 +118,7 @@ def probe(model_dir: Path, sst2: Path, out: Path, seeds: list[int], train_rows: 
         if not (target / "metrics.json").is_file():
             code = finetune(["--model", str(model_dir), "--train", str(train), "--valid", str(valid),
                              "--test", str(sst2 / "test.tsv"), "--out", str(target), "--epochs", "1",
-                             "--lr", "1e-4", "--seed", str(seed), "--no-progress"])
+                             "--lr", str(lr), "--seed", str(seed), "--no-progress"])
             assert code == 0, target
         accuracies.append(json.loads((target / "metrics.json").read_text())["test"]["accuracy"])
     return accuracies
@@ -160,7 +160,8 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the larger GPU scale")
     parser.add_argument("--corpora", default=str(REPO.parent / "shared" / "corpora"),
                         help="folder with wikitext-2/ and sst2/")
-    parser.add_argument("--probe-rows", type=int, default=8000, help="SST-2 training phrases per fine-tuning run")
+    parser.add_argument("--probe-rows", type=int, default=20000, help="SST-2 training phrases per fine-tuning run")
+    parser.add_argument("--probe-lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
     parser.add_argument("--steps", type=int, help="pre-training steps instead of the scale's (3 evaluations)")
     args = parser.parse_args()
     out, corpora, scale = Path(args.out), Path(args.corpora), dict(SCALES["gpu" if args.gpu else "cpu"])
@@ -173,6 +174,7 @@ def main() -> None:
     data = prepare_data(out, corpora / "wikitext-2", scale["vocab"])
     pieces = json.loads((data["tokenizer"] / "tokenizer.json").read_text())["pieces"]
     results = {"runs": {}}
+    probe_dir = f"sst2_{args.probe_rows}rows_lr{args.probe_lr:g}"
     for offset, (name, sharing, mode) in enumerate(VARIANTS):
         run_dir = out / name.replace(" ", "_")
         seconds = pretrain(run_dir, sharing, mode, data, scale, port=29530 + offset)
@@ -183,13 +185,15 @@ def main() -> None:
         results["runs"][name] = {
             "eval": [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()],
             "cosine": embedding_similarity(run_dir, slice(4, pieces)), "seconds": seconds,
-            "sst2": probe(run_dir / "hf_discriminator", corpora / "sst2", run_dir / "sst2", [1, 2, 3],
-                          args.probe_rows)}
+            "sst2": probe(run_dir / "hf_discriminator", corpora / "sst2", run_dir / probe_dir, [1, 2, 3],
+                          args.probe_rows, args.probe_lr)}
     twin = random_twin(out / "GDES" / "hf_discriminator", out / "random_init" / "hf")
-    results["random_sst2"] = probe(twin, corpora / "sst2", out / "random_init" / "sst2", [1, 2, 3], args.probe_rows)
+    results["random_sst2"] = probe(twin, corpora / "sst2", out / "random_init" / probe_dir, [1, 2, 3],
+                                   args.probe_rows, args.probe_lr)
     header = (f"{datetime.date.today()}, torch {torch.__version__}, "
               f"{'GPU ' + torch.cuda.get_device_name() if args.gpu else f'{os.cpu_count()} CPU cores'}, "
-              f"scale {'gpu' if args.gpu else 'cpu'}: {' '.join(scale['overrides'])}")
+              f"scale {'gpu' if args.gpu else 'cpu'}: {' '.join(scale['overrides'])}; SST-2 probe: "
+              f"{args.probe_rows} phrases, 1 epoch, lr {args.probe_lr:g}, batch 32, seeds 1-3")
     results["header"] = header
     (out / "sharing_ablation.json").write_text(json.dumps(results, indent=1))
     report(results, header)

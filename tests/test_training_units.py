@@ -83,7 +83,15 @@ def test_resume_takes_auto_none_or_a_complete_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"holds newer checkpoints \(step_00000004\)"):
         checkpoint.checkpoint_to_resume(str(root / "step_00000002"), root)
     assert checkpoint.checkpoint_to_resume(str(root / "step_00000002"), tmp_path / "other") == root / "step_00000002"
+    # killed after step 4's COMPLETE marker, before `latest` moved to it: auto still takes step 4
+    checkpoint.write_atomic(root / checkpoint.LATEST, "step_00000002")
+    assert checkpoint.checkpoint_to_resume("auto", root) == root / "step_00000004"
+    (root / checkpoint.LATEST).unlink()
+    assert checkpoint.checkpoint_to_resume("auto", root) == root / "step_00000004"
+    with pytest.raises(ValueError, match="--resume none: .* already holds checkpoints"):
+        checkpoint.checkpoint_to_resume("none", root)
     (root / "step_00000004" / checkpoint.COMPLETE).unlink()  # half-written: not a checkpoint to resume
+    assert checkpoint.checkpoint_to_resume("auto", root) == root / "step_00000002"
     with pytest.raises(ValueError, match="choose auto, none"):
         checkpoint.checkpoint_to_resume(str(root / "step_00000004"), tmp_path / "other")
 

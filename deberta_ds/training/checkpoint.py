@@ -149,7 +149,7 @@ def checkpoint_to_resume(resume: str, root: Path) -> Path | None:
     if resume == "auto":
         return find_latest(root)
     if resume == "none":
-        if (root / LATEST).exists():
+        if (root / LATEST).exists() or _complete_checkpoints(root):
             raise UserError(f"--resume none: {root} already holds checkpoints; use --resume auto or another "
                              "output_dir")
         return None
@@ -166,15 +166,16 @@ def checkpoint_to_resume(resume: str, root: Path) -> Path | None:
 
 
 def find_latest(root: Path) -> Path | None:
-    """The folder named by `latest`, if it is complete."""
-    pointer = root / LATEST
+    """The newest complete checkpoint: the one `latest` names, or a newer complete one when the
+    run stopped between writing its COMPLETE marker and moving `latest`."""
+    pointer, newest = root / LATEST, (_complete_checkpoints(root) or [None])[-1]
     if not pointer.is_file():
-        return None
+        return newest
     folder = root / pointer.read_text().strip()
     if not (folder / COMPLETE).is_file():
         raise UserError(f"{pointer} names {folder.name}, which is not complete; the checkpoint directory was "
                          "modified by hand")
-    return folder
+    return newest if newest.name > folder.name else folder
 
 
 def read_state(folder: Path) -> dict:

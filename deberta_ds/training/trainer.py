@@ -136,10 +136,10 @@ class Trainer:
             phase_start, phase_samples = self.train_samples.phase_at(self.consumed)
             if isinstance(phase_samples, MixtureSamples) and "mixture_counts" in state:  # no replay of the rule
                 phase_samples.restore(self.consumed - phase_start, state["mixture_counts"])
-            if self.rank == 0:
-                for log in (self.output / "metrics.jsonl", self.output / "eval.jsonl"):
-                    truncate_log(log, self.step)
             self.log(f"resumed from {latest} at step {self.step} ({self.consumed} samples)")
+        if self.rank == 0:  # entries past the checkpoint (or, starting afresh, all) were never kept
+            for log in (self.output / "metrics.jsonl", self.output / "eval.jsonl"):
+                truncate_log(log, self.step)
         self.scalars = ScalarLog(self.output / "tensorboard", self.rank == 0)
         self.statistics = TrainingStatistics(self.device)
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
