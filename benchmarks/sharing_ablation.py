@@ -35,11 +35,12 @@ from data_prep.cli import main as data_prep  # noqa: E402
 
 VARIANTS = [("ES", "es", "decoupled"), ("NES", "nes", "decoupled"), ("GDES", "gdes", "decoupled"),
             ("GDES joint", "gdes", "joint")]
-# Run-config overrides per scale (on top of launch_scripts/quickstart.yaml: the tiny pair, no dropout).
+# Run-config overrides per scale (on top of launch_scripts/quickstart.yaml: the tiny pair, no dropout),
+# with the paper's rtd_lambda of 50.
 SCALES = {
-    "cpu": {"processes": 2, "vocab": 8000, "overrides": ["train.steps=1200", "train.eval_every=400",
-                                                         "train.save_every=0", "train.eval_batches=8",
-                                                         "train.log_every=100"]},
+    "cpu": {"processes": 2, "vocab": 8000, "overrides": [
+        "rtd.rtd_lambda=50", "train.steps=1200", "train.eval_every=400", "train.save_every=0",
+        "train.eval_batches=8", "train.log_every=100"]},
     "gpu": {"processes": 1, "vocab": 16000, "overrides": [
         "model=xsmall", "model_overrides={hidden_dropout: 0.1, attention_dropout: 0.1}", "data.max_length=256",
         "train.steps=6000", "train.global_batch_size=128", "train.micro_batch_size=128", "train.precision=bf16",
