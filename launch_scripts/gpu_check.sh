@@ -4,7 +4,7 @@
 # tensorboard; no deepspeed, hjson or pydantic: carry the wheels gpu_wheels.sh builds).
 #
 #   bash launch_scripts/gpu_wheels.sh                        # here, with pip access: .gpu_wheels/
-#   bash launch_scripts/gpu_check.sh OUT_DIR                 # there: about 7 minutes on an H100
+#   bash launch_scripts/gpu_check.sh OUT_DIR                 # there: at most 445 s of parts on an H100
 #   bash launch_scripts/gpu_check.sh --cpu-smoke OUT_DIR     # anywhere: tiny shapes, checks the harness
 #
 # Parts, each with its own time limit, each writing OUT_DIR/<part>.log:
@@ -61,13 +61,15 @@ if [ $smoke = 1 ]; then
     "$work/quickstart" train.steps=4 train.log_every=2 train.eval_every=0 train.save_every=0 train.eval_batches=1
 else
   wheels=${WHEELS:-$repo/.gpu_wheels}
-  part install 120 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  # The limits add up to 445 s: with a machine's start, one call of 480 s leaves a second start's
+  # 4 minutes of a session's 15 for rerunning what failed.
+  part install 45 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$wheels"/*.whl
   export PYTHONPATH="$repo:/tmp/site${PYTHONPATH#"$repo"}" PATH="/tmp/site/bin:$PATH" DEBERTA_DS_OFFLINE=1
-  part pytest 200 "$python" -m pytest -m cuda -q -p no:cacheprovider tests/test_gpu.py
-  part attention_bench 90 "$python" benchmarks/attention_bench.py --lengths 512 2048 8192 --tokens 16384
-  part train_bench 320 "$python" benchmarks/train_bench.py --out "$work/train_bench" --timeout-s 75
-  part quickstart 150 bash launch_scripts/quickstart.sh "$work/quickstart"
+  part pytest 130 "$python" -m pytest -m cuda -q -p no:cacheprovider tests/test_gpu.py
+  part attention_bench 60 "$python" benchmarks/attention_bench.py --lengths 512 2048 8192 --tokens 16384
+  part train_bench 150 "$python" benchmarks/train_bench.py --out "$work/train_bench" --timeout-s 45 --warmup 5 --steps 10
+  part quickstart 60 bash launch_scripts/quickstart.sh "$work/quickstart"
 fi
 cp "$work/train_bench/train_bench.json" "$out/" 2>/dev/null || echo '{"systems": {}}' > "$out/train_bench.json"
 
