@@ -15,6 +15,12 @@
 #   train_bench      base RTD pair vs HF DeBERTa (eager, and DisentangledFlash) and ModernBERT;
 #                    also OUT_DIR/train_bench.json
 #   quickstart       launch_scripts/quickstart.sh on the GPU (one process, bf16)
+# and two parts a follow-up call names in PARTS (not run by default):
+#   kernel_tune      benchmarks/kernel_tune.py: every launch configuration, OUT_DIR/kernel_tune.json
+#   context_memory   benchmarks/activation_memory.py at L = 2048 and 8192 (context extension)
+# PARTS="pytest kernel_tune" runs only those (install always runs first on a GPU); PYTEST_ARGS
+# replaces the test selection (node ids, run in the order given: the ones a first call's limit
+# cut off) and PYTEST_LIMIT the part's limit.
 # and OUT_DIR/summary.md: pass/fail per part, the machine, the headline numbers. Exit 1 if a part failed.
 set -uo pipefail
 smoke=0
@@ -37,9 +43,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 parts=()
 declare -A result
+wanted=" install ${PARTS:-pytest attention_bench train_bench quickstart} "
 part() {  # part NAME LIMIT_S COMMAND...: run it, log to OUT/NAME.log, record pass/fail and seconds
   local name=$1 limit=$2 start rc
   shift 2
+  [[ $wanted == *" $name "* ]] || return 0
   parts+=("$name")
   start=$(date +%s)
   echo "== $name (limit ${limit} s)"
@@ -66,12 +74,18 @@ else
   part install 45 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$wheels"/*.whl
   export PYTHONPATH="$repo:/tmp/site${PYTHONPATH#"$repo"}" PATH="/tmp/site/bin:$PATH" DEBERTA_DS_OFFLINE=1
-  part pytest 130 "$python" -m pytest -m cuda -q -p no:cacheprovider tests/test_gpu.py
+  part kernel_tune 150 "$python" benchmarks/kernel_tune.py --out "$out/kernel_tune.json" --repeats 5
+  part context_memory 70 bash -c "$python benchmarks/activation_memory.py --device cuda --micro-batch 4 --length 2048 &&
+    $python benchmarks/activation_memory.py --device cuda --micro-batch 1 --length 8192"
+  # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
+  part pytest "${PYTEST_LIMIT:-130}" "$python" -m pytest -m cuda -q -p no:cacheprovider ${PYTEST_ARGS:-tests/test_gpu.py}
   part attention_bench 60 "$python" benchmarks/attention_bench.py --lengths 512 2048 8192 --tokens 16384
   part train_bench 150 "$python" benchmarks/train_bench.py --out "$work/train_bench" --timeout-s 45 --warmup 5 --steps 10
   part quickstart 60 bash launch_scripts/quickstart.sh "$work/quickstart"
 fi
-cp "$work/train_bench/train_bench.json" "$out/" 2>/dev/null || echo '{"systems": {}}' > "$out/train_bench.json"
+if [[ $wanted == *" train_bench "* ]]; then
+  cp "$work/train_bench/train_bench.json" "$out/" 2>/dev/null || echo '{"systems": {}}' > "$out/train_bench.json"
+fi
 
 "$python" - "$smoke" <<'PY' > "$out/summary.md"
 import platform, subprocess, sys
@@ -98,10 +112,13 @@ PY
   echo "|---|---|"
   for name in "${parts[@]}"; do echo "| $name | ${result[$name]} |"; done
   echo
-  echo "## pytest"; tail -n 3 "$out/pytest.log"
-  echo; echo "## attention_bench"; grep -E '^\|' "$out/attention_bench.log" | grep -E 'fused|L \|' ; tail -n 1 "$out/attention_bench.log"
-  echo; echo "## train_bench"; grep -E '^\||^device' "$out/train_bench.log"
-  echo; echo "## quickstart"; grep -E 'MLM loss|RTD accuracy|loaded' "$out/quickstart.log"
+  section() { [ -f "$out/$1.log" ] && { echo; echo "## $1"; }; }
+  section pytest && tail -n 3 "$out/pytest.log"
+  section attention_bench && { grep -E '^\|' "$out/attention_bench.log" | grep -E 'fused|L \|'; tail -n 1 "$out/attention_bench.log"; }
+  section train_bench && grep -E '^\||^device' "$out/train_bench.log"
+  section quickstart && grep -E 'MLM loss|RTD accuracy|loaded' "$out/quickstart.log"
+  section kernel_tune && grep -E '^\||^best|^device' "$out/kernel_tune.log"
+  section context_memory && grep -E 'peak' "$out/context_memory.log"
 } >> "$out/summary.md"
 cat "$out/summary.md"
 for name in "${parts[@]}"; do

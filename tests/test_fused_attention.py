@@ -217,7 +217,8 @@ def test_auto_falls_back_to_the_reference_per_variant_when_the_kernel_does_not_c
     q, k, v, pos_key, pos_query = (t.float() for t in (q, k, v, pos_key, pos_query))
     kwargs = dict(position_buckets=4, max_relative_positions=8)
     auto = kernels.select_attention("auto", torch.device("cuda"))
-    with pytest.warns(UserWarning, match=r"does not compile here for .*\('float32', 32, False, True, True, False\)"):
+    variant = r"\('float32', 32, False, True, True, False, False\)"   # (dtype, d, c2p, p2c, mask, dropout, docs)
+    with pytest.warns(UserWarning, match=r"does not compile here for .*" + variant):
         out = auto(q, k, v, None, pos_query, mask, **kwargs)
     assert torch.equal(out, disentangled_attention_reference(q, k, v, None, pos_query, mask, **kwargs))
     auto(q, k, v, None, pos_query, mask, **kwargs)                          # not retried
@@ -226,3 +227,50 @@ def test_auto_falls_back_to_the_reference_per_variant_when_the_kernel_does_not_c
     assert torch.equal(both, disentangled_attention_fused(q, k, v, pos_key, pos_query, mask, **kwargs))
     with pytest.raises(OutOfResources):  # asking for the kernel explicitly never hides its failure
         kernels.select_attention("fused", torch.device("cuda"))(q, k, v, None, pos_query, mask, **kwargs)
+
+
+DOCUMENT_LENGTHS = [40, 25, 35]  # 100 positions: 32-row tiles with one, two and no shared document
+
+
+@pytest.mark.parametrize("attention", [disentangled_attention_reference, disentangled_attention_fused],
+                         ids=["reference", "fused"])
+def test_packed_documents_attend_as_if_each_ran_alone(attention):
+    """document_ids keep attention inside each document: every document's outputs and q/k/v
+    gradients in the packed sample equal those of the document run alone, and the relative
+    tables' gradients are the sum over documents (relative positions do not see the offset).
+    fp32, 1e-5 relative; tiles whose query and key blocks share no document are skipped."""
+    shape = (1, 2, sum(DOCUMENT_LENGTHS), 32, 8, 24)
+    tensors, _ = inputs(shape, torch.float32, ("c2p", "p2c"), False, seed=4)
+    grad_out = torch.randn(*shape[:3], shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    document_ids = torch.repeat_interleave(torch.arange(len(DOCUMENT_LENGTHS)), torch.tensor(DOCUMENT_LENGTHS))[None]
+    packed, packed_grads = run(attention, tensors, None, shape, torch.float32, grad_out, document_ids=document_ids)
+    table_grads = [torch.zeros_like(g, dtype=torch.float64) for g in packed_grads[3:]]
+    start = 0
+    for length in DOCUMENT_LENGTHS:
+        rows = slice(start, start + length)
+        alone_tensors = [t[:, :, rows] for t in tensors[:3]] + tensors[3:]
+        alone, alone_grads = run(attention, alone_tensors, None, (*shape[:2], length, *shape[3:]), torch.float32,
+                                 grad_out[:, :, rows])
+        assert relative_error(packed[:, :, rows], alone.double()) <= 1e-5
+        for got, want in zip(packed_grads[:3], alone_grads[:3]):
+            assert relative_error(got[:, :, rows], want.double()) <= 1e-5
+        for total, want in zip(table_grads, alone_grads[3:]):
+            total += want.double()
+        start += length
+    for got, want in zip(packed_grads[3:], table_grads):
+        assert relative_error(got, want) <= 1e-5
+
+
+def test_fused_document_attention_with_padding_matches_float64_reference():
+    """Documents, padding and every term together, two samples with different packings."""
+    shape = (2, 2, 70, 32, 8, 24)
+    tensors, mask = inputs(shape, torch.float32, ("c2p", "p2c"), True, seed=6)
+    document_ids = torch.stack([torch.arange(70) // 33, torch.arange(70) // 9])
+    grad_out = torch.randn(*shape[:3], shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    expected, expected_grads = run(disentangled_attention_reference, tensors, mask, shape, torch.float64, grad_out,
+                                   document_ids=document_ids)
+    actual, actual_grads = run(disentangled_attention_fused, tensors, mask, shape, torch.float32, grad_out,
+                               document_ids=document_ids)
+    assert relative_error(actual, expected) <= TOLERANCE[torch.float32]
+    for got, want in zip(actual_grads, expected_grads):
+        assert relative_error(got, want) <= TOLERANCE[torch.float32]

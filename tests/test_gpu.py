@@ -70,6 +70,27 @@ def test_fused_kernel_matches_float64_reference_at_model_shapes(shape, dtype, dr
         assert relative_error(got, want) <= TOLERANCE[dtype], name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16][:len(KERNEL_DTYPES)], ids=str)
+def test_fused_document_attention_matches_float64_reference_at_model_shapes(dtype):
+    """Packed samples: random document boundaries (about one per 400 tokens) with padding, at
+    L = 2048 on a GPU; forward and all five gradients against the float64 reference."""
+    from deberta_ds.kernels.reference import disentangled_attention_reference
+
+    shape = KERNEL_SHAPES[1] if ON_GPU else KERNEL_SHAPES[0]
+    tensors, mask = inputs(shape, dtype, ("c2p", "p2c"), True)
+    tensors, mask = [t.to(DEVICE) for t in tensors], mask.to(DEVICE)
+    boundaries = torch.rand(shape[0], shape[2], generator=torch.Generator().manual_seed(3)) < 1 / 400
+    document_ids = boundaries.long().cumsum(-1).to(DEVICE)
+    grad_out = torch.randn(*shape[:3], shape[3], dtype=torch.float64, device=DEVICE)
+    expected, expected_grads = run_kernel(disentangled_attention_reference, tensors, mask, shape, torch.float64,
+                                          grad_out, document_ids=document_ids)
+    actual, actual_grads = run_kernel(disentangled_attention_fused, tensors, mask, shape, dtype, grad_out,
+                                      document_ids=document_ids)
+    assert relative_error(actual, expected) <= TOLERANCE[dtype]
+    for name, got, want in zip(("q", "k", "v", "pos_key", "pos_query"), actual_grads, expected_grads):
+        assert relative_error(got, want) <= TOLERANCE[dtype], name
+
+
 def device_training_steps(runs: list[dict]) -> list[dict]:
     """train_runs, plus where the engines put the model and what the loop logged."""
     from deberta_ds.training.run_config import run_config_from_dict

@@ -4,7 +4,7 @@
 reference defines the semantics. ``attention_impl``: ``reference`` always uses it,
 ``fused`` requires the fused Triton kernel, ``auto`` uses the fused kernel on CUDA when it
 is available and the reference elsewhere; if a kernel variant (dtype, head dim, positional
-terms, mask, dropout) fails to compile for this GPU and Triton, ``auto`` warns once and uses the
+terms, mask, dropout, document ids) fails to compile for this GPU and Triton, ``auto`` warns once and uses the
 reference for that variant from then on, the kernel for every other (``fused`` raises instead).
 """
 
@@ -29,24 +29,25 @@ def _fused():
     return disentangled_attention_fused, None
 
 
-def _variant(q, pos_key, pos_query, attention_mask, dropout_p) -> tuple:
-    """What selects a compiled kernel: (dtype, head dim, c2p, p2c, mask, dropout)."""
+def _variant(q, pos_key, pos_query, attention_mask, dropout_p, document_ids) -> tuple:
+    """What selects a compiled kernel: (dtype, head dim, c2p, p2c, mask, dropout, documents)."""
     return (str(q.dtype).removeprefix("torch."), q.shape[-1], pos_key is not None, pos_query is not None,
-            attention_mask is not None, dropout_p > 0.0)
+            attention_mask is not None, dropout_p > 0.0, document_ids is not None)
 
 
 def _falling_back_to_reference(fused):
     def attention(q, k, v, pos_key, pos_query, attention_mask, **kwargs):
         from triton import TritonError  # compilation, PTX assembly and shared-memory/register limits
 
-        variant = _variant(q, pos_key, pos_query, attention_mask, kwargs.get("dropout_p", 0.0))
+        variant = _variant(q, pos_key, pos_query, attention_mask, kwargs.get("dropout_p", 0.0),
+                           kwargs.get("document_ids"))
         if variant not in _variants_that_do_not_compile:
             try:
                 return fused(q, k, v, pos_key, pos_query, attention_mask, **kwargs)
             except TritonError as error:
                 _variants_that_do_not_compile.add(variant)
                 warnings.warn(f"attention_impl='auto': the fused attention kernel does not compile here for "
-                              f"(dtype, head dim, c2p, p2c, mask, dropout) = {variant} ({error}); using the "
+                              f"(dtype, head dim, c2p, p2c, mask, dropout, documents) = {variant} ({error}); using the "
                               "reference attention for it from now on", stacklevel=2)
         return disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask, **kwargs)
     return attention
@@ -68,8 +69,9 @@ def select_attention(impl: str, device: torch.device):
 
 
 def disentangled_attention(q, k, v, pos_key, pos_query, attention_mask, *, position_buckets,
-                           max_relative_positions, scale=None, dropout_p=0.0, seed=None, impl="auto"):
+                           max_relative_positions, scale=None, dropout_p=0.0, seed=None, document_ids=None,
+                           impl="auto"):
     attention = select_attention(impl, q.device)
     return attention(q, k, v, pos_key, pos_query, attention_mask, position_buckets=position_buckets,
                      max_relative_positions=max_relative_positions, scale=scale, dropout_p=dropout_p,
-                     seed=seed)
+                     seed=seed, document_ids=document_ids)

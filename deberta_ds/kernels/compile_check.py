@@ -20,8 +20,8 @@ from pathlib import Path
 
 DTYPES = ("fp32", "fp16", "bf16")   # Triton's names for the tensor arguments
 HEAD_DIMS = (32, 64, 128)
-FEATURES = ("HAS_C2P", "HAS_P2C", "HAS_MASK", "DROPOUT")
-INT32_POINTERS = {"slot_ptr", "slot_start_ptr", "mask_ptr"}
+FEATURES = ("HAS_C2P", "HAS_P2C", "HAS_MASK", "DROPOUT", "DOCS")
+INT32_POINTERS = {"slot_ptr", "slot_start_ptr", "mask_ptr", "doc_ptr"}
 FP32_POINTERS = {"lse_ptr", "delta_ptr", "dkr_part_ptr", "dqr_part_ptr"}
 
 
@@ -78,13 +78,14 @@ def compile_all(arch: int) -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from deberta_ds.kernels.triton_attention import NUM_WARPS
+    from deberta_ds.kernels.triton_attention import DEFAULT_TILES
 
     failures = []
     for label, kernel, dtype, constexprs in variants():
         source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs)
         try:
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+            options = {"num_warps": DEFAULT_TILES.num_warps, "num_stages": DEFAULT_TILES.num_stages}
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         except Exception as error:  # noqa: BLE001 - any compiler failure is reported, with its variant
             failures.append(f"{label}: {type(error).__name__}: {str(error).strip().splitlines()[-1]}")
             print(f"{label}  FAILED", flush=True)

@@ -53,8 +53,11 @@ def attention_scores(q, k, pos_key, pos_query, *, position_buckets, max_relative
 
 
 def disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask, *, position_buckets,
-                                     max_relative_positions, scale=None, dropout_p=0.0, seed=None):
-    """q, k, v [B, h, L, d]; pos_key, pos_query [h, 2k, d] or None; attention_mask [B, L] or None.
+                                     max_relative_positions, scale=None, dropout_p=0.0, seed=None,
+                                     document_ids=None):
+    """q, k, v [B, h, L, d]; pos_key, pos_query [h, 2k, d] or None; attention_mask [B, L] or None;
+    document_ids [B, L] or None (int: positions attend only to positions of an equal id, so the
+    documents packed into one sample do not see each other).
 
     Returns [B, h, L, d] in v's dtype; padded query rows are exactly 0.
     """
@@ -65,6 +68,9 @@ def disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask
     if attention_mask is not None:
         keep = attention_mask.bool()                                  # [B, L]
         scores.masked_fill_(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
+    if document_ids is not None:
+        same_document = document_ids[:, :, None] == document_ids[:, None, :]       # [B, L(query), L(key)]
+        scores.masked_fill_(~same_document[:, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0 and seed is None:
         probs = torch.nn.functional.dropout(probs, dropout_p)

@@ -25,6 +25,7 @@ bucket boundaries agree exactly.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -36,13 +37,25 @@ _NEG = tl.constexpr(-1.0e30)  # masked score (finite, so a fully masked row give
 
 
 @triton.jit
-def _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets):
-    """Relative-table slots of a tile [BM, BN]. Near the diagonal (every |i - j| <= buckets / 2)
-    the slot is i - j + buckets exactly and no table is read."""
+def _tile_window(m0, n0, slot_ptr, seq_len, buckets, BM: tl.constexpr, BN: tl.constexpr):
+    """First and last relative-table slot of the tile whose first query is m0 and first key n0,
+    from two scalar reads (slots never decrease with i - j), and whether the tile is near the
+    diagonal (every |i - j| <= buckets / 2: the slot is i - j + buckets, no table read)."""
+    lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0                 # extreme i - j of the tile
+    near = tl.maximum(highest, -lowest) <= buckets // 2
+    if near:
+        first, last = lowest + buckets, highest + buckets
+    else:
+        first = tl.load(slot_ptr + tl.minimum(tl.maximum(lowest + seq_len - 1, 0), 2 * seq_len - 2))
+        last = tl.load(slot_ptr + tl.minimum(tl.maximum(highest + seq_len - 1, 0), 2 * seq_len - 2))
+    return first, last, near
+
+
+@triton.jit
+def _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets, near):
+    """Relative-table slots of a tile [BM, BN] (read only for unsaturated tiles)."""
     rel = offs_m[:, None] - offs_n[None, :]
-    m0, n0 = tl.min(offs_m, axis=0), tl.min(offs_n, axis=0)
-    farthest = tl.maximum(tl.max(offs_m, axis=0) - n0, tl.max(offs_n, axis=0) - m0)
-    if farthest <= buckets // 2:
+    if near:
         slot = rel + buckets
     else:
         slot = tl.load(slot_ptr + tl.minimum(tl.maximum(rel + seq_len - 1, 0), 2 * seq_len - 2))
@@ -50,18 +63,14 @@ def _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets):
 
 
 @triton.jit
-def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, offs_m, offs_n, seq_len, buckets, table_rows, stride_r, offs_d,
-                 d_mask, scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, W: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, m0, n0, offs_m, offs_n, seq_len, buckets, table_rows, stride_r,
+                 offs_d, d_mask, scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
     """Scaled scores of one tile [BM, BN], the first slot of its window and whether the tile is
     saturated (one slot for every pair: the terms are a row plus a column vector)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    slot = _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets)       # [BM, BN] int32
-    window_start = tl.min(tl.min(slot, axis=1), axis=0)
-    saturated = tl.max(tl.max(slot, axis=1), axis=0) == window_start
-    local = slot - window_start
-    rows = window_start + tl.arange(0, W)
-    row_ok = rows < table_rows
+    window_start, last_slot, near = _tile_window(m0, n0, slot_ptr, seq_len, buckets, BM, BN)
+    saturated = last_slot == window_start
     if saturated:
         if HAS_C2P:
             kr_row = tl.load(kr_ptr + window_start * stride_r + offs_d, mask=d_mask, other=0.0).to(tl.float32)
@@ -70,6 +79,9 @@ def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, offs_m, offs_n, seq_len, bucket
             qr_row = tl.load(qr_ptr + window_start * stride_r + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             s += tl.sum(k.to(tl.float32) * qr_row[None, :], axis=1)[None, :]
     else:
+        local = _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets, near) - window_start   # [BM, BN]
+        rows = window_start + tl.arange(0, W)
+        row_ok = rows < table_rows
         if HAS_C2P:
             kr = tl.load(kr_ptr + rows[:, None] * stride_r + offs_d[None, :],
                          mask=row_ok[:, None] & d_mask[None, :], other=0.0)
@@ -86,6 +98,13 @@ def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, offs_m, offs_n, seq_len, bucket
                 p2c_window = tl.dot(qr, tl.trans(k), input_precision=PRECISION)           # [W, BN]
                 s += tl.gather(p2c_window, local, axis=0)
     return s * scale, window_start, saturated
+
+
+@triton.jit
+def _document_ranges(doc_ptr, b, offs, ok, seq_len):
+    """Document ids of a block [N] and their smallest and largest (over its real positions)."""
+    docs = tl.load(doc_ptr + b * seq_len + offs, mask=ok, other=0)
+    return docs, tl.min(tl.where(ok, docs, 2147483647), axis=0), tl.max(tl.where(ok, docs, -2147483647), axis=0)
 
 
 @triton.jit
@@ -116,42 +135,53 @@ def _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_
 
 
 @triton.jit
-def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, out_ptr, lse_ptr,
+def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, doc_ptr, out_ptr, lse_ptr,
                     seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed,
                     stride_b, stride_h, stride_l, stride_rh, stride_r,
                     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                    DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
                     PRECISION: tl.constexpr):
     block_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
-    offs_m = block_m * BM + tl.arange(0, BM)
+    m0 = block_m * BM
+    offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     d_mask = offs_d < head_dim
     base = b * stride_b + h * stride_h
     row_ok = offs_m < seq_len
     q = tl.load(q_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
                 other=0.0)
+    if DOCS:
+        query_docs, query_first_doc, query_last_doc = _document_ranges(doc_ptr, b, offs_m, row_ok, seq_len)
     kr_base, qr_base = kr_ptr + h * stride_rh, qr_ptr + h * stride_rh
     m_i = tl.full([BM], _NEG, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     for start_n in range(0, seq_len, BN):
         offs_n = start_n + tl.arange(0, BN)
-        k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-        s, _, _ = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len, buckets, table_rows,
-                                  stride_r, offs_d, d_mask, scale, HAS_C2P, HAS_P2C, W, PRECISION)
-        keep = col_ok
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0)
-        s = tl.where(keep[None, :], s, _NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DROPOUT:
-            p = tl.where(_keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p), p / (1.0 - dropout_p), 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        shares_document = True
+        if DOCS:  # a tile where no query shares a key's document adds nothing: skipped, no work
+            key_docs, key_first_doc, key_last_doc = _document_ranges(doc_ptr, b, offs_n, offs_n < seq_len, seq_len)
+            shares_document = (query_first_doc <= key_last_doc) & (key_first_doc <= query_last_doc)
+        if shares_document:
+            k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
+            s, _, _ = _tile_scores(q, k, kr_base, qr_base, slot_ptr, m0, start_n, offs_m, offs_n, seq_len, buckets,
+                                   table_rows, stride_r, offs_d, d_mask, scale, HAS_C2P, HAS_P2C, BM, BN, W,
+                                   PRECISION)
+            keep = col_ok[None, :]
+            if HAS_MASK:
+                keep = keep & (tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0)[None, :]
+            if DOCS:
+                keep = keep & (query_docs[:, None] == key_docs[None, :])
+            s = tl.where(keep, s, _NEG)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:
+                p = tl.where(_keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p), p / (1.0 - dropout_p), 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
     out = acc / l_i[:, None]
     query_ok = row_ok
     if HAS_MASK:
@@ -224,13 +254,13 @@ def _position_grads(ds_rows, offs_rows, first_col, operand, table_ptr, part_ptr,
 
 
 @triton.jit
-def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_ptr, mask_ptr, do_ptr, lse_ptr,
-                     delta_ptr, dq_ptr, dk_ptr, dv_ptr, dkr_part_ptr, dqr_part_ptr,
+def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_ptr, mask_ptr, doc_ptr, do_ptr,
+                     lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dkr_part_ptr, dqr_part_ptr,
                      seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed, num_blocks,
                      blocks_per_program, stride_b, stride_h, stride_l, stride_rh, stride_r, stride_part,
                      KEY_SIDE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
-                     DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
     """KEY_SIDE: each program computes dK, dV of `blocks_per_program` consecutive key blocks and
     their dQr partial. Otherwise each program computes dQ of as many query blocks and their dKr
     partial. One partial per program (not per block) keeps the partial buffers small at long L."""
@@ -244,52 +274,74 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_p
     for block in range(program * blocks_per_program, tl.minimum(program * blocks_per_program + blocks_per_program,
                                                                   num_blocks)):
         if KEY_SIDE:
-            offs_n = block * BN + tl.arange(0, BN)
+            n0 = block * BN
+            offs_n = n0 + tl.arange(0, BN)
             k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
             dk = tl.zeros([BN, D], tl.float32)
             dv = tl.zeros([BN, D], tl.float32)
+            if DOCS:
+                key_docs, key_first_doc, key_last_doc = _document_ranges(doc_ptr, b, offs_n, col_ok, seq_len)
         else:
-            offs_m = block * BM + tl.arange(0, BM)
+            m0 = block * BM
+            offs_m = m0 + tl.arange(0, BM)
             q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m, offs_d,
                                                           d_mask, seq_len, stride_l)
             dq = tl.zeros([BM, D], tl.float32)
+            if DOCS:
+                query_docs, query_first_doc, query_last_doc = _document_ranges(doc_ptr, b, offs_m, row_ok, seq_len)
         for start in range(0, seq_len, BM if KEY_SIDE else BN):
+            shares_document = True
             if KEY_SIDE:
+                m0 = start
                 offs_m = start + tl.arange(0, BM)
-                q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m,
-                                                              offs_d, d_mask, seq_len, stride_l)
+                if DOCS:
+                    query_docs, query_first_doc, query_last_doc = _document_ranges(doc_ptr, b, offs_m,
+                                                                                   offs_m < seq_len, seq_len)
             else:
+                n0 = start
                 offs_n = start + tl.arange(0, BN)
-                k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-            s, window_start, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, offs_m, offs_n, seq_len,
-                                                      buckets, table_rows, stride_r, offs_d, d_mask, scale,
-                                                      HAS_C2P, HAS_P2C, W, PRECISION)
-            keep = col_ok[None, :] & row_ok[:, None]
-            if HAS_MASK:
-                key_keep = tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0
-                query_keep = tl.load(mask_ptr + b * seq_len + offs_m, mask=row_ok, other=0) != 0
-                keep = keep & key_keep[None, :] & query_keep[:, None]   # padded query rows carry no gradient
-            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)                 # [BM, BN] probabilities
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            p_used = p
-            if DROPOUT:
-                kept = _keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p)
-                p_used = tl.where(kept, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
-            ds = p * (dp - delta[:, None]) * scale                            # d(score before scaling)
-            if KEY_SIDE:
-                dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-                if HAS_P2C:  # p2c[i, j] = k_j . Qr[s]: dK from Qr, dQr from k
-                    dk += _position_grads(tl.trans(ds), offs_n, start, k, qr_base, dqr_part_ptr + part, saturated,
-                                          slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask, False,
-                                          W, PRECISION)
-            else:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                if HAS_C2P:  # c2p[i, j] = q_i . Kr[s]: dQ from Kr, dKr from q
-                    dq += _position_grads(ds, offs_m, start, q, kr_base, dkr_part_ptr + part, saturated,
-                                          slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask, True,
-                                          W, PRECISION)
+                if DOCS:
+                    key_docs, key_first_doc, key_last_doc = _document_ranges(doc_ptr, b, offs_n, offs_n < seq_len,
+                                                                             seq_len)
+            if DOCS:  # as in the forward: tiles with no pair in one document are skipped
+                shares_document = (query_first_doc <= key_last_doc) & (key_first_doc <= query_last_doc)
+            if shares_document:
+                if KEY_SIDE:
+                    q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m,
+                                                                  offs_d, d_mask, seq_len, stride_l)
+                else:
+                    k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
+                s, window_start, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, m0, n0, offs_m, offs_n,
+                                                          seq_len, buckets, table_rows, stride_r, offs_d, d_mask,
+                                                          scale, HAS_C2P, HAS_P2C, BM, BN, W, PRECISION)
+                keep = col_ok[None, :] & row_ok[:, None]
+                if HAS_MASK:
+                    key_keep = tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0
+                    query_keep = tl.load(mask_ptr + b * seq_len + offs_m, mask=row_ok, other=0) != 0
+                    keep = keep & key_keep[None, :] & query_keep[:, None]   # padded query rows carry no gradient
+                if DOCS:
+                    keep = keep & (query_docs[:, None] == key_docs[None, :])
+                p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)                 # [BM, BN] probabilities
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                p_used = p
+                if DROPOUT:
+                    kept = _keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p)
+                    p_used = tl.where(kept, p / (1.0 - dropout_p), 0.0)
+                    dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
+                ds = p * (dp - delta[:, None]) * scale                            # d(score before scaling)
+                if KEY_SIDE:
+                    dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                    if HAS_P2C:  # p2c[i, j] = k_j . Qr[s]: dK from Qr, dQr from k
+                        dk += _position_grads(tl.trans(ds), offs_n, start, k, qr_base, dqr_part_ptr + part, saturated,
+                                              slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask,
+                                              False, W, PRECISION)
+                else:
+                    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                    if HAS_C2P:  # c2p[i, j] = q_i . Kr[s]: dQ from Kr, dKr from q
+                        dq += _position_grads(ds, offs_m, start, q, kr_base, dkr_part_ptr + part, saturated,
+                                              slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask,
+                                              True, W, PRECISION)
         if KEY_SIDE:
             store = col_ok[:, None] & d_mask[None, :]
             tl.store(dk_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -303,13 +355,19 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_p
 
 # ---------------------------------------------------------------- host side
 
-BLOCK_M = BLOCK_N = 32
-# The backward launches both passes (query side and key side) over cdiv(L, BLOCK_M) blocks, so it
-# needs square tiles; a change to either size must generalise fused_backward first.
-assert BLOCK_M == BLOCK_N, "fused_backward sizes both passes with BLOCK_M: tiles must be square"
-# 8 warps: at 32 x 32 tiles, 4 warps need more than 255 registers per thread and spill (the
-# window matmuls, gathers and dropout bits are live together); `compile_check` reports this.
-NUM_WARPS = 8
+class Tiles(NamedTuple):
+    """A launch configuration. Tiles are square: the backward launches both passes (query side
+    and key side) over cdiv(L, block) blocks. The default: at 32 x 32 tiles 4 warps need more
+    than 255 registers per thread and spill (the window matmuls, gathers and dropout bits are
+    live together; `compile_check` reports this), so 8. `benchmarks/kernel_tune.py` times the
+    alternatives on a GPU (RESULTS.md)."""
+    block: int = 32
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+DEFAULT_TILES = Tiles()
+BLOCK_M = BLOCK_N = DEFAULT_TILES.block
 # Backward programs per launch, at most: past this each program takes several consecutive blocks,
 # so the fp32 table-gradient partials ([B*h, programs, 2k, d], one per program) stop growing
 # with L: about 270 MB in all at L = 16384, B*h = 12, 2k = 512, d = 64, instead of 1.6 GB.
@@ -317,12 +375,12 @@ NUM_WARPS = 8
 MAX_BACKWARD_PROGRAMS = 1024
 
 
-def launch_constants(dtype: torch.dtype, head_dim: int) -> dict:
+def launch_constants(dtype: torch.dtype, head_dim: int, block: int = BLOCK_M) -> dict:
     """The compile-time constants every kernel is launched with (also what `compile_check`
     compiles): tiles, padded head dim, slot-window width, and the matmul precision (fp32 inputs
     get exact fp32 products, no TF32 rounding; fp16/bf16 use the tensor cores)."""
-    return dict(BM=BLOCK_M, BN=BLOCK_N, D=max(16, triton.next_power_of_2(head_dim)),
-                W=triton.next_power_of_2(BLOCK_M + BLOCK_N), PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    return dict(BM=block, BN=block, D=max(16, triton.next_power_of_2(head_dim)),
+                W=triton.next_power_of_2(2 * block), PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
 def slot_table(seq_len: int, position_buckets: int, max_relative_positions: int, device) -> torch.Tensor:
@@ -360,41 +418,50 @@ def _launch_args(q, pos_key, pos_query, position_buckets, max_relative_positions
     return batch, heads, seq_len, head_dim, kr, qr, slots, starts, rows
 
 
+def _int32_or_placeholder(tensor, placeholder):
+    """A [B, L] mask or document-id tensor as the kernel reads it; the placeholder stands for an
+    absent one (its pointer is never read: the matching constexpr switch is off)."""
+    return tensor.to(torch.int32).contiguous() if tensor is not None else placeholder
+
+
 def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets, max_relative_positions, scale,
-                  dropout_p, seed):
+                  dropout_p, seed, document_ids=None, tiles: Tiles = DEFAULT_TILES):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, seq_len, head_dim, kr, qr, slots, _, rows = _launch_args(q, pos_key, pos_query, position_buckets,
                                                                               max_relative_positions)
     out = torch.empty_like(q)
     lse = torch.empty(batch * heads, seq_len, device=q.device, dtype=torch.float32)
-    mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
-    grid = (triton.cdiv(seq_len, BLOCK_M), batch * heads)
-    _forward_kernel[grid](q, k, v, kr, qr, slots, mask, out, lse, seq_len, heads, position_buckets, rows, head_dim,
-                          scale, dropout_p, seed, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1),
-                          HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
-                          HAS_MASK=attention_mask is not None, DROPOUT=dropout_p > 0,
-                          **launch_constants(q.dtype, head_dim), num_warps=NUM_WARPS)
+    grid = (triton.cdiv(seq_len, tiles.block), batch * heads)
+    _forward_kernel[grid](q, k, v, kr, qr, slots, _int32_or_placeholder(attention_mask, slots),
+                          _int32_or_placeholder(document_ids, slots), out, lse, seq_len, heads, position_buckets,
+                          rows, head_dim, scale, dropout_p, seed, q.stride(0), q.stride(1), q.stride(2),
+                          kr.stride(0), kr.stride(1), HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
+                          HAS_MASK=attention_mask is not None, DROPOUT=dropout_p > 0, DOCS=document_ids is not None,
+                          **launch_constants(q.dtype, head_dim, tiles.block), num_warps=tiles.num_warps,
+                          num_stages=tiles.num_stages)
     return out, lse
 
 
 def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, lse, position_buckets,
-                   max_relative_positions, scale, dropout_p, seed):
+                   max_relative_positions, scale, dropout_p, seed, document_ids=None, tiles: Tiles = DEFAULT_TILES):
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     batch, heads, seq_len, head_dim, kr, qr, slots, starts, rows = _launch_args(q, pos_key, pos_query,
                                                                                   position_buckets,
                                                                                   max_relative_positions)
     delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_len).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    blocks = triton.cdiv(seq_len, BLOCK_M)
+    blocks = triton.cdiv(seq_len, tiles.block)
     blocks_per_program = triton.cdiv(blocks * batch * heads, MAX_BACKWARD_PROGRAMS)
     programs = triton.cdiv(blocks, blocks_per_program)
     # Per-program partial sums of the table gradients, reduced below in a fixed order.
     dkr_parts = torch.zeros(batch * heads, programs, *kr.shape[1:], device=q.device, dtype=torch.float32)
     dqr_parts = torch.zeros_like(dkr_parts)
-    mask = attention_mask.to(torch.int32).contiguous() if attention_mask is not None else slots
     common = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=attention_mask is not None,
-                  DROPOUT=dropout_p > 0, **launch_constants(q.dtype, head_dim), num_warps=NUM_WARPS)
-    args = (q, k, v, kr, qr, slots, starts, mask, grad_out, lse, delta, dq, dk, dv, dkr_parts,
+                  DROPOUT=dropout_p > 0, DOCS=document_ids is not None,
+                  **launch_constants(q.dtype, head_dim, tiles.block), num_warps=tiles.num_warps,
+                  num_stages=tiles.num_stages)
+    args = (q, k, v, kr, qr, slots, starts, _int32_or_placeholder(attention_mask, slots),
+            _int32_or_placeholder(document_ids, slots), grad_out, lse, delta, dq, dk, dv, dkr_parts,
             dqr_parts, seq_len, heads, position_buckets, rows, head_dim, scale, dropout_p, seed, blocks,
             blocks_per_program, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1), dkr_parts.stride(1))
     _backward_kernel[(programs, batch * heads)](*args, KEY_SIDE=True, **common)
