@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from data_prep.tokenizer import train_tokenizer  # noqa: E402
 from deberta_ds.data.dataset import MaskingConfig, PretrainingSamples, TokenCorpus, special_ids  # noqa: E402
+from deberta_ds.data.mixture import MixtureSamples  # noqa: E402
 from deberta_ds.data.tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "corpora" / "wikitext-2" / "test.txt"
@@ -101,9 +102,8 @@ def concurrent_encode_rate(model: Path, texts: list[str], megabytes: float, proc
     return sum(megabytes / s for s in seconds)
 
 
-def loader_rate(shards: Path, meta, masking: MaskingConfig, word_start=None, batches: int = 50) -> float:
-    special = special_ids(meta)
-    samples = PretrainingSamples(TokenCorpus([shards]), 512, special, masking, seed=0, word_start=word_start)
+def loader_rate(samples, batches: int = 50) -> float:
+    """Samples/s of `samples.batch` over consecutive global batches of 64 at L = 512, one process."""
     start = time.perf_counter()
     for b in range(batches):
         samples.batch(np.arange(b * 64, (b + 1) * 64))
@@ -157,11 +157,20 @@ def main() -> None:
               f"{large_rate / (2 * per_text):.2f} / {large_rate / both:.2f} | |")
     _, meta = load_tokenizer(work / "tok")
     processor = spm.SentencePieceProcessor(model_file=str(work / "tok" / "spm.model"))
-    rtd = loader_rate(work / "w1", meta, MaskingConfig())
-    mlm = loader_rate(work / "w1", meta, MaskingConfig(mode="mlm", whole_word=True),
-                      word_start_table(processor, meta.model_vocab_size), batches=10)
+    def samples(shards, masking=None, word_start=None, document_attention=False):
+        return PretrainingSamples(TokenCorpus([shards]), 512, special_ids(meta), masking or MaskingConfig(), seed=0,
+                                  word_start=word_start, document_attention=document_attention)
+
+    rtd = loader_rate(samples(work / "w1"))
+    mlm = loader_rate(samples(work / "w1", MaskingConfig(mode="mlm", whole_word=True),
+                              word_start_table(processor, meta.model_vocab_size)), batches=10)
+    # The two tokenize runs' shards as two sources 0.7 / 0.3, with document ids (#14's loader line).
+    mixture = MixtureSamples(["w1", "w2"], [samples(work / f"w{w}", document_attention=True) for w in (1, 2)],
+                             [0.7, 0.3])
+    mixed = loader_rate(mixture)
     print(f"\nloader, L=512, 1 process: RTD masking {rtd:,.0f} samples/s; "
-          f"MLM 80/10/10 whole-word n-gram {mlm:,.0f} samples/s")
+          f"MLM 80/10/10 whole-word n-gram {mlm:,.0f} samples/s; "
+          f"RTD from a 2-source mixture with document ids {mixed:,.0f} samples/s")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,21 @@ def test_tp2_with_the_fused_kernel_equals_tp1_reference(tmp_path):
 
 
 @pytest.mark.slow
+def test_tp2_fused_with_document_ids_equals_tp1_reference(tmp_path):
+    """Packed documents under TP: each rank's heads keep to their documents in the fused kernel
+    exactly as TP = 1 does in the reference (and the ids change the result: not a no-op)."""
+    weights, batch = full_weights(rtd_config()), masked_batch()
+    batch["document_ids"] = (torch.arange(batch["input_ids"].shape[1]) // 17).expand_as(batch["input_ids"]).clone()
+    one = run_distributed(tp_forward_backward, 1, 1, rtd_config(), weights, batch, 11, tmp_dir=tmp_path)
+    two = run_distributed(tp_forward_backward, 2, 2, rtd_config(attention_impl="fused"), weights, batch, 11,
+                          tmp_dir=tmp_path)
+    assert_same_step(one, two, batch)
+    without = run_distributed(tp_forward_backward, 1, 1, rtd_config(), weights,
+                              {k: v for k, v in batch.items() if k != "document_ids"}, 11, tmp_dir=tmp_path)
+    assert (without["hidden"] - one["hidden"]).abs().max().item() > 1e-2
+
+
+@pytest.mark.slow
 def test_sampling_on_vocab_split_logits_equals_tp1(tmp_path):
     logits = torch.randn(300, 1000, generator=torch.Generator().manual_seed(5)) * 3
     config = rtd_config()

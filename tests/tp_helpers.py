@@ -29,10 +29,11 @@ def tp_forward_backward(tp: int, config_dict: dict, full_state: dict, batch: dic
     plan, vocab = partition_plan(model), config.discriminator.vocab_size
     model.load_state_dict(split_state(full_state, plan, vocab, tp, group.rank))
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    out = model(ids, mask, labels, rng=torch.Generator().manual_seed(seed))
+    documents = batch.get("document_ids")
+    out = model(ids, mask, labels, rng=torch.Generator().manual_seed(seed), document_ids=documents)
     out.loss.backward()
     with torch.no_grad():
-        hidden = model.discriminator.encoder(out.corrupted_ids, mask,
+        hidden = model.discriminator.encoder(out.corrupted_ids, mask, document_ids=documents,
                                              word_embedding_weight=model.discriminator_embedding_weight())
     grads = gather_full({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, plan, vocab, group)
     return {"mlm": out.generator.loss.item(), "rtd": out.discriminator.loss.item(), "loss": out.loss.item(),

@@ -55,6 +55,7 @@ class PackedSamples:
             # A shard's .bin is its documents back to back, so the stream is the shards' token arrays.
             self.shard_starts = np.concatenate([[0], np.cumsum([len(s.tokens) for s in corpus.shards])])
             self.num_samples = -(-int(self.shard_starts[-1]) // capacity)
+            self.document_ends = np.cumsum(corpus.doc_lengths)                             # [D], in the stream
         else:
             chunks = -(-corpus.doc_lengths // capacity)
             self.sample_starts = np.concatenate([[0], np.cumsum(chunks)])              # [D + 1]
@@ -77,6 +78,17 @@ class PackedSamples:
             begin += take
             shard += 1
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def document_starts(self, samples: np.ndarray) -> list[np.ndarray]:
+        """For each packed sample, the offsets in `tokens(sample)` where a later document begins
+        (none without cross-document packing: a sample is a piece of one document)."""
+        if not self.cross_documents:
+            return [np.zeros(0, np.int64)] * len(samples)
+        begins = np.asarray(samples, np.int64) * self.capacity
+        ends = np.minimum(begins + self.capacity, int(self.shard_starts[-1]))
+        first = np.searchsorted(self.document_ends, begins, side="right")   # the document holding each begin
+        last = np.searchsorted(self.document_ends, ends - 1, side="right")
+        return [self.document_ends[f:l] - b for f, l, b in zip(first, last, begins)]
 
 
 @dataclass
@@ -117,12 +129,21 @@ def special_ids(meta) -> SpecialIds:
 
 
 class PretrainingSamples:
-    """sample(g) -> {input_ids, attention_mask, labels} int64 [max_length], pure in (seed, g)."""
+    """sample(g) -> {input_ids, attention_mask, labels} int64 [max_length], pure in (seed, g);
+    with document_attention also document_ids (which packed document each position belongs to:
+    [CLS] to the first, [SEP] and padding to the last)."""
 
     def __init__(self, corpus: TokenCorpus, max_length: int, special: SpecialIds, masking: MaskingConfig,
-                 seed: int = 0, cross_documents: bool = True, word_start: np.ndarray | None = None):
+                 seed: int = 0, cross_documents: bool = True, word_start: np.ndarray | None = None,
+                 document_attention: bool = False):
         self.packed = PackedSamples(corpus, max_length - 2, cross_documents)
         self.max_length, self.special, self.masking, self.seed = max_length, special, masking, seed
+        self.document_attention = document_attention
+        # Special ids ([UNK] too) are never masked, so never a generator target or a replacement
+        # site: a lookup table over every id a sample can hold (one gather per batch, not np.isin).
+        specials = [special.cls, special.sep, special.unk, special.mask, special.pad]
+        self.unmaskable = np.zeros(max(corpus.max_token_id, *specials) + 1, dtype=bool)
+        self.unmaskable[specials] = True
         if masking.whole_word and word_start is None:
             raise UserError("whole-word masking needs the tokenizer's word-start table")
         self.word_start = word_start
@@ -145,15 +166,14 @@ class PretrainingSamples:
         indices = np.asarray(indices, dtype=np.int64)
         ids = np.full((len(indices), self.max_length), self.special.pad, dtype=np.int64)
         attention_mask = np.zeros_like(ids)
-        for row, sample in enumerate(self.sample_id(indices)):
+        packed = self.sample_id(indices)
+        for row, sample in enumerate(packed):
             tokens = self.packed.tokens(int(sample))
             ids[row, 0] = self.special.cls
             ids[row, 1:1 + len(tokens)] = tokens
             ids[row, 1 + len(tokens)] = self.special.sep
             attention_mask[row, :2 + len(tokens)] = 1
-        # Special ids ([UNK] too) are never masked, so never a generator target or a replacement site.
-        maskable = attention_mask.astype(bool) & ~np.isin(ids, [self.special.cls, self.special.sep, self.special.unk,
-                                                                 self.special.mask, self.special.pad])
+        maskable = attention_mask.astype(bool) & ~self.unmaskable[ids]
         if self.masking.whole_word:
             selected = np.stack([self._whole_word_selection(g, row, can)
                                  for g, row, can in zip(indices, ids, maskable)])
@@ -162,8 +182,17 @@ class PretrainingSamples:
             selected = maskable & (uniform(self.seed, indices[:, None], positions, _STREAM_RTD)
                                    < self.masking.probability)
         labels = np.where(selected, ids, IGNORE_INDEX)
-        return {"input_ids": self._corrupt(ids, selected, indices), "attention_mask": attention_mask,
-                "labels": labels}
+        batch = {"input_ids": self._corrupt(ids, selected, indices), "attention_mask": attention_mask,
+                 "labels": labels}
+        return batch | ({"document_ids": self._document_ids(packed)} if self.document_attention else {})
+
+    def _document_ids(self, packed: np.ndarray) -> np.ndarray:
+        """[B, max_length]: a count of the document starts up to each position ([CLS] is at 0, so
+        a start at token offset t marks position t + 1; [SEP] and padding stay in the last)."""
+        starts = np.zeros((len(packed), self.max_length), np.int64)
+        for row, offsets in enumerate(self.packed.document_starts(packed)):
+            starts[row, offsets + 1] = 1
+        return np.cumsum(starts, axis=1)
 
     def _corrupt(self, ids, selected, indices) -> np.ndarray:
         if self.masking.mode == "rtd":

@@ -11,21 +11,29 @@ import numpy as np
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 arrays (a bijection with good avalanche)."""
+    """splitmix64 finaliser on uint64 arrays (a bijection with good avalanche); wraps modulo 2^64
+    (callers hold np.errstate(over="ignore"))."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _extend(h, key) -> np.ndarray:
+    """The hash of (keys..., key) from h, the hash of (keys...)."""
     with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+        return _mix(np.asarray(key).astype(np.uint64) + h * _GOLDEN)
 
 
 def hash64(*keys) -> np.ndarray:
     """Combine integer keys (broadcast) into uint64 hashes."""
-    with np.errstate(over="ignore"):
-        h = np.uint64(0x9E3779B97F4A7C15)
-        for key in keys:
-            h = _mix(np.asarray(key).astype(np.uint64) + h * np.uint64(0x9E3779B97F4A7C15))
-        return h
+    h = _GOLDEN
+    for key in keys:
+        h = _extend(h, key)
+    return h
 
 
 def uniform(*keys) -> np.ndarray:
@@ -39,13 +47,14 @@ def permute(index: np.ndarray, size: int, seed: int) -> np.ndarray:
     index = np.asarray(index, dtype=np.uint64)
     half_bits = max(1, (int(size - 1).bit_length() + 1) // 2)
     half_mask = np.uint64((1 << half_bits) - 1)
+    round_keys = [hash64(seed, round_) for round_ in range(4)]   # hash64(seed, round_, right), keys hoisted
     out = index.copy()
     todo = np.ones(out.shape, dtype=bool)
     while todo.any():
         x = out[todo]
         left, right = x >> np.uint64(half_bits), x & half_mask
-        for round_ in range(4):
-            left, right = right, left ^ (hash64(seed, round_, right) & half_mask)
+        for key in round_keys:
+            left, right = right, left ^ (_extend(key, right) & half_mask)
         x = (left << np.uint64(half_bits)) | right
         out[todo] = x
         todo[todo] = x >= np.uint64(size)

@@ -106,8 +106,9 @@ class DisentangledSelfAttention(nn.Module):
         pos_query = self._heads(query_proj(table)) if "p2c" in terms else None
         return pos_key, pos_query
 
-    def forward(self, hidden_states, attention_mask, rel_table, query_states=None):
-        """hidden_states [B, L, H] gives keys/values; query_states (default: the same) queries."""
+    def forward(self, hidden_states, attention_mask, rel_table, query_states=None, document_ids=None):
+        """hidden_states [B, L, H] gives keys/values; query_states (default: the same) queries;
+        document_ids [B, L] (optional) keeps attention inside each packed document."""
         query_states = hidden_states if query_states is None else query_states
         q = self._heads(self.query(query_states))                             # [B, h, L, d]
         k = self._heads(self.key(hidden_states))
@@ -120,7 +121,7 @@ class DisentangledSelfAttention(nn.Module):
                 max_relative_positions=self.config.max_relative_positions,
                 scale=self.config.attention_scale,
                 dropout_p=self.config.attention_dropout if self.training else 0.0,
-                impl=self.config.attention_impl)                              # [B, h/tp, L, d]
+                document_ids=document_ids, impl=self.config.attention_impl)           # [B, h/tp, L, d]
         return context.transpose(1, 2).flatten(2)                             # [B, L, H/tp]
 
 
@@ -138,9 +139,9 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = layer_norm(hidden, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, attention_mask, rel_table, query_states=None):
+    def forward(self, hidden_states, attention_mask, rel_table, query_states=None, document_ids=None):
         residual = hidden_states if query_states is None else query_states
-        context = self.attention(hidden_states, attention_mask, rel_table, query_states)
+        context = self.attention(hidden_states, attention_mask, rel_table, query_states, document_ids)
         attended = self.attention_norm(self.dropout(self.attention_out(context)) + residual)
         ffn = self.ffn_out(F.gelu(self.ffn_in(attended)))
         return self.ffn_norm(self.dropout(ffn) + attended)
@@ -149,7 +150,8 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """Embeddings + layers sharing one LayerNorm-ed relative-position table.
 
-    forward: (input_ids [B, L], attention_mask [B, L]) -> last hidden states [B, L, H].
+    forward: (input_ids [B, L], attention_mask [B, L]) -> last hidden states [B, L, H]; with
+    document_ids [B, L] each position attends only inside its own document (packed samples).
     `tp`: the tensor-parallel group the layers are split over (default TP = 1).
     """
 
@@ -169,17 +171,18 @@ class Encoder(nn.Module):
         init_weights(self, config.initializer_range)
         nn.init.normal_(self.rel_embeddings, std=config.initializer_range)
 
-    def run_layer(self, layer: EncoderLayer, hidden, attention_mask, rel_table, query_states=None):
+    def run_layer(self, layer: EncoderLayer, hidden, attention_mask, rel_table, query_states=None,
+                  document_ids=None):
         """One layer, recomputed in the backward when activation checkpointing is on."""
         if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, hidden, attention_mask, rel_table, query_states)
-        return layer(hidden, attention_mask, rel_table, query_states)
+            return checkpoint(layer, hidden, attention_mask, rel_table, query_states, document_ids)
+        return layer(hidden, attention_mask, rel_table, query_states, document_ids)
 
     def relative_table(self) -> torch.Tensor:
         return self.rel_norm(self.rel_embeddings)                             # [2k, H]
 
     def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, word_embedding_weight=None,
-                num_layers: int | None = None):
+                num_layers: int | None = None, document_ids=None):
         """Runs the first `num_layers` layers (all by default); returns their output [B, L, H]."""
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
         if attention_mask is None:
@@ -187,7 +190,7 @@ class Encoder(nn.Module):
         hidden = self.embeddings(input_ids, attention_mask, inputs_embeds, word_embedding_weight)
         rel_table = self.relative_table()
         for layer in self.layers[:num_layers]:
-            hidden = self.run_layer(layer, hidden, attention_mask, rel_table)
+            hidden = self.run_layer(layer, hidden, attention_mask, rel_table, document_ids=document_ids)
         return hidden
 
 

@@ -18,7 +18,8 @@ class EnhancedMaskDecoder(nn.Module):
     """Runs the encoder's LAST layer twice over the second-to-last layer's output.
 
     Keys/values stay H_kv throughout; the query starts as H_kv + absolute position embeddings
-    (the only place absolute positions enter DeBERTaV3).
+    (the only place absolute positions enter DeBERTaV3). With document_ids each packed document's
+    positions count from 0, as if it ran alone.
     """
 
     def __init__(self, config: ModelConfig):
@@ -26,17 +27,29 @@ class EnhancedMaskDecoder(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         init_weights(self, config.initializer_range)
 
-    def forward(self, encoder: Encoder, kv_states, attention_mask, rel_table):
+    def forward(self, encoder: Encoder, kv_states, attention_mask, rel_table, document_ids=None):
         seq_len = kv_states.shape[1]
         if seq_len > self.position_embeddings.num_embeddings:
             raise UserError(f"sequence length {seq_len} exceeds max_position_embeddings="
                              f"{self.position_embeddings.num_embeddings} of the generator's enhanced mask decoder")
-        positions = self.position_embeddings.weight[:seq_len]                 # [L, H]
+        if document_ids is None:
+            positions = self.position_embeddings.weight[:seq_len]                 # [L, H]
+        else:
+            positions = self.position_embeddings(positions_in_documents(document_ids))  # [B, L, H]
         query = kv_states + positions
         last_layer = encoder.layers[-1]
         for _ in range(2):
-            query = encoder.run_layer(last_layer, kv_states, attention_mask, rel_table, query_states=query)
+            query = encoder.run_layer(last_layer, kv_states, attention_mask, rel_table, query_states=query,
+                                      document_ids=document_ids)
         return query
+
+
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> each position's offset from the start of its run of equal ids, [B, L] int64."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
 
 
 class LMHead(nn.Module):

@@ -69,12 +69,13 @@ class Generator(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.encoder.embeddings.word_embeddings
 
-    def forward(self, input_ids, attention_mask, labels, embedding_gradient=None) -> GeneratorOutput:
+    def forward(self, input_ids, attention_mask, labels, embedding_gradient=None, document_ids=None
+                ) -> GeneratorOutput:
         """embedding_gradient [V, H]: the discriminator's RTD gradient w.r.t. E_G (ES across two
         optimisers); sum(E_G * gradient) adds exactly that gradient to E_G's."""
         encoder = self.encoder
-        kv_states = encoder(input_ids, attention_mask, num_layers=len(encoder.layers) - 1)
-        decoded = self.emd(encoder, kv_states, attention_mask, encoder.relative_table())  # [B, L, H]
+        kv_states = encoder(input_ids, attention_mask, num_layers=len(encoder.layers) - 1, document_ids=document_ids)
+        decoded = self.emd(encoder, kv_states, attention_mask, encoder.relative_table(), document_ids)  # [B, L, H]
         masked = labels != IGNORE_INDEX
         logits = self.lm_head(decoded[masked], self.word_embeddings.weight)      # [M, V/tp]
         targets = labels[masked]
@@ -110,8 +111,9 @@ class Discriminator(nn.Module):
             return generator_embedding
         return None
 
-    def forward(self, input_ids, attention_mask, replaced, generator_embedding=None) -> DiscriminatorOutput:
-        hidden = self.encoder(input_ids, attention_mask,
+    def forward(self, input_ids, attention_mask, replaced, generator_embedding=None, document_ids=None
+                ) -> DiscriminatorOutput:
+        hidden = self.encoder(input_ids, attention_mask, document_ids=document_ids,
                               word_embedding_weight=self.word_embedding_weight(generator_embedding))
         logits = self.head(hidden)                                              # [B, L]
         real = attention_mask.bool()
@@ -156,8 +158,9 @@ class ReplacedTokenDetection(nn.Module):
         replaced[masked] = sampled != labels[masked]
         return corrupted, replaced
 
-    def discriminate(self, corrupted_ids, attention_mask, replaced) -> DiscriminatorOutput:
-        return self.discriminator(corrupted_ids, attention_mask, replaced, self.generator.word_embeddings.weight)
+    def discriminate(self, corrupted_ids, attention_mask, replaced, document_ids=None) -> DiscriminatorOutput:
+        return self.discriminator(corrupted_ids, attention_mask, replaced, self.generator.word_embeddings.weight,
+                                  document_ids)
 
     def weighted_rtd(self, rtd_loss: torch.Tensor) -> torch.Tensor:
         """The discriminator's share of the objective, lambda x RTD (what it steps on in either mode)."""
@@ -167,10 +170,11 @@ class ReplacedTokenDetection(nn.Module):
         """The joint objective: MLM + lambda x RTD."""
         return generator.loss + self.weighted_rtd(discriminator.loss)
 
-    def forward(self, input_ids, attention_mask, labels, rng: torch.Generator | None = None) -> RTDOutput:
-        gen = self.generator(input_ids, attention_mask, labels)
+    def forward(self, input_ids, attention_mask, labels, rng: torch.Generator | None = None, document_ids=None
+                ) -> RTDOutput:
+        gen = self.generator(input_ids, attention_mask, labels, document_ids=document_ids)
         corrupted, replaced = self.corrupt(input_ids, labels, gen.logits, rng)
-        disc = self.discriminate(corrupted, attention_mask, replaced)
+        disc = self.discriminate(corrupted, attention_mask, replaced, document_ids)
         return RTDOutput(self.objective(gen, disc), gen, disc, corrupted, replaced_ratio(labels, replaced))
 
     def export_discriminator_embedding(self) -> torch.Tensor:

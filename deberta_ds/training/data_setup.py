@@ -46,7 +46,7 @@ def build_data(config: RunConfig):
                 f"{model_config.vocab_size} from tokenizer {config.data.tokenizer}; were they tokenised with "
                 "another tokenizer?")
         return PretrainingSamples(corpus, section.max_length, special_ids(meta), section.masking, seed,
-                                  section.cross_documents, word_start)
+                                  section.cross_documents, word_start, section.document_attention)
 
     phases = []
     for i, (first_step, section) in enumerate(plan):

@@ -197,7 +197,8 @@ class RTDEngines:
 
     def _joint(self, batch, rng, loss_multiplier, train, stop_requested) -> StepResult:
         engine = self.engines["joint"]
-        out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], rng=rng)
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], rng=rng,
+                     document_ids=batch.get("document_ids"))
         loss = out.loss * loss_multiplier
         finite, stop = self._agree([loss], stop_requested) if train else (True, False)
         if train and finite:
@@ -209,14 +210,15 @@ class RTDEngines:
     def _decoupled(self, batch, rng, loss_multiplier, train, stop_requested) -> StepResult:
         generator, discriminator = self.engines["generator"], self.engines["discriminator"]
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        documents = batch.get("document_ids")                 # [B, L] when data.document_attention is on
         es = self.config.rtd.embedding_sharing == "es" and train
         # ES: the samples come from a no-grad pass; the generator's graph is built after the
         # discriminator's backward, when the RTD gradient w.r.t. E_G is known.
         with torch.no_grad() if es else nullcontext():
-            gen_out = generator(ids, mask, labels)
+            gen_out = generator(ids, mask, labels, document_ids=documents)
         corrupted, replaced = self.model.corrupt(ids, labels, gen_out.logits, rng)
         embedding = self._gathered_generator_embedding().requires_grad_(es)
-        disc_out = discriminator(corrupted, mask, replaced, embedding)
+        disc_out = discriminator(corrupted, mask, replaced, embedding, documents)
         # lambda scales what the discriminator steps on: with clipping and Adam's eps it is not a
         # no-op, and under ES it sets the weight of the RTD gradient that reaches E_G.
         disc_loss = self.model.weighted_rtd(disc_out.loss) * loss_multiplier
@@ -227,7 +229,7 @@ class RTDEngines:
         if train and finite:
             if es:
                 discriminator.backward(disc_loss)
-                gen_out = generator(ids, mask, labels, embedding_gradient=embedding.grad)
+                gen_out = generator(ids, mask, labels, embedding_gradient=embedding.grad, document_ids=documents)
             generator.backward(gen_out.objective * loss_multiplier)
             self._step("generator")
             if not es:

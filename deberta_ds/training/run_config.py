@@ -45,12 +45,17 @@ class DataSection:
     tokenizer: str = ""
     max_length: int = 512
     cross_documents: bool = True
+    # Packed samples: each token attends only inside its own document (the batch carries
+    # document_ids; the EMD's absolute positions restart per document). Needs cross_documents.
+    document_attention: bool = False
     masking: MaskingConfig = field(default_factory=MaskingConfig)   # {mode, probability, whole_word, max_ngram}
     seed: int = 1234
     allow_incomplete_shards: bool = False   # accept shards of a tokenize job that did not finish (warns)
 
     def __post_init__(self):
         require(self.max_length >= 3, "data.max_length", "must be at least 3 ([CLS] x [SEP])")
+        require(self.cross_documents or not self.document_attention, "data.document_attention",
+                "needs data.cross_documents: true (without packing every sample holds one document)")
         self.train = [_source(entry, f"data.train[{i}]") for i, entry in enumerate(self.train)]
         weighted = [source.weight is not None for source in self.train]
         require(all(weighted) or not any(weighted), "data.train",
