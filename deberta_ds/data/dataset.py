@@ -88,7 +88,7 @@ class PackedSamples:
         ends = np.minimum(begins + self.capacity, int(self.shard_starts[-1]))
         first = np.searchsorted(self.document_ends, begins, side="right")   # the document holding each begin
         last = np.searchsorted(self.document_ends, ends - 1, side="right")
-        return [self.document_ends[f:l] - b for f, l, b in zip(first, last, begins)]
+        return [self.document_ends[lo:hi] - begin for lo, hi, begin in zip(first, last, begins)]
 
 
 @dataclass
