@@ -9,7 +9,8 @@
 #   TOKENIZER      tokenizer directory holding spm.model + tokenizer.json (required)
 #   VALID_SHARDS   held-out shards for evaluation
 #   RECIPE         a published setting from launch_scripts/recipes/: ablation_base (default),
-#                  xsmall, small, base, large (each file cites its sources)
+#                  xsmall, small, base, large (each file cites its sources); context extension
+#                  extend/base_2048 then extend/base_8192 (with init_from=CHECKPOINT_DIR)
 #   CONFIG         any run config YAML/JSON instead of a recipe
 #   PRESET         model preset overriding the config's: tiny xsmall small base large
 #   OUTPUT_DIR     default runs/$RECIPE (runs/$PRESET when PRESET is set)
@@ -45,7 +46,11 @@ if [ -n "${PRESET:-}" ]; then
 fi
 if [ -z "${CONFIG:-}" ]; then
   CONFIG=$repo/launch_scripts/recipes/$recipe.yaml
-  [ -f "$CONFIG" ] || fail "RECIPE=$recipe is not one of: $(cd "$repo/launch_scripts/recipes" && ls | sed 's/\.yaml$//' | tr '\n' ' ')"
+  [ -f "$CONFIG" ] || fail "RECIPE=$recipe is not one of: $(cd "$repo/launch_scripts/recipes" &&
+    find . -name '*.yaml' | sed 's#^\./##; s/\.yaml$//' | sort | tr '\n' ' ')"
+  if [[ $recipe == extend/* ]] && [[ " ${overrides[*]} " != *" init_from="* ]]; then
+    fail "RECIPE=$recipe continues a shorter run: give its checkpoint as init_from=DIR"
+  fi
 fi
 config=$CONFIG
 [ -f "$config" ] || fail "CONFIG=$config not found"

@@ -109,4 +109,10 @@ def test_recipe_selects_the_run_config_and_a_bad_recipe_is_named(data):
     assert "model=" not in result.stdout                          # the recipe's own model
     result = pretrain(data | {"RECIPE": "huge"}, "--dry-run")
     assert result.returncode == 2
-    assert "RECIPE=huge is not one of: ablation_base base large small xsmall" in result.stderr
+    assert "RECIPE=huge is not one of: ablation_base base extend/base_2048 extend/base_8192 large small xsmall" \
+        in result.stderr
+    result = pretrain(data | {"RECIPE": "extend/base_2048"}, "--dry-run")
+    assert result.returncode == 2 and "give its checkpoint as init_from=DIR" in result.stderr
+    result = pretrain(data | {"RECIPE": "extend/base_2048"}, "--dry-run", "init_from=runs/base/checkpoints/x")
+    assert result.returncode == 0 and "recipes/extend/base_2048.yaml" in result.stdout, result.stderr
+    assert "output_dir=runs/extend/base_2048" in result.stdout

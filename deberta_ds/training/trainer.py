@@ -26,6 +26,7 @@ from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
 from deberta_ds.errors import UserError
 from deberta_ds.model import ReplacedTokenDetection
+from deberta_ds.model.context import extend_absolute_positions
 from deberta_ds.model.encoder import set_activation_checkpointing
 from deberta_ds.parallel.random import seed_streams
 from deberta_ds.parallel.state import MPU
@@ -164,12 +165,20 @@ class Trainer:
                            embedding_sharing=self.model.config.embedding_sharing)
         else:
             full = load_native(source)
-        if not isinstance(full, ReplacedTokenDetection) or full.config.discriminator != self.model.config.discriminator:
-            vocab = self.model.config.discriminator.vocab_size
+        ours = self.model.config.discriminator
+        # A longer context than the checkpoint's is an extension (deberta_ds.model.context); any
+        # other difference is another model.
+        if not isinstance(full, ReplacedTokenDetection) or \
+                full.config.discriminator.replace(max_position_embeddings=ours.max_position_embeddings) != ours:
             raise UserError(f"init_from: {source} does not hold an RTD pair with this run's model shape "
-                            f"({self.config.model} + model_overrides, vocab {vocab})")
-        shard = split_state(full.state_dict(), partition_plan(self.model), full.config.discriminator.vocab_size,
-                            self.parallel.tp.size, self.parallel.tp.rank)
+                            f"({self.config.model} + model_overrides, vocab {ours.vocab_size})")
+        state = full.state_dict()
+        if full.config.discriminator.max_position_embeddings != ours.max_position_embeddings:
+            state = extend_absolute_positions(state, ours.max_position_embeddings)
+            self.log(f"extended the generator's absolute positions from "
+                     f"{full.config.discriminator.max_position_embeddings} to {ours.max_position_embeddings}")
+        shard = split_state(state, partition_plan(self.model), ours.vocab_size, self.parallel.tp.size,
+                            self.parallel.tp.rank)
         self.model.load_state_dict(shard)
         self.log(f"initialised from {source}")
 
