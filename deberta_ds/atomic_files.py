@@ -31,7 +31,10 @@ def _fsync_tree(path: Path) -> None:
     """fsync a file, or every file of a folder (and the folders themselves)."""
     if path.is_dir():
         for child in path.rglob("*"):
-            _fsync_tree(child) if child.is_file() else fsync_folder(child)
+            if child.is_file():
+                _fsync_tree(child)
+            else:
+                fsync_folder(child)
         fsync_folder(path)
         return
     with open(path, "rb+") as handle:
@@ -54,13 +57,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    _remove(tmp)   # left by a writer that was killed
     try:
         yield tmp
         commit(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:

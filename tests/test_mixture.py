@@ -65,6 +65,16 @@ def test_global_batches_do_not_depend_on_world_size_or_restarts():
     assert np.array_equal(resumed.batch(np.arange(6 * batch, 10 * batch))["input_ids"], whole[6 * batch:])
 
 
+def test_restored_counts_are_continued_not_replayed():
+    """The counts a checkpoint holds are where the rule continues from; a replay from sample 0
+    would give 320 / 320 at position 640 and draw the next samples alternately."""
+    resumed = _mixture([0.5, 0.5])
+    resumed.restore(640, {"s0": 400, "s1": 240})          # e.g. an earlier phase weighted 5 / 3
+    sources, within = resumed.assign(np.arange(640, 800))
+    assert sources.tolist() == [1] * 160 and within.tolist() == list(range(240, 400))
+    assert resumed.counts_at(800) == {"s0": 400, "s1": 400}
+
+
 def test_a_small_source_repeats_and_its_epochs_are_counted():
     mixture = _mixture([0.5, 0.5], sizes=[20, 1000])
     sources, within = mixture.assign(np.arange(100))
