@@ -23,9 +23,7 @@ import concurrent.futures
 import datetime
 import json
 import multiprocessing
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,10 +31,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks.attention_bench import BUCKETS, HEAD_DIM, HEADS, MAX_REL, timed  # noqa: E402
 from deberta_ds.kernels.reference import default_scale, disentangled_attention_reference  # noqa: E402
 from deberta_ds.kernels.triton_attention import DEFAULT_TILES, Tiles, fused_backward, fused_forward  # noqa: E402
 
-HEADS, HEAD_DIM, BUCKETS, MAX_REL = 12, 64, 256, 512
 # 32 x 32 tiles at 4 and 8 warps, 1 to 3 pipeline stages (3: the default), and 64 x 64 tiles
 # (their slot windows are 128 wide, so fewer stages fit in shared memory).
 CANDIDATES = [Tiles(32, warps, stages) for warps in (4, 8) for stages in (1, 2)] + [DEFAULT_TILES] + [
@@ -75,26 +73,6 @@ def compile_one(tiles: Tiles, seq_len: int, device: str) -> str:
         return f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
 
 
-def timed_ms(fn, repeats: int) -> float:
-    """Median of CUDA-event timings after two warm-up calls (wall clock on the CPU smoke run)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
-
-
 def worst_error(tiles: Tiles, seq_len: int, device: str) -> float:
     """max |fused - float64 reference| / max |reference| over the output and dq, dk, dv."""
     x = make_inputs(2, seq_len, device, seed=1)
@@ -116,8 +94,8 @@ def document_rows(tiles: Tiles, seq_len: int, document: int, tokens: int, repeat
     ids = (torch.arange(seq_len, device=device) // document).expand(tokens // seq_len, seq_len).contiguous()
     separate = make_inputs(tokens // document, document, device)
     separate["attention_mask"] = torch.ones_like(separate["attention_mask"])
-    return {"packed_ms": timed_ms(lambda: fused_pass(packed, tiles, True, ids), repeats),
-            "separate_ms": timed_ms(lambda: fused_pass(separate, tiles, True), repeats)}
+    return {"packed_ms": timed(lambda: fused_pass(packed, tiles, True, ids), repeats),
+            "separate_ms": timed(lambda: fused_pass(separate, tiles, True), repeats)}
 
 
 def sweep(lengths, tokens: int, repeats: int, candidates, device: str) -> dict:
@@ -136,8 +114,8 @@ def sweep(lengths, tokens: int, repeats: int, candidates, device: str) -> dict:
         row["worst_relative_error"] = worst_error(tiles, shortest, device)
         for seq_len in lengths:
             x = make_inputs(tokens // seq_len, seq_len, device)
-            row[f"L{seq_len}"] = {"fwd_ms": timed_ms(lambda: fused_pass(x, tiles, False), repeats),  # noqa: B023
-                                  "fwd_bwd_ms": timed_ms(lambda: fused_pass(x, tiles, True), repeats)}  # noqa: B023
+            row[f"L{seq_len}"] = {"fwd_ms": timed(lambda: fused_pass(x, tiles, False), repeats),  # noqa: B023
+                                  "fwd_bwd_ms": timed(lambda: fused_pass(x, tiles, True), repeats)}  # noqa: B023
             if seq_len > shortest:
                 row[f"L{seq_len}"] |= document_rows(tiles, seq_len, shortest, tokens, repeats, device)
         rows.append(row)
@@ -154,8 +132,8 @@ def sdpa_ms(seq_len: int, tokens: int, repeats: int, device: str) -> dict:
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
     with torch.no_grad():
-        fwd = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
-    return {"fwd_ms": fwd, "fwd_bwd_ms": timed_ms(forward_backward, repeats)}
+        fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
+    return {"fwd_ms": fwd, "fwd_bwd_ms": timed(forward_backward, repeats)}
 
 
 def print_table(result: dict, lengths) -> None:

@@ -26,6 +26,24 @@ def test_attention_bench_smoke_run_on_cpu():
     assert "fused fwd+bwd peak memory at L=40" in result.stdout
 
 
+@pytest.mark.slow
+def test_kernel_tune_smoke_run_on_cpu(tmp_path):
+    """benchmarks/kernel_tune.py compiles candidates in worker processes, times them, checks each
+    against float64 and times packed documents: the whole harness, at tiny sizes."""
+    import json
+
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    result = run_bounded([sys.executable, "benchmarks/kernel_tune.py", "--out", str(tmp_path / "tune.json"),
+                          "--cpu-smoke"], cwd=REPO, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tune = json.loads((tmp_path / "tune.json").read_text())
+    assert len(tune["rows"]) == 2 and set(tune["sdpa"]) == {"L32", "L64"}
+    for row in tune["rows"]:
+        assert row["worst_relative_error"] < 1e-5, row            # fp32 on the CPU
+        assert row["L64"]["packed_ms"] > 0 and row["L64"]["separate_ms"] > 0
+    assert "best at L=64" in result.stdout
+
+
 def test_kernel_work_model_counts_tiles_like_the_kernel():
     """benchmarks/kernel_work.py classifies tiles per diagonal; check it against a tile-by-tile count."""
     from benchmarks.kernel_work import tile_counts, work_ratios
