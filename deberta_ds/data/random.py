@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
