@@ -116,3 +116,34 @@ def test_metrics_against_hand_computed_values():
     assert result["mcc"] == pytest.approx((2 * 2 - 1 * 1) / np.sqrt(3 * 3 * 3 * 3))
     regression = scores(np.array([1.0, 2.0, 3.0, 5.0]), np.array([2.0, 4.0, 6.0, 8.0]), regression=True)
     assert regression["spearman"] == pytest.approx(1.0) and 0.95 < regression["pearson"] < 1.0
+
+
+def test_finetune_gain_benchmark_compares_with_a_fresh_twin_per_seed(exported, tmp_path):
+    """benchmarks/finetune_gain.py: every seed fine-tunes the model and a random twin of its shape
+    (its own weights per seed, the model's tokenizer) and the table reports both."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, seed in (("train", 0), ("dev", 1), ("test", 2)):
+        write_tsv(data / f"{name}.tsv", cue_examples(64, seed))
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "benchmarks/finetune_gain.py", "--model", str(exported), "--data",
+                             str(data), "--out", str(tmp_path / "gain"), "--seeds", "1", "2"],
+                            cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "gain" / "finetune_gain.json").read_text())
+    assert [row["seed"] for row in runs["pre-trained"]] == [1, 2] == [row["seed"] for row in runs["random init"]]
+    assert "| pre-trained |" in result.stdout and "| random init |" in result.stdout
+    assert "per seed:" in result.stdout
+    weights = [load_file(tmp_path / "gain" / f"random_seed{seed}" / "model.safetensors") for seed in (1, 2)]
+    original = load_file(exported / "model.safetensors")
+    key = next(k for k in original if "word_embeddings" in k)
+    assert weights[0][key].shape == original[key].shape
+    assert not torch.equal(weights[0][key], weights[1][key]) and not torch.equal(weights[0][key], original[key])
+    assert (tmp_path / "gain" / "random_seed1" / "tokenizer.json").read_bytes() == \
+        (exported / "tokenizer.json").read_bytes()
