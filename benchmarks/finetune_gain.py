@@ -57,9 +57,9 @@ def main() -> None:
         for name, model in (("pre-trained", Path(args.model)), ("random init", twin)):
             run_dir = out / f"{name.replace(' ', '_')}_seed{seed}"
             start = time.perf_counter()
-            code = finetune(["--model", str(model), "--train", str(data / "train.tsv"), "--valid", str(data / "dev.tsv"),
-                             "--test", str(data / "test.tsv"), "--out", str(run_dir), "--epochs", str(args.epochs),
-                             "--lr", str(args.lr), "--seed", str(seed), "--no-progress"])
+            code = finetune(["--model", str(model), "--train", str(data / "train.tsv"),
+                             "--valid", str(data / "dev.tsv"), "--test", str(data / "test.tsv"), "--out", str(run_dir),
+                             "--epochs", str(args.epochs), "--lr", str(args.lr), "--seed", str(seed), "--no-progress"])
             assert code == 0, name
             metrics = json.loads((run_dir / "metrics.json").read_text())
             runs[name].append({"seed": seed, "test": metrics["test"], "best_valid": metrics["best"],
