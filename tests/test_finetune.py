@@ -5,6 +5,8 @@ epoch in HF format, and bad inputs are named. Metrics are checked against hand-c
 import csv
 import json
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 
 from deberta_ds.finetune import main as finetune
 from deberta_ds.finetune import scores
+from tests.proc_helpers import run_bounded
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +124,6 @@ def test_metrics_against_hand_computed_values():
 def test_finetune_gain_benchmark_compares_with_a_fresh_twin_per_seed(exported, tmp_path):
     """benchmarks/finetune_gain.py: every seed fine-tunes the model and a random twin of its shape
     (its own weights per seed, the model's tokenizer) and the table reports both."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     data = tmp_path / "data"
@@ -132,9 +131,8 @@ def test_finetune_gain_benchmark_compares_with_a_fresh_twin_per_seed(exported, t
     for name, seed in (("train", 0), ("dev", 1), ("test", 2)):
         write_tsv(data / f"{name}.tsv", cue_examples(64, seed))
     repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "benchmarks/finetune_gain.py", "--model", str(exported), "--data",
-                             str(data), "--out", str(tmp_path / "gain"), "--seeds", "1", "2"],
-                            cwd=repo, capture_output=True, text=True, timeout=600)
+    result = run_bounded([sys.executable, "benchmarks/finetune_gain.py", "--model", str(exported), "--data",
+                          str(data), "--out", str(tmp_path / "gain"), "--seeds", "1", "2"], cwd=repo)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads((tmp_path / "gain" / "finetune_gain.json").read_text())
     assert [row["seed"] for row in runs["pre-trained"]] == [1, 2] == [row["seed"] for row in runs["random init"]]
