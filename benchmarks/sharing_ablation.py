@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the larger GPU scale")
     parser.add_argument("--corpora", default=str(REPO.parent / "shared" / "corpora"),
                         help="folder with wikitext-2/ and sst2/")
-    parser.add_argument("--probe-rows", type=int, default=20000, help="SST-2 training phrases per fine-tuning run")
+    parser.add_argument("--probe-rows", type=int, default=24000, help="SST-2 training phrases per fine-tuning run")
     parser.add_argument("--probe-lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
     parser.add_argument("--steps", type=int, help="pre-training steps instead of the scale's (3 evaluations)")
     args = parser.parse_args()

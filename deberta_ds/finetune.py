@@ -5,13 +5,15 @@
 
 Any DebertaV2 checkpoint directory works (one exported by `convert to-hf`, or a published one
 on disk) if it holds its tokenizer (or --tokenizer names one). Data: GLUE-style TSV, CSV or
-JSON-lines files with a header; one text column (--text-column) or a sentence pair
+JSON-lines files; one text column (--text-column) or a sentence pair
 (--pair-column), and a label column. Classes come from --labels or the training file; a
 label outside them is an error naming the file and line. The recipe is the standard one:
 AdamW, linear warm-up then linear decay, --epochs over shuffled batches, bf16 autocast on GPUs.
 After each epoch the validation set is scored (accuracy, F1, MCC; Pearson and Spearman for
 regression); the best epoch's model and tokenizer are saved in HF format to OUT/best, every
-epoch's metrics (and the test set's, scored with the best model) to OUT/metrics.json.
+epoch's metrics (and the test set's, scored with the best model) to OUT/metrics.json, and the
+loss, learning rate and scores to TensorBoard (OUT/tensorboard). A file without a header line
+(AG News) takes --columns; a task without a validation file, --valid-fraction.
 transformers' own model classes are used; nothing of the model is reimplemented here.
 """
 
@@ -31,6 +33,9 @@ from tqdm import tqdm
 
 from deberta_ds.atomic_files import atomic_path, write_atomic
 from deberta_ds.errors import UserError
+from deberta_ds.training.metrics import ScalarLog
+
+LOG_EVERY = 10  # training steps per TensorBoard point of the loss and learning rate
 
 
 class FinetuneError(UserError):
@@ -44,8 +49,10 @@ class Examples:
     labels: list          # str class names (classification) or floats (regression)
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a TSV / CSV (with a header) or JSON-lines file, as dicts."""
+def read_rows(path: Path, columns: list[str] | None = None) -> list[tuple[int, dict]]:
+    """(line number, row as a dict) of a TSV / CSV or JSON-lines file. TSV / CSV files carry a
+    header line unless `columns` names their columns (--columns); every row must have as many
+    fields as the header, else the line is named (a stray tab or quote would shift the label)."""
     if not path.is_file():
         raise FinetuneError(f"{path}: file not found")
     if path.suffix == ".jsonl":
@@ -53,27 +60,48 @@ def read_rows(path: Path) -> list[dict]:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((number, json.loads(line)))
                 except json.JSONDecodeError as error:
                     raise FinetuneError(f"{path}:{number}: not JSON ({error})") from None
     else:
-        delimiter = "\t" if path.suffix in (".tsv", ".txt") else ","
-        with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t"
-                                       else csv.QUOTE_MINIMAL))
+        rows = read_delimited(path, columns)
     if not rows:
         raise FinetuneError(f"{path}: no examples (an empty file, or only a header)")
     return rows
 
 
-def read_examples(path: Path, text: str, pair: str | None, label: str, regression: bool) -> Examples:
-    rows = read_rows(path)
+def read_delimited(path: Path, columns: list[str] | None) -> list[tuple[int, dict]]:
+    delimiter = "\t" if path.suffix in (".tsv", ".txt") else ","
+    rows, header = [], columns
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter,
+                            quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if header is None:
+                header = fields
+                continue
+            if len(fields) != len(header):
+                named = "--columns names" if columns else "the header has"
+                raise FinetuneError(f"{path}:{reader.line_num}: {len(fields)} fields, {named} {len(header)} "
+                                    f"({header}); a file without a header line needs --columns")
+            rows.append((reader.line_num, dict(zip(header, fields))))
+    return rows
+
+
+def read_examples(path: Path, text: str, pair: str | None, label: str, regression: bool,
+                  columns: list[str] | None = None) -> Examples:
+    rows = read_rows(path, columns)
+    first = rows[0][1]
+    hint = "" if columns else " (or, for a file without a header line, name its columns with --columns)"
     for column in [text, label] + ([pair] if pair else []):
-        if column not in rows[0]:
-            raise FinetuneError(f"{path}: no column {column!r} (columns: {sorted(rows[0])}); name it with "
-                                f"--{'text' if column == text else 'pair' if column == pair else 'label'}-column")
+        if column not in first:
+            raise FinetuneError(f"{path}: no column {column!r} (columns: {sorted(first)}); name it with "
+                                f"--{'text' if column == text else 'pair' if column == pair else 'label'}-column"
+                                + hint)
     labels = []
-    for number, row in enumerate(rows, 2):
+    for number, row in rows:
         value = str(row[label]).strip()
         if regression:
             try:
@@ -82,7 +110,24 @@ def read_examples(path: Path, text: str, pair: str | None, label: str, regressio
                 raise FinetuneError(f"{path}:{number}: label {value!r} is not a number (--task regression)") from None
         else:
             labels.append(value)
-    return Examples([str(row[text]) for row in rows], [str(row[pair]) for row in rows] if pair else None, labels)
+    return Examples([str(row[text]) for _, row in rows], [str(row[pair]) for _, row in rows] if pair else None,
+                    labels)
+
+
+def hold_out(examples: Examples, fraction: float, path: str) -> tuple[Examples, Examples]:
+    """(training, validation) examples: a `fraction` of them held out, chosen with a fixed seed so
+    that every --seed fine-tunes and is scored on the same split."""
+    held = round(fraction * len(examples.labels))
+    if not 0 < held < len(examples.labels):
+        raise FinetuneError(f"--valid-fraction {fraction}: holds out {held} of the {len(examples.labels)} examples "
+                            f"of {path}; choose a fraction that leaves both parts non-empty")
+    order = np.random.default_rng(0).permutation(len(examples.labels))
+
+    def pick(chosen) -> Examples:
+        return Examples([examples.texts[i] for i in chosen],
+                        [examples.pairs[i] for i in chosen] if examples.pairs else None,
+                        [examples.labels[i] for i in chosen])
+    return pick(order[held:]), pick(order[:held])
 
 
 def label_ids(examples: Examples, classes: list[str], path: Path) -> list[int]:
@@ -163,13 +208,18 @@ def save_atomically(model, tokenizer, folder: Path) -> None:
 
 def finetune(args) -> dict:
     regression = args.task == "regression"
+    columns = args.columns.split(",") if args.columns else None
     read = lambda path: read_examples(Path(path), args.text_column, args.pair_column, args.label_column,  # noqa: E731
-                                      regression)
-    train, valid = read(args.train), read(args.valid)
+                                      regression, columns)
+    if args.valid:
+        train, valid, valid_source = read(args.train), read(args.valid), args.valid
+    else:
+        train, valid = hold_out(read(args.train), args.valid_fraction, args.train)
+        valid_source = f"{args.train} (the --valid-fraction part)"
     classes = args.labels.split(",") if args.labels else sorted(set(train.labels))
     def encode(examples: Examples, path: str) -> list:
         return examples.labels if regression else label_ids(examples, classes, Path(path))
-    train_targets, valid_targets = encode(train, args.train), encode(valid, args.valid)
+    train_targets, valid_targets = encode(train, args.train), encode(valid, valid_source)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, args.tokenizer, 1 if regression else len(classes), regression)
@@ -189,6 +239,7 @@ def finetune(args) -> dict:
     history, best, primary = [], None, "pearson" if regression else "accuracy"
     rng = np.random.default_rng(args.seed)
     progress = tqdm(total=steps, desc="finetune", dynamic_ncols=True, disable=args.no_progress)
+    scalars, step, losses = ScalarLog(out / "tensorboard", enabled=True), 0, []
     for epoch in range(1, args.epochs + 1):
         for encoded, target in batches(tokenizer, train, train_targets, args.batch_size, args.max_length,
                                        rng.permutation(len(train_targets))):
@@ -199,22 +250,32 @@ def finetune(args) -> dict:
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss.item())
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
+            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+            if step % LOG_EVERY == 0 or step == steps:  # the mean since the previous log step
+                scalars.write({"finetune/loss": float(np.mean(losses)), "finetune/lr": schedule.get_last_lr()[0]},
+                              step)
+                losses = []
         metrics = evaluate(model, tokenizer, valid, valid_targets, args, device, regression)
+        scalars.write({f"valid/{name}": value for name, value in metrics.items()}, step)
         history.append({"epoch": epoch, **metrics})
         tqdm.write(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if best is None or metrics[primary] > best[primary]:
             best = {"epoch": epoch, **metrics}
             save_atomically(model, tokenizer, out / "best")
     progress.close()
-    result = {"task": args.task, "labels": None if regression else classes, "valid": history, "best": best}
+    result = {"task": args.task, "labels": None if regression else classes,
+              "examples": {"train": len(train_targets), "valid": len(valid_targets)}, "valid": history, "best": best}
     if args.test:
         test = read(args.test)
         best_model, _ = load_model(str(out / "best"), None, 1 if regression else len(classes), regression)
         result["test"] = evaluate(best_model.to(device), tokenizer, test, encode(test, args.test), args, device,
                                   regression)
         tqdm.write("test: " + "  ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
+        scalars.write({f"test/{name}": value for name, value in result["test"].items()}, step)
+    scalars.close()
     write_atomic(out / "metrics.json", json.dumps(result, indent=1) + "\n")
     return result
 
@@ -224,8 +285,13 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face DebertaV2 checkpoint directory")
     parser.add_argument("--tokenizer", help="tokenizer directory, if the checkpoint holds none")
-    parser.add_argument("--train", required=True, help="training file (.tsv, .csv or .jsonl, with a header)")
-    parser.add_argument("--valid", required=True, help="validation file, scored after every epoch")
+    parser.add_argument("--train", required=True, help="training file (.tsv, .csv with a header line, or .jsonl)")
+    held_out = parser.add_mutually_exclusive_group(required=True)
+    held_out.add_argument("--valid", help="validation file, scored after every epoch")
+    held_out.add_argument("--valid-fraction", type=float,
+                          help="instead of --valid: hold out this fraction of --train (the same split for every seed)")
+    parser.add_argument("--columns", help="comma-separated column names of TSV / CSV files without a header line "
+                                          "(e.g. text,label)")
     parser.add_argument("--test", help="test file, scored once with the best epoch's model")
     parser.add_argument("--out", required=True, help="output folder: best/ (HF format) and metrics.json")
     parser.add_argument("--task", choices=["classification", "regression"], default="classification")

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from deberta_ds.errors import UserError
+from deberta_ds.finetune import Examples, hold_out, scores
 from deberta_ds.finetune import main as finetune
-from deberta_ds.finetune import scores
 from tests.proc_helpers import run_bounded
 
 
@@ -31,12 +32,12 @@ def exported(tmp_path_factory, tokenizer_dir):
     return folder
 
 
-def cue_examples(count: int, seed: int) -> list[tuple[str, str]]:
+def cue_examples(count: int, seed: int, cues=("good", "bad")) -> list[tuple[str, str]]:
     """(text, label): the label is the text's first word, followed by random words."""
     words = "the list of values is sorted when a function returns its result to the caller".split()
     rng = random.Random(seed)
     return [(f"{cue} " + " ".join(rng.choices(words, k=rng.randint(3, 12))), cue)
-            for cue in rng.choices(["good", "bad"], k=count)]
+            for cue in rng.choices(cues, k=count)]
 
 
 def write_tsv(path, rows, header=("sentence", "label")):
@@ -88,12 +89,52 @@ def test_sentence_pairs_from_jsonl_and_regression_from_csv(exported, tmp_path):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["best"]["pearson"] >= 0.8
 
 
+def test_a_file_without_header_with_a_held_out_fraction_logs_to_tensorboard(exported, tmp_path):
+    """AG News' layout (text<TAB>label, no header line, no validation file): --columns names the
+    columns, --valid-fraction holds out a quarter; four classes are learnt and the loss, learning
+    rate and every epoch's scores reach TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = cue_examples(320, 7, cues=("world", "sports", "business", "tech"))
+    train = tmp_path / "news.tsv"
+    train.write_text("".join(f"{text}\t{label}\n" for text, label in rows))
+    assert finetune(["--model", str(exported), "--train", str(train), "--valid-fraction", "0.25", "--columns",
+                     "text,label", "--text-column", "text", "--out", str(tmp_path / "out"), "--epochs", "6",
+                     "--batch-size", "16", "--lr", "1e-3", "--max-length", "32", "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["examples"] == {"train": 240, "valid": 80}
+    assert metrics["labels"] == ["business", "sports", "tech", "world"] and metrics["best"]["accuracy"] >= 0.9
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("finetune/loss")] == list(range(10, 91, 10))  # 15 steps an epoch
+    learning_rates = [event.value for event in events.Scalars("finetune/lr")]
+    assert learning_rates[-1] == pytest.approx(0.0) and max(learning_rates) <= 1e-3
+    logged = [event.value for event in events.Scalars("valid/accuracy")]
+    assert logged == pytest.approx([epoch["accuracy"] for epoch in metrics["valid"]])
+
+
+def test_held_out_split_is_a_fixed_partition():
+    examples = Examples([f"text {i}" for i in range(50)], None, [str(i % 2) for i in range(50)])
+    train, valid = hold_out(examples, 0.2, "x.tsv")
+    again, _ = hold_out(examples, 0.2, "x.tsv")
+    assert len(valid.texts) == 10 and sorted(train.texts + valid.texts) == sorted(examples.texts)
+    assert train.texts == again.texts
+    assert [int(text.split()[1]) % 2 for text in valid.texts] == [int(label) for label in valid.labels]
+    for fraction in (0.0, 1.0):
+        with pytest.raises(UserError, match=f"--valid-fraction {fraction}: holds out"):
+            hold_out(examples, fraction, "x.tsv")
+
+
 def test_bad_inputs_are_named(exported, tmp_path, capsys):
     train = write_tsv(tmp_path / "train.tsv", cue_examples(20, 0))
+    (tmp_path / "bare.tsv").write_text("good one\tgood\nbad two\tbad\n")
+    (tmp_path / "shifted.tsv").write_text("sentence\tlabel\ngood one\tgood\nbad\tone\tbad\n")
     cases = [
         (write_tsv(tmp_path / "cols.tsv", [("x", "good")], header=("text", "label")), "no column 'sentence'"),
         (write_tsv(tmp_path / "odd.tsv", [("x", "good"), ("y", "great")]), "labels ['great'] are not in the label set"),
         (write_tsv(tmp_path / "empty.tsv", []), "empty.tsv: no examples"),
+        (tmp_path / "bare.tsv", "name its columns with --columns"),
+        (tmp_path / "shifted.tsv", "shifted.tsv:3: 3 fields, the header has 2"),
     ]
     for valid, message in cases:
         assert run(exported, tmp_path, train, valid) == 1
@@ -145,3 +186,14 @@ def test_finetune_gain_benchmark_compares_with_a_fresh_twin_per_seed(exported, t
     assert not torch.equal(weights[0][key], weights[1][key]) and not torch.equal(weights[0][key], original[key])
     assert (tmp_path / "gain" / "random_seed1" / "tokenizer.json").read_bytes() == \
         (exported / "tokenizer.json").read_bytes()
+    # Files named one by one, with the other options passed on to deberta_ds.finetune (AG News' way).
+    for name in ("train", "test"):
+        lines = (data / f"{name}.tsv").read_text().splitlines(keepends=True)[1:]
+        (data / f"bare_{name}.tsv").write_text("".join(lines))
+    result = run_bounded([sys.executable, "benchmarks/finetune_gain.py", "--model", str(exported), "--train",
+                          str(data / "bare_train.tsv"), "--test", str(data / "bare_test.tsv"), "--valid-fraction",
+                          "0.25", "--columns", "text,label", "--text-column", "text", "--out",
+                          str(tmp_path / "bare"), "--seeds", "1"], cwd=repo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "bare" / "pre-trained_seed1" / "metrics.json").read_text())
+    assert metrics["examples"] == {"train": 48, "valid": 16} and "test" in metrics
