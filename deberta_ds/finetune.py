@@ -84,8 +84,9 @@ def read_delimited(path: Path, columns: list[str] | None) -> list[tuple[int, dic
                 continue
             if len(fields) != len(header):
                 named = "--columns names" if columns else "the header has"
+                hint = "" if columns else "; a file without a header line needs --columns"
                 raise FinetuneError(f"{path}:{reader.line_num}: {len(fields)} fields, {named} {len(header)} "
-                                    f"({header}); a file without a header line needs --columns")
+                                    f"({header}){hint}")
             rows.append((reader.line_num, dict(zip(header, fields))))
     return rows
 
