@@ -3,7 +3,10 @@
 Systems, each in its own process (clean peak memory), on the same token batches (the built-in
 corpus through this repo's data prep, masked by PretrainingSamples):
   deberta_ds    the `base` RTD pair (generator + discriminator), GDES, decoupled, bf16, ZeRO-2,
-                the trainer's own loop (prefetcher, engines, attention_impl auto)
+                the trainer's own loop (prefetcher, engines, attention_impl auto: the fused kernel)
+  deberta_ds-reference  the same with attention_impl reference (the unfused attention): the
+                alternative `auto` chooses against (the first GPU run's attention bench had the
+                reference's forward+backward faster than the fused kernel's, at 6-68x its memory)
   hf-deberta    transformers DebertaV2ForMaskedLM at the discriminator's shape, eager attention,
                 bf16 autocast, torch AdamW (fused)
   hf-deberta-df the same with DisentangledFlash's fused training attention (optimize_deberta_training)
@@ -38,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-SYSTEMS = ("deberta_ds", "hf-deberta", "hf-deberta-df", "modernbert")
+SYSTEMS = ("deberta_ds", "deberta_ds-reference", "hf-deberta", "hf-deberta-df", "modernbert")
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by the device-name substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
                     "H100": 989.0, "A100": 312.0}
@@ -82,8 +85,9 @@ def run_deberta_ds(args, data: dict, micro_batch: int) -> dict:
     dims = shape(args.cpu_smoke)
     steps = args.warmup + args.steps
     config = run_config_from_dict({
-        "model": dims["preset"], "model_overrides": {"vocab_size": dims["vocab"]}, "seed": 1,
-        "output_dir": str(Path(args.out) / "deberta_ds_run"),
+        "model": dims["preset"], "seed": 1, "output_dir": str(Path(args.out) / f"{args.system}_run"),
+        "model_overrides": {"vocab_size": dims["vocab"],
+                            "attention_impl": "reference" if args.system == "deberta_ds-reference" else "auto"},
         "data": {"train": [data["train"]], "tokenizer": data["tokenizer"], "max_length": dims["seq_len"]},
         "optim": {"lr": 1e-4, "warmup_steps": 10},
         "train": {"steps": steps, "global_batch_size": micro_batch, "micro_batch_size": micro_batch,
@@ -181,7 +185,7 @@ def child(args) -> None:
         try:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            run = run_deberta_ds if args.system == "deberta_ds" else run_hf
+            run = run_deberta_ds if args.system.startswith("deberta_ds") else run_hf
             row = run(args, data, micro_batch)
             break
         except torch.cuda.OutOfMemoryError:

@@ -4,7 +4,7 @@
 # tensorboard; no deepspeed, hjson or pydantic: carry the wheels gpu_wheels.sh builds).
 #
 #   bash launch_scripts/gpu_wheels.sh                        # here, with pip access: .gpu_wheels/
-#   bash launch_scripts/gpu_check.sh OUT_DIR                 # there: at most 445 s of parts on an H100
+#   bash launch_scripts/gpu_check.sh OUT_DIR                 # there: at most 480 s of parts on an H100
 #   bash launch_scripts/gpu_check.sh --cpu-smoke OUT_DIR     # anywhere: tiny shapes, checks the harness
 #
 # Parts, each with its own time limit, each writing OUT_DIR/<part>.log:
@@ -12,8 +12,9 @@
 #   pytest           pytest -m cuda: kernel vs float64 reference at model shapes, a training step of
 #                    every engine layout on the device, resume exactness on the device
 #   attention_bench  fused kernel vs reference, HF eager, FlashDeBERTa, DisentangledFlash, SDPA
-#   train_bench      base RTD pair vs HF DeBERTa (eager, and DisentangledFlash) and ModernBERT;
-#                    also OUT_DIR/train_bench.json
+#   train_bench      base RTD pair (fused and reference attention) vs HF DeBERTa (eager, and
+#                    DisentangledFlash) and ModernBERT; also OUT_DIR/train_bench.json;
+#                    TRAIN_SYSTEMS="deberta_ds deberta_ds-reference" picks some (35 s each)
 #   quickstart       launch_scripts/quickstart.sh on the GPU (one process, bf16)
 # and two parts a follow-up call names in PARTS (not run by default):
 #   kernel_tune      benchmarks/kernel_tune.py: every launch configuration, OUT_DIR/kernel_tune.json
@@ -38,6 +39,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=${WORK:-$(mktemp -d /tmp/deberta_ds_gpu_check.XXXX)}
 python=${PYTHON:-python3}
+train_systems=${TRAIN_SYSTEMS:-deberta_ds deberta_ds-reference hf-deberta hf-deberta-df modernbert}
 cd "$repo"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -69,8 +71,8 @@ if [ $smoke = 1 ]; then
     "$work/quickstart" train.steps=4 train.log_every=2 train.eval_every=0 train.save_every=0 train.eval_batches=1
 else
   wheels=${WHEELS:-$repo/.gpu_wheels}
-  # The limits add up to 445 s: with a machine's start, one call of 480 s leaves a second start's
-  # 4 minutes of a session's 15 for rerunning what failed.
+  # The default parts' limits add up to 480 s: with a machine's start, one call of 500 s leaves a
+  # second start's 4 minutes of a session's 15 for rerunning what failed.
   part install 45 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$wheels"/*.whl
   export PYTHONPATH="$repo:/tmp/site${PYTHONPATH#"$repo"}" PATH="/tmp/site/bin:$PATH" DEBERTA_DS_OFFLINE=1
@@ -80,7 +82,9 @@ else
   # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
   part pytest "${PYTEST_LIMIT:-130}" "$python" -m pytest -m cuda -q -p no:cacheprovider ${PYTEST_ARGS:-tests/test_gpu.py}
   part attention_bench 55 "$python" benchmarks/attention_bench.py --lengths 512 2048 8192 --tokens 16384
-  part train_bench 140 "$python" benchmarks/train_bench.py --out "$work/train_bench" --timeout-s 45 --warmup 5 --steps 10
+  # shellcheck disable=SC2086 # the systems are a list of words
+  part train_bench $(( 35 * $(wc -w <<< "$train_systems") )) "$python" benchmarks/train_bench.py \
+    --out "$work/train_bench" --timeout-s 45 --warmup 5 --steps 10 --systems $train_systems
   # 300 of the quickstart's 600 steps: on an H200 its tiny model ran 9.5 steps/s (host-bound)
   # after 25 s of data prep, so the whole job did not fit 60 s (2026-11-27)
   part quickstart 75 bash launch_scripts/quickstart.sh "$work/quickstart" train.steps=300

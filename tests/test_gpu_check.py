@@ -28,10 +28,13 @@ def test_gpu_check_cpu_smoke_run_passes_and_writes_every_file(tmp_path):
         assert f"| {part} | pass" in summary, summary
     assert "passed" in (out / "pytest.log").read_text() and " skipped" not in (out / "pytest.log").read_text()
     bench = json.loads((out / "train_bench.json").read_text())
-    assert set(bench["systems"]) == {"deberta_ds", "hf-deberta", "hf-deberta-df", "modernbert"}
-    for system in ("deberta_ds", "hf-deberta", "modernbert"):  # DisentangledFlash is not installed here
+    assert set(bench["systems"]) == {"deberta_ds", "deberta_ds-reference", "hf-deberta", "hf-deberta-df",
+                                     "modernbert"}
+    for system in ("deberta_ds", "deberta_ds-reference", "hf-deberta", "modernbert"):  # no DisentangledFlash here
         row = bench["systems"][system]
         assert row["tokens_per_s"] > 0 and {"mfu", "peak_memory_gb"} <= set(row), (system, row)
+    assert bench["systems"]["deberta_ds-reference"]["attention_impl"] == "reference"
+    assert bench["systems"]["deberta_ds"]["attention_impl"] == "auto"
     assert 0 <= bench["systems"]["deberta_ds"]["data_wait_fraction"] <= 1
     assert "MLM loss" in (out / "quickstart.log").read_text()
 
