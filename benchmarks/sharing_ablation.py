@@ -31,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from benchmarks.finetune_gain import random_twin  # noqa: E402
 from data_prep.cli import main as data_prep  # noqa: E402
 
 VARIANTS = [("ES", "es", "decoupled"), ("NES", "nes", "decoupled"), ("GDES", "gdes", "decoupled"),
@@ -125,16 +126,6 @@ def probe(model_dir: Path, sst2: Path, out: Path, seeds: list[int], train_rows: 
     return accuracies
 
 
-def random_twin(model_dir: Path, out: Path) -> Path:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    if not (out / "config.json").is_file():
-        torch.manual_seed(0)
-        AutoModel.from_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(out)
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return out
-
-
 def mean_spread(values: list[float]) -> str:
     tensor = torch.tensor(values, dtype=torch.float64)
     return f"{tensor.mean():.4f} ± {tensor.std():.4f}"
@@ -188,7 +179,9 @@ def main() -> None:
             "cosine": embedding_similarity(run_dir, slice(4, pieces)), "seconds": seconds,
             "sst2": probe(run_dir / "hf_discriminator", corpora / "sst2", run_dir / probe_dir, [1, 2, 3],
                           args.probe_rows, args.probe_lr)}
-    twin = random_twin(out / "GDES" / "hf_discriminator", out / "random_init" / "hf")
+    twin = out / "random_init" / "hf"
+    if not (twin / "config.json").is_file():
+        random_twin(out / "GDES" / "hf_discriminator", twin, seed=0)
     results["random_sst2"] = probe(twin, corpora / "sst2", out / "random_init" / probe_dir, [1, 2, 3],
                                    args.probe_rows, args.probe_lr)
     header = (f"{datetime.date.today()}, torch {torch.__version__}, "
