@@ -22,8 +22,9 @@ RUN PIP_CONSTRAINT= pip install --no-cache-dir --no-build-isolation -r requireme
 COPY setup.py README.md ./
 COPY deberta_ds deberta_ds
 COPY data_prep data_prep
-COPY ds_configs ds_configs
 COPY launch_scripts launch_scripts
-RUN pip install --no-cache-dir --no-deps -e .
+# A regular (not editable) install, as a cluster's shared environment has it: the DeepSpeed
+# configurations and recipes travel inside the package (deberta_ds/resources.py).
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf build
 
 CMD ["bash", "launch_scripts/pretrain.sh", "--help"]

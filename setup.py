@@ -19,6 +19,8 @@ if __name__ == "__main__":
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
         packages=find_packages(include=["deberta_ds", "deberta_ds.*", "data_prep", "data_prep.*"]),
+        # deberta_ds/resources.py reads these through importlib.resources: a wheel carries them.
+        package_data={"deberta_ds": ["ds_configs/*.json", "recipes/*.yaml", "recipes/*/*.yaml"]},
         install_requires=requirements(),
         extras_require={
             # Oracles for the tests: HF DebertaV2 (model parity) and megatron-core (shard layout).

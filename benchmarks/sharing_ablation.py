@@ -36,7 +36,7 @@ from data_prep.cli import main as data_prep  # noqa: E402
 
 VARIANTS = [("ES", "es", "decoupled"), ("NES", "nes", "decoupled"), ("GDES", "gdes", "decoupled"),
             ("GDES joint", "gdes", "joint")]
-# Run-config overrides per scale (on top of launch_scripts/quickstart.yaml: the tiny pair, no dropout),
+# Run-config overrides per scale (on top of the quickstart recipe: the tiny pair, no dropout),
 # with the paper's rtd_lambda of 50.
 SCALES = {
     "cpu": {"processes": 2, "vocab": 8000, "overrides": [
@@ -74,7 +74,7 @@ def pretrain(run_dir: Path, sharing: str, mode: str, data: dict, scale: dict, po
     training loop's time in seconds (steps x batch / the logged samples per second)."""
     if not (run_dir / "checkpoints" / "latest").is_file():
         subprocess.run(["deepspeed", "--num_gpus", str(scale["processes"]), "--master_port", str(port),
-                        "--module", "deberta_ds.train", "--config", str(REPO / "launch_scripts" / "quickstart.yaml"),
+                        "--module", "deberta_ds.train", "--config", "quickstart",
                         f"data.train=[{data['train']}]", f"data.valid=[{data['valid']}]",
                         f"data.tokenizer={data['tokenizer']}", f"output_dir={run_dir}",
                         f"rtd.embedding_sharing={sharing}", f"train.mode={mode}", *scale["overrides"]],

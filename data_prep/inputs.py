@@ -11,7 +11,6 @@ JSON_LINE_LIMIT cannot be cut and is skipped (and counted).
 
 from __future__ import annotations
 
-import glob
 import gzip
 import itertools
 import json
@@ -19,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from deberta_ds.data.paths import expand_path
 from deberta_ds.errors import MissingInputError
 
 FORMATS = ("text", "jsonl")
@@ -41,20 +41,18 @@ def expand_inputs(patterns) -> list[Path]:
     """Files, globs and directories (recursively, sorted) -> a deterministic list of files."""
     files: list[Path] = []
     for pattern in patterns:
-        pattern = str(pattern)
-        path = Path(pattern)
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif any(ch in pattern for ch in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-        elif path.is_file():
-            matches = [path]
-        else:
+        matches = [Path(p) for p in expand_path(pattern, _visible_files, keep=lambda match: Path(match).is_file())]
+        if matches == [Path(pattern)] and not Path(pattern).is_file():
             raise MissingInputError(f"--input {pattern}: no such file, directory or glob match")
         if not matches:
             raise MissingInputError(f"--input {pattern}: matched no files")
         files.extend(matches)
     return files
+
+
+def _visible_files(directory: Path) -> list[Path]:
+    """A directory's files, recursively, without hidden ones (editor swap files, .DS_Store)."""
+    return [p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
 def open_binary(path: Path):

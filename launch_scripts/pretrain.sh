@@ -8,8 +8,8 @@
 #   TRAIN_SHARDS   training shards: a directory, prefix or glob (required)
 #   TOKENIZER      tokenizer directory holding spm.model + tokenizer.json (required)
 #   VALID_SHARDS   held-out shards for evaluation
-#   RECIPE         a published setting from launch_scripts/recipes/: ablation_base (default),
-#                  xsmall, small, base, large (each file cites its sources); context extension
+#   RECIPE         a published setting shipped in the package (deberta_ds/recipes/): ablation_base (default),
+#                  quickstart, xsmall, small, base, large (each file cites its sources); context extension
 #                  extend/base_2048 then extend/base_8192 (with init_from=CHECKPOINT_DIR)
 #   CONFIG         any run config YAML/JSON instead of a recipe
 #   PRESET         model preset overriding the config's: tiny xsmall small base large
@@ -21,6 +21,7 @@
 #   DRY_RUN=1      same as --dry-run: print the command and exit
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python3}
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit "${1:-2}"; }
 fail() { echo "error: $*" >&2; echo >&2; usage 2; }
@@ -45,9 +46,9 @@ if [ -n "${PRESET:-}" ]; then
   case "$PRESET" in tiny|xsmall|small|base|large) ;; *) fail "PRESET=$PRESET is not tiny, xsmall, small, base or large" ;; esac
 fi
 if [ -z "${CONFIG:-}" ]; then
-  CONFIG=$repo/launch_scripts/recipes/$recipe.yaml
-  [ -f "$CONFIG" ] || fail "RECIPE=$recipe is not one of: $(cd "$repo/launch_scripts/recipes" &&
-    find . -name '*.yaml' | sed 's#^\./##; s/\.yaml$//' | sort | tr '\n' ' ')"
+  # the installed package's recipe (a wheel or the Docker image have no recipes folder of a checkout)
+  CONFIG=$(cd "$repo" && "$python" -m deberta_ds.resources recipe "$recipe" 2>/dev/null) ||
+    fail "RECIPE=$recipe is not one of: $(cd "$repo" && "$python" -m deberta_ds.resources recipes)"
   if [[ $recipe == extend/* ]] && [[ " ${overrides[*]} " != *" init_from="* ]]; then
     fail "RECIPE=$recipe continues a shorter run: give its checkpoint as init_from=DIR"
   fi

@@ -37,7 +37,7 @@ echo "== 3/4 pre-training the tiny RTD pair (GDES, ZeRO-2, 2 processes)"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 [ "${gpus:-0}" -gt 0 ] && processes=$((gpus < 2 ? gpus : 2)) && precision=bf16 || { processes=2; precision=fp32; }
 deepspeed --num_gpus "$processes" --master_port "${MASTER_PORT:-29517}" --module deberta_ds.train \
-  --config launch_scripts/quickstart.yaml "data.train=[$data/shards/split_train]" \
+  --config quickstart "data.train=[$data/shards/split_train]" \
   "data.valid=[$data/shards/split_valid]" "data.tokenizer=$data/tokenizer" "output_dir=$out/run" \
   "train.precision=$precision" "$@"
 

@@ -7,7 +7,6 @@ matches transformers at L = 2048 (fp32, 1e-5 at real tokens).
 """
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +18,12 @@ from deberta_ds.errors import UserError
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.context import EMD_POSITIONS, extend_absolute_positions
 from deberta_ds.native_checkpoint import save_native
+from deberta_ds.resources import config_path, recipe_names
 from tests.dist_helpers import run_distributed
 from tests.hf_helpers import padded_batch
 from tests.train_helpers import tiny_run, train_runs
 
-REPO = Path(__file__).resolve().parents[1]
-EXTEND_RECIPES = sorted((REPO / "launch_scripts" / "recipes" / "extend").glob("*.yaml"))
+EXTEND_RECIPES = [config_path(name) for name in recipe_names() if name.startswith("extend/")]
 NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
 
 

@@ -1,36 +1,35 @@
-"""ds_configs/*.json parse, are accepted by DeepSpeed's own config parser, and agree with the run config."""
+"""The shipped DeepSpeed JSONs parse, are accepted by DeepSpeed's own config parser, and agree with the run config."""
 
 import json
-from pathlib import Path
 
 import pytest
 from deepspeed.runtime.config import DeepSpeedConfig
 
-from deberta_ds.training.ds_config import DS_CONFIG_DIR, build_ds_config, default_ds_config_path
+from deberta_ds.resources import ds_config_file, ds_config_names
+from deberta_ds.training.ds_config import build_ds_config, default_ds_config_name
 from deberta_ds.training.run_config import load_run_config, run_config_from_dict
 
-FILES = sorted(DS_CONFIG_DIR.glob("*.json"))
-REPO = Path(__file__).resolve().parents[1]
+NAMES = ds_config_names()
 
 
 def test_every_stage_and_precision_has_a_file():
-    names = {f.stem for f in FILES}
+    names = set(NAMES)
     for stage in range(4):
         for precision in ("fp32", "bf16", "fp16"):
             assert f"zero{stage}_{precision}" in names
     assert {"zero3_offload_bf16", "zero3_offload_fp16"} <= names
 
 
-@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
-def test_file_builds_into_a_config_deepspeed_accepts(path):
-    raw = json.loads(path.read_text())
+@pytest.mark.parametrize("name", NAMES)
+def test_file_builds_into_a_config_deepspeed_accepts(name):
+    raw = json.loads(ds_config_file(name).read_text())
     stage = raw["zero_optimization"]["stage"]
     precision = "bf16" if raw.get("bf16", {}).get("enabled") else "fp16" if raw.get("fp16", {}).get("enabled") \
         else "fp32"
     run = run_config_from_dict({"train": {"zero_stage": stage, "precision": precision,
-                                          "offload": "offload" in path.stem, "global_batch_size": 64,
+                                          "offload": "offload" in name, "global_batch_size": 64,
                                           "micro_batch_size": 8}})
-    assert default_ds_config_path(run) == path
+    assert default_ds_config_name(run) == name
     ds = build_ds_config(run, data_parallel_size=4, lr=1e-4, on_cpu=True)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
         (64, 8, 2)
@@ -49,6 +48,6 @@ def test_conflicting_batch_size_in_json_is_an_error(tmp_path):
 
 
 def test_shipped_run_configs_agree_with_their_ds_configs():
-    quickstart = load_run_config(REPO / "launch_scripts" / "quickstart.yaml")
+    quickstart = load_run_config("quickstart")  # a shipped recipe by name, as quickstart.sh passes it
     ds = build_ds_config(quickstart, data_parallel_size=2, lr=quickstart.optim.lr, on_cpu=True)
     assert ds["train_batch_size"] == quickstart.train.global_batch_size

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from deberta_ds.resources import config_path, recipe_names
+
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "launch_scripts" / "pretrain.sh"
 
@@ -81,7 +83,7 @@ def test_dockerfile_installs_the_pinned_requirements():
     assert "docker run" in dockerfile and "DS_BUILD_CPU_ADAM=1" in dockerfile
 
 
-RECIPES = sorted((REPO / "launch_scripts" / "recipes").glob("*.yaml"))
+RECIPES = [config_path(name) for name in recipe_names() if "/" not in name and name != "quickstart"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
@@ -109,8 +111,8 @@ def test_recipe_selects_the_run_config_and_a_bad_recipe_is_named(data):
     assert "model=" not in result.stdout                          # the recipe's own model
     result = pretrain(data | {"RECIPE": "huge"}, "--dry-run")
     assert result.returncode == 2
-    assert "RECIPE=huge is not one of: ablation_base base extend/base_2048 extend/base_8192 large small xsmall" \
-        in result.stderr
+    assert ("RECIPE=huge is not one of: ablation_base base extend/base_2048 extend/base_8192 large quickstart "
+            "small xsmall") in result.stderr
     result = pretrain(data | {"RECIPE": "extend/base_2048"}, "--dry-run")
     assert result.returncode == 2 and "give its checkpoint as init_from=DIR" in result.stderr
     result = pretrain(data | {"RECIPE": "extend/base_2048"}, "--dry-run", "init_from=runs/base/checkpoints/x")

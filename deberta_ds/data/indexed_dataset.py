@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from deberta_ds.atomic_files import commit, temporary_name
+from deberta_ds.data.paths import expand_path
 from deberta_ds.errors import MissingInputError, UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -270,22 +271,19 @@ def verify_shard(prefix: str | Path, vocab_size: int | None = None) -> IndexedSh
     return shard
 
 
+_SHARD_SUFFIXES = (".idx", ".bin")
+
+
+def _shard_prefix(path: str) -> str:
+    return path[:-4] if path.endswith(_SHARD_SUFFIXES) else path
+
+
 def find_shard_prefixes(paths) -> list[str]:
     """Expand prefixes, PREFIX.idx/.bin paths, globs and directories into sorted shard prefixes."""
-    import glob
-
     prefixes: list[str] = []
     for raw in paths:
-        raw = str(raw)
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(str(p)[:-4] for p in path.glob("*.idx"))
-        elif any(ch in raw for ch in "*?["):
-            found = sorted({p[:-4] for p in glob.glob(raw) if p.endswith((".idx", ".bin"))})
-        elif raw.endswith((".idx", ".bin")):
-            found = [raw[:-4]]
-        else:
-            found = [raw]
+        found = sorted({_shard_prefix(p) for p in expand_path(raw, lambda folder: list(folder.glob("*.idx")),
+                                                               keep=lambda match: match.endswith(_SHARD_SUFFIXES))})
         if not found:
             raise MissingInputError(f"{raw}: no shards (*.idx/*.bin) found")
         for prefix in found:

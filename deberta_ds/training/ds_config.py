@@ -1,4 +1,4 @@
-"""The DeepSpeed JSON for a run: a file from ds_configs/ plus what the run config owns.
+"""The DeepSpeed JSON for a run: a shipped file (`deberta_ds/ds_configs/`) plus what the run config owns.
 
 The run config is the one source of batch sizes, optimiser settings and clipping; the
 JSON file contributes ZeRO and precision settings. A JSON file that sets a batch field
@@ -12,22 +12,22 @@ import json
 from pathlib import Path
 
 from deberta_ds.errors import UserError
+from deberta_ds.resources import ds_config_file, ds_config_names
 from deberta_ds.training.run_config import RunConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 _PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}
 
 
-def default_ds_config_path(config: RunConfig) -> Path:
+def default_ds_config_name(config: RunConfig) -> str:
     offload = "_offload" if config.train.offload else ""
-    return DS_CONFIG_DIR / f"zero{config.train.zero_stage}{offload}_{config.train.precision}.json"
+    return f"zero{config.train.zero_stage}{offload}_{config.train.precision}"
 
 
-def load_ds_json(path: str | Path) -> dict:
-    path = Path(path)
+def load_ds_json(path) -> dict:
+    """`path`: a file the user named (train.ds_config) or a shipped one (`resources.ds_config_file`)."""
     if not path.is_file():
-        raise UserError(f"train.ds_config: {path} not found (the ds_configs/ directory of the repository holds "
-                         "zero{0,1,2,3}[_offload]_{fp32,bf16,fp16}.json)")
+        raise UserError(f"train.ds_config: {path} not found (give a DeepSpeed JSON file, or leave it unset for "
+                         f"the shipped one of train.zero_stage and train.precision: {', '.join(ds_config_names())})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -42,7 +42,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def build_ds_config(config: RunConfig, data_parallel_size: int, lr: float, on_cpu: bool) -> dict:
-    path = Path(config.train.ds_config) if config.train.ds_config else default_ds_config_path(config)
+    path = Path(config.train.ds_config) if config.train.ds_config else ds_config_file(default_ds_config_name(config))
     ds = _merge(load_ds_json(path), config.train.ds_overrides)
     accumulation = config.check_batch_geometry(data_parallel_size)
     owned = {"train_batch_size": config.train.global_batch_size,

@@ -25,6 +25,7 @@ import yaml
 from deberta_ds.config import PRESETS, RTDObjective, from_dict
 from deberta_ds.data.dataset import MaskingConfig
 from deberta_ds.errors import UserError, require
+from deberta_ds.resources import config_path
 
 
 @dataclass
@@ -102,7 +103,7 @@ class TrainSection:
     precision: str = "bf16"             # fp32 | bf16 | fp16
     zero_stage: int = 2
     offload: bool = False               # ZeRO-3 optimizer + parameter CPU offload
-    ds_config: str | None = None        # default: ds_configs/zero{stage}[_offload]_{precision}.json
+    ds_config: str | None = None        # default: the shipped zero{stage}[_offload]_{precision}.json
     ds_overrides: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON (e.g. zero bucket sizes)
     tp: int = 1
     collective_timeout_s: int = 1800    # a collective waiting this long for a peer fails the run (lost node)
@@ -239,8 +240,7 @@ def _parse_value(raw: str):
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     data = {}
     if path is not None:
-        path = Path(path)
-        require(path.is_file(), "--config", f"{path} not found")
+        path = config_path(path)  # a file, or a shipped recipe by name
         text = path.read_text()
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}

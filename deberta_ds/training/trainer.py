@@ -46,7 +46,8 @@ class TrainingError(UserError):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m deberta_ds.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="run config, YAML or JSON (see deberta_ds/training/run_config.py)")
+    parser.add_argument("--config", help="run config: a YAML or JSON file (see deberta_ds/training/run_config.py) "
+                        "or a shipped recipe by name (python -m deberta_ds.resources recipes lists them)")
     parser.add_argument("--resume", default="auto",
                         help="auto: continue from OUTPUT/checkpoints/latest when it exists (default); none: start "
                              "fresh (refused if checkpoints exist); PATH: continue from that complete checkpoint "

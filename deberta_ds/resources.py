@@ -1,0 +1,79 @@
+"""The files that ship inside the package: DeepSpeed configurations and run-config recipes.
+
+They are package data (read through `importlib.resources`), so a wheel, `pip install .` or the
+Docker image find them as an editable checkout does: nothing is looked up relative to a
+repository. `python -m deberta_ds.resources recipes` lists the recipe names and
+`python -m deberta_ds.resources recipe NAME` prints one recipe's file (for shell scripts).
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.resources import as_file, files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+from deberta_ds.errors import UserError
+
+_PACKAGE = files("deberta_ds")
+DS_CONFIGS = _PACKAGE / "ds_configs"  # zero{0,1,2,3}[_offload]_{fp32,bf16,fp16}.json
+RECIPES = _PACKAGE / "recipes"        # NAME.yaml, extend/NAME.yaml
+
+
+def ds_config_names() -> list[str]:
+    return sorted(entry.name.removesuffix(".json") for entry in DS_CONFIGS.iterdir() if entry.name.endswith(".json"))
+
+
+def ds_config_file(name: str) -> Traversable:
+    """The shipped DeepSpeed JSON `name` (without .json)."""
+    entry = DS_CONFIGS / f"{name}.json"
+    if not entry.is_file():
+        raise UserError(f"no shipped DeepSpeed configuration {name!r}; the package holds {ds_config_names()}")
+    return entry
+
+
+def recipe_names() -> list[str]:
+    """Every shipped recipe, as `--config` takes it: `base`, `extend/base_2048`, ..."""
+    names = []
+    for entry in RECIPES.iterdir():
+        if entry.is_dir():
+            names += [f"{entry.name}/{sub.name[:-5]}" for sub in entry.iterdir() if sub.name.endswith(".yaml")]
+        elif entry.name.endswith(".yaml"):
+            names.append(entry.name[:-5])
+    return sorted(names)
+
+
+def recipe_file(name: str) -> Traversable:
+    """The shipped recipe `name` (`base`, `extend/base_2048`; a trailing .yaml is allowed)."""
+    entry = RECIPES.joinpath(*f"{name.removesuffix('.yaml')}.yaml".split("/"))
+    if not entry.is_file():
+        raise UserError(f"--config {name}: neither a file nor a shipped recipe; recipes: {' '.join(recipe_names())}")
+    return entry
+
+
+def config_path(config: str | Path) -> Path:
+    """`--config` as a path: an existing file as given, else a shipped recipe's file by name."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    with as_file(recipe_file(str(config))) as recipe:  # a real file for an installed (not zipped) package
+        return recipe
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["recipes"]:
+        print(" ".join(recipe_names()))
+        return 0
+    if len(argv) == 2 and argv[0] == "recipe":
+        try:
+            print(config_path(argv[1]))
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
+    print("usage: python -m deberta_ds.resources recipes | recipe NAME", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
