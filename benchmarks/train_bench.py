@@ -14,8 +14,12 @@ corpus through this repo's data prep, masked by PretrainingSamples):
 Each runs --warmup steps, then times --steps steps (CUDA-synchronised wall clock). The micro-batch
 starts at --micro-batch and halves on out-of-memory until a step fits ("as large as fits").
 
-Model FLOPs per token are 6 N + 12 l h s for every system (N its parameters, l layers, h
-hidden, s length; the DeBERTa position terms and EMD are not counted), so MFU = tokens/s x
+Model FLOPs per token are the matrix products each system performs per token in a training
+step (forward + backward, counted as torch.utils.flop_counter counts them; tests/test_flops.py
+checks each count against FlopCounterMode): deberta_ds's from RTDConfig.flops_per_token (the
+generator's vocabulary head on the masked rows only, the EMD's two passes, c2p and p2c), HF
+DeBERTa's from ModelConfig.mlm_training_flops (its LM head on every token), ModernBERT's from
+modernbert_training_flops (its sliding-window layers attend to 2 x 64 + 1 keys). MFU = tokens/s x
 FLOPs per token / the card's dense bf16 peak (read from the device name). Writes
 OUT/train_bench.json ({system: {tokens_per_s, model_tflops, mfu, peak_memory_gb, micro_batch,
 data_wait_fraction, ...} or {unavailable: reason}}) and prints a table with MFU ratios.
@@ -41,18 +45,26 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from deberta_ds.training.metrics import peak_tflops  # noqa: E402  (after the path above)
+
 SYSTEMS = ("deberta_ds", "deberta_ds-reference", "hf-deberta", "hf-deberta-df", "modernbert")
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by the device-name substring.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
-                    "H100": 989.0, "A100": 312.0}
 
 
-def peak_tflops(device_name: str) -> float | None:
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
-
-
-def model_flops_per_token(params: int, layers: int, hidden: int, seq_len: int) -> float:
-    return 6.0 * params + 12.0 * layers * hidden * seq_len
+def modernbert_training_flops(config, seq_len: int, batch: int, sliding_window: bool = True) -> float:
+    """Model FLOPs of one ModernBERT MLM training step (forward + backward = 3 x forward): per
+    layer Wqkv, Wo, the GLU's Wi (2 x intermediate) and Wo, QK^T and PV over the keys each query
+    sees (all L in global layers; |i - j| <= local_attention / 2 in sliding-window layers when
+    `sliding_window`, else all L, which is what eager/SDPA attention computes before masking),
+    then the head (dense + tied decoder) on every token (sparse_prediction off)."""
+    hidden, tokens = config.hidden_size, batch * seq_len
+    half = config.local_attention // 2
+    window_pairs = sum(min(seq_len - 1, i + half) - max(0, i - half) + 1 for i in range(seq_len))
+    forward = 0.0
+    for layer_type in config.layer_types:
+        pairs = window_pairs if sliding_window and layer_type == "sliding_attention" else seq_len * seq_len
+        forward += 2.0 * tokens * hidden * (4 * hidden + 3 * config.intermediate_size) + 4.0 * batch * pairs * hidden
+    forward += 2.0 * tokens * hidden * (hidden + config.vocab_size)
+    return 3.0 * forward
 
 
 def prepare_data(folder: Path, corpus_bytes: int, vocab_size: int) -> dict:
@@ -112,8 +124,9 @@ def run_deberta_ds(args, data: dict, micro_batch: int) -> dict:
             "attention_impl": trainer.model.config.discriminator.attention_impl}
 
 
-def hf_model(system: str, smoke: bool):
-    """The peer's model at its shape (the discriminator's for DeBERTa, base for ModernBERT)."""
+def hf_model(system: str, smoke: bool, micro_batch: int):
+    """The peer's model at its shape (the discriminator's for DeBERTa, base for ModernBERT) and its
+    model FLOPs per token at `micro_batch`."""
     from deberta_ds.config import preset
     from deberta_ds.convert import model_config_to_hf
 
@@ -124,7 +137,8 @@ def hf_model(system: str, smoke: bool):
         tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     vocab_size=dims["vocab"])
         config = ModernBertConfig(pad_token_id=0, **(tiny if smoke else {}))  # our [PAD] is 0
-        return ModernBertForMaskedLM(config), config.num_hidden_layers, config.hidden_size
+        tokens = micro_batch * dims["seq_len"]
+        return ModernBertForMaskedLM(config), modernbert_training_flops(config, dims["seq_len"], micro_batch) / tokens
     from transformers import DebertaV2Config, DebertaV2ForMaskedLM
 
     ours = preset(dims["preset"], vocab_size=dims["vocab"])
@@ -134,7 +148,7 @@ def hf_model(system: str, smoke: bool):
     if system == "hf-deberta-df":
         from disentangled_flash import optimize_deberta_training
         optimize_deberta_training(model.deberta, backend="triton")
-    return model, ours.num_layers, ours.hidden_size
+    return model, ours.mlm_training_flops(dims["seq_len"], micro_batch) / (micro_batch * dims["seq_len"])
 
 
 def run_hf(args, data: dict, micro_batch: int) -> dict:
@@ -144,7 +158,7 @@ def run_hf(args, data: dict, micro_batch: int) -> dict:
 
     dims = shape(args.cpu_smoke)
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    model, layers, hidden = hf_model(args.system, args.cpu_smoke)
+    model, flops_per_token = hf_model(args.system, args.cpu_smoke, micro_batch)
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     samples = build_data(run_config_from_dict({"model": dims["preset"], "data": {
@@ -169,7 +183,7 @@ def run_hf(args, data: dict, micro_batch: int) -> dict:
     synchronize()
     params = sum(p.numel() for p in model.parameters())
     return {"elapsed_s": time.perf_counter() - start, "tokens": args.steps * micro_batch * dims["seq_len"],
-            "flops_per_token": model_flops_per_token(params, layers, hidden, dims["seq_len"]), "params": params}
+            "flops_per_token": flops_per_token, "params": params}
 
 
 def synchronize() -> None:
