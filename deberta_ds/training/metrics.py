@@ -28,8 +28,8 @@ class TrainingStatistics:
         values = torch.stack([result.generator.loss, result.generator.accuracy, result.discriminator.loss,
                               result.discriminator.accuracy, result.replaced_ratio]).detach().double()
         defined = torch.isfinite(values)
-        real = attention_mask.bool()
-        predicted, actual = result.discriminator.logits.detach()[real] > 0, result.discriminator.replaced[real]
+        real = attention_mask.bool()  # masks, not boolean indexing: no host synchronisation
+        predicted, actual = (result.discriminator.logits.detach() > 0) & real, result.discriminator.replaced & real
         confusion = torch.stack([(predicted & actual).sum(), predicted.sum(), actual.sum()]).double()
         self.totals += torch.cat([torch.where(defined, values, 0.0), defined.double(), confusion])
 
