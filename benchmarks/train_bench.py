@@ -116,12 +116,64 @@ def run_deberta_ds(args, data: dict, micro_batch: int) -> dict:
         synchronize()
         elapsed = time.perf_counter() - start
         wait_fraction = (prefetcher.wait_s - waited) / elapsed
+        if args.profile_steps:
+            write_profile(profile_steps(trainer, prefetcher, args.profile_steps),
+                          Path(args.out) / f"profile_{args.system}.md", args.system)
     finally:
         prefetcher.close()
     params = sum(p.numel() for p in trainer.model.parameters())
     return {"elapsed_s": elapsed, "tokens": args.steps * micro_batch * dims["seq_len"],
             "flops_per_token": trainer.flops_per_token, "params": params, "data_wait_fraction": wait_fraction,
             "attention_impl": trainer.model.config.discriminator.attention_impl}
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+
+
+def profile_steps(trainer, prefetcher, steps: int) -> dict:
+    """torch.profiler over `steps` training steps: the top 30 device kernels by time (CPU ops on a
+    CPU machine), the device's idle gaps between kernels (time the GPU waited for the host), and
+    the host synchronisations (the calls in SYNC_CALLS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(prefetcher.next_step())
+        synchronize()
+    averages = prof.key_averages()
+    on_device = torch.cuda.is_available()
+    timed = [e for e in averages if (e.self_device_time_total if on_device else e.self_cpu_time_total) > 0
+             and (not on_device or e.device_type.name == "CUDA")]
+    timed.sort(key=lambda e: e.self_device_time_total if on_device else e.self_cpu_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total if on_device else e.self_cpu_time_total for e in timed)
+    top = [{"name": e.key[:90], "calls": e.count, "ms": (e.self_device_time_total if on_device
+                                                           else e.self_cpu_time_total) / 1e3} for e in timed[:30]]
+    syncs = {name: sum(e.count for e in averages if e.key == name) for name in SYNC_CALLS}
+    kernels = sorted(((e.time_range.start, e.time_range.end) for e in prof.events()
+                      if on_device and e.device_type.name == "CUDA"), key=lambda r: r[0])
+    gaps, reach = [], kernels[0][1] if kernels else 0
+    for start, end in kernels[1:]:
+        if start > reach:
+            gaps.append(start - reach)
+        reach = max(reach, end)
+    span = (kernels[-1][1] - kernels[0][0]) if kernels else 0
+    return {"steps": steps, "total_kernel_ms": total_us / 1e3, "top": top, "syncs": syncs,
+            "idle_gaps": {"count": len(gaps), "total_ms": sum(gaps) / 1e3, "span_ms": span / 1e3,
+                          "over_100us": sum(g > 100 for g in gaps), "largest_ms": max(gaps, default=0) / 1e3}}
+
+
+def write_profile(summary: dict, path: Path, system: str) -> None:
+    gaps = summary["idle_gaps"]
+    lines = [f"# {system}: {summary['steps']} profiled training steps",
+             f"kernel time {summary['total_kernel_ms']:.1f} ms; device idle between kernels "
+             f"{gaps['total_ms']:.1f} ms of "
+             f"{gaps['span_ms']:.1f} ms ({gaps['count']} gaps, {gaps['over_100us']} over 100 us, largest "
+             f"{gaps['largest_ms']:.2f} ms)",
+             "host syncs: " + ", ".join(f"{name} {count}" for name, count in summary["syncs"].items()),
+             "", "| kernel | calls | ms |", "|---|---|---|"]
+    lines += [f"| {row['name']} | {row['calls']} | {row['ms']:.2f} |" for row in summary["top"]]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def hf_model(system: str, smoke: bool, micro_batch: int):
@@ -236,6 +288,7 @@ def driver(args) -> dict:
                    "--row", str(row_file), "--out", str(out), "--micro-batch", str(args.micro_batch),
                    "--warmup", str(args.warmup), "--steps", str(args.steps)]
         command += ["--cpu-smoke"] if args.cpu_smoke else []
+        command += ["--profile-steps", str(args.profile_steps)] if args.profile_steps else []
         process = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
         if process.returncode == 0 and row_file.exists():
             results["systems"][system] = finish(json.loads(row_file.read_text()), device_name)
@@ -275,6 +328,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
     parser.add_argument("--timeout-s", type=float, default=300, help="per system")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the harness only")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="deberta_ds systems: after the timed steps, profile this many more and write "
+                             "OUT/profile_<system>.md (top 30 kernels, device idle gaps, host syncs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

@@ -216,3 +216,13 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, Encoder):
             module.activation_checkpointing = enabled
+
+
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile every encoder layer inside `model` (generator, discriminator, the EMD's
+    passes): the layers' matrix products, dropout, residual, LayerNorm and GELU fuse into few
+    kernels, the attention stays the custom op it is. Shapes are static (one graph per sequence
+    length and call form, shared by all layers of a shape); masking, sampling and the heads stay eager."""
+    for module in model.modules():
+        if isinstance(module, EncoderLayer):
+            module.compile(dynamic=False)

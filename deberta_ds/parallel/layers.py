@@ -157,7 +157,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         start, width = _vocab_columns(local_logits.shape[-1], vocab_size, tp)
         logits = local_logits[:, :width]                                        # [M, V/tp] view
         row_max = all_reduce_no_grad(logits.amax(-1).float(), tp, dist.ReduceOp.MAX)        # [M]
-        sum_exp = all_reduce_no_grad(torch.exp(logits.float() - row_max[:, None]).sum(-1), tp)
+        # bf16 - fp32 promotes to one fp32 temporary, exponentiated in place: no separate copy.
+        sum_exp = all_reduce_no_grad(torch.sub(logits, row_max[:, None]).exp_().sum(-1), tp)
         lse = sum_exp.log() + row_max                                           # [M]
         local_target = target - start
         here = (local_target >= 0) & (local_target < width)                    # this rank holds the target
@@ -172,12 +173,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         local_logits, lse, here, local_target, valid = ctx.saved_tensors
         scale = torch.where(valid, grad, 0.0)                                   # [M]
-        grad_logits = torch.zeros_like(local_logits, dtype=torch.float32)
-        columns = grad_logits[:, :ctx.width]
-        torch.sub(local_logits[:, :ctx.width].float(), lse[:, None], out=columns).exp_()   # softmax
-        columns.scatter_add_(-1, local_target.clamp(0, max(ctx.width - 1, 0))[:, None], -here.float()[:, None])
-        columns.mul_(scale[:, None])
-        return grad_logits.to(local_logits.dtype), None, None, None
+        width = ctx.width
+        softmax = torch.sub(local_logits[:, :width], lse[:, None]).exp_()      # one fp32 [M, V/tp] buffer
+        softmax.scatter_add_(-1, local_target.clamp(0, max(width - 1, 0))[:, None], -here.float()[:, None])
+        if width == local_logits.shape[-1]:  # written straight in the logits' dtype
+            return torch.mul(softmax, scale[:, None], out=torch.empty_like(local_logits)), None, None, None
+        grad_logits = torch.zeros_like(local_logits)                            # padding columns: 0
+        torch.mul(softmax, scale[:, None], out=grad_logits[:, :width])
+        return grad_logits, None, None, None
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
