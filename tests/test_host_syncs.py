@@ -6,12 +6,16 @@ behind .item() / int() / .tolist()), data-dependent shapes (`nonzero`, `masked_s
 indexing, `unique`), copies to the CPU. On the CPU they cost nothing, but the same aten calls
 stall the host on a GPU, so none may come from model code (deberta_ds/model, deberta_ds/parallel).
 
-What DeepSpeed's engine.step() adds on a GPU (seen in its source, deepspeed 0.19): the bf16 /
-fp16 optimiser's overflow check (`has_overflow`: a .item() of the all-reduced inf / nan flag,
-skipped for bf16 when `bf16.check_grad_overflow` is false, see ds_configs/README in README.md
-"DeepSpeed configuration"), the gradient-norm .item() when clipping (get_global_grad_norm), and
-the loss-scale update (fp16 only). The trainer's own agreement (engines._agree: one .tolist() of
-a two-element all-reduce) is the loop's one deliberate synchronisation per micro-batch.
+What DeepSpeed's engine.step() adds (measured with this recorder on one decoupled micro-step,
+ZeRO-2 bf16, deepspeed 0.19.8, CPU): per engine and parameter group, one read of the clipping
+norm's validity (`is_invalid_grad_norm` in `unscale_and_clip_grads`, whenever clipping is on);
+with `bf16.check_grad_overflow` on (DeepSpeed's default, off in ds_configs/) also one read of the
+overflow flag (`has_overflow`, after an inf/nan scan of every gradient partition) and one more
+norm-validity read per engine: 12 reads per micro-step instead of 8. The rest come from torch's
+CPU AdamW (its step counter; the fused CUDA AdamW keeps it on the device). The trainer's own
+agreement (engines._agree: one .tolist() of a two-element all-reduce) is the loop's one
+deliberate synchronisation per micro-batch (.tolist() reads CPU memory without an aten call, so
+only a GPU run shows it, as a copy to the CPU).
 """
 
 import traceback
@@ -137,3 +141,16 @@ def test_flops_config_and_sampling_config_agree_on_the_vocabulary():
     ids = torch.zeros(1, 4000, dtype=torch.long)
     corrupted, _ = model.corrupt(ids, torch.ones_like(ids), logits, torch.Generator().manual_seed(0))
     assert corrupted.max() == 299 and (corrupted == 299).float().mean() > 0.05
+
+
+def test_prefetched_batches_carry_padded_masked_positions():
+    from deberta_ds.training.prefetch import to_tensors
+
+    _, _, labels = masked_batch(lengths=(40, 33), every=3)
+    batch = to_tensors({"input_ids": labels.clamp(min=0).numpy(), "labels": labels.numpy()})
+    flat = labels.flatten()
+    real = torch.nonzero(flat != IGNORE_INDEX)[:, 0]
+    index, targets = batch["masked_index"], batch["masked_labels"]
+    assert index.shape == targets.shape == (128,) and len(real) < 128
+    assert torch.equal(index[:len(real)], real) and torch.equal(targets[:len(real)], flat[real])
+    assert (index[len(real):] == flat.numel()).all() and (targets[len(real):] == IGNORE_INDEX).all()

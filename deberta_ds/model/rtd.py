@@ -70,9 +70,9 @@ def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 class GeneratorOutput(NamedTuple):
     loss: torch.Tensor            # MLM cross-entropy over masked positions
     accuracy: torch.Tensor
-    logits: torch.Tensor          # [M_pad, V/tp] at the masked positions (MaskedPositions' rows)
-    masked: MaskedPositions
+    logits: torch.Tensor          # [M_pad, V/tp] at the masked positions (the rows of `masked`)
     objective: torch.Tensor       # what the generator's optimiser minimises (loss, plus ES's RTD term)
+    masked: MaskedPositions | None = None
 
 
 class DiscriminatorOutput(NamedTuple):
@@ -119,7 +119,7 @@ class Generator(nn.Module):
         objective = loss
         if embedding_gradient is not None:
             objective = loss + (self.word_embeddings.weight * embedding_gradient).sum()
-        return GeneratorOutput(loss, accuracy, logits, masked, objective)
+        return GeneratorOutput(loss, accuracy, logits, objective, masked)
 
 
 class Discriminator(nn.Module):

@@ -39,7 +39,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class BatchPrefetcher:
     """This data-parallel rank's micro-batches, step after step from `consumed_samples`.
 
-    next_step() -> [(global indices [micro], host tensors {input_ids, attention_mask, labels})]
+    next_step() -> [(global indices [micro], host tensors {input_ids, attention_mask, labels,
+    masked_index, masked_labels})]
     with `accumulation` micro-batches. Up to `depth` steps are built ahead. An error while
     building is raised by the next_step() that would have returned that step.
     """
