@@ -84,7 +84,8 @@ else
   part kernel_tune 150 "$python" benchmarks/kernel_tune.py --out "$out/kernel_tune.json" --repeats 5
   part context_memory 70 bash -c "$python benchmarks/activation_memory.py --device cuda --micro-batch 4 --length 2048 &&
     $python benchmarks/activation_memory.py --device cuda --micro-batch 1 --length 8192"
-  part profile 150 "$python" benchmarks/train_bench.py --out "$work/profile" --timeout-s 70 --warmup 3 --steps 1 \
+  # Each system starts a trainer and compiles its layers (train.compile) before the profiled steps.
+  part profile 240 "$python" benchmarks/train_bench.py --out "$work/profile" --timeout-s 115 --warmup 3 --steps 1 \
     --profile-steps 3 --systems deberta_ds-reference deberta_ds
   # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
   part pytest "${PYTEST_LIMIT:-130}" "$python" -m pytest -m cuda -q -p no:cacheprovider ${PYTEST_ARGS:-tests/test_gpu.py}
