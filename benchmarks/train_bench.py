@@ -3,7 +3,8 @@
 Systems, each in its own process (clean peak memory), on the same token batches (the built-in
 corpus through this repo's data prep, masked by PretrainingSamples):
   deberta_ds    the `base` RTD pair (generator + discriminator), GDES, decoupled, bf16, ZeRO-2,
-                the trainer's own loop (prefetcher, engines, attention_impl auto: the fused kernel)
+                the trainer's own loop (prefetcher, engines, attention_impl auto: the fused kernel,
+                train.compile's default: compiled encoder layers)
   deberta_ds-reference  the same with attention_impl reference (the unfused attention): the
                 alternative `auto` chooses against (the first GPU run's attention bench had the
                 reference's forward+backward faster than the fused kernel's, at 6-68x its memory)

@@ -21,7 +21,7 @@ from torch import nn
 
 from deberta_ds.config import RTDConfig
 from deberta_ds.data.dataset import IGNORE_INDEX
-from deberta_ds.model.encoder import Encoder
+from deberta_ds.model.encoder import Encoder, compile_layers
 from deberta_ds.model.heads import EnhancedMaskDecoder, LMHead, RTDHead
 from deberta_ds.parallel.layers import (
     SINGLE,
@@ -97,6 +97,7 @@ class Generator(nn.Module):
         self.encoder = Encoder(config.generator, tp=tp)
         self.emd = EnhancedMaskDecoder(config.generator)
         self.lm_head = LMHead(config.generator, tp)
+        self.cross_entropy = vocab_parallel_cross_entropy  # compile_training_step may swap in a compiled one
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -114,7 +115,7 @@ class Generator(nn.Module):
         rows = masked.index.clamp(max=input_ids.numel() - 1)                    # padding rows read any row
         logits = self.lm_head(decoded.flatten(0, 1).index_select(0, rows), self.word_embeddings.weight)  # [M_pad, V/tp]
         vocab, valid = self.encoder.config.vocab_size, masked.labels != IGNORE_INDEX
-        loss = vocab_parallel_cross_entropy(logits, masked.labels, vocab, self.tp).sum() / valid.sum()
+        loss = self.cross_entropy(logits, masked.labels, vocab, self.tp).sum() / valid.sum()
         accuracy = _masked_mean(vocab_parallel_argmax(logits, vocab, self.tp) == masked.labels, valid)
         objective = loss
         if embedding_gradient is not None:
@@ -211,3 +212,12 @@ class ReplacedTokenDetection(nn.Module):
         """One merged word-embedding matrix for the exported discriminator (E_G + E_delta under GDES)."""
         weight = self.discriminator_embedding_weight()
         return (weight if weight is not None else self.discriminator.encoder.embeddings.word_embeddings.weight).detach()
+
+
+def compile_training_step(model: ReplacedTokenDetection) -> None:
+    """train.compile: every encoder layer (compile_layers) and, at TP = 1, the generator's
+    cross-entropy, whose fused kernels read the bf16 logits without an fp32 [M, V] buffer in the
+    forward or the backward (shapes: static first, dynamic after a second masked-row count)."""
+    compile_layers(model)
+    if model.tp.size == 1:
+        model.generator.cross_entropy = torch.compile(vocab_parallel_cross_entropy)

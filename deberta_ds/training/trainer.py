@@ -27,7 +27,8 @@ from deberta_ds.data.sampler import GlobalBatchSampler
 from deberta_ds.errors import UserError
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.context import extend_absolute_positions
-from deberta_ds.model.encoder import compile_layers, set_activation_checkpointing
+from deberta_ds.model.encoder import set_activation_checkpointing
+from deberta_ds.model.rtd import compile_training_step
 from deberta_ds.parallel.random import seed_streams
 from deberta_ds.parallel.state import MPU
 from deberta_ds.parallel.state import initialize as initialize_parallel
@@ -128,7 +129,7 @@ class Trainer:
                                   load_universal=universal)
         self.device = self.engines.device
         if config.train.compiles(self.device):
-            compile_layers(self.model)
+            compile_training_step(self.model)
         seed_streams(config.seed, self.parallel)  # dropout: per DP replica, plus a per-TP-rank stream for attention
         self.step, self.consumed = 0, 0
         if latest:
