@@ -3,7 +3,8 @@
 Systems, each in its own process (clean peak memory), on the same token batches (the built-in
 corpus through this repo's data prep, masked by PretrainingSamples):
   deberta_ds    the `base` RTD pair (generator + discriminator), GDES, decoupled, bf16, ZeRO-2,
-                the trainer's own loop (prefetcher, engines, attention_impl auto: the fused kernel)
+                the trainer's own loop (prefetcher, engines, attention_impl auto: the fused kernel,
+                train.compile's default: compiled encoder layers)
   deberta_ds-reference  the same with attention_impl reference (the unfused attention): the
                 alternative `auto` chooses against (the first GPU run's attention bench had the
                 reference's forward+backward faster than the fused kernel's, at 6-68x its memory)
@@ -14,8 +15,12 @@ corpus through this repo's data prep, masked by PretrainingSamples):
 Each runs --warmup steps, then times --steps steps (CUDA-synchronised wall clock). The micro-batch
 starts at --micro-batch and halves on out-of-memory until a step fits ("as large as fits").
 
-Model FLOPs per token are 6 N + 12 l h s for every system (N its parameters, l layers, h
-hidden, s length; the DeBERTa position terms and EMD are not counted), so MFU = tokens/s x
+Model FLOPs per token are the matrix products each system performs per token in a training
+step (forward + backward, counted as torch.utils.flop_counter counts them; tests/test_flops.py
+checks each count against FlopCounterMode): deberta_ds's from RTDConfig.flops_per_token (the
+generator's vocabulary head on the masked rows only, the EMD's two passes, c2p and p2c), HF
+DeBERTa's from ModelConfig.mlm_training_flops (its LM head on every token), ModernBERT's from
+modernbert_training_flops (its sliding-window layers attend to 2 x 64 + 1 keys). MFU = tokens/s x
 FLOPs per token / the card's dense bf16 peak (read from the device name). Writes
 OUT/train_bench.json ({system: {tokens_per_s, model_tflops, mfu, peak_memory_gb, micro_batch,
 data_wait_fraction, ...} or {unavailable: reason}}) and prints a table with MFU ratios.
@@ -41,18 +46,26 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from deberta_ds.training.metrics import peak_tflops  # noqa: E402  (after the path above)
+
 SYSTEMS = ("deberta_ds", "deberta_ds-reference", "hf-deberta", "hf-deberta-df", "modernbert")
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by the device-name substring.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
-                    "H100": 989.0, "A100": 312.0}
 
 
-def peak_tflops(device_name: str) -> float | None:
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
-
-
-def model_flops_per_token(params: int, layers: int, hidden: int, seq_len: int) -> float:
-    return 6.0 * params + 12.0 * layers * hidden * seq_len
+def modernbert_training_flops(config, seq_len: int, batch: int, sliding_window: bool = True) -> float:
+    """Model FLOPs of one ModernBERT MLM training step (forward + backward = 3 x forward): per
+    layer Wqkv, Wo, the GLU's Wi (2 x intermediate) and Wo, QK^T and PV over the keys each query
+    sees (all L in global layers; |i - j| <= local_attention / 2 in sliding-window layers when
+    `sliding_window`, else all L, which is what eager/SDPA attention computes before masking),
+    then the head (dense + tied decoder) on every token (sparse_prediction off)."""
+    hidden, tokens = config.hidden_size, batch * seq_len
+    half = config.local_attention // 2
+    window_pairs = sum(min(seq_len - 1, i + half) - max(0, i - half) + 1 for i in range(seq_len))
+    forward = 0.0
+    for layer_type in config.layer_types:
+        pairs = window_pairs if sliding_window and layer_type == "sliding_attention" else seq_len * seq_len
+        forward += 2.0 * tokens * hidden * (4 * hidden + 3 * config.intermediate_size) + 4.0 * batch * pairs * hidden
+    forward += 2.0 * tokens * hidden * (hidden + config.vocab_size)
+    return 3.0 * forward
 
 
 def prepare_data(folder: Path, corpus_bytes: int, vocab_size: int) -> dict:
@@ -104,6 +117,9 @@ def run_deberta_ds(args, data: dict, micro_batch: int) -> dict:
         synchronize()
         elapsed = time.perf_counter() - start
         wait_fraction = (prefetcher.wait_s - waited) / elapsed
+        if args.profile_steps:
+            write_profile(profile_steps(trainer, prefetcher, args.profile_steps),
+                          Path(args.out) / f"profile_{args.system}.md", args.system)
     finally:
         prefetcher.close()
     params = sum(p.numel() for p in trainer.model.parameters())
@@ -112,8 +128,58 @@ def run_deberta_ds(args, data: dict, micro_batch: int) -> dict:
             "attention_impl": trainer.model.config.discriminator.attention_impl}
 
 
-def hf_model(system: str, smoke: bool):
-    """The peer's model at its shape (the discriminator's for DeBERTa, base for ModernBERT)."""
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+
+
+def profile_steps(trainer, prefetcher, steps: int) -> dict:
+    """torch.profiler over `steps` training steps: the top 30 device kernels by time (CPU ops on a
+    CPU machine), the device's idle gaps between kernels (time the GPU waited for the host), and
+    the host synchronisations (the calls in SYNC_CALLS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(prefetcher.next_step())
+        synchronize()
+    averages = prof.key_averages()
+    on_device = torch.cuda.is_available()
+    timed = [e for e in averages if (e.self_device_time_total if on_device else e.self_cpu_time_total) > 0
+             and (not on_device or e.device_type.name == "CUDA")]
+    timed.sort(key=lambda e: e.self_device_time_total if on_device else e.self_cpu_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total if on_device else e.self_cpu_time_total for e in timed)
+    top = [{"name": e.key[:90], "calls": e.count, "ms": (e.self_device_time_total if on_device
+                                                           else e.self_cpu_time_total) / 1e3} for e in timed[:30]]
+    syncs = {name: sum(e.count for e in averages if e.key == name) for name in SYNC_CALLS}
+    kernels = sorted(((e.time_range.start, e.time_range.end) for e in prof.events()
+                      if on_device and e.device_type.name == "CUDA"), key=lambda r: r[0])
+    gaps, reach = [], kernels[0][1] if kernels else 0
+    for start, end in kernels[1:]:
+        if start > reach:
+            gaps.append(start - reach)
+        reach = max(reach, end)
+    span = (kernels[-1][1] - kernels[0][0]) if kernels else 0
+    return {"steps": steps, "total_kernel_ms": total_us / 1e3, "top": top, "syncs": syncs,
+            "idle_gaps": {"count": len(gaps), "total_ms": sum(gaps) / 1e3, "span_ms": span / 1e3,
+                          "over_100us": sum(g > 100 for g in gaps), "largest_ms": max(gaps, default=0) / 1e3}}
+
+
+def write_profile(summary: dict, path: Path, system: str) -> None:
+    gaps = summary["idle_gaps"]
+    lines = [f"# {system}: {summary['steps']} profiled training steps",
+             f"kernel time {summary['total_kernel_ms']:.1f} ms; device idle between kernels "
+             f"{gaps['total_ms']:.1f} ms of "
+             f"{gaps['span_ms']:.1f} ms ({gaps['count']} gaps, {gaps['over_100us']} over 100 us, largest "
+             f"{gaps['largest_ms']:.2f} ms)",
+             "host syncs: " + ", ".join(f"{name} {count}" for name, count in summary["syncs"].items()),
+             "", "| kernel | calls | ms |", "|---|---|---|"]
+    lines += [f"| {row['name']} | {row['calls']} | {row['ms']:.2f} |" for row in summary["top"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def hf_model(system: str, smoke: bool, micro_batch: int):
+    """The peer's model at its shape (the discriminator's for DeBERTa, base for ModernBERT) and its
+    model FLOPs per token at `micro_batch`."""
     from deberta_ds.config import preset
     from deberta_ds.convert import model_config_to_hf
 
@@ -124,7 +190,8 @@ def hf_model(system: str, smoke: bool):
         tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                     vocab_size=dims["vocab"])
         config = ModernBertConfig(pad_token_id=0, **(tiny if smoke else {}))  # our [PAD] is 0
-        return ModernBertForMaskedLM(config), config.num_hidden_layers, config.hidden_size
+        tokens = micro_batch * dims["seq_len"]
+        return ModernBertForMaskedLM(config), modernbert_training_flops(config, dims["seq_len"], micro_batch) / tokens
     from transformers import DebertaV2Config, DebertaV2ForMaskedLM
 
     ours = preset(dims["preset"], vocab_size=dims["vocab"])
@@ -134,7 +201,7 @@ def hf_model(system: str, smoke: bool):
     if system == "hf-deberta-df":
         from disentangled_flash import optimize_deberta_training
         optimize_deberta_training(model.deberta, backend="triton")
-    return model, ours.num_layers, ours.hidden_size
+    return model, ours.mlm_training_flops(dims["seq_len"], micro_batch) / (micro_batch * dims["seq_len"])
 
 
 def run_hf(args, data: dict, micro_batch: int) -> dict:
@@ -144,7 +211,7 @@ def run_hf(args, data: dict, micro_batch: int) -> dict:
 
     dims = shape(args.cpu_smoke)
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    model, layers, hidden = hf_model(args.system, args.cpu_smoke)
+    model, flops_per_token = hf_model(args.system, args.cpu_smoke, micro_batch)
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     samples = build_data(run_config_from_dict({"model": dims["preset"], "data": {
@@ -169,7 +236,7 @@ def run_hf(args, data: dict, micro_batch: int) -> dict:
     synchronize()
     params = sum(p.numel() for p in model.parameters())
     return {"elapsed_s": time.perf_counter() - start, "tokens": args.steps * micro_batch * dims["seq_len"],
-            "flops_per_token": model_flops_per_token(params, layers, hidden, dims["seq_len"]), "params": params}
+            "flops_per_token": flops_per_token, "params": params}
 
 
 def synchronize() -> None:
@@ -222,6 +289,7 @@ def driver(args) -> dict:
                    "--row", str(row_file), "--out", str(out), "--micro-batch", str(args.micro_batch),
                    "--warmup", str(args.warmup), "--steps", str(args.steps)]
         command += ["--cpu-smoke"] if args.cpu_smoke else []
+        command += ["--profile-steps", str(args.profile_steps)] if args.profile_steps else []
         process = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
         if process.returncode == 0 and row_file.exists():
             results["systems"][system] = finish(json.loads(row_file.read_text()), device_name)
@@ -261,6 +329,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
     parser.add_argument("--timeout-s", type=float, default=300, help="per system")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the harness only")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="deberta_ds systems: after the timed steps, profile this many more and write "
+                             "OUT/profile_<system>.md (top 30 kernels, device idle gaps, host syncs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

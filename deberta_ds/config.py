@@ -13,6 +13,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+import torch
+
 from deberta_ds.errors import UserError, require
 
 POS_ATT_TYPES = ("c2p", "p2c")
@@ -79,6 +81,48 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    # Model FLOPs: the matrix products one forward performs (2 per multiply-add), as
+    # torch.utils.flop_counter counts them; a training step is 3x (every product's inputs need a
+    # gradient). Element-wise work, lookups and recomputation (activation checkpointing) are not
+    # counted, as in MFU's usual definition.
+
+    def relative_span(self, seq_len: int) -> int:
+        """Rows of the relative table the reference attention multiplies against at this length
+        (the slots reachable from distances -(L-1)..L-1)."""
+        from deberta_ds.relative_position import slots_of_positions
+
+        ends = torch.tensor([0, seq_len - 1])
+        slots = slots_of_positions(ends, ends, self.position_buckets, self.max_relative_positions)
+        return int(slots[1, 0] - slots[0, 1]) + 1
+
+    def layer_flops(self, seq_len: int, query_rows: int | None = None, key_value: bool = True) -> float:
+        """Forward FLOPs of one encoder layer for one sequence: `query_rows` queries (default all
+        L) against L keys; key_value False when K and V were projected already (the EMD's second
+        pass). The relative table's projections are per call, see `positional_flops`."""
+        rows, hidden = seq_len if query_rows is None else query_rows, self.hidden_size
+        projections = (2 if key_value else 0) * seq_len * hidden * hidden + 2 * rows * hidden * hidden  # K, V; Q, out
+        span = self.relative_span(seq_len)
+        scores = rows * seq_len * hidden * 2 + rows * span * hidden * len(self.pos_att_type)  # QK^T, PV; c2p, p2c
+        return 2.0 * (projections + scores + 2 * rows * hidden * self.intermediate_size)
+
+    def positional_flops(self, table_rows: int | None = None) -> float:
+        """Forward FLOPs of one layer's projections of the relative table (once per forward call,
+        whatever the batch): `table_rows` rows (default all 2k) per positional term."""
+        rows = 2 * self.position_buckets if table_rows is None else table_rows
+        return 2.0 * rows * self.hidden_size * self.hidden_size * len(self.pos_att_type)
+
+    def mlm_training_flops(self, seq_len: int, batch: int) -> float:
+        """One training step (forward + backward) of this encoder with an MLM head on every token
+        (Hugging Face's DebertaV2ForMaskedLM: dense + LayerNorm + tied decoder), which projects the
+        relative table's first 2k rows and multiplies against all of them."""
+        hidden, tokens = self.hidden_size, batch * seq_len
+        span = 2 * self.position_buckets
+        layer = self.layer_flops(seq_len) + 2.0 * seq_len * (span - self.relative_span(seq_len)) * hidden * len(
+            self.pos_att_type)
+        forward = self.num_layers * (batch * layer + self.positional_flops(span))
+        forward += 2.0 * tokens * hidden * (hidden + self.vocab_size)
+        return 3.0 * forward
+
 
 @dataclass
 class RTDObjective:
@@ -118,6 +162,31 @@ class RTDConfig(RTDObjective):
     def generator(self) -> ModelConfig:
         """Same width, heads and FFN as the discriminator, fewer layers."""
         return self.discriminator.replace(num_layers=self.generator_layers)
+
+    def training_flops(self, seq_len: int, batch: int, masked_rows: float, generator_forwards: int = 1) -> float:
+        """Model FLOPs of one training micro-step of the pair (forward + backward, see
+        ModelConfig.layer_flops) on `batch` sequences with `masked_rows` generator targets in all.
+
+        generator: L_G - 1 layers, then the EMD runs the last layer twice over their output (K, V
+        and the relative projections once for both passes), then dense + tied vocabulary head on
+        the masked rows only. discriminator: L_D layers + the RTD head (dense, classifier) on every
+        token. E_delta and the samples enter no product. `generator_forwards` 2: ES with two
+        engines adds a no-grad sampling pass of the generator."""
+        gen, disc = self.generator, self.discriminator
+        hidden = gen.hidden_size
+        per_sequence = (gen.num_layers + 1) * gen.layer_flops(seq_len) - 4.0 * seq_len * hidden * hidden
+        generator = batch * per_sequence + gen.num_layers * gen.positional_flops()
+        generator += 2.0 * masked_rows * hidden * (hidden + gen.vocab_size)
+        discriminator = batch * disc.num_layers * disc.layer_flops(seq_len) + disc.num_layers * disc.positional_flops()
+        discriminator += 2.0 * batch * seq_len * disc.hidden_size * (disc.hidden_size + 1)
+        return 3.0 * (generator + discriminator) + (generator_forwards - 1) * generator
+
+    def flops_per_token(self, seq_len: int, masked_fraction: float, batch: int, generator_forwards: int = 1
+                        ) -> float:
+        """training_flops per token of a micro-batch of `batch` sequences, a `masked_fraction` of
+        whose tokens are generator targets (the masking probability, for packed samples)."""
+        tokens = batch * seq_len
+        return self.training_flops(seq_len, batch, masked_fraction * tokens, generator_forwards) / tokens
 
 
 def _matches(value, annotation) -> bool:

@@ -16,9 +16,12 @@
 #                    DisentangledFlash) and ModernBERT; also OUT_DIR/train_bench.json;
 #                    TRAIN_SYSTEMS="deberta_ds deberta_ds-reference" picks some (35 s each)
 #   quickstart       launch_scripts/quickstart.sh on the GPU (one process, bf16)
-# and two parts a follow-up call names in PARTS (not run by default):
+# and three parts a follow-up call names in PARTS (not run by default):
 #   kernel_tune      benchmarks/kernel_tune.py: every launch configuration, OUT_DIR/kernel_tune.json
 #   context_memory   benchmarks/activation_memory.py at L = 2048 and 8192 (context extension)
+#   profile          torch.profiler over 3 training steps of the base pair, reference and fused
+#                    attention (train_bench.py --profile-steps): OUT_DIR/profile.md with the top 30
+#                    kernels by time, the device's idle gaps between kernels and the host syncs
 # PARTS="pytest kernel_tune" runs only those (install always runs first on a GPU); PYTEST_ARGS
 # replaces the test selection (node ids, run in the order given: the ones a first call's limit
 # cut off) and PYTEST_LIMIT the part's limit.
@@ -67,6 +70,8 @@ if [ $smoke = 1 ]; then
   part pytest 900 "$python" -m pytest -m cuda -q -p no:cacheprovider tests/test_gpu.py
   part attention_bench 300 "$python" benchmarks/attention_bench.py --device cpu --lengths 40 --tokens 40 --repeats 1
   part train_bench 600 "$python" benchmarks/train_bench.py --out "$work/train_bench" --cpu-smoke
+  part profile 300 "$python" benchmarks/train_bench.py --out "$work/profile" --cpu-smoke --steps 1 \
+    --profile-steps 2 --systems deberta_ds-reference
   part quickstart 900 env CORPUS_BYTES=600000 VOCAB_SIZE=1000 bash launch_scripts/quickstart.sh \
     "$work/quickstart" train.steps=4 train.log_every=2 train.eval_every=0 train.save_every=0 train.eval_batches=1
 else
@@ -79,6 +84,9 @@ else
   part kernel_tune 150 "$python" benchmarks/kernel_tune.py --out "$out/kernel_tune.json" --repeats 5
   part context_memory 70 bash -c "$python benchmarks/activation_memory.py --device cuda --micro-batch 4 --length 2048 &&
     $python benchmarks/activation_memory.py --device cuda --micro-batch 1 --length 8192"
+  # Each system starts a trainer and compiles its layers (train.compile) before the profiled steps.
+  part profile 240 "$python" benchmarks/train_bench.py --out "$work/profile" --timeout-s 115 --warmup 3 --steps 1 \
+    --profile-steps 3 --systems deberta_ds-reference deberta_ds
   # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
   part pytest "${PYTEST_LIMIT:-130}" "$python" -m pytest -m cuda -q -p no:cacheprovider ${PYTEST_ARGS:-tests/test_gpu.py}
   part attention_bench 55 "$python" benchmarks/attention_bench.py --lengths 512 2048 8192 --tokens 16384
@@ -88,6 +96,9 @@ else
   # 300 of the quickstart's 600 steps: on an H200 its tiny model ran 9.5 steps/s (host-bound)
   # after 25 s of data prep, so the whole job did not fit 60 s (2026-11-27)
   part quickstart 75 bash launch_scripts/quickstart.sh "$work/quickstart" train.steps=300
+fi
+if [[ $wanted == *" profile "* ]]; then
+  cat "$work"/profile/profile_*.md > "$out/profile.md" 2>/dev/null || echo "no profile written" > "$out/profile.md"
 fi
 if [[ $wanted == *" train_bench "* ]]; then
   cp "$work/train_bench/train_bench.json" "$out/" 2>/dev/null || echo '{"systems": {}}' > "$out/train_bench.json"
@@ -125,6 +136,7 @@ PY
   section quickstart && grep -E 'MLM loss|RTD accuracy|loaded' "$out/quickstart.log"
   section kernel_tune && grep -E '^\||^best|^device' "$out/kernel_tune.log"
   section context_memory && grep -E 'peak' "$out/context_memory.log"
+  section profile && grep -E '^#|^kernel time|^host syncs' "$out/profile.md"
 } >> "$out/summary.md"
 cat "$out/summary.md"
 for name in "${parts[@]}"; do

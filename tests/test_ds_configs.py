@@ -51,3 +51,16 @@ def test_shipped_run_configs_agree_with_their_ds_configs():
     quickstart = load_run_config("quickstart")  # a shipped recipe by name, as quickstart.sh passes it
     ds = build_ds_config(quickstart, data_parallel_size=2, lr=quickstart.optim.lr, on_cpu=True)
     assert ds["train_batch_size"] == quickstart.train.global_batch_size
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_zero_configs_overlap_communication_and_bf16_skips_the_per_parameter_overflow_check(path):
+    """ZeRO-2/3 reduce gradients in buckets while the backward runs (overlap_comm); under bf16 the
+    per-parameter inf/nan scan and its host read are off (README "DeepSpeed configuration" says why)."""
+    raw = json.loads(path.read_text())
+    parsed = DeepSpeedConfig({**raw, "train_batch_size": 8, "train_micro_batch_size_per_gpu": 8})
+    stage = raw["zero_optimization"]["stage"]
+    if stage >= 2:
+        assert parsed.zero_config.overlap_comm is True
+    if raw.get("bf16", {}).get("enabled") and stage >= 1:
+        assert parsed.bfloat16_config.check_grad_overflow is False

@@ -47,3 +47,19 @@ def test_gpu_scripts_are_valid_bash_and_check_their_arguments(tmp_path):
     result = subprocess.run(["bash", str(REPO / "launch_scripts" / "gpu_check.sh"), "--fast", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "unknown flag --fast" in result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_profile_part_writes_one_small_file(tmp_path):
+    """PARTS=profile: torch.profiler over the pair's training steps (CPU smoke: CPU ops stand in
+    for kernels) into OUT/profile.md, with the summary's headline lines."""
+    out = tmp_path / "out"
+    result = run_bounded(["bash", "launch_scripts/gpu_check.sh", "--cpu-smoke", str(out)], timeout_s=600, cwd=REPO,
+                         env={**os.environ, "WORK": str(tmp_path / "work"), "PARTS": "profile"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    profile = (out / "profile.md").read_text()
+    assert profile.startswith("# deberta_ds-reference: 2 profiled training steps")
+    assert "device idle between kernels" in profile and "aten::_local_scalar_dense" in profile
+    rows = [line for line in profile.splitlines() if line.startswith("| ") and not line.startswith("| kernel")]
+    assert 10 <= len(rows) <= 30 and "aten::mm" in profile
+    assert "## profile" in (out / "summary.md").read_text()

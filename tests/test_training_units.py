@@ -9,7 +9,7 @@ import torch
 from deberta_ds.config import RTDConfig, preset
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.training import checkpoint
-from deberta_ds.training.engines import lr_lambda, parameter_groups
+from deberta_ds.training.engines import _global_grad_norm, lr_lambda, parameter_groups
 from deberta_ds.training.run_config import run_config_from_dict
 
 
@@ -131,3 +131,20 @@ def test_convert_refuses_an_incomplete_checkpoint_and_an_output_that_is_a_file(t
     assert convert(["to-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "file")]) == 2
     assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_own_gradient_norm_equals_the_float64_norm():
+    """The ZeRO-0 norm (one foreach norm per group, no per-parameter loop) is the global L2 norm
+    of the gradients, computed in fp32 (float64's within fp32 rounding)."""
+    from deberta_ds.parallel.state import TensorParallel
+
+    model = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny"), mask_token_id=5))
+    torch.manual_seed(0)
+    for index, param in enumerate(model.parameters()):
+        if index % 3:
+            param.grad = torch.randn_like(param)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = _global_grad_norm(model, torch.device("cpu"), TensorParallel())
+    assert norm.dtype == torch.float32 and norm.dim() == 0
+    assert torch.allclose(norm, torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]).double()).float(),
+                          rtol=1e-5)

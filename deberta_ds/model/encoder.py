@@ -6,6 +6,8 @@ dispatch point between the reference path and the fused kernel.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,6 +77,13 @@ class Embeddings(nn.Module):
         return self.dropout(hidden)
 
 
+class KeysValues(NamedTuple):
+    key: torch.Tensor                  # [B, h/tp, L, d]
+    value: torch.Tensor                # [B, h/tp, L, d]
+    pos_key: torch.Tensor | None       # [h/tp, 2k, d], None without c2p
+    pos_query: torch.Tensor | None     # [h/tp, 2k, d], None without p2c
+
+
 class DisentangledSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -106,14 +115,20 @@ class DisentangledSelfAttention(nn.Module):
         pos_query = self._heads(query_proj(table)) if "p2c" in terms else None
         return pos_key, pos_query
 
-    def forward(self, hidden_states, attention_mask, rel_table, query_states=None, document_ids=None):
-        """hidden_states [B, L, H] gives keys/values; query_states (default: the same) queries;
-        document_ids [B, L] (optional) keeps attention inside each packed document."""
+    def keys_values(self, hidden_states, rel_table) -> KeysValues:
+        """What attention reads besides the queries: K, V of hidden_states [B, L, H] and the
+        projected relative table. The EMD computes them once for both of its passes."""
+        return KeysValues(self._heads(self.key(hidden_states)), self._heads(self.value(hidden_states)),
+                          *self._positional(rel_table))
+
+    def forward(self, hidden_states, attention_mask, rel_table, query_states=None, document_ids=None,
+                keys: KeysValues | None = None):
+        """hidden_states [B, L, H] gives keys/values (or `keys`, computed from them already);
+        query_states (default: the same) queries; document_ids [B, L] (optional) keeps attention
+        inside each packed document."""
         query_states = hidden_states if query_states is None else query_states
         q = self._heads(self.query(query_states))                             # [B, h, L, d]
-        k = self._heads(self.key(hidden_states))
-        v = self._heads(self.value(hidden_states))
-        pos_key, pos_query = self._positional(rel_table)
+        k, v, pos_key, pos_query = self.keys_values(hidden_states, rel_table) if keys is None else keys
         with fork_tp_rng(self.tp):  # probabilities of this rank's heads: a TP-rank-specific dropout stream
             context = disentangled_attention(
                 q, k, v, pos_key, pos_query, attention_mask,
@@ -139,9 +154,9 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = layer_norm(hidden, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, attention_mask, rel_table, query_states=None, document_ids=None):
+    def forward(self, hidden_states, attention_mask, rel_table, query_states=None, document_ids=None, keys=None):
         residual = hidden_states if query_states is None else query_states
-        context = self.attention(hidden_states, attention_mask, rel_table, query_states, document_ids)
+        context = self.attention(hidden_states, attention_mask, rel_table, query_states, document_ids, keys)
         attended = self.attention_norm(self.dropout(self.attention_out(context)) + residual)
         ffn = self.ffn_out(F.gelu(self.ffn_in(attended)))
         return self.ffn_norm(self.dropout(ffn) + attended)
@@ -172,11 +187,12 @@ class Encoder(nn.Module):
         nn.init.normal_(self.rel_embeddings, std=config.initializer_range)
 
     def run_layer(self, layer: EncoderLayer, hidden, attention_mask, rel_table, query_states=None,
-                  document_ids=None):
-        """One layer, recomputed in the backward when activation checkpointing is on."""
+                  document_ids=None, keys: KeysValues | None = None):
+        """One layer, recomputed in the backward when activation checkpointing is on (`keys`,
+        when given, are kept: they were computed outside)."""
         if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, hidden, attention_mask, rel_table, query_states, document_ids)
-        return layer(hidden, attention_mask, rel_table, query_states, document_ids)
+            return checkpoint(layer, hidden, attention_mask, rel_table, query_states, document_ids, keys)
+        return layer(hidden, attention_mask, rel_table, query_states, document_ids, keys)
 
     def relative_table(self) -> torch.Tensor:
         return self.rel_norm(self.rel_embeddings)                             # [2k, H]
@@ -200,3 +216,13 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, Encoder):
             module.activation_checkpointing = enabled
+
+
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile every encoder layer inside `model` (generator, discriminator, the EMD's
+    passes): the layers' matrix products, dropout, residual, LayerNorm and GELU fuse into few
+    kernels, the attention stays the custom op it is. Shapes are static (one graph per sequence
+    length and call form, shared by all layers of a shape); masking, sampling and the heads stay eager."""
+    for module in model.modules():
+        if isinstance(module, EncoderLayer):
+            module.compile(dynamic=False)

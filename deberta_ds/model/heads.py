@@ -17,8 +17,9 @@ from deberta_ds.parallel.state import TensorParallel
 class EnhancedMaskDecoder(nn.Module):
     """Runs the encoder's LAST layer twice over the second-to-last layer's output.
 
-    Keys/values stay H_kv throughout; the query starts as H_kv + absolute position embeddings
-    (the only place absolute positions enter DeBERTaV3). With document_ids each packed document's
+    Keys/values stay H_kv throughout (projected once, with the relative table, for both passes);
+    the query starts as H_kv + absolute position embeddings (the only place absolute positions
+    enter DeBERTaV3). With document_ids each packed document's
     positions count from 0, as if it ran alone.
     """
 
@@ -38,9 +39,10 @@ class EnhancedMaskDecoder(nn.Module):
             positions = self.position_embeddings(positions_in_documents(document_ids))  # [B, L, H]
         query = kv_states + positions
         last_layer = encoder.layers[-1]
+        keys = last_layer.attention.keys_values(kv_states, rel_table)  # the same for both passes
         for _ in range(2):
             query = encoder.run_layer(last_layer, kv_states, attention_mask, rel_table, query_states=query,
-                                      document_ids=document_ids)
+                                      document_ids=document_ids, keys=keys)
         return query
 
 

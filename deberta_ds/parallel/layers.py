@@ -129,60 +129,99 @@ class VocabParallelEmbedding(_NoRandomInit, nn.Embedding):
         return parallel_embedding(input_ids, self.weight, self.global_padding_idx, self.tp)
 
 
-def _masked_local_logits(local_logits: torch.Tensor, vocab_size: int, tp: TensorParallel) -> torch.Tensor:
-    """fp32 logits with the padding columns (ids >= vocab_size) at -inf."""
-    logits = local_logits.float()
-    start = tp.rank * local_logits.shape[-1]
-    if start + local_logits.shape[-1] > vocab_size:
-        columns = torch.arange(start, start + local_logits.shape[-1], device=logits.device)
-        logits = logits.masked_fill(columns >= vocab_size, float("-inf"))
-    return logits
+def _vocab_columns(local_width: int, vocab_size: int, tp: TensorParallel) -> tuple[int, int]:
+    """(first global id, real columns) of this rank's [., V/tp] block: the padding columns (ids >=
+    vocab_size, only on the last ranks at TP > 1) are left out by slicing, never copied."""
+    start = tp.rank * local_width
+    return start, max(0, min(local_width, vocab_size - start))
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, local_logits, target, vocab_size, tp):
-        logits = _masked_local_logits(local_logits, vocab_size, tp)             # [M, V/tp]
-        row_max = all_reduce_no_grad(logits.max(-1).values, tp, dist.ReduceOp.MAX)
-        exp = (logits - row_max[:, None]).exp()
-        sum_exp = all_reduce_no_grad(exp.sum(-1), tp)
-        start = tp.rank * local_logits.shape[-1]
-        local_target = target - start
-        here = (local_target >= 0) & (local_target < local_logits.shape[-1])
-        target_logit = torch.where(here, logits.gather(-1, local_target.clamp(0, logits.shape[-1] - 1)[:, None])[:, 0]
-                                   - row_max, torch.zeros_like(row_max))
-        target_logit = all_reduce_no_grad(target_logit, tp)
-        ctx.save_for_backward(exp / sum_exp[:, None], here, local_target)
-        ctx.input_dtype = local_logits.dtype
-        return sum_exp.log() - target_logit                                     # [M]
-
-    @staticmethod
-    def backward(ctx, grad):
-        softmax, here, local_target = ctx.saved_tensors
-        grad_logits = softmax.clone()
-        rows = torch.nonzero(here)[:, 0]
-        grad_logits[rows, local_target[rows]] -= 1.0
-        return (grad_logits * grad[:, None]).to(ctx.input_dtype), None, None, None
-
-
-def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
-                                 tp: TensorParallel):
-    """Per-row cross-entropy of vocabulary-split logits [M, V/tp]; no rank holds the full logits."""
-    if tp.size == 1:
-        return F.cross_entropy(local_logits[:, :vocab_size].float(), target, reduction="none")
-    return _VocabParallelCrossEntropy.apply(local_logits, target, vocab_size, tp)
-
-
-@torch.no_grad()
-def vocab_parallel_argmax(local_scores: torch.Tensor, vocab_size: int, tp: TensorParallel) -> torch.Tensor:
-    """Global argmax over vocabulary-split scores [M, V/tp]; ties go to the lowest id, as torch.argmax."""
-    scores = _masked_local_logits(local_scores, vocab_size, tp)
-    if tp.size == 1:
-        return scores.argmax(-1)
-    values, indices = scores.max(-1)
-    indices = indices + tp.rank * local_scores.shape[-1]
+def _global_argmax(values: torch.Tensor, indices: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Per row, the global id of the largest of every rank's (value [M], global id [M]); ties go
+    to the lowest rank (the lowest id, as torch.argmax)."""
     gathered = [torch.empty(2, *values.shape, dtype=torch.float64, device=values.device) for _ in range(tp.size)]
     dist.all_gather(gathered, torch.stack([values.double(), indices.double()]), group=tp.group)
     stacked = torch.stack(gathered)                                            # [tp, 2, M]
     best_rank = stacked[:, 0].argmax(0)                                        # first rank with the max value
     return stacked[best_rank, 1, torch.arange(values.shape[0], device=values.device)].long()
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Row cross-entropy of vocabulary-split logits [M, V/tp] at any TP size (TP = 1: the
+    reductions are no-ops). Saves the logits as they came (bf16 in training) and the row's
+    log-sum-exp [M], not an fp32 softmax: the backward recomputes it. Rows whose target is
+    outside [0, V) (IGNORE_INDEX padding) get loss 0 and gradient 0."""
+
+    @staticmethod
+    def forward(ctx, local_logits, target, vocab_size, tp):
+        start, width = _vocab_columns(local_logits.shape[-1], vocab_size, tp)
+        logits = local_logits[:, :width]                                        # [M, V/tp] view
+        row_max = all_reduce_no_grad(logits.amax(-1).float(), tp, dist.ReduceOp.MAX)        # [M]
+        # bf16 - fp32 promotes to one fp32 temporary, exponentiated in place: no separate copy.
+        sum_exp = all_reduce_no_grad(torch.sub(logits, row_max[:, None]).exp_().sum(-1), tp)
+        lse = sum_exp.log() + row_max                                           # [M]
+        local_target = target - start
+        here = (local_target >= 0) & (local_target < width)                    # this rank holds the target
+        picked = logits.gather(-1, local_target.clamp(0, max(width - 1, 0))[:, None])[:, 0].float()
+        target_logit = all_reduce_no_grad(torch.where(here, picked, 0.0), tp)
+        valid = (target >= 0) & (target < vocab_size)
+        ctx.save_for_backward(local_logits, lse, here, local_target, valid)
+        ctx.width = width
+        return torch.where(valid, lse - target_logit, 0.0)                     # [M]
+
+    @staticmethod
+    def backward(ctx, grad):
+        local_logits, lse, here, local_target, valid = ctx.saved_tensors
+        scale = torch.where(valid, grad, 0.0)                                   # [M]
+        width = ctx.width
+        softmax = torch.sub(local_logits[:, :width], lse[:, None]).exp_()      # one fp32 [M, V/tp] buffer
+        softmax.scatter_add_(-1, local_target.clamp(0, max(width - 1, 0))[:, None], -here.float()[:, None])
+        if width == local_logits.shape[-1]:  # written straight in the logits' dtype
+            return torch.mul(softmax, scale[:, None], out=torch.empty_like(local_logits)), None, None, None
+        grad_logits = torch.zeros_like(local_logits)                            # padding columns: 0
+        torch.mul(softmax, scale[:, None], out=grad_logits[:, :width])
+        return grad_logits, None, None, None
+
+
+def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
+                                 tp: TensorParallel):
+    """Per-row cross-entropy of vocabulary-split logits [M, V/tp]; no rank holds the full logits;
+    rows with target IGNORE_INDEX (padding) give 0."""
+    return _VocabParallelCrossEntropy.apply(local_logits, target, vocab_size, tp)
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(local_scores: torch.Tensor, vocab_size: int, tp: TensorParallel) -> torch.Tensor:
+    """Global argmax over vocabulary-split scores [M, V/tp] (read as they are: argmax is exact in
+    bf16); ties go to the lowest id, as torch.argmax."""
+    start, width = _vocab_columns(local_scores.shape[-1], vocab_size, tp)
+    if tp.size == 1:
+        return local_scores[:, :width].argmax(-1)
+    if width == 0:  # only padding columns here
+        values = torch.full(local_scores.shape[:1], float("-inf"), device=local_scores.device)
+        return _global_argmax(values, torch.zeros_like(values, dtype=torch.long), tp)
+    values, indices = local_scores[:, :width].max(-1)
+    return _global_argmax(values, indices + start, tp)
+
+
+@torch.no_grad()
+def vocab_parallel_gumbel_max(local_logits: torch.Tensor, vocab_size: int, temperature: float, tp: TensorParallel,
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+    """One categorical draw per row of softmax(logits / T) [M, V/tp] -> global ids [M] (Gumbel-max).
+
+    argmax(l / T + G) with G = -log(E), E ~ Exp(1), is argmin(log(E) - l / T). E is drawn in place
+    for the whole vocabulary [M, V] on every rank from the same stream and each rank keeps its
+    columns, so every TP size gives exactly the samples of TP = 1. One fp32 [M, V] buffer: drawn,
+    log_ and sub_ in place, then read by argmin; the logits are read once, in their own dtype.
+    """
+    start, width = _vocab_columns(local_logits.shape[-1], vocab_size, tp)
+    noise = torch.empty((local_logits.shape[0], vocab_size), device=local_logits.device).exponential_(
+        generator=generator)                                                     # [M, V]
+    mine = noise[:, start:start + width].log_().sub_(local_logits[:, :width], alpha=1.0 / temperature)
+    if tp.size == 1:
+        return mine.argmin(-1)
+    if width == 0:
+        values = torch.full(local_logits.shape[:1], float("-inf"), device=local_logits.device)
+        return _global_argmax(values, torch.zeros_like(values, dtype=torch.long), tp)
+    values, indices = mine.min(-1)
+    return _global_argmax(-values, indices + start, tp)

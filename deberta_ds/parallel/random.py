@@ -76,14 +76,12 @@ def seed_streams(seed: int, parallel: ParallelState | None = None) -> None:
     torch.manual_seed(seed + _DP_SEED_MULTIPLIER * (parallel.dp_rank + 1))
 
 
-@contextlib.contextmanager
 def fork_tp_rng(tp: TensorParallel):
-    """Run the block on the TP stream (a no-op at TP = 1 or before seeding)."""
+    """A context that runs its block on the TP stream (a no-op at TP = 1 or before seeding: a
+    plain nullcontext, which torch.compile traces without a graph break)."""
     if tp.size == 1 or TP_STREAM not in _TRACKER.states:
-        yield
-        return
-    with _TRACKER.fork(TP_STREAM):
-        yield
+        return contextlib.nullcontext()
+    return _TRACKER.fork(TP_STREAM)
 
 
 def get_tracker_states() -> dict:

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from deberta_ds.errors import UserError
-from deberta_ds.model.rtd import DiscriminatorOutput, GeneratorOutput, ReplacedTokenDetection, replaced_ratio
+from deberta_ds.model.rtd import (
+    DiscriminatorOutput,
+    GeneratorOutput,
+    MaskedPositions,
+    ReplacedTokenDetection,
+    replaced_ratio,
+)
 from deberta_ds.training.ds_config import build_ds_config
 from deberta_ds.training.run_config import RunConfig
 
@@ -96,19 +102,26 @@ def register_external_parameters(model: ReplacedTokenDetection, joint: bool) -> 
 
 def _global_grad_norm(module: nn.Module, device: torch.device, tp) -> torch.Tensor:
     """L2 norm of all gradients; TP-split parameters summed over the TP group `tp`, replicated
-    ones once. A 0-d tensor on `device`: read on the host only when it is logged."""
+    ones once. One foreach norm per group (no per-parameter loop of kernels); a 0-d tensor on
+    `device`: read on the host only when it is logged."""
     from deberta_ds.parallel.mappings import all_reduce_no_grad
 
-    split, replicated = torch.zeros((), device=device), torch.zeros((), device=device)
-    for param in module.parameters():
-        if param.grad is not None:
-            squares = param.grad.detach().float().pow(2).sum()
-            if getattr(param, "tensor_model_parallel", False):
-                split += squares
-            else:
-                replicated += squares
-    split = all_reduce_no_grad(split.reshape(1), tp)[0]
-    return (split + replicated).sqrt()
+    grads = [p for p in module.parameters() if p.grad is not None]
+    split = [p.grad.detach() for p in grads if getattr(p, "tensor_model_parallel", False)]
+    replicated = [p.grad.detach() for p in grads if not getattr(p, "tensor_model_parallel", False)]
+
+    def squares(tensors) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros((), device=device)
+        return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32)).square().sum()
+
+    split_total = all_reduce_no_grad(squares(split).reshape(1), tp)[0]
+    return (split_total + squares(replicated)).sqrt()
+
+
+def batch_masked_positions(batch: dict) -> MaskedPositions | None:
+    """The prefetcher's padded masked positions (see prefetch.to_tensors), None in a batch without."""
+    return MaskedPositions(batch["masked_index"], batch["masked_labels"]) if "masked_index" in batch else None
 
 
 @dataclass
@@ -198,7 +211,7 @@ class RTDEngines:
     def _joint(self, batch, rng, loss_multiplier, train, stop_requested) -> StepResult:
         engine = self.engines["joint"]
         out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], rng=rng,
-                     document_ids=batch.get("document_ids"))
+                     document_ids=batch.get("document_ids"), masked=batch_masked_positions(batch))
         loss = out.loss * loss_multiplier
         finite, stop = self._agree([loss], stop_requested) if train else (True, False)
         if train and finite:
@@ -211,12 +224,13 @@ class RTDEngines:
         generator, discriminator = self.engines["generator"], self.engines["discriminator"]
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         documents = batch.get("document_ids")                 # [B, L] when data.document_attention is on
+        masked = batch_masked_positions(batch)
         es = self.config.rtd.embedding_sharing == "es" and train
         # ES: the samples come from a no-grad pass; the generator's graph is built after the
         # discriminator's backward, when the RTD gradient w.r.t. E_G is known.
         with torch.no_grad() if es else nullcontext():
-            gen_out = generator(ids, mask, labels, document_ids=documents)
-        corrupted, replaced = self.model.corrupt(ids, labels, gen_out.logits, rng)
+            gen_out = generator(ids, mask, labels, document_ids=documents, masked=masked)
+        corrupted, replaced = self.model.corrupt(ids, labels, gen_out.logits, rng, masked)
         embedding = self._gathered_generator_embedding().requires_grad_(es)
         disc_out = discriminator(corrupted, mask, replaced, embedding, documents)
         # lambda scales what the discriminator steps on: with clipping and Adam's eps it is not a
@@ -229,7 +243,8 @@ class RTDEngines:
         if train and finite:
             if es:
                 discriminator.backward(disc_loss)
-                gen_out = generator(ids, mask, labels, embedding_gradient=embedding.grad, document_ids=documents)
+                gen_out = generator(ids, mask, labels, embedding_gradient=embedding.grad, document_ids=documents,
+                                    masked=masked)
             generator.backward(gen_out.objective * loss_multiplier)
             self._step("generator")
             if not es:

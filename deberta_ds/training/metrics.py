@@ -28,8 +28,8 @@ class TrainingStatistics:
         values = torch.stack([result.generator.loss, result.generator.accuracy, result.discriminator.loss,
                               result.discriminator.accuracy, result.replaced_ratio]).detach().double()
         defined = torch.isfinite(values)
-        real = attention_mask.bool()
-        predicted, actual = result.discriminator.logits.detach()[real] > 0, result.discriminator.replaced[real]
+        real = attention_mask.bool()  # masks, not boolean indexing: no host synchronisation
+        predicted, actual = (result.discriminator.logits.detach() > 0) & real, result.discriminator.replaced & real
         confusion = torch.stack([(predicted & actual).sum(), predicted.sum(), actual.sum()]).double()
         self.totals += torch.cat([torch.where(defined, values, 0.0), defined.double(), confusion])
 
@@ -65,11 +65,14 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def model_flops_per_token(generator_params: int, discriminator_params: int, layers: int, hidden: int,
-                          seq_len: int) -> float:
-    """Training FLOPs per token: 6 N for the weights of both models plus 12 l h s for the
-    c2c and PV attention products (the c2p/p2c terms and the EMD's extra pass are not counted)."""
-    return 6.0 * (generator_params + discriminator_params) + 12.0 * layers * hidden * seq_len
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by the device-name substring.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
+                    "H100": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The card's dense bf16 peak, or None for a device not in the table (no MFU then)."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
 
 
 def peak_memory_bytes() -> int:

@@ -17,11 +17,17 @@ import numpy as np
 import torch
 
 from deberta_ds.data.sampler import GlobalBatchSampler
+from deberta_ds.model.rtd import masked_positions
 
 
 def to_tensors(batch: dict, pin: bool = False) -> dict:
-    """numpy arrays -> host tensors (page-locked when `pin`, for asynchronous copies)."""
+    """numpy arrays -> host tensors (page-locked when `pin`, for asynchronous copies). A batch
+    with labels also gets its masked positions as padded index tensors (masked_index,
+    masked_labels: deberta_ds.model.rtd.masked_positions), counted here on the host so the model
+    never has to ask the device how many there are."""
     tensors = {key: torch.from_numpy(value) for key, value in batch.items()}
+    if "labels" in tensors:
+        tensors["masked_index"], tensors["masked_labels"] = masked_positions(tensors["labels"])
     return {key: value.pin_memory() for key, value in tensors.items()} if pin else tensors
 
 
@@ -33,7 +39,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class BatchPrefetcher:
     """This data-parallel rank's micro-batches, step after step from `consumed_samples`.
 
-    next_step() -> [(global indices [micro], host tensors {input_ids, attention_mask, labels})]
+    next_step() -> [(global indices [micro], host tensors {input_ids, attention_mask, labels,
+    masked_index, masked_labels})]
     with `accumulation` micro-batches. Up to `depth` steps are built ahead. An error while
     building is raised by the next_step() that would have returned that step.
     """

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from deberta_ds.config import PRESETS, RTDObjective, from_dict
@@ -108,6 +109,7 @@ class TrainSection:
     tp: int = 1
     collective_timeout_s: int = 1800    # a collective waiting this long for a peer fails the run (lost node)
     activation_checkpointing: str = "none"   # layers: recompute every encoder layer in the backward
+    compile: bool | None = None         # torch.compile each encoder layer; None: on for CUDA (ZeRO 0-2)
     log_every: int = 10                 # log steps: step 1, every log_every, the last (means since the previous)
     eval_every: int = 0                 # 0: evaluate only at the end
     eval_batches: int = 4               # held-out batches per evaluation (at least 1)
@@ -135,6 +137,13 @@ class TrainSection:
                  f"{self.activation_checkpointing!r} is not none or layers")
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
         require(not self.offload or self.zero_stage == 3, "train.offload", "CPU offload needs zero_stage 3")
+        require(not (self.compile and self.zero_stage == 3), "train.compile",
+                 "is not supported with zero_stage 3 (its parameter-gathering hooks would run inside the "
+                 "compiled layers); use zero_stage <= 2 or train.compile: false")
+
+    def compiles(self, device: torch.device) -> bool:
+        """Whether encoder layers run under torch.compile: as asked, else on CUDA below ZeRO-3."""
+        return self.compile if self.compile is not None else device.type == "cuda" and self.zero_stage < 3
 
 
 @dataclass

@@ -28,13 +28,14 @@ from deberta_ds.errors import UserError
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.context import extend_absolute_positions
 from deberta_ds.model.encoder import set_activation_checkpointing
+from deberta_ds.model.rtd import compile_training_step
 from deberta_ds.parallel.random import seed_streams
 from deberta_ds.parallel.state import MPU
 from deberta_ds.parallel.state import initialize as initialize_parallel
 from deberta_ds.parallel_env import collect_cycles_then_destroy_process_groups, init_distributed
 from deberta_ds.training import checkpoint
 from deberta_ds.training.data_setup import build_data
-from deberta_ds.training.metrics import ScalarLog, TrainingStatistics, model_flops_per_token, peak_memory_bytes, roc_auc
+from deberta_ds.training.metrics import ScalarLog, TrainingStatistics, peak_memory_bytes, peak_tflops, roc_auc
 from deberta_ds.training.prefetch import BatchPrefetcher, to_device, to_tensors
 from deberta_ds.training.run_config import RunConfig, load_run_config
 
@@ -128,6 +129,8 @@ class Trainer:
                                   mpu=MPU(self.parallel) if config.train.tp > 1 else None,
                                   load_universal=universal)
         self.device = self.engines.device
+        if config.train.compiles(self.device):
+            compile_training_step(self.model)
         seed_streams(config.seed, self.parallel)  # dropout: per DP replica, plus a per-TP-rank stream for attention
         self.step, self.consumed = 0, 0
         if latest:
@@ -148,11 +151,9 @@ class Trainer:
         self.history: list[dict] = []
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        generator_params = sum(p.numel() for p in self.model.generator.parameters())
-        discriminator_params = sum(p.numel() for p in self.model.discriminator.parameters())
-        self.flops_per_token = model_flops_per_token(generator_params, discriminator_params,
-                                                     rtd_config.discriminator.num_layers,
-                                                     rtd_config.discriminator.hidden_size, config.data.max_length)
+        decoupled_es = config.train.mode == "decoupled" and rtd_config.embedding_sharing == "es"  # + a sampling pass
+        self.flops_per_token = rtd_config.flops_per_token(config.data.max_length, config.data.masking.probability,
+                                                          config.train.micro_batch_size, 1 + decoupled_es)
 
     def _load_initial_weights(self) -> None:
         """Full weights from init_from, split to this rank's TP shard (any TP size)."""
@@ -352,8 +353,10 @@ class Trainer:
         tokens_per_s = samples_per_s * self.config.data.max_length
         wait_fraction = (data_wait_s - clock.data_wait_s) / (now - clock.last_log)
         clock.last_log, clock.data_wait_s = now, data_wait_s
+        peak = peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         return {"perf/samples_per_s": samples_per_s, "perf/tokens_per_s": tokens_per_s,
                 "perf/model_tflops": tokens_per_s * self.flops_per_token / 1e12,
+                "perf/mfu": tokens_per_s * self.flops_per_token / 1e12 / peak if peak else None,
                 "perf/peak_memory_gb": peak_memory_bytes() / 2 ** 30, "perf/data_wait_fraction": wait_fraction}
 
     def report(self, metrics: dict) -> None:
