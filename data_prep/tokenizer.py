@@ -11,6 +11,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from deberta_ds.atomic_files import commit, write_atomic
+from deberta_ds.content_hash import file_sha256
 from deberta_ds.data.tokenizer import (
     CLS_ID,
     METADATA_FILE,
@@ -19,7 +20,6 @@ from deberta_ds.data.tokenizer import (
     SEP_ID,
     UNK_ID,
     TokenizerMetadata,
-    file_sha256,
     round_up,
 )
 

@@ -139,8 +139,22 @@ checkpoint.save(root, {{"joint": Engine(True)}}, 2, {{"step": 2}}, 0, keep_last=
     assert result.returncode == 9
     from deberta_ds.training import checkpoint
     assert (tmp_path / "latest").read_text() == "step_00000001"
-    assert checkpoint.find_latest(tmp_path) == tmp_path / "step_00000001"
+    assert checkpoint.newest_complete(tmp_path) == tmp_path / "step_00000001"
     assert not (tmp_path / "step_00000002" / "COMPLETE").exists()
+
+    class Engine:  # the relaunch saves step 2 again: the half-written folder must be finished, not kept
+        def save_checkpoint(self, folder, tag, save_latest):
+            os.makedirs(os.path.join(folder, tag), exist_ok=True)
+            Path(folder, tag, "model_states.pt").write_text("whole")
+
+    checkpoint.save(tmp_path, {"joint": Engine()}, 2, {"step": 2}, 0, keep_last=3)
+    step2 = tmp_path / "step_00000002"
+    assert (step2 / "COMPLETE").is_file() and (tmp_path / "latest").read_text() == "step_00000002"
+    assert (step2 / "joint" / "model_states.pt").read_text() == "whole"
+    checkpoint.verify(step2)  # the hashes COMPLETE records are the rewritten files'
+    (tmp_path / "latest").write_text("step_00000001")  # killed between COMPLETE and moving latest
+    checkpoint.save(tmp_path, {"joint": Engine()}, 2, {"step": 2}, 0, keep_last=3)
+    assert (tmp_path / "latest").read_text() == "step_00000002"
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
     for step in range(1, 6):
         checkpoint.save(tmp_path, {"joint": _Engine()}, step, {"step": step}, 0, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000005"]
-    assert checkpoint.find_latest(tmp_path).name == "step_00000005"
+    assert checkpoint.newest_complete(tmp_path).name == "step_00000005"
     assert checkpoint.rng_file(tmp_path / "step_00000005", 0).is_file()
 
 

@@ -57,27 +57,87 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def truncate_log(path: Path, step: int) -> None:
+def _log_entry(line: str) -> dict | None:
+    """A log line's entry, or None for a line that is not a whole entry (a write cut short)."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return entry if isinstance(entry, dict) and type(entry.get("step")) is int else None
+
+
+def truncate_log(path: Path, step: int, warn=print) -> None:
     """Drop a JSON-lines log's entries past `step` (written after the checkpoint a run resumes
-    from), so each step stands in it once; replaced atomically."""
+    from), so each step stands in it once, and lines that are not whole entries (a write cut short
+    by a full disk or a kill), named through `warn`; replaced atomically."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    entries = [_log_entry(line) for line in lines]
+    damaged = [number for number, entry in enumerate(entries, 1) if entry is None]
+    if damaged:
+        warn(f"{path}: dropped line {', '.join(map(str, damaged))}: not a whole JSON entry (a write cut short by a "
+             "full disk or a kill)")
+    kept = [line for line, entry in zip(lines, entries) if entry is not None and entry["step"] <= step]
     if len(kept) < len(lines):  # untouched otherwise (a relaunch of a finished run changes nothing)
         checkpoint.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def check_writable(folder: Path) -> None:
-    """Fail at start-up, not at the first log line or checkpoint, when output_dir cannot be written."""
+def append_log(path: Path, entry: dict) -> None:
+    """One JSON line appended to a log. A failed write (a full disk) is cut back to the last whole
+    line where the file system allows (a relaunch drops what is left of it) and stops the run with
+    an error naming the file."""
+    line = memoryview((json.dumps(entry) + "\n").encode())
+    try:
+        with open(path, "ab", buffering=0) as handle:  # unbuffered: nothing is left to fail at close
+            end = handle.tell()
+            try:
+                while line:
+                    line = line[handle.write(line):]
+            except OSError:
+                handle.truncate(end)
+                raise
+    except OSError as error:
+        raise TrainingError(f"appending to {path} failed: {error} (disk full?); free space and relaunch the same "
+                            "command: it continues from the last complete checkpoint") from None
+
+
+def check_writable(folder: Path, what: str = "output_dir") -> None:
+    """Fail at start-up, not at the first log line or checkpoint, when `folder` cannot be written."""
     probe = folder / f".write_probe_{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise TrainingError(f"output_dir {folder}: cannot write there ({error}); choose a writable output_dir") \
-            from None
+        raise TrainingError(f"{what} {folder}: cannot write there ({error}); choose a writable output_dir, or "
+                            "move away what stands in the way") from None
+
+
+# Fields that decide the parameters' shapes: a checkpoint resumes only into the same ones.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "position_buckets",
+                "max_relative_positions", "max_position_embeddings", "share_att_key", "pos_att_type")
+
+
+def check_resumable(state: dict, folder: Path, rtd_config, tokenizer_meta: dict) -> None:
+    """Refuse a checkpoint of another model shape or another tokenizer, naming what differs."""
+    ours, theirs = to_dict(rtd_config), state.get("rtd_config", {})
+    differ = [f"rtd.{name}" for name in ("generator_layers", "embedding_sharing") if ours[name] != theirs.get(name)]
+    differ += [f"model.{name}" for name in SHAPE_FIELDS
+               if ours["discriminator"][name] != theirs.get("discriminator", {}).get(name)]
+    if differ:
+        detail = ", ".join(f"{name} {_field(theirs, name)} vs {_field(ours, name)}" for name in differ)
+        raise TrainingError(f"{folder}: a checkpoint of another model shape ({detail}: checkpoint vs this run); "
+                            "resume with the run config it was trained with, or use init_from for other shapes")
+    recorded = state.get("tokenizer", {}).get("sha256")
+    if recorded != tokenizer_meta["sha256"]:
+        raise TrainingError(f"{folder}: trained with tokenizer sha256 {recorded}, but data.tokenizer has sha256 "
+                            f"{tokenizer_meta['sha256']}; resume with the tokenizer it was trained with")
+
+
+def _field(config: dict, dotted: str):
+    section, name = dotted.split(".")
+    return config.get(name) if section == "rtd" else config.get("discriminator", {}).get(name)
 
 
 def loss_scale(engine) -> float:
@@ -111,12 +171,16 @@ class Trainer:
         self.output = Path(config.output_dir)
         check_writable(self.output)
         self.checkpoints = self.output / "checkpoints"
+        check_writable(self.checkpoints, "checkpoint folder")
         self.train_samples, self.valid_samples, rtd_config, self.tokenizer_meta = build_data(config)  # phased
         rtd_config.discriminator.check_tensor_parallel(config.train.tp)
         self.parallel = initialize_parallel(config.train.tp)   # TP ranks adjacent, DP over the rest
         self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
         self.accumulation = config.check_batch_geometry(self.dp_size)
         latest = checkpoint.checkpoint_to_resume(resume, self.checkpoints)
+        if latest:
+            check_resumable(checkpoint.read_state(latest), latest, rtd_config, self.tokenizer_meta)
+            self._repair_latest(latest)
         universal = self._needs_universal(checkpoint.read_state(latest) if latest else None)
         torch.manual_seed(config.seed)  # identical initial (full) weights on every rank, at any TP size
         self.model = ReplacedTokenDetection(rtd_config, self.parallel.tp)
@@ -130,8 +194,6 @@ class Trainer:
         seed_streams(config.seed, self.parallel)  # dropout: per DP replica, plus a per-TP-rank stream for attention
         self.step, self.consumed = 0, 0
         if latest:
-            if universal:
-                checkpoint.convert_to_universal(latest, self.engines.engines, self.rank)
             state = checkpoint.load(latest, self.engines.engines, self.rank, universal)
             self.step, self.consumed = state["step"], state["consumed_samples"]
             phase_start, phase_samples = self.train_samples.phase_at(self.consumed)
@@ -140,7 +202,7 @@ class Trainer:
             self.log(f"resumed from {latest} at step {self.step} ({self.consumed} samples)")
         if self.rank == 0:  # entries past the checkpoint (or, starting afresh, all) were never kept
             for log in (self.output / "metrics.jsonl", self.output / "eval.jsonl"):
-                truncate_log(log, self.step)
+                truncate_log(log, self.step, warn=self.log)
         self.scalars = ScalarLog(self.output / "tensorboard", self.rank == 0)
         self.statistics = TrainingStatistics(self.device)
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
@@ -181,6 +243,14 @@ class Trainer:
                             self.parallel.tp.rank)
         self.model.load_state_dict(shard)
         self.log(f"initialised from {source}")
+
+    def _repair_latest(self, folder: Path) -> None:
+        """A kill between a checkpoint's COMPLETE and moving `latest` leaves `latest` behind: point it
+        at the checkpoint resumed from when that is this run's newest."""
+        if self.rank == 0 and folder.parent.resolve() == self.checkpoints.resolve() and \
+                checkpoint.repair_latest(self.checkpoints, folder):
+            self.log(f"{self.checkpoints / checkpoint.LATEST} named an older checkpoint; it now names {folder.name}, "
+                     "the newest complete one")
 
     def _needs_universal(self, state: dict | None) -> bool:
         """Resuming on another data-parallel size needs DeepSpeed's universal checkpoint."""
@@ -308,6 +378,12 @@ class Trainer:
     def run(self) -> None:
         config = self.config.train
         if self.step >= config.steps:  # a relaunch of a finished run: its checkpoint stays as it is
+            if self._final_evaluation_missing():
+                self.log(f"the final evaluation of step {self.step} is missing from {self.output / 'eval.jsonl'} (the "
+                         "run stopped after its last checkpoint); evaluating now")
+                self.report_eval()
+                self.scalars.close()
+                return
             self.log(f"{self.output} is already trained to step {self.step} (train.steps={config.steps}); nothing "
                      "to do. Raise train.steps to train on.")
             return
@@ -343,6 +419,16 @@ class Trainer:
         self.report_eval()
         self.scalars.close()
 
+    def _final_evaluation_missing(self) -> bool:
+        """Whether eval.jsonl lacks the final step's row (rank 0 reads it; every rank gets the answer)."""
+        if self.valid_samples is None:
+            return False
+        log = self.output / "eval.jsonl"
+        steps = [_log_entry(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        missing = [self.step not in {entry["step"] for entry in steps if entry}]
+        dist.broadcast_object_list(missing, src=0)
+        return missing[0]
+
     def _performance(self, clock: _LogClock, data_wait_s: float) -> dict:
         """Throughput since this invocation started, the peak memory so far, and the share of the
         time since the last log step that the loop waited for data (data_wait_s: in all)."""
@@ -369,16 +455,14 @@ class Trainer:
         entry = {"step": self.step, "consumed_samples": self.consumed} | metrics
         self.history.append(entry)
         if self.rank == 0:
-            with open(self.output / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            append_log(self.output / "metrics.jsonl", entry)
 
     def report_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
             self.scalars.write(metrics, self.step)
             if self.rank == 0:
-                with open(self.output / "eval.jsonl", "a") as handle:
-                    handle.write(json.dumps({"step": self.step} | metrics) + "\n")
+                append_log(self.output / "eval.jsonl", {"step": self.step} | metrics)
             self.log(f"eval at step {self.step}: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
 
 
