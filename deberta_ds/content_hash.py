@@ -22,12 +22,12 @@ def file_sha256(path: str | Path) -> str:
 
 
 def sampled_sha256(path: str | Path) -> str:
-    """sha256 of _SAMPLES blocks of 64 KiB spread evenly over the file (all of a small file)."""
+    """sha256 of _SAMPLES blocks of 64 KiB spread evenly from the file's start to its end (they
+    overlap, covering every byte, in a file of up to 1 MiB)."""
     size, piece = Path(path).stat().st_size, 1 << 16
-    step = max((size - piece) // (_SAMPLES - 1), piece)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for offset in range(0, max(size - piece, 0) + 1, step):
+        for offset in sorted({max(size - piece, 0) * i // (_SAMPLES - 1) for i in range(_SAMPLES)}):
             handle.seek(offset)
             digest.update(handle.read(piece))
     return digest.hexdigest()

@@ -85,3 +85,28 @@ def test_a_writer_killed_at_any_step_of_a_folder_commit_leaves_the_old_or_the_ne
             break
         kill_at += 1
     assert (False, "aside") in states, "no kill landed between the two renames; the test proves nothing"
+
+
+def test_the_sampled_hash_sees_a_change_in_each_sampled_block_and_the_size(tmp_path):
+    """Training's cheap check: a byte changed in the first, a middle or the last sampled block of a
+    4 MiB file changes the sampled hash; one between blocks does not (that is what `verify` is for)."""
+    import os
+
+    from deberta_ds.content_hash import ContentMismatchError, check_file, file_record, sampled_sha256
+
+    path = tmp_path / "shard.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    record = file_record(path)
+    step = ((4 << 20) - (1 << 16)) // 15  # the sampled blocks start at multiples of this
+    for offset, seen in ((0, True), (7 * step + 100, True), ((4 << 20) - 1, True), (7 * step + (1 << 16) + 5, False)):
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 1
+        path.write_bytes(bytes(data))
+        assert (sampled_sha256(path) != record["sampled_sha256"]) == seen, offset
+        with pytest.raises(ContentMismatchError, match="content hash differs"):
+            check_file(path, record, full=True)
+        data[offset] ^= 1
+        path.write_bytes(bytes(data))
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ContentMismatchError, match=f"{path}: the file is truncated or damaged"):
+        check_file(path, record, full=False)

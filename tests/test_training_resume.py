@@ -301,7 +301,7 @@ def test_damaged_checkpoint_files_and_failed_writes_are_reported_not_tracebacks(
         bigger = write_config(tmp_path / f"{copy.name}.json", run | {"output_dir": str(copy),
                                                                     "train": run["train"] | {"steps": 3}})
         result = train_cli(bigger, expect=1)
-        assert f"{Path(damaged).name}: cannot be read, the file is truncated or damaged" in result.stderr, damaged
+        assert f"{Path(damaged).name}: the file is truncated or damaged (200 bytes" in result.stderr, damaged
         assert f"--resume {copy / 'checkpoints' / 'step_00000001'}" in result.stderr
         assert "Traceback" not in result.stderr
     limited = write_config(tmp_path / "limited.json", run | {"train": run["train"] | {"steps": 3}})
@@ -315,3 +315,32 @@ def test_damaged_checkpoint_files_and_failed_writes_are_reported_not_tracebacks(
     unwritable = write_config(tmp_path / "unwritable.json", run | {"output_dir": str(tmp_path / "a_file" / "out")})
     result = train_cli(unwritable, expect=1)
     assert f"output_dir {tmp_path / 'a_file' / 'out'}: cannot write there" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_logging_stops_clearly_and_a_cut_line_never_blocks_a_relaunch(train_shards, tmp_path):
+    """metrics.jsonl, then eval.jsonl, on a full device (/dev/full): exit 1 naming the file, no
+    traceback. A line cut short (what a full disk or a kill leaves) is dropped on relaunch, named,
+    and the relaunch finishes the run and its final evaluation."""
+    out = tmp_path / "run"
+    out.mkdir()
+    run = tiny_run(train_shards, out, data={"valid": [train_shards["valid"]]}, train={"steps": 2})
+    config = write_config(tmp_path / "run.json", run)
+    for log in ("metrics.jsonl", "eval.jsonl"):
+        (out / log).symlink_to("/dev/full")
+        result = train_cli(config, expect=1)
+        assert f"error: appending to {out / log} failed: [Errno 28] No space left on device (disk full?)" \
+            in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+        (out / log).unlink()
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"  # saved before the final evaluation
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "generator/ml')
+    (out / "eval.jsonl").write_text('{"step": 2, "eval/mlm_lo')
+    relaunched = train_cli(config)
+    text = relaunched.stdout + relaunched.stderr
+    assert f"{out / 'metrics.jsonl'}: dropped line 3: not a whole JSON entry" in text
+    assert f"{out / 'eval.jsonl'}: dropped line 1: not a whole JSON entry" in text
+    assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [2]
+    more = write_config(tmp_path / "more.json", run | {"train": run["train"] | {"steps": 3}})
+    train_cli(more)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -131,14 +131,14 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
         write_atomic(folder / STATE, json.dumps(client_state, indent=1))
     _barrier()  # every rank has finished writing
     if rank == 0:
-        write_atomic(folder / COMPLETE, json.dumps({"files": _records(folder)}, indent=1))
+        write_atomic(folder / COMPLETE, json.dumps({"files": file_records(folder)}, indent=1))
         write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
     _barrier()
     return folder
 
 
-def _records(folder: Path) -> dict:
+def file_records(folder: Path) -> dict:
     """Size and content hash of every file of a step folder, by path relative to it."""
     return {str(path.relative_to(folder)): file_record(path) for path in sorted(folder.rglob("*"))
             if path.is_file() and path.name != COMPLETE}
