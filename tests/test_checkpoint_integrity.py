@@ -196,3 +196,25 @@ def test_the_first_save_killed_before_latest_is_still_found(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step_00000003")
     assert checkpoint.complete_step_folder(tmp_path).name == "step_00000012"
     assert checkpoint.checkpoint_to_resume("auto", tmp_path / "checkpoints").name == "step_00000012"
+
+
+class _CreatesAFile:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.slow
+def test_init_from_an_hf_folder_whose_weights_are_a_pickle_is_refused(finished, tmp_path):
+    hf = tmp_path / "hf"
+    convert_cli("to-hf", "--checkpoint", finished["output_dir"], "--out", str(hf))
+    (hf / "model.safetensors").unlink()
+    marker = tmp_path / "code_ran"
+    torch.save({"deberta.embeddings.word_embeddings.weight": torch.zeros(1), "x": _CreatesAFile(marker)},
+               hf / "pytorch_model.bin")
+    run = finished | {"output_dir": str(tmp_path / "init"), "init_from": str(hf)}
+    result = train_cli(write_run(tmp_path / "init.json", run), expect=1)
+    assert f"{hf / 'pytorch_model.bin'}: refused to load, it holds objects a checkpoint must not hold" \
+        in result.stderr and not marker.exists()

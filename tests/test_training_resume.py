@@ -6,6 +6,7 @@ world of one). Resumed runs must reproduce the uninterrupted losses within 1e-6 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,8 +194,10 @@ def test_bad_input_is_reported_before_training(train_shards, tmp_path, small_cor
     small = tmp_path / "small_tok"
     train_tokenizer(iter(small_corpus.read_text().splitlines()[:300]), small, 100, sample_sentences=1000,
                     byte_fallback=False)  # 100 pieces: no room for the 256 byte pieces
-    with pytest.raises(ValueError, match="outside the model vocabulary"):
+    with pytest.raises(ValueError) as error:  # the file and offset of the first id outside, not a guess at the cause
         build_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"tokenizer": str(small)})))
+    assert re.search(rf"data: {re.escape(train_shards['train'])}.bin: token id \d+ at offset \d+ is outside the "
+                     r"model vocabulary of 128", str(error.value)), str(error.value)
     with pytest.raises(ValueError, match="global_batch_size: 10 is not divisible"):
         run_config_from_dict(tiny_run(train_shards, tmp_path, train={"global_batch_size": 10})).check_batch_geometry(2)
     with pytest.raises(ValueError, match="unknown ZeRO stage 4"):
@@ -208,6 +211,14 @@ def test_cli_reports_bad_config_without_traceback(train_shards, tmp_path):
     assert result.returncode == 1
     assert "error: train.global_batch_size: 10 is not divisible" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o" / "metrics.jsonl").exists()
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "checkpoints").write_text("")  # found at start-up, not at the first save
+    blocked = tiny_run(train_shards, tmp_path / "blocked")
+    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config",
+                          str(write_config(tmp_path / "blocked.json", blocked))], cwd=REPO)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"checkpoint folder {tmp_path / 'blocked' / 'checkpoints'}: cannot write there" in result.stderr
+    assert not (tmp_path / "blocked" / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ launcher's --local_rank is accepted). Everything is validated before the first s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -85,8 +86,7 @@ def truncate_log(path: Path, step: int, warn=print) -> None:
 
 def append_log(path: Path, entry: dict) -> None:
     """One JSON line appended to a log. A failed write (a full disk) is cut back to the last whole
-    line where the file system allows (a relaunch drops what is left of it) and stops the run with
-    an error naming the file."""
+    line where the file system allows and stops the run with an error naming the file."""
     line = memoryview((json.dumps(entry) + "\n").encode())
     try:
         with open(path, "ab", buffering=0) as handle:  # unbuffered: nothing is left to fail at close
@@ -95,7 +95,8 @@ def append_log(path: Path, entry: dict) -> None:
                 while line:
                     line = line[handle.write(line):]
             except OSError:
-                handle.truncate(end)
+                with contextlib.suppress(OSError):  # where it cannot, the relaunch drops the cut line
+                    handle.truncate(end)
                 raise
     except OSError as error:
         raise TrainingError(f"appending to {path} failed: {error} (disk full?); free space and relaunch the same "
