@@ -49,8 +49,9 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config, YAML or JSON (see deberta_ds/training/run_config.py)")
     parser.add_argument("--resume", default="auto",
-                        help="auto: continue from OUTPUT/checkpoints/latest when it exists (default); none: start "
-                             "fresh (refused if checkpoints exist); PATH: continue from that complete checkpoint "
+                        help="auto: continue from the newest complete checkpoint in OUTPUT/checkpoints, if any "
+                             "(default); none: start fresh (refused if checkpoints exist); PATH: continue from that "
+                             "complete checkpoint "
                              "folder (refused if OUTPUT/checkpoints holds newer ones)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (same as train.tp=N)")
