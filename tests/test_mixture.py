@@ -110,7 +110,7 @@ def test_temperature_weights():
 
 @pytest.mark.parametrize("train, message", [
     ([{"name": "a", "path": "x", "weight": -0.5}, {"name": "b", "path": "y", "weight": 1}],
-     "data.train[0].weight: must be >= 0"),
+     "data.train[0].weight: must be a finite number >= 0"),
     ([{"name": "a", "path": "x", "weight": 0}, {"name": "b", "path": "y", "weight": 0}],
      "data.train: the mixture weights sum to 0"),
     ([{"name": "a", "path": "x", "weight": 1}, "y"], "give every entry a weight"),
