@@ -29,6 +29,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from deberta_ds.atomic_files import atomic_path, write_atomic
+from deberta_ds.config import to_dict
 from deberta_ds.content_hash import check_file, file_record
 from deberta_ds.errors import CheckpointError, UserError
 from deberta_ds.parallel.random import get_rng_states, set_rng_states
@@ -219,6 +220,32 @@ def read_state(folder: Path) -> dict:
         raise CheckpointError(f"{path}: damaged, not a trainer state ({detail}); resume from an earlier complete "
                               "step folder with --resume PATH")
     return state
+
+
+# Fields that decide the parameters' shapes: a checkpoint resumes only into the same ones.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "position_buckets",
+                "max_relative_positions", "max_position_embeddings", "share_att_key", "pos_att_type")
+
+
+def check_resumable(state: dict, folder: Path, rtd_config, tokenizer_meta: dict) -> None:
+    """Refuse a checkpoint of another model shape or another tokenizer, naming what differs."""
+    ours, theirs = to_dict(rtd_config), state.get("rtd_config", {})
+    differ = [f"rtd.{name}" for name in ("generator_layers", "embedding_sharing") if ours[name] != theirs.get(name)]
+    differ += [f"model.{name}" for name in SHAPE_FIELDS
+               if ours["discriminator"][name] != theirs.get("discriminator", {}).get(name)]
+    if differ:
+        detail = ", ".join(f"{name} {_field(theirs, name)} vs {_field(ours, name)}" for name in differ)
+        raise CheckpointError(f"{folder}: a checkpoint of another model shape ({detail}: checkpoint vs this run); "
+                              "resume with the run config it was trained with, or use init_from for other shapes")
+    recorded = state.get("tokenizer", {}).get("sha256")
+    if recorded != tokenizer_meta["sha256"]:
+        raise CheckpointError(f"{folder}: trained with tokenizer sha256 {recorded}, but data.tokenizer has sha256 "
+                              f"{tokenizer_meta['sha256']}; resume with the tokenizer it was trained with")
+
+
+def _field(config: dict, dotted: str):
+    section, name = dotted.split(".")
+    return config.get(name) if section == "rtd" else config.get("discriminator", {}).get(name)
 
 
 def _checkpoints_root(path: Path) -> Path | None:

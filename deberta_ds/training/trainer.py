@@ -7,8 +7,6 @@ launcher's --local_rank is accepted). Everything is validated before the first s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import signal
 import sys
@@ -38,6 +36,7 @@ from deberta_ds.training.data_setup import build_data
 from deberta_ds.training.metrics import ScalarLog, TrainingStatistics, model_flops_per_token, peak_memory_bytes, roc_auc
 from deberta_ds.training.prefetch import BatchPrefetcher, to_device, to_tensors
 from deberta_ds.training.run_config import RunConfig, load_run_config
+from deberta_ds.training.run_logs import append_log, log_entry, truncate_log
 
 
 class TrainingError(UserError):
@@ -59,51 +58,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _log_entry(line: str) -> dict | None:
-    """A log line's entry, or None for a line that is not a whole entry (a write cut short)."""
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return entry if isinstance(entry, dict) and type(entry.get("step")) is int else None
-
-
-def truncate_log(path: Path, step: int, warn=print) -> None:
-    """Drop a JSON-lines log's entries past `step` (written after the checkpoint a run resumes
-    from), so each step stands in it once, and lines that are not whole entries (a write cut short
-    by a full disk or a kill), named through `warn`; replaced atomically."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    entries = [_log_entry(line) for line in lines]
-    damaged = [number for number, entry in enumerate(entries, 1) if entry is None]
-    if damaged:
-        warn(f"{path}: dropped line {', '.join(map(str, damaged))}: not a whole JSON entry (a write cut short by a "
-             "full disk or a kill)")
-    kept = [line for line, entry in zip(lines, entries) if entry is not None and entry["step"] <= step]
-    if len(kept) < len(lines):  # untouched otherwise (a relaunch of a finished run changes nothing)
-        checkpoint.write_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def append_log(path: Path, entry: dict) -> None:
-    """One JSON line appended to a log. A failed write (a full disk) is cut back to the last whole
-    line where the file system allows and stops the run with an error naming the file."""
-    line = memoryview((json.dumps(entry) + "\n").encode())
-    try:
-        with open(path, "ab", buffering=0) as handle:  # unbuffered: nothing is left to fail at close
-            end = handle.tell()
-            try:
-                while line:
-                    line = line[handle.write(line):]
-            except OSError:
-                with contextlib.suppress(OSError):  # where it cannot, the relaunch drops the cut line
-                    handle.truncate(end)
-                raise
-    except OSError as error:
-        raise TrainingError(f"appending to {path} failed: {error} (disk full?); free space and relaunch the same "
-                            "command: it continues from the last complete checkpoint") from None
-
-
 def check_writable(folder: Path, what: str = "output_dir") -> None:
     """Fail at start-up, not at the first log line or checkpoint, when `folder` cannot be written."""
     probe = folder / f".write_probe_{os.getpid()}"
@@ -114,32 +68,6 @@ def check_writable(folder: Path, what: str = "output_dir") -> None:
     except OSError as error:
         raise TrainingError(f"{what} {folder}: cannot write there ({error}); choose a writable output_dir, or "
                             "move away what stands in the way") from None
-
-
-# Fields that decide the parameters' shapes: a checkpoint resumes only into the same ones.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "position_buckets",
-                "max_relative_positions", "max_position_embeddings", "share_att_key", "pos_att_type")
-
-
-def check_resumable(state: dict, folder: Path, rtd_config, tokenizer_meta: dict) -> None:
-    """Refuse a checkpoint of another model shape or another tokenizer, naming what differs."""
-    ours, theirs = to_dict(rtd_config), state.get("rtd_config", {})
-    differ = [f"rtd.{name}" for name in ("generator_layers", "embedding_sharing") if ours[name] != theirs.get(name)]
-    differ += [f"model.{name}" for name in SHAPE_FIELDS
-               if ours["discriminator"][name] != theirs.get("discriminator", {}).get(name)]
-    if differ:
-        detail = ", ".join(f"{name} {_field(theirs, name)} vs {_field(ours, name)}" for name in differ)
-        raise TrainingError(f"{folder}: a checkpoint of another model shape ({detail}: checkpoint vs this run); "
-                            "resume with the run config it was trained with, or use init_from for other shapes")
-    recorded = state.get("tokenizer", {}).get("sha256")
-    if recorded != tokenizer_meta["sha256"]:
-        raise TrainingError(f"{folder}: trained with tokenizer sha256 {recorded}, but data.tokenizer has sha256 "
-                            f"{tokenizer_meta['sha256']}; resume with the tokenizer it was trained with")
-
-
-def _field(config: dict, dotted: str):
-    section, name = dotted.split(".")
-    return config.get(name) if section == "rtd" else config.get("discriminator", {}).get(name)
 
 
 def loss_scale(engine) -> float:
@@ -181,7 +109,7 @@ class Trainer:
         self.accumulation = config.check_batch_geometry(self.dp_size)
         latest = checkpoint.checkpoint_to_resume(resume, self.checkpoints)
         if latest:
-            check_resumable(checkpoint.read_state(latest), latest, rtd_config, self.tokenizer_meta)
+            checkpoint.check_resumable(checkpoint.read_state(latest), latest, rtd_config, self.tokenizer_meta)
             self._repair_latest(latest)
         universal = self._needs_universal(checkpoint.read_state(latest) if latest else None)
         torch.manual_seed(config.seed)  # identical initial (full) weights on every rank, at any TP size
@@ -425,9 +353,10 @@ class Trainer:
         """Whether eval.jsonl lacks the final step's row (rank 0 reads it; every rank gets the answer)."""
         if self.valid_samples is None:
             return False
-        log = self.output / "eval.jsonl"
-        steps = [_log_entry(line) for line in log.read_text().splitlines()] if log.is_file() else []
-        missing = [self.step not in {entry["step"] for entry in steps if entry}]
+        log, missing = self.output / "eval.jsonl", [None]
+        if self.rank == 0:
+            entries = [log_entry(line) for line in log.read_text().splitlines()] if log.is_file() else []
+            missing = [self.step not in {entry["step"] for entry in entries if entry}]
         dist.broadcast_object_list(missing, src=0)
         return missing[0]
 
