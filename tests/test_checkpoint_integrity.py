@@ -218,3 +218,20 @@ def test_init_from_an_hf_folder_whose_weights_are_a_pickle_is_refused(finished, 
     result = train_cli(write_run(tmp_path / "init.json", run), expect=1)
     assert f"{hf / 'pytorch_model.bin'}: refused to load, it holds objects a checkpoint must not hold" \
         in result.stderr and not marker.exists()
+
+
+def test_a_damaged_complete_marker_is_named(tmp_path):
+    from deberta_ds.errors import UserError
+    from deberta_ds.training import checkpoint
+
+    class Engine:
+        def save_checkpoint(self, folder, tag, save_latest):
+            (Path(folder) / tag).mkdir(parents=True, exist_ok=True)
+
+    folder = checkpoint.save(tmp_path, {"joint": Engine()}, 1, {"step": 1, "consumed_samples": 8}, 0, keep_last=2)
+    assert set(json.loads((folder / "COMPLETE").read_text())["files"]) == {"rng_rank0.safetensors",
+                                                                           "trainer_state.json"}
+    for text in (b'{"files": [1, 2]}', b"\xff\xfe not json"):
+        (folder / "COMPLETE").write_bytes(text)
+        with pytest.raises(UserError, match=f"{folder / 'COMPLETE'}: damaged"):
+            checkpoint.load(folder, {"joint": Engine()}, 0, universal=False)

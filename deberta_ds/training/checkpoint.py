@@ -149,12 +149,12 @@ def verify(folder: Path) -> None:
     """Every file the COMPLETE marker records has its recorded size and sha256 (a marker written
     before hashes were recorded is empty: nothing to check)."""
     marker = folder / COMPLETE
-    text = marker.read_text()
+    text = marker.read_text(errors="replace")
     if not text.strip():
         return
     try:
-        records = json.loads(text)["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        records = dict(json.loads(text)["files"])
+    except (ValueError, KeyError, TypeError) as error:  # ValueError: JSONDecodeError too
         raise CheckpointError(f"{marker}: damaged ({error}); it must list the checkpoint's files") from None
     for relative, record in records.items():
         check_file(folder / relative, record)
