@@ -165,13 +165,13 @@ def run(args) -> int:
                                 progress=not args.no_progress)
         print(f"{prefix}_*: {stats.report()}")
     elif args.command == "verify":
-        processor, vocab, tokenizer_sha256 = None, args.vocab_size, None
+        processor, vocab, tokenizer_sha256, mask_id = None, args.vocab_size, None, None
         if args.tokenizer:
             processor, meta = load_tokenizer(args.tokenizer)
-            vocab, tokenizer_sha256 = vocab or meta.model_vocab_size, meta.sha256
+            vocab, tokenizer_sha256, mask_id = vocab or meta.model_vocab_size, meta.sha256, meta.mask_id
         check_provenance(find_shard_prefixes(args.paths), tokenizer_sha256, args.allow_incomplete,
-                         warn=lambda message: print(message, file=sys.stderr))
-        return tools.verify(args.paths, vocab, processor)
+                         warn=lambda message: print(message, file=sys.stderr), full=True)
+        return tools.verify(args.paths, vocab, processor, mask_id=mask_id)
     elif args.command == "inspect":
         tools.inspect(args.path, load_tokenizer(args.tokenizer)[0] if args.tokenizer else None)
     elif args.command == "merge":

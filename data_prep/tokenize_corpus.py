@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data_prep.inputs import Block, cut_pieces, iterate_blocks, split_block
 from deberta_ds.atomic_files import write_atomic
 from deberta_ds.data.indexed_dataset import ShardWriter, data_path, dtype_for_vocab, index_path
-from deberta_ds.data.provenance import manifest_path, shard_prefix
+from deberta_ds.data.provenance import manifest_path, read_manifest, shard_files, shard_prefix
 from deberta_ds.data.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
 from deberta_ds.errors import UserError
 
@@ -159,7 +159,7 @@ def _load_or_start_manifest(prefix, identity: dict) -> dict:
     path = manifest_path(prefix)
     if not path.is_file():
         return identity | {"version": 1, "shards": [], "complete": False}
-    manifest = json.loads(path.read_text())
+    manifest = read_manifest(path)
     for key in ("inputs", "tokenizer_sha256", "settings"):
         if manifest.get(key) != identity[key]:
             raise JobMismatchError(f"{path}: the existing output was made by a different job ({key} differs); "
@@ -220,7 +220,7 @@ class _ShardSequence:
         self.writer.finalize()
         self.manifest["shards"].append({"prefix": str(self.writer.prefix), "documents": self.writer.num_documents,
                                         "tokens": self.writer.num_tokens, "resume": list(self.last_document_end),
-                                        "stats": asdict(self.stats)})
+                                        "stats": asdict(self.stats), "files": shard_files(self.writer.prefix)})
         _write_manifest(manifest_path(self.prefix), self.manifest)
         self.writer = None
 
@@ -313,6 +313,9 @@ def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str
                                 refresh=False)
             if shards.writer is not None:
                 shards.publish()
+            if stats.documents == 0:  # nothing was written: a re-run with other flags starts afresh
+                raise UserError(f"--input: no documents found ({stats.report()}); check --format (jsonl needs one "
+                                f"JSON object per line with the text under --json-key {json_key!r}) and --json-key")
             manifest["complete"] = True
             manifest["final_stats"] = asdict(stats)
             _write_manifest(manifest_path(output_prefix), manifest)

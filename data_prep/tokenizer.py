@@ -11,6 +11,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from deberta_ds.atomic_files import commit, write_atomic
+from deberta_ds.content_hash import file_sha256
 from deberta_ds.data.tokenizer import (
     CLS_ID,
     METADATA_FILE,
@@ -19,9 +20,9 @@ from deberta_ds.data.tokenizer import (
     SEP_ID,
     UNK_ID,
     TokenizerMetadata,
-    file_sha256,
     round_up,
 )
+from deberta_ds.errors import UserError
 
 
 def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_type: str = "unigram",
@@ -35,13 +36,16 @@ def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_ty
     output_dir.mkdir(parents=True, exist_ok=True)
     prefix = output_dir / "spm.tmp"
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_prefix=str(prefix), vocab_size=vocab_size,
-        model_type=model_type, character_coverage=character_coverage,
-        input_sentence_size=sample_sentences, shuffle_input_sentence=True,
-        pad_id=PAD_ID, bos_id=CLS_ID, eos_id=SEP_ID, unk_id=UNK_ID,
-        pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]", byte_fallback=byte_fallback,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_prefix=str(prefix), vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage,
+            input_sentence_size=sample_sentences, shuffle_input_sentence=True,
+            pad_id=PAD_ID, bos_id=CLS_ID, eos_id=SEP_ID, unk_id=UNK_ID,
+            pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]", byte_fallback=byte_fallback,
+            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as error:
+        raise _training_input_error(error, vocab_size) from None
     quantize_scores(Path(f"{prefix}.model"))
     commit(Path(f"{prefix}.model"), output_dir / MODEL_FILE)
     commit(Path(f"{prefix}.vocab"), output_dir / "spm.vocab")
@@ -49,6 +53,19 @@ def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_ty
                                  sha256=file_sha256(output_dir / MODEL_FILE))
     write_atomic(output_dir / METADATA_FILE, json.dumps(asdict(metadata), indent=2) + "\n")
     return metadata
+
+
+def _training_input_error(error: RuntimeError, vocab_size: int) -> Exception:
+    """SentencePiece's complaints about its input as errors that say what to do; others unchanged."""
+    text = str(error)
+    if "sentences_.empty()" in text:
+        return UserError("--input: no text to train a tokenizer on (the inputs are empty or hold only blank "
+                         "lines); give text files with --input")
+    if "Vocabulary size too high" in text:
+        limit = text[text.index("Vocabulary size too high"):].strip()
+        return UserError(f"--vocab-size {vocab_size}: too large for this input (SentencePiece: {limit}); give "
+                         "more text with --input or a smaller --vocab-size")
+    return error
 
 
 SCORE_GRID = 2 ** -8

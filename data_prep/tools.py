@@ -13,12 +13,13 @@ from deberta_ds.errors import UserError
 _COPY_TOKENS = 1 << 22  # tokens per streamed copy
 
 
-def verify(paths, vocab_size: int | None = None, processor=None, out=print) -> int:
-    """Check every shard; print a summary and a detokenised sample. Returns the exit code."""
+def verify(paths, vocab_size: int | None = None, processor=None, out=print, mask_id: int | None = None) -> int:
+    """Check every shard (ids below vocab_size; with the tokenizer's mask_id, no [MASK] or padding-row
+    ids); print a summary and a detokenised sample. Returns the exit code."""
     totals = np.zeros(3, dtype=np.int64)  # shards, documents, tokens
     sample = None
     for prefix in find_shard_prefixes(paths):
-        shard = verify_shard(prefix, vocab_size)
+        shard = verify_shard(prefix, vocab_size, mask_id)
         totals += (1, shard.num_documents, int(shard.lengths.sum(dtype=np.int64)))
         if sample is None and shard.num_documents:
             sample = shard.document_tokens(0)[:64]

@@ -160,7 +160,10 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[dict, dict]:
     if (hf_dir / WEIGHTS).is_file():
         state = load_file(str(hf_dir / WEIGHTS))
     elif (hf_dir / "pytorch_model.bin").is_file():
-        state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        from deberta_ds.training.safe_load import weights_only_loads
+
+        with weights_only_loads():  # a pickle holding anything but tensors is refused by name, not a traceback
+            state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise CheckpointError(f"{hf_dir}: neither {WEIGHTS} nor pytorch_model.bin found")
     return config, state

@@ -90,8 +90,9 @@ def recorded_tokenizer(checkpoint_dir: str | Path) -> tuple[str, str] | None:
 
 def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
     """The RTD pair of a `deberta_ds.train` checkpoint: a step folder, its checkpoints/ folder or the
-    run's output_dir (the `latest` complete step)."""
+    run's output_dir (its newest complete step), every file checked against its recorded hash."""
     folder = layout.complete_step_folder(folder)
+    layout.verify(folder)
     state = layout.read_state(folder)
     if state.get("tp", 1) > 1:
         return _merged_tp_pair(state["rtd_config"], folder, state["tp"])

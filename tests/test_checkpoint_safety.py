@@ -30,6 +30,14 @@ def _plant(path: Path, marker: Path) -> None:
     torch.save({"module": {"weight": torch.zeros(1)}, "payload": _CreatesAFile(marker)}, path)
 
 
+def _rerecord(step: Path) -> None:
+    """Record the planted file's hash in COMPLETE, as whoever replaced the file could: the
+    weights-only loading must hold on its own."""
+    from deberta_ds.training.checkpoint import COMPLETE, file_records
+
+    (step / COMPLETE).write_text(json.dumps({"files": file_records(step)}))
+
+
 @pytest.mark.slow
 def test_a_planted_pickle_runs_nowhere(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "run", train={"steps": 2, "zero_stage": 2})
@@ -48,6 +56,7 @@ def test_a_planted_pickle_runs_nowhere(train_shards, tmp_path):
         copy = tmp_path / f"copy_{relative.parent.name}_{relative.stem}"
         shutil.copytree(tmp_path / "run", copy)
         _plant(copy / "checkpoints" / "step_00000002" / relative, marker)
+        _rerecord(copy / "checkpoints" / "step_00000002")
         config = tmp_path / f"{copy.name}.json"
         config.write_text(json.dumps(run | {"output_dir": str(copy), "train": run["train"] | {"steps": 3}}))
         resumed = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(config)], cwd=REPO)

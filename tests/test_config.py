@@ -111,3 +111,34 @@ def test_bad_config_files_and_tokenizer_descriptions_are_named(tmp_path):
     description.write_text(json.dumps(json.loads(description.read_text()) | {"surprise": 1}))
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a deberta_ds tokenizer description .*surprise"):
         load_tokenizer(tokenizer)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: tiny\noptim: {betas: [0.9, 0.99, 0.9]}\n", "optim.betas: [0.9, 0.99, 0.9] must be two numbers in [0, 1)"),
+    ("model: tiny\noptim: {betas: [0.9, 1.5]}\n", "optim.betas: [0.9, 1.5] must be two numbers in [0, 1)"),
+    ("model: tiny\nmodel_overrides: {hiden_size: 32}\n", "model_overrides: unknown fields ['hiden_size']"),
+    ("model: tiny\nmodel_overrides: {hidden_size: wide}\n", "model_overrides.hidden_size: 'wide' is not of type int"),
+    ("- model: tiny\n", "the top level must be a mapping of sections (model:, data:, train:, ...), got a list"),
+    ("model: tiny\ntrain: {steps: 4}\nmodel: base\n", "the key 'model' is given twice"),
+    ("model: tiny\ntrain: {steps: 4, steps: 8}\n", "the key 'steps' is given twice"),
+    ("model: tiny\ntrain: {steps: 4}\nphases: [{until_step: true}]\n",
+     "phases[0]: needs until_step (an integer, not true/false)"),
+    ("model: tiny\ndata: {train: [{path: a, weight: .inf}, {path: b, weight: 1}]}\n",
+     "data.train[0].weight: must be a finite number >= 0, got inf"),
+])
+def test_bad_run_configs_are_refused_by_the_train_command(tmp_path, capsys, text, message):
+    """What `python -m deberta_ds.train --config run.yaml` prints (its main(), in this process: the
+    config is read before anything is launched): exit 1, the field named, no traceback."""
+    from deberta_ds.training.trainer import main
+
+    (tmp_path / "run.yaml").write_text(text)
+    assert main(["--config", str(tmp_path / "run.yaml")]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_key_given_twice_in_a_json_config_is_refused(tmp_path, capsys):
+    from deberta_ds.training.trainer import main
+
+    (tmp_path / "run.json").write_text('{"model": "tiny", "seed": 1, "seed": 2}')
+    assert main(["--config", str(tmp_path / "run.json")]) == 1
+    assert "the key(s) ['seed'] are given twice in one object" in capsys.readouterr().err

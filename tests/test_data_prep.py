@@ -417,3 +417,90 @@ def test_only_user_errors_lose_their_traceback(monkeypatch, capsys):
         monkeypatch.setattr(module, target, raise_bug)
         with pytest.raises(ValueError, match="broadcast"):
             module.main(argv)
+
+
+def _tokenized(tmp_path, small_corpus, tokenizer_dir) -> Path:
+    """Two shards of a finished tokenize job (with its manifest) in tmp_path/set."""
+    assert cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(tmp_path / "set" / "s"),
+                "--tokenizer", str(tokenizer_dir), "--shard-tokens", "60000", "--no-progress"]) == 0
+    assert len(find_shard_prefixes([tmp_path / "set"])) >= 2
+    return tmp_path / "set"
+
+
+def test_an_in_vocabulary_token_change_is_caught_by_the_recorded_hashes(tmp_path, small_corpus, tokenizer_dir,
+                                                                         capsys):
+    """One token replaced by another valid id (the structure and the vocabulary check still pass):
+    `verify` hashes every byte and names the file; so does training's open-time check (size and a
+    sampled hash, which covers every byte of a shard this small)."""
+    from deberta_ds.training.data_setup import build_data
+    from deberta_ds.training.run_config import run_config_from_dict
+
+    shards = _tokenized(tmp_path, small_corpus, tokenizer_dir)
+    run = run_config_from_dict({"model": "tiny", "data": {"train": [str(shards)], "tokenizer": str(tokenizer_dir)}})
+    assert cli(["verify", str(shards), "--tokenizer", str(tokenizer_dir)]) == 0
+    build_data(run)
+    manifest = json.loads((shards / "s.manifest.json").read_text())
+    assert all(set(entry["files"]) == {"bin", "idx"} for entry in manifest["shards"])
+    second = shards / "s_00001.bin"
+    tokens = np.fromfile(second, dtype=np.uint16)
+    tokens[len(tokens) // 2] = 4 + (int(tokens[len(tokens) // 2]) + 1 - 4) % 900
+    tokens.tofile(second)
+    verify_shard(shards / "s_00001", 1000)  # structure and ids: still fine
+    assert cli(["verify", str(shards), "--tokenizer", str(tokenizer_dir)]) == 1
+    assert f"{second}: the file is damaged: its content hash differs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"{second}: the file is damaged: its content hash differs"):
+        build_data(run)
+
+
+def test_verify_refuses_mask_and_padding_row_ids(tmp_path, tokenizer_dir, capsys):
+    """The tokenizer has 1000 pieces: [MASK] = 1000, rows 1001-1023 pad the vocabulary to 1024."""
+    for token, message in ((1000, "token id 1000 at offset 2 is [MASK]"),
+                           (1010, "token id 1010 at offset 2 is a padding row of the vocabulary"),
+                           (2000, "token id 2000 >= vocab size 1024 at offset 2")):
+        writer = ShardWriter(tmp_path / f"t{token}", np.uint16)
+        writer.add_document(np.array([5, token, 6]))
+        writer.finalize()
+        assert cli(["verify", str(tmp_path / f"t{token}"), "--tokenizer", str(tokenizer_dir)]) == 1
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[]", "null"])
+def test_a_malformed_manifest_is_named_by_verify_tokenize_and_training(tmp_path, small_corpus, tokenizer_dir,
+                                                                       capsys, text):
+    from deberta_ds.training.data_setup import build_data
+    from deberta_ds.training.run_config import run_config_from_dict
+
+    shards = _tokenized(tmp_path, small_corpus, tokenizer_dir)
+    (shards / "s.manifest.json").write_text(text)
+    message = f"{shards / 's.manifest.json'}: damaged, not a tokenize manifest"
+    assert cli(["verify", str(shards), "--tokenizer", str(tokenizer_dir)]) == 1
+    assert message in capsys.readouterr().err
+    assert cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(shards / "s"), "--tokenizer",
+                str(tokenizer_dir), "--shard-tokens", "60000", "--no-progress"]) == 1
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_data(run_config_from_dict({"model": "tiny", "data": {"train": [str(shards)],
+                                                                   "tokenizer": str(tokenizer_dir)}}))
+
+
+def test_tokenize_finding_no_documents_fails_and_leaves_nothing(tmp_path, small_corpus, tokenizer_dir, capsys):
+    """Plain text read as JSONL: every line is skipped. Exit 1 saying so; no manifest is left, so
+    the same command with the right --format then runs."""
+    args = ["tokenize", "--input", str(small_corpus), "--output-prefix", str(tmp_path / "s"), "--tokenizer",
+            str(tokenizer_dir), "--no-progress"]
+    assert cli(args + ["--format", "jsonl"]) == 1
+    error = capsys.readouterr().err
+    assert "--input: no documents found (documents 0" in error and "check --format" in error
+    assert not list(tmp_path.iterdir())
+    assert cli(args + ["--format", "text"]) == 0
+
+
+def test_train_tokenizer_on_empty_or_too_little_input_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "little.txt").write_text("a few words\nand a few more\n")
+    for name, message in (("empty.txt", "--input: no text to train a tokenizer on"),
+                          ("little.txt", "--vocab-size 1000: too large for this input (SentencePiece: Vocabulary "
+                                         "size too high (1000). Please set it to a value <=")):
+        assert cli(["train-tokenizer", "--input", str(tmp_path / name), "--output-dir", str(tmp_path / "tok"),
+                    "--vocab-size", "1000"]) == 1
+        assert message in capsys.readouterr().err

@@ -91,6 +91,21 @@ def test_mlm_80_10_10_and_whole_word_spans(shards, tokenizer_dir):
                 assert selected[row, pos - 1], (row, pos)
 
 
+@pytest.mark.parametrize("mode", ["rtd", "mlm"])
+def test_whole_word_masking_rate_holds_on_short_padded_samples(shards, tokenizer_dir, mode):
+    """Without cross-document packing most samples are one short document and padding: the budget
+    is 15% of each sample's maskable pieces, not of its padded length (which masks about twice as
+    many), overall and on the shortest samples alone."""
+    samples = make_samples(shards, tokenizer_dir, MaskingConfig(mode=mode, whole_word=True), cross=False)
+    batch = samples.batch(np.arange(1500))
+    selected = (batch["labels"] != IGNORE_INDEX).sum(1)
+    maskable = batch["attention_mask"].sum(1) - 2                      # all but [CLS] and [SEP]
+    short = maskable <= 32                                             # a quarter of the 128 positions or less
+    assert short.sum() > 300 and (batch["attention_mask"] == 0).mean() > 0.4   # the case this test is about
+    assert abs(selected.sum() / maskable.sum() - 0.15) < 0.015
+    assert abs(selected[short].sum() / maskable[short].sum() - 0.15) < 0.03
+
+
 def test_sample_is_pure_function_of_seed_and_index_across_processes(shards, tokenizer_dir):
     samples = make_samples(shards, tokenizer_dir, seed=7)
     here = samples.batch(np.array([3, 999, 12345]))["input_ids"]

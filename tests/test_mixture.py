@@ -49,6 +49,25 @@ def test_every_prefix_is_within_one_sample_of_the_weights(weights):
     assert np.abs(counts - expected).max() <= 1.0
 
 
+# The first 60 sources the earliest-deadline rule assigns (module docstring of deberta_ds.data.mixture).
+# Checked by hand for [0.5, 0.3, 0.2]: n=0 all eligible, due 2, 3.3, 5 -> 0; n=1 source 0 has its
+# share (1 >= 0.5 * 2), due 3.3, 5 -> 1; n=2 due 4, 5 (source 1 at its share) -> 0; n=3 -> 2.
+# Another rule that also stays within one sample of the weights changes most of these.
+GOLDEN = [([0.7, 0.3], "001001000100100100010010010001001001000100100100010010010001"),
+          ([0.5, 0.3, 0.2], "010201010201020101020102010102010201010201020101020102010102"),
+          ([0.01, 0.09, 0.4, 0.5], "323232323132323232313232323231323232323132323232313232323231"),
+          ([1, 1, 1], "012012012012012012012012012012012012012012012012012012012012"),
+          ([0.25, 0.125, 0.625], "220220122202201222022012220220122202201222022012220220122202")]
+
+
+@pytest.mark.parametrize("weights, golden", GOLDEN)
+def test_the_assignment_rule_is_pinned(weights, golden):
+    sources, within = _mixture(weights).assign(np.arange(len(golden)))
+    assert "".join(map(str, sources.tolist())) == golden
+    for source in range(len(weights)):  # each source's samples in order: 0, 1, 2, ...
+        assert within[sources == source].tolist() == list(range((sources == source).sum()))
+
+
 def test_global_batches_do_not_depend_on_world_size_or_restarts():
     batch = 64
     whole = _mixture([0.6, 0.4]).batch(np.arange(10 * batch))["input_ids"]
@@ -91,7 +110,7 @@ def test_temperature_weights():
 
 @pytest.mark.parametrize("train, message", [
     ([{"name": "a", "path": "x", "weight": -0.5}, {"name": "b", "path": "y", "weight": 1}],
-     "data.train[0].weight: must be >= 0"),
+     "data.train[0].weight: must be a finite number >= 0"),
     ([{"name": "a", "path": "x", "weight": 0}, {"name": "b", "path": "y", "weight": 0}],
      "data.train: the mixture weights sum to 0"),
     ([{"name": "a", "path": "x", "weight": 1}, "y"], "give every entry a weight"),

@@ -6,6 +6,7 @@ world of one). Resumed runs must reproduce the uninterrupted losses within 1e-6 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,8 +140,22 @@ checkpoint.save(root, {{"joint": Engine(True)}}, 2, {{"step": 2}}, 0, keep_last=
     assert result.returncode == 9
     from deberta_ds.training import checkpoint
     assert (tmp_path / "latest").read_text() == "step_00000001"
-    assert checkpoint.find_latest(tmp_path) == tmp_path / "step_00000001"
+    assert checkpoint.newest_complete(tmp_path) == tmp_path / "step_00000001"
     assert not (tmp_path / "step_00000002" / "COMPLETE").exists()
+
+    class Engine:  # the relaunch saves step 2 again: the half-written folder must be finished, not kept
+        def save_checkpoint(self, folder, tag, save_latest):
+            os.makedirs(os.path.join(folder, tag), exist_ok=True)
+            Path(folder, tag, "model_states.pt").write_text("whole")
+
+    checkpoint.save(tmp_path, {"joint": Engine()}, 2, {"step": 2}, 0, keep_last=3)
+    step2 = tmp_path / "step_00000002"
+    assert (step2 / "COMPLETE").is_file() and (tmp_path / "latest").read_text() == "step_00000002"
+    assert (step2 / "joint" / "model_states.pt").read_text() == "whole"
+    checkpoint.verify(step2)  # the hashes COMPLETE records are the rewritten files'
+    (tmp_path / "latest").write_text("step_00000001")  # killed between COMPLETE and moving latest
+    checkpoint.save(tmp_path, {"joint": Engine()}, 2, {"step": 2}, 0, keep_last=3)
+    assert (tmp_path / "latest").read_text() == "step_00000002"
 
 
 @pytest.mark.slow
@@ -179,8 +194,10 @@ def test_bad_input_is_reported_before_training(train_shards, tmp_path, small_cor
     small = tmp_path / "small_tok"
     train_tokenizer(iter(small_corpus.read_text().splitlines()[:300]), small, 100, sample_sentences=1000,
                     byte_fallback=False)  # 100 pieces: no room for the 256 byte pieces
-    with pytest.raises(ValueError, match="outside the model vocabulary"):
+    with pytest.raises(ValueError) as error:  # the file and offset of the first id outside, not a guess at the cause
         build_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"tokenizer": str(small)})))
+    assert re.search(rf"data: {re.escape(train_shards['train'])}.bin: token id \d+ at offset \d+ is outside the "
+                     r"model vocabulary of 128", str(error.value)), str(error.value)
     with pytest.raises(ValueError, match="global_batch_size: 10 is not divisible"):
         run_config_from_dict(tiny_run(train_shards, tmp_path, train={"global_batch_size": 10})).check_batch_geometry(2)
     with pytest.raises(ValueError, match="unknown ZeRO stage 4"):
@@ -194,6 +211,14 @@ def test_cli_reports_bad_config_without_traceback(train_shards, tmp_path):
     assert result.returncode == 1
     assert "error: train.global_batch_size: 10 is not divisible" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o" / "metrics.jsonl").exists()
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "checkpoints").write_text("")  # found at start-up, not at the first save
+    blocked = tiny_run(train_shards, tmp_path / "blocked")
+    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config",
+                          str(write_config(tmp_path / "blocked.json", blocked))], cwd=REPO)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"checkpoint folder {tmp_path / 'blocked' / 'checkpoints'}: cannot write there" in result.stderr
+    assert not (tmp_path / "blocked" / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow
@@ -287,7 +312,7 @@ def test_damaged_checkpoint_files_and_failed_writes_are_reported_not_tracebacks(
         bigger = write_config(tmp_path / f"{copy.name}.json", run | {"output_dir": str(copy),
                                                                     "train": run["train"] | {"steps": 3}})
         result = train_cli(bigger, expect=1)
-        assert f"{Path(damaged).name}: cannot be read, the file is truncated or damaged" in result.stderr, damaged
+        assert f"{Path(damaged).name}: the file is truncated or damaged (200 bytes" in result.stderr, damaged
         assert f"--resume {copy / 'checkpoints' / 'step_00000001'}" in result.stderr
         assert "Traceback" not in result.stderr
     limited = write_config(tmp_path / "limited.json", run | {"train": run["train"] | {"steps": 3}})
@@ -301,3 +326,32 @@ def test_damaged_checkpoint_files_and_failed_writes_are_reported_not_tracebacks(
     unwritable = write_config(tmp_path / "unwritable.json", run | {"output_dir": str(tmp_path / "a_file" / "out")})
     result = train_cli(unwritable, expect=1)
     assert f"output_dir {tmp_path / 'a_file' / 'out'}: cannot write there" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_logging_stops_clearly_and_a_cut_line_never_blocks_a_relaunch(train_shards, tmp_path):
+    """metrics.jsonl, then eval.jsonl, on a full device (/dev/full): exit 1 naming the file, no
+    traceback. A line cut short (what a full disk or a kill leaves) is dropped on relaunch, named,
+    and the relaunch finishes the run and its final evaluation."""
+    out = tmp_path / "run"
+    out.mkdir()
+    run = tiny_run(train_shards, out, data={"valid": [train_shards["valid"]]}, train={"steps": 2})
+    config = write_config(tmp_path / "run.json", run)
+    for log in ("metrics.jsonl", "eval.jsonl"):
+        (out / log).symlink_to("/dev/full")
+        result = train_cli(config, expect=1)
+        assert f"error: appending to {out / log} failed: [Errno 28] No space left on device (disk full?)" \
+            in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+        (out / log).unlink()
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"  # saved before the final evaluation
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "generator/ml')
+    (out / "eval.jsonl").write_text('{"step": 2, "eval/mlm_lo')
+    relaunched = train_cli(config)
+    text = relaunched.stdout + relaunched.stderr
+    assert f"{out / 'metrics.jsonl'}: dropped line 3: not a whole JSON entry" in text
+    assert f"{out / 'eval.jsonl'}: dropped line 1: not a whole JSON entry" in text
+    assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [2]
+    more = write_config(tmp_path / "more.json", run | {"train": run["train"] | {"steps": 3}})
+    train_cli(more)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

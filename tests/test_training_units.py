@@ -50,7 +50,7 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
     for step in range(1, 6):
         checkpoint.save(tmp_path, {"joint": _Engine()}, step, {"step": step}, 0, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000005"]
-    assert checkpoint.find_latest(tmp_path).name == "step_00000005"
+    assert checkpoint.newest_complete(tmp_path).name == "step_00000005"
     assert checkpoint.rng_file(tmp_path / "step_00000005", 0).is_file()
 
 
@@ -69,7 +69,7 @@ def test_a_complete_checkpoint_is_never_rewritten(tmp_path):
 def test_resume_takes_auto_none_or_a_complete_checkpoint(tmp_path):
     root = tmp_path / "run" / "checkpoints"
     for step in (2, 4):
-        checkpoint.save(root, {"joint": _Engine()}, step, {"step": step}, 0, keep_last=3)
+        checkpoint.save(root, {"joint": _Engine()}, step, {"step": step, "consumed_samples": 8 * step}, 0, keep_last=3)
     assert checkpoint.checkpoint_to_resume("auto", root) == root / "step_00000004"
     assert checkpoint.checkpoint_to_resume("auto", tmp_path / "fresh") is None
     assert checkpoint.checkpoint_to_resume("none", tmp_path / "fresh") is None
@@ -126,6 +126,8 @@ def test_convert_refuses_an_incomplete_checkpoint_and_an_output_that_is_a_file(t
     (step / checkpoint.STATE).write_text("{}")  # written, but COMPLETE never was
     (step.parent / checkpoint.LATEST).write_text(step.name)
     assert convert(["to-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    assert "checkpoints: holds no complete training checkpoint" in capsys.readouterr().err
+    assert convert(["to-hf", "--checkpoint", str(step), "--out", str(tmp_path / "hf")]) == 2
     assert "step_00000004: not a complete training checkpoint" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert convert(["to-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "file")]) == 2

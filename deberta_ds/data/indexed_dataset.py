@@ -256,18 +256,35 @@ class IndexedShard:
         return cumulative[self.doc_index[1:]] - cumulative[self.doc_index[:-1]]
 
 
-def verify_shard(prefix: str | Path, vocab_size: int | None = None) -> IndexedShard:
+def first_id_at_or_above(shard: IndexedShard, limit: int) -> int | None:
+    """The position (in tokens) in P.bin of the first id >= limit (or < 0), or None; one streamed pass."""
+    for start in range(0, len(shard.tokens), _CHUNK):
+        chunk = shard.tokens[start:start + _CHUNK]
+        bad = np.flatnonzero((chunk >= limit) | (chunk < 0))
+        if bad.size:
+            return start + int(bad[0])
+    return None
+
+
+def verify_shard(prefix: str | Path, vocab_size: int | None = None, mask_id: int | None = None) -> IndexedShard:
     """Full check of one shard: the structure (every open checks it) and, given vocab_size, every
-    token id (one pass over P.bin); raises ShardFormatError naming the file and first bad offset."""
+    token id (one pass over P.bin); given the tokenizer's mask_id (the id after its last piece),
+    [MASK] and the padding rows past it are refused too, since no text tokenises to them. Raises
+    ShardFormatError naming the file and first bad offset."""
     shard = IndexedShard(prefix)
-    if vocab_size is not None:
-        bin_file = data_path(prefix)
-        for start in range(0, len(shard.tokens), _CHUNK):
-            chunk = shard.tokens[start:start + _CHUNK]
-            bad = np.flatnonzero((chunk >= vocab_size) | (chunk < 0))
-            if bad.size:
-                raise ShardFormatError(f"{bin_file}: token id {int(chunk[bad[0]])} >= vocab size {vocab_size} at "
-                                       f"offset {(start + bad[0]) * shard.dtype.itemsize}")
+    if vocab_size is None:
+        return shard
+    position = first_id_at_or_above(shard, vocab_size if mask_id is None else mask_id)
+    if position is not None:
+        token, offset = int(shard.tokens[position]), position * shard.dtype.itemsize
+        if token == mask_id:
+            what = f"at offset {offset} is [MASK], which the data must not hold (masking adds it)"
+        elif mask_id is not None and mask_id < token < vocab_size:
+            what = (f"at offset {offset} is a padding row of the vocabulary (past [MASK] = {mask_id}; no piece of "
+                    "the tokenizer has it)")
+        else:
+            what = f">= vocab size {vocab_size} at offset {offset}"
+        raise ShardFormatError(f"{data_path(prefix)}: token id {token} {what}")
     return shard
 
 

@@ -9,13 +9,13 @@ appended after the last piece (id = number of pieces), as in DeBERTaV3 (128,000 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
+from deberta_ds.content_hash import file_sha256
 from deberta_ds.errors import MissingInputError, UserError
 
 MODEL_FILE = "spm.model"
@@ -39,14 +39,6 @@ class TokenizerMetadata:
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_model_path(path: str | Path) -> Path:

@@ -5,11 +5,15 @@ Layout under OUTPUT/checkpoints/:
     step_00000012/trainer_state.json  step, consumed samples, run config, tokenizer metadata, world size
     step_00000012/rng_rank{r}.safetensors  each rank's RNG states (CPU and CUDA, default and TP streams, numpy, Python)
     step_00000012/weights_tp{t}.safetensors   TP > 1 only: each TP rank's full module shard
-    step_00000012/COMPLETE            written by rank 0 after every rank finished writing
+    step_00000012/COMPLETE            written by rank 0 after every rank finished writing: the size and
+                                      sha256 of every file of the folder, checked on every load
     latest                            the newest COMPLETE tag; moved (write + rename) only after COMPLETE
 
-A kill while writing leaves the previous checkpoint as `latest`. Resuming on a different
-data-parallel size converts each engine folder with DeepSpeed's universal-checkpoint tool.
+A kill while writing leaves the previous checkpoint complete. Which checkpoint is "the newest"
+is decided by `newest_complete` alone (the highest step folder holding COMPLETE, whatever
+`latest` says: a kill between COMPLETE and moving `latest` leaves it behind); resume, `convert`,
+`init_from` and every checkpoint load use it, and a relaunch repairs `latest`. Resuming on a
+different data-parallel size converts each engine folder with DeepSpeed's universal-checkpoint tool.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from deberta_ds.atomic_files import atomic_path, write_atomic
+from deberta_ds.config import to_dict
+from deberta_ds.content_hash import check_file, file_record
 from deberta_ds.errors import CheckpointError, UserError
 from deberta_ds.parallel.random import get_rng_states, set_rng_states
 from deberta_ds.training.safe_load import weights_only_loads
@@ -110,6 +116,9 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
     tag = tag_for(step)
     folder = root / tag
     if (folder / COMPLETE).is_file():
+        if rank == 0:
+            repair_latest(root, folder)
+        _barrier()
         return folder
     if rank == 0 and folder.exists():  # a half-written attempt at this step: start clean
         shutil.rmtree(folder)
@@ -123,13 +132,41 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
         write_atomic(folder / STATE, json.dumps(client_state, indent=1))
     _barrier()  # every rank has finished writing
     if rank == 0:
-        write_atomic(folder / COMPLETE, "")
+        write_atomic(folder / COMPLETE, json.dumps({"files": file_records(folder)}, indent=1))
         write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
     _barrier()
     return folder
 
 
+def file_records(folder: Path) -> dict:
+    """Size and content hash of every file of a step folder, by path relative to it."""
+    return {str(path.relative_to(folder)): file_record(path) for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != COMPLETE}
+
+
+def verify(folder: Path) -> None:
+    """Every file the COMPLETE marker records has its recorded size and sha256 (a marker written
+    before hashes were recorded is empty: nothing to check)."""
+    marker = folder / COMPLETE
+    text = marker.read_text(errors="replace")
+    if not text.strip():
+        return
+    try:
+        records = dict(json.loads(text)["files"])
+    except (ValueError, KeyError, TypeError) as error:  # ValueError: JSONDecodeError too
+        raise CheckpointError(f"{marker}: damaged ({error}); it must list the checkpoint's files") from None
+    for relative, record in records.items():
+        check_file(folder / relative, record)
+
+
+def repair_latest(root: Path, folder: Path) -> bool:
+    """Point `latest` at `folder` (the newest complete checkpoint) when it names another; whether it did."""
+    pointer = root / LATEST
+    if pointer.is_file() and pointer.read_text().strip() == folder.name:
+        return False
+    write_atomic(pointer, folder.name)
+    return True
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -143,11 +180,11 @@ def _complete_checkpoints(root: Path) -> list[Path]:
 
 
 def checkpoint_to_resume(resume: str, root: Path) -> Path | None:
-    """The checkpoint `--resume` names: auto (root's `latest`, if any), none (start fresh; refused
-    when root holds checkpoints), or the path of a complete checkpoint folder, refused when root
-    holds newer checkpoints that continuing from it would replace."""
+    """The checkpoint `--resume` names: auto (root's newest complete checkpoint, if any), none
+    (start fresh; refused when root holds checkpoints), or the path of a complete checkpoint
+    folder, refused when root holds newer checkpoints that continuing from it would replace."""
     if resume == "auto":
-        return find_latest(root)
+        return newest_complete(root)
     if resume == "none":
         if (root / LATEST).exists() or _complete_checkpoints(root):
             raise UserError(f"--resume none: {root} already holds checkpoints; use --resume auto or another "
@@ -165,35 +202,76 @@ def checkpoint_to_resume(resume: str, root: Path) -> Path | None:
     return folder
 
 
-def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint: the one `latest` names, or a newer complete one when the
-    run stopped between writing its COMPLETE marker and moving `latest`."""
-    pointer, newest = root / LATEST, (_complete_checkpoints(root) or [None])[-1]
-    if not pointer.is_file():
-        return newest
-    folder = root / pointer.read_text().strip()
-    if not (folder / COMPLETE).is_file():
-        raise UserError(f"{pointer} names {folder.name}, which is not complete; the checkpoint directory was "
-                         "modified by hand")
-    return newest if newest.name > folder.name else folder
+def newest_complete(root: Path) -> Path | None:
+    """The newest complete checkpoint under a checkpoints folder: the highest step folder holding
+    COMPLETE. `latest` is not consulted: a kill between writing COMPLETE and moving it leaves it
+    behind. The one answer to "which checkpoint" for every reader."""
+    return (_complete_checkpoints(root) or [None])[-1]
 
 
 def read_state(folder: Path) -> dict:
-    return json.loads((folder / STATE).read_text())
+    path = folder / STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        state = error
+    if not isinstance(state, dict) or any(type(state.get(key)) is not int for key in ("step", "consumed_samples")):
+        detail = state if isinstance(state, Exception) else "no integer step and consumed_samples"
+        raise CheckpointError(f"{path}: damaged, not a trainer state ({detail}); resume from an earlier complete "
+                              "step folder with --resume PATH")
+    return state
+
+
+# Fields that decide the parameters' shapes: a checkpoint resumes only into the same ones.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "position_buckets",
+                "max_relative_positions", "max_position_embeddings", "share_att_key", "pos_att_type")
+
+
+def check_resumable(state: dict, folder: Path, rtd_config, tokenizer_meta: dict) -> None:
+    """Refuse a checkpoint of another model shape or another tokenizer, naming what differs."""
+    ours, theirs = to_dict(rtd_config), state.get("rtd_config", {})
+    differ = [f"rtd.{name}" for name in ("generator_layers", "embedding_sharing") if ours[name] != theirs.get(name)]
+    differ += [f"model.{name}" for name in SHAPE_FIELDS
+               if ours["discriminator"][name] != theirs.get("discriminator", {}).get(name)]
+    if differ:
+        detail = ", ".join(f"{name} {_field(theirs, name)} vs {_field(ours, name)}" for name in differ)
+        raise CheckpointError(f"{folder}: a checkpoint of another model shape ({detail}: checkpoint vs this run); "
+                              "resume with the run config it was trained with, or use init_from for other shapes")
+    recorded = state.get("tokenizer", {}).get("sha256")
+    if recorded != tokenizer_meta["sha256"]:
+        raise CheckpointError(f"{folder}: trained with tokenizer sha256 {recorded}, but data.tokenizer has sha256 "
+                              f"{tokenizer_meta['sha256']}; resume with the tokenizer it was trained with")
+
+
+def _field(config: dict, dotted: str):
+    section, name = dotted.split(".")
+    return config.get(name) if section == "rtd" else config.get("discriminator", {}).get(name)
+
+
+def _checkpoints_root(path: Path) -> Path | None:
+    """The checkpoints folder a run's output_dir or its checkpoints/ folder names, else None."""
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file() or any(root.glob("step_*")):
+            return root
+    return None
 
 
 def is_training_checkpoint(path: Path) -> bool:
     """A step folder, a checkpoints/ folder or a run's output_dir."""
-    return any(p.is_file() for p in (path / STATE, path / LATEST, path / "checkpoints" / LATEST))
+    return (path / STATE).is_file() or _checkpoints_root(path) is not None
 
 
 def complete_step_folder(folder: str | Path) -> Path:
-    """The complete step folder a training checkpoint path names (a step folder, its checkpoints/
-    folder or the run's output_dir: the `latest` step)."""
+    """The complete step folder a training checkpoint path names (a step folder, or its
+    checkpoints/ folder or the run's output_dir: the newest complete step)."""
     folder = Path(folder)
-    for pointer in (folder / LATEST, folder / "checkpoints" / LATEST):
-        if pointer.is_file():
-            folder = pointer.parent / pointer.read_text().strip()
+    root = None if (folder / STATE).is_file() else _checkpoints_root(folder)
+    if root is not None:
+        newest = newest_complete(root)
+        if newest is None:
+            raise CheckpointError(f"{root}: holds no complete training checkpoint (no step folder with a {COMPLETE} "
+                                  "marker: the run stopped before its first checkpoint was finished)")
+        return newest
     if not (folder / COMPLETE).is_file():
         raise CheckpointError(f"{folder}: not a complete training checkpoint (no {COMPLETE} marker: it was being "
                               "written when the run stopped); use an earlier step folder")
@@ -228,9 +306,13 @@ def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
 
 
 def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
-    """Engine states and this rank's RNG states; a damaged file is named, with the previous complete
-    checkpoint to resume from instead."""
+    """Check every file against COMPLETE, then load the engine states (universal: converted first)
+    and this rank's RNG states; a damaged file is named, with the previous complete checkpoint
+    to resume from instead."""
     try:
+        verify(folder)
+        if universal:
+            convert_to_universal(folder, engines, rank)
         return _load(folder, engines, rank, universal)
     except UserError as error:
         previous = [p for p in _complete_checkpoints(folder.parent) if p.name < folder.name]
@@ -242,6 +324,9 @@ def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
 def _load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
     for name, engine in engines.items():
         tag = universal_folder(folder, name).name if universal else name
+        if not (folder / tag).is_dir():
+            raise CheckpointError(f"{folder / tag}: missing; this checkpoint does not hold the {name} engine "
+                                  f"(a damaged checkpoint, or one of a run with another train.mode)")
         with weights_only_loads():
             path, _ = engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
@@ -252,7 +337,7 @@ def _load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
     if rng_file(folder, rank).is_file() and not universal:
         try:
             _load_rng_states(rng_file(folder, rank))
-        except SafetensorError as error:
+        except (SafetensorError, ValueError, KeyError, TypeError) as error:  # ValueError: JSONDecodeError too
             raise UserError(f"{rng_file(folder, rank)}: cannot be read, the file is truncated or damaged "
-                             f"({error})") from None
+                             f"({type(error).__name__}: {error})") from None
     return read_state(folder)

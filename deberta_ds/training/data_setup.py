@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from deberta_ds.config import RTDConfig, preset
 from deberta_ds.data.dataset import PretrainingSamples, TokenCorpus, special_ids
-from deberta_ds.data.indexed_dataset import find_shard_prefixes
+from deberta_ds.data.indexed_dataset import data_path, find_shard_prefixes, first_id_at_or_above
 from deberta_ds.data.mixture import MixtureSamples
 from deberta_ds.data.phases import PhasedSamples
 from deberta_ds.data.provenance import check_provenance
@@ -41,10 +41,10 @@ def build_data(config: RunConfig):
         check_provenance(prefixes, meta.sha256, section.allow_incomplete_shards,
                          warn=lambda message: print(message, file=sys.stderr))
         corpus = TokenCorpus(prefixes)
-        require(corpus.max_token_id < model_config.vocab_size, where,
-                f"shards {paths} hold token id {corpus.max_token_id}, outside the model vocabulary of "
-                f"{model_config.vocab_size} from tokenizer {config.data.tokenizer}; were they tokenised with "
-                "another tokenizer?")
+        if corpus.max_token_id >= model_config.vocab_size:
+            raise UserError(f"{where}: {outside_vocabulary(corpus, model_config.vocab_size)} is outside the model "
+                            f"vocabulary of {model_config.vocab_size} (from data.tokenizer {config.data.tokenizer}); "
+                            f"check the shards with python -m data_prep verify --tokenizer {config.data.tokenizer}")
         return PretrainingSamples(corpus, section.max_length, special_ids(meta), section.masking, seed,
                                   section.cross_documents, word_start, section.document_attention)
 
@@ -55,6 +55,16 @@ def build_data(config: RunConfig):
     valid = (samples(config.data.valid, config.data.seed + 1, config.data, "data.valid") if config.data.valid
              else None)
     return PhasedSamples(phases), valid, rtd_config, asdict(meta)
+
+
+def outside_vocabulary(corpus: TokenCorpus, vocab_size: int) -> str:
+    """'FILE: token id T at offset O' of the first id >= vocab_size in the corpus's shards."""
+    for shard in corpus.shards:
+        position = first_id_at_or_above(shard, vocab_size)
+        if position is not None:
+            return (f"{data_path(shard.prefix)}: token id {int(shard.tokens[position])} at offset "
+                    f"{position * shard.dtype.itemsize}")
+    raise AssertionError("no id outside the vocabulary")  # only called when the corpus's largest id is
 
 
 def training_samples(section: DataSection, samples, where: str):

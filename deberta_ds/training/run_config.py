@@ -17,13 +17,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from deberta_ds.config import PRESETS, RTDObjective, from_dict
+from deberta_ds.config import PRESETS, ModelConfig, RTDObjective, from_dict
 from deberta_ds.data.dataset import MaskingConfig
 from deberta_ds.errors import UserError, require
 from deberta_ds.resources import config_path
@@ -89,6 +90,8 @@ class OptimSection:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        require(len(self.betas) == 2 and all(0.0 <= beta < 1.0 for beta in self.betas), "optim.betas",
+                f"{list(self.betas)} must be two numbers in [0, 1) (Adam's beta1, beta2), e.g. [0.9, 0.999]")
         require(self.name in ("adamw", "lamb"), "optim.name", f"{self.name!r} is not adamw or lamb")
         require(self.schedule in ("linear", "cosine"), "optim.schedule", f"{self.schedule!r} is not linear or cosine")
         require(self.lr > 0, "optim.lr", "must be positive")
@@ -166,6 +169,7 @@ class RunConfig:
 
     def __post_init__(self):
         require(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {sorted(PRESETS)}")
+        from_dict(ModelConfig, PRESETS[self.model] | self.model_overrides, "model_overrides")  # names and types
         self.phase_plan()  # validated now, before anything is built
 
     def phase_plan(self) -> list[tuple[int, DataSection]]:
@@ -176,8 +180,8 @@ class RunConfig:
         base = json.loads(json.dumps(dataclasses.asdict(self.data)))
         for i, phase in enumerate(self.phases):
             where = f"phases[{i}]"
-            require(isinstance(phase, dict) and isinstance(phase.get("until_step"), int), where,
-                    "needs until_step (an integer) and data.* fields")
+            require(isinstance(phase, dict) and type(phase.get("until_step")) is int, where,
+                    "needs until_step (an integer, not true/false) and data.* fields")
             until = phase["until_step"]
             require(until > start, f"{where}.until_step", f"{until} must be greater than the previous phase's end "
                                                           f"({start})")
@@ -212,7 +216,8 @@ def _source(entry, where: str) -> DataSource:
     if isinstance(entry, DataSource):
         return entry
     source = from_dict(DataSource, {"path": entry} if isinstance(entry, str) else entry, where)
-    require(source.weight is None or source.weight >= 0, f"{where}.weight", f"must be >= 0, got {source.weight}")
+    require(source.weight is None or 0 <= source.weight < math.inf, f"{where}.weight",
+            f"must be a finite number >= 0, got {source.weight}")
     source.name = source.name or Path(source.path.rstrip("/")).name
     return source
 
@@ -235,9 +240,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: a key given twice is an error (plain JSON keeps the last)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"the key(s) {repeated} are given twice in one object")
+    return dict(pairs)
+
+
 def _parse_value(raw: str):
     """YAML, except that '3e-3' is a number (YAML 1.1 reads exponents without a dot as strings)."""
-    value = yaml.safe_load(raw)
+    value = yaml.load(raw, Loader=_UniqueKeyLoader)
     if isinstance(value, str):
         try:
             return float(value)
@@ -252,9 +280,13 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         path = config_path(path)  # a file, or a shipped recipe by name
         text = path.read_text()
         try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
-        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            data = (json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json"
+                    else yaml.load(text, Loader=_UniqueKeyLoader))
+        except (ValueError, yaml.YAMLError) as error:  # ValueError: JSONDecodeError and repeated keys
             raise UserError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                              f"{error}") from None
+        data = {} if data is None else data
+        require(isinstance(data, dict), "--config", f"{path}: the top level must be a mapping of sections "
+                                                    f"(model:, data:, train:, ...), got a {type(data).__name__}")
     return run_config_from_dict(apply_overrides(data, list(overrides)))
 

@@ -7,7 +7,6 @@ launcher's --local_rank is accepted). Everything is validated before the first s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -38,6 +37,7 @@ from deberta_ds.training.data_setup import build_data
 from deberta_ds.training.metrics import ScalarLog, TrainingStatistics, peak_memory_bytes, peak_tflops, roc_auc
 from deberta_ds.training.prefetch import BatchPrefetcher, to_device, to_tensors
 from deberta_ds.training.run_config import RunConfig, load_run_config
+from deberta_ds.training.run_logs import append_log, log_entry, truncate_log
 
 
 class TrainingError(UserError):
@@ -50,8 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="run config: a YAML or JSON file (see deberta_ds/training/run_config.py) "
                         "or a shipped recipe by name (python -m deberta_ds.resources recipes lists them)")
     parser.add_argument("--resume", default="auto",
-                        help="auto: continue from OUTPUT/checkpoints/latest when it exists (default); none: start "
-                             "fresh (refused if checkpoints exist); PATH: continue from that complete checkpoint "
+                        help="auto: continue from the newest complete checkpoint in OUTPUT/checkpoints, if any "
+                             "(default); none: start fresh (refused if checkpoints exist); PATH: continue from that "
+                             "complete checkpoint "
                              "folder (refused if OUTPUT/checkpoints holds newer ones)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (same as train.tp=N)")
@@ -59,27 +60,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Drop a JSON-lines log's entries past `step` (written after the checkpoint a run resumes
-    from), so each step stands in it once; replaced atomically."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):  # untouched otherwise (a relaunch of a finished run changes nothing)
-        checkpoint.write_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def check_writable(folder: Path) -> None:
-    """Fail at start-up, not at the first log line or checkpoint, when output_dir cannot be written."""
+def check_writable(folder: Path, what: str = "output_dir") -> None:
+    """Fail at start-up, not at the first log line or checkpoint, when `folder` cannot be written."""
     probe = folder / f".write_probe_{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise TrainingError(f"output_dir {folder}: cannot write there ({error}); choose a writable output_dir") \
-            from None
+        raise TrainingError(f"{what} {folder}: cannot write there ({error}); choose a writable output_dir, or "
+                            "move away what stands in the way") from None
 
 
 def loss_scale(engine) -> float:
@@ -113,12 +103,16 @@ class Trainer:
         self.output = Path(config.output_dir)
         check_writable(self.output)
         self.checkpoints = self.output / "checkpoints"
+        check_writable(self.checkpoints, "checkpoint folder")
         self.train_samples, self.valid_samples, rtd_config, self.tokenizer_meta = build_data(config)  # phased
         rtd_config.discriminator.check_tensor_parallel(config.train.tp)
         self.parallel = initialize_parallel(config.train.tp)   # TP ranks adjacent, DP over the rest
         self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
         self.accumulation = config.check_batch_geometry(self.dp_size)
         latest = checkpoint.checkpoint_to_resume(resume, self.checkpoints)
+        if latest:
+            checkpoint.check_resumable(checkpoint.read_state(latest), latest, rtd_config, self.tokenizer_meta)
+            self._repair_latest(latest)
         universal = self._needs_universal(checkpoint.read_state(latest) if latest else None)
         torch.manual_seed(config.seed)  # identical initial (full) weights on every rank, at any TP size
         self.model = ReplacedTokenDetection(rtd_config, self.parallel.tp)
@@ -134,8 +128,6 @@ class Trainer:
         seed_streams(config.seed, self.parallel)  # dropout: per DP replica, plus a per-TP-rank stream for attention
         self.step, self.consumed = 0, 0
         if latest:
-            if universal:
-                checkpoint.convert_to_universal(latest, self.engines.engines, self.rank)
             state = checkpoint.load(latest, self.engines.engines, self.rank, universal)
             self.step, self.consumed = state["step"], state["consumed_samples"]
             phase_start, phase_samples = self.train_samples.phase_at(self.consumed)
@@ -144,7 +136,7 @@ class Trainer:
             self.log(f"resumed from {latest} at step {self.step} ({self.consumed} samples)")
         if self.rank == 0:  # entries past the checkpoint (or, starting afresh, all) were never kept
             for log in (self.output / "metrics.jsonl", self.output / "eval.jsonl"):
-                truncate_log(log, self.step)
+                truncate_log(log, self.step, warn=self.log)
         self.scalars = ScalarLog(self.output / "tensorboard", self.rank == 0)
         self.statistics = TrainingStatistics(self.device)
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
@@ -183,6 +175,14 @@ class Trainer:
                             self.parallel.tp.rank)
         self.model.load_state_dict(shard)
         self.log(f"initialised from {source}")
+
+    def _repair_latest(self, folder: Path) -> None:
+        """A kill between a checkpoint's COMPLETE and moving `latest` leaves `latest` behind: point it
+        at the checkpoint resumed from when that is this run's newest."""
+        if self.rank == 0 and folder.parent.resolve() == self.checkpoints.resolve() and \
+                checkpoint.repair_latest(self.checkpoints, folder):
+            self.log(f"{self.checkpoints / checkpoint.LATEST} named an older checkpoint; it now names {folder.name}, "
+                     "the newest complete one")
 
     def _needs_universal(self, state: dict | None) -> bool:
         """Resuming on another data-parallel size needs DeepSpeed's universal checkpoint."""
@@ -310,6 +310,12 @@ class Trainer:
     def run(self) -> None:
         config = self.config.train
         if self.step >= config.steps:  # a relaunch of a finished run: its checkpoint stays as it is
+            if self._final_evaluation_missing():
+                self.log(f"the final evaluation of step {self.step} is missing from {self.output / 'eval.jsonl'} (the "
+                         "run stopped after its last checkpoint); evaluating now")
+                self.report_eval()
+                self.scalars.close()
+                return
             self.log(f"{self.output} is already trained to step {self.step} (train.steps={config.steps}); nothing "
                      "to do. Raise train.steps to train on.")
             return
@@ -345,6 +351,17 @@ class Trainer:
         self.report_eval()
         self.scalars.close()
 
+    def _final_evaluation_missing(self) -> bool:
+        """Whether eval.jsonl lacks the final step's row (rank 0 reads it; every rank gets the answer)."""
+        if self.valid_samples is None:
+            return False
+        log, missing = self.output / "eval.jsonl", [None]
+        if self.rank == 0:
+            entries = [log_entry(line) for line in log.read_text().splitlines()] if log.is_file() else []
+            missing = [self.step not in {entry["step"] for entry in entries if entry}]
+        dist.broadcast_object_list(missing, src=0)
+        return missing[0]
+
     def _performance(self, clock: _LogClock, data_wait_s: float) -> dict:
         """Throughput since this invocation started, the peak memory so far, and the share of the
         time since the last log step that the loop waited for data (data_wait_s: in all)."""
@@ -373,16 +390,14 @@ class Trainer:
         entry = {"step": self.step, "consumed_samples": self.consumed} | metrics
         self.history.append(entry)
         if self.rank == 0:
-            with open(self.output / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            append_log(self.output / "metrics.jsonl", entry)
 
     def report_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
             self.scalars.write(metrics, self.step)
             if self.rank == 0:
-                with open(self.output / "eval.jsonl", "a") as handle:
-                    handle.write(json.dumps({"step": self.step} | metrics) + "\n")
+                append_log(self.output / "eval.jsonl", {"step": self.step} | metrics)
             self.log(f"eval at step {self.step}: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
 
 
