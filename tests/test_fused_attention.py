@@ -20,7 +20,7 @@ from deberta_ds.kernels.triton_attention import DEFAULT_TILES, Tile, Tiles, fuse
 from tests.kernel_helpers import tile_classes
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-SMALL = Tiles(Tile(32, 16, 4, 1), Tile(32, 16, 4, 1), Tile(32, 16, 4, 1))
+SMALL = Tiles(Tile(32, 16, 4, 1), Tile(32, 16, 4, 1), Tile(32, 16, 4, 1), Tile(32, 16, 4, 1))
 SHAPES = [  # (B, h, L, d, buckets, max_relative)
     (2, 1, 45, 32, 8, 24),      # L not a tile multiple, saturated tiles of both sides
     (1, 2, 70, 64, 16, 32),     # log buckets and saturation, two heads
@@ -52,7 +52,8 @@ def test_band_buffers_have_one_writer_per_cell_and_mixed_tiles_miss_other_cells(
     pad columns (the mixed-block padding), for both band buffers and every backward tile."""
     lay = layout(L, k, max_rel, tiles.pad)
     for origin, pad, tile, key_major in [(lay.e_pad + lay.r_max + 1, lay.e_pad, tiles.dq, False),
-                                         (lay.f_pad + 1 - lay.r_min, lay.f_pad, tiles.dkdv, True)]:
+                                         (lay.f_pad + 1 - lay.r_min, lay.f_pad, tiles.dkdv, True),
+                                         (lay.f_pad + 1 - lay.r_min, lay.f_pad, tiles.dkdv_dropout, True)]:
         rows = torch.arange(L)[:, None]                     # queries for G_c2p, keys for G_p2c
         cols = torch.arange(L)[None, :]
         rel = (cols - rows) if key_major else (rows - cols)
@@ -202,6 +203,27 @@ def test_dropout_matches_reference_with_the_kernels_mask_and_backward_is_determi
         assert relative_error(got, want) <= TOLERANCE[torch.float32]
 
 
+def test_dropout_with_every_tile_class_and_padding_matches_the_kernels_mask():
+    """The keep-mask is a function of (seed, b*h, i, j) alone: drawn at one tile size, it reproduces the
+    kernels at another (SMALL tiles: every class, both backward orientations, padding)."""
+    shape, p = (2, 1, 45, 32, 8, 24), 0.3
+    tensors, mask = inputs(shape, torch.float32, ("c2p", "p2c"), True, seed=8)
+    grad_out = torch.randn(*shape[:3], shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    keep = kernel_dropout_mask(*shape[:3], p, seed=0, width=32)
+
+    def reference_with_mask(q, k, v, pos_key, pos_query, attention_mask, *, position_buckets, max_relative_positions):
+        scores = attention_scores(q, k, pos_key, pos_query, position_buckets=position_buckets,
+                                  max_relative_positions=max_relative_positions, scale=1 / math.sqrt(3 * q.shape[-1]))
+        scores = scores.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        return ((torch.softmax(scores, -1) * keep / (1 - p)) @ v) * attention_mask[:, None, :, None]
+
+    expected = run(reference_with_mask, tensors, mask, shape, torch.float64, grad_out)
+    actual = run(kernel(SMALL), tensors, mask, shape, torch.float32, grad_out, dropout_p=p)
+    assert relative_error(actual[0], expected[0]) <= TOLERANCE[torch.float32]
+    for got, want in zip(actual[1], expected[1]):
+        assert relative_error(got, want) <= TOLERANCE[torch.float32]
+
+
 def test_model_with_fused_attention_equals_reference_end_to_end():
     from deberta_ds.config import RTDConfig, preset
     from deberta_ds.model import ReplacedTokenDetection
@@ -300,7 +322,7 @@ def test_packed_documents_attend_as_if_each_ran_alone(attention):
         assert relative_error(got, want) <= 1e-5
 
 
-def test_documents_padding_and_dropout_free_ids_that_recur_match_float64_reference():
+def test_documents_with_padding_and_recurring_ids_match_float64_reference():
     """Documents with padding and every term, two samples with different packings; in the second
     an id recurs after another document (the loop range then spans both runs)."""
     document_ids = torch.stack([torch.arange(70) // 33, (torch.arange(70) // 9) % 3])

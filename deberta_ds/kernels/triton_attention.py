@@ -387,13 +387,13 @@ class Tile(NamedTuple):
 class Tiles(NamedTuple):
     """The three kernels' launches and the tables' precision (fp32_tables: fp32 tables and band
     buffers for half-precision inputs). Defaults: 128 x 64 at 8 warps (wgmma, 0 spill at half
-    precision, `compile_check`); with dropout the dK/dV kernel steps 32 queries at a time
-    (dkdv_dropout): at 64 its regenerated mask makes it spill. `benchmarks/kernel_tune.py` times
-    the alternatives on a GPU."""
+    precision, `compile_check`); with dropout the dK/dV kernel steps 32 queries at a time, one
+    stage (dkdv_dropout): at 64 queries, or 2 stages with p2c alone, its regenerated mask makes it
+    spill. `benchmarks/kernel_tune.py` times the alternatives on a GPU."""
     forward: Tile = Tile(128, 64, 8, 2)
     dq: Tile = Tile(128, 64, 8, 2)
     dkdv: Tile = Tile(128, 64, 8, 2)
-    dkdv_dropout: Tile = Tile(128, 32, 8, 2)
+    dkdv_dropout: Tile = Tile(128, 32, 8, 1)
     fp32_tables: bool = False
 
     @property
