@@ -14,9 +14,9 @@ five gradients) is recorded with it, so a fast but wrong configuration cannot wi
 The candidates (issue 23): forward 128 x 64 at 2 (default) and 3 stages, 128 x 128, 64 x 64 at 4
 warps; both backward kernels 128 x 64 at 8 warps (default) and 64 x 64 at 4; 3 stages in the
 backward (more stages let the pipeliner prefetch the next tile's loads: static counts cannot price
-latency); tables in the input dtype (default) against fp32. The table blocks are always read by
-tensor descriptors: the prototypes' pointer-load variant spilled 470-900 B and doubled the band
-tiles' instructions, so it is not a candidate.
+latency); tables in the input dtype (default) against fp32; table blocks by tensor descriptors
+(default) against masked pointer loads (which spill 8-528 B and take 1.8-2.1 instructions per
+element in every tile: `compile_check`).
 
     python benchmarks/kernel_tune.py --out OUT/kernel_tune.json [--lengths 512 2048 8192]
     TRITON_INTERPRET=1 python benchmarks/kernel_tune.py --out x.json --cpu-smoke   # harness check only
@@ -60,6 +60,7 @@ CANDIDATES = {
     "backward 64x64 4 warps": DEFAULT_TILES._replace(dq=Tile(64, 64, 4, 2), dkdv=Tile(64, 64, 4, 2)),
     "backward 3 stages": DEFAULT_TILES._replace(dq=Tile(128, 64, 8, 3), dkdv=Tile(128, 64, 8, 3)),
     "fp32 tables": DEFAULT_TILES._replace(fp32_tables=True),
+    "pointer loads": DEFAULT_TILES._replace(tma=False),
 }
 PHASES = {"_forward_kernel": "forward kernel", "_backward_dq_kernel": "dQ kernel",
           "_backward_dkdv_kernel": "dK/dV kernel"}   # every other device kernel: "GEMMs and the rest"
@@ -189,7 +190,7 @@ def print_table(result: dict, lengths) -> None:
         print(f"| {peer} (fwd+bwd) | | " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c)
                                                          for c in cells) + " |")
     timed_rows = [row for row in result["rows"] if "error" not in row]
-    for n in lengths:
+    for n in lengths if timed_rows else []:
         best = min(timed_rows, key=lambda row: row[f"L{n} p0.0"]["fwd_bwd_ms"])  # noqa: B023
         cell = best[f"L{n} p0.0"]
         sdpa = result["peers"][f"L{n}"].get("sdpa")

@@ -144,6 +144,12 @@ def test_fp32_forward_and_gradients_match_float64_reference(shape, terms, paddin
     assert_matches_reference(shape, terms, padding, torch.float32, SMALL)
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]])
+def test_pointer_loads_match_float64_reference(shape):
+    """Tiles.tma off (a kernel_tune candidate): table blocks by masked pointer loads and stores."""
+    assert_matches_reference(shape, ("c2p", "p2c"), True, torch.float32, SMALL._replace(tma=False))
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 650, 64, 256, 512), (1, 1, 65, 32, 8, 64), (1, 1, 160, 32, 32, 128)])
 def test_default_tiles_match_float64_reference(shape):
     assert_matches_reference(shape, ("c2p", "p2c"), True, torch.float32, DEFAULT_TILES)

@@ -54,13 +54,14 @@ def kernels(dropout: bool):
 
 def settings() -> list[tuple[str, int, dict, str]]:
     """(dtype, head dim, features, label): every dtype and head dim with all features on, the plain
-    variant (both terms; no mask, dropout or documents) at half precision for each head dim, and
-    each feature off once (bf16, d = 64)."""
+    variant (both terms; no mask, dropout or documents) at half precision for each head dim, each
+    feature off once (bf16, d = 64), and the plain variant with pointer loads (Tiles.tma off)."""
     everything = dict.fromkeys(FEATURES, True)
     out = [(dtype, d, everything, "all features") for dtype in DTYPES for d in HEAD_DIMS]
     out += [(dtype, d, PLAIN, "plain") for dtype in ("bf16", "fp16") for d in HEAD_DIMS]
     out += [("bf16", 64, everything | {off: False}, f"without {off}") for off in FEATURES]
     out += [("bf16", 64, PLAIN | {"HAS_C2P": False, "HAS_P2C": False}, "plain without terms")]
+    out += [("bf16", 64, PLAIN | {"TMA": False}, "plain, pointer loads")]
     return out
 
 
@@ -91,7 +92,8 @@ def compile_all(arch: int) -> tuple[list[dict], list[str]]:
     reports, failures = [], []
     for dtype, head_dim, features, label in settings():
         for name, kernel, tile, tile_constexprs in kernels(features["DROPOUT"]):
-            constexprs = features | tile_constexprs | launch_constants(torch_dtypes[dtype], head_dim)
+            constexprs = {"TMA": True} | features | tile_constexprs
+            constexprs |= launch_constants(torch_dtypes[dtype], head_dim)
             signature = _signature(kernel, dtype, constexprs)
             # pointers 16-byte aligned, as a real launch specializes them
             attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
@@ -108,7 +110,7 @@ def compile_all(arch: int) -> tuple[list[dict], list[str]]:
             cost = static_cost(compiled, tile, stores=name != "forward" and features["HAS_P2C" if "dK" in name
                                                                                     else "HAS_C2P"])
             reports.append({"kernel": name, "dtype": dtype, "head_dim": head_dim, "variant": label,
-                            "tile": list(tile), **cost})
+                            "tile": list(tile), "tma": constexprs["TMA"], **cost})
             per_element = " ".join(f"{k} {v:.2f}" for k, v in cost["per_element"].items())
             print(f"{title}  registers {cost['registers']:>3d}  spill {cost['spill_bytes']:>4d} B  shared "
                   f"{cost['shared_bytes']} B  wgmma {cost['wgmma']} other {cost['other_products']}  per element: "

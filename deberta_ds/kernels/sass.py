@@ -11,6 +11,7 @@ Tile classes by what a path does with the tables: a saturated tile touches no ta
 load, no TMA store), a band or mixed tile loads blocks (and in the backward also stores dS): the
 shortest such path is the band tile, the longest the mixed one. Paths that load without storing or
 store without loading are infeasible combinations of the backward's two class tests and are left out.
+A kernel without TMA (pointer loads, or no position terms) gets one figure: its longest path.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def loop_paths(ins: list[tuple[int, str]]) -> list[list[str]]:
 
 
 def per_class(sass: str, elements_per_warp: int, stores: bool) -> dict:
-    """Warp-instructions per score element of the main loop's saturated, band and mixed paths (the
-    longest path of each class; `stores`: the backward's band tiles also block-store dS)."""
+    """Warp-instructions per score element of the main loop's tile classes: saturated, the longest path
+    without table blocks; band and mixed, the shortest and longest with them (`stores`: the backward's
+    band tiles also block-store dS)."""
     classes: dict[str, list[int]] = {"saturated": [], "table": []}
     for path in loop_paths(instructions(sass)):
         loads = any("UTMALDG" in text for text in path)
@@ -98,8 +100,7 @@ def per_class(sass: str, elements_per_warp: int, stores: bool) -> dict:
             classes["saturated"].append(len(path))
         elif loads and (stored or not stores):
             classes["table"].append(len(path))
-    result = {"saturated": max(classes["saturated"], default=0) / elements_per_warp}
-    if classes["table"]:
-        result["band"] = min(classes["table"]) / elements_per_warp
-        result["mixed"] = max(classes["table"]) / elements_per_warp
-    return result
+    if not classes["table"]:   # no TMA at all (pointer loads, or no tables): one figure, the longest path
+        return {"longest path": max(classes["saturated"], default=0) / elements_per_warp}
+    return {"saturated": max(classes["saturated"], default=0) / elements_per_warp,
+            "band": min(classes["table"]) / elements_per_warp, "mixed": max(classes["table"]) / elements_per_warp}

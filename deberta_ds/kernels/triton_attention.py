@@ -36,10 +36,43 @@ _LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
+def _skewed_view(origin, seq_len, CS, ROWS: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """The [L, L] view of row stride CS - 1 at `origin`: a tensor descriptor of ROWS x COLS boxes, or
+    for pointer loads (TMA off) the origin itself."""
+    view = origin
+    if TMA:
+        view = tl.make_tensor_descriptor(origin, [seq_len, seq_len], [CS - 1, 1], [ROWS, COLS])
+    return view
+
+
+@triton.jit
+def _view_load(view, r0, c0, seq_len, CS, ROWS: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """The view's [ROWS, COLS] block at (r0, c0), 0 outside [L, L]."""
+    if TMA:
+        block = view.load([r0, c0])
+    else:
+        rows, cols = r0 + tl.arange(0, ROWS), c0 + tl.arange(0, COLS)
+        block = tl.load(view + rows[:, None] * (CS - 1) + cols[None, :],
+                        mask=(rows < seq_len)[:, None] & (cols < seq_len)[None, :], other=0.0)
+    return block
+
+
+@triton.jit
+def _view_store(view, r0, c0, value, seq_len, CS, ROWS: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """Stores value [ROWS, COLS] at (r0, c0), dropping what falls outside [L, L]."""
+    if TMA:
+        view.store([r0, c0], value)
+    else:
+        rows, cols = r0 + tl.arange(0, ROWS), c0 + tl.arange(0, COLS)
+        tl.store(view + rows[:, None] * (CS - 1) + cols[None, :], value,
+                 mask=(rows < seq_len)[:, None] & (cols < seq_len)[None, :])
+
+
+@triton.jit
 def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loop_ok, loop_hi_col, loop_lo_col,
-              loop_other, CS, e_view, f_view, r_min, r_max, HAS_PROG: tl.constexpr, HAS_LOOP: tl.constexpr,
-              HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, KEY_MAJOR: tl.constexpr, BM: tl.constexpr,
-              BN: tl.constexpr):
+              loop_other, seq_len, CS, e_view, f_view, r_min, r_max, HAS_PROG: tl.constexpr,
+              HAS_LOOP: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, KEY_MAJOR: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
     """c2p + p2c of the tile with queries m0 + [0, BM) and keys n0 + [0, BN), fp32 in base-2 units, rows
     = the program's side (queries; keys when KEY_MAJOR). prog_*: the program side's saturated values
     [rows] (E of the queries, or F of the keys); the loop side's are read here per tile (loop_ptr rows of
@@ -58,12 +91,12 @@ def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loo
             pos = tl.broadcast_to(pos[None, :], [prog_hi.shape[0], offs_loop.shape[0]])
     else:                                                  # band or mixed: block loads of the views
         if HAS_C2P:
-            c2p = e_view.load([m0, n0])                    # [BM, BN]
+            c2p = _view_load(e_view, m0, n0, seq_len, CS, BM, BN, TMA)      # [BM, BN]
             if KEY_MAJOR:
                 c2p = tl.trans(c2p)
             pos = c2p.to(tl.float32)
         if HAS_P2C:
-            p2c = f_view.load([n0, m0])                    # [BN, BM]
+            p2c = _view_load(f_view, n0, m0, seq_len, CS, BN, BM, TMA)      # [BN, BM]
             if not KEY_MAJOR:
                 p2c = tl.trans(p2c)
             if HAS_C2P:
@@ -132,12 +165,12 @@ def _same_document(s, doc_ptr, b, ids, l0, offs_loop, loop_ok, seq_len, run_star
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
 def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, TS, E_PAD, F_PAD, r_min, r_max,
                     scale, threshold, seed,
                     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
                     DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, TMA: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
     m0 = pid_m * BM
@@ -155,9 +188,9 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
     if HAS_C2P:
         e_hi = tl.load(Eb + offs_m * CS + E_PAD, mask=row_ok, other=0.0).to(tl.float32)           # r > r_max
         e_lo = tl.load(Eb + offs_m * CS + E_PAD + C - 1, mask=row_ok, other=0.0).to(tl.float32)   # r < r_min
-        e_view = tl.make_tensor_descriptor(Eb + E_PAD + r_max + 1, [seq_len, seq_len], [CS - 1, 1], [BM, BN])
+        e_view = _skewed_view(Eb + E_PAD + r_max + 1, seq_len, CS, BM, BN, TMA)
     if HAS_P2C:
-        f_view = tl.make_tensor_descriptor(Fb + F_PAD + 1 - r_min, [seq_len, seq_len], [CS - 1, 1], [BN, BM])
+        f_view = _skewed_view(Fb + F_PAD + 1 - r_min, seq_len, CS, BN, BM, TMA)
     start, end = 0, seq_len
     if DOCS:
         ids, start, end, run_start, run_end, block_in_run = _document_span(DOC, b, m0, offs_m, row_ok, seq_len, BN)
@@ -172,8 +205,8 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
         v = tl.load(V + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         if HAS_C2P or HAS_P2C:
-            s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0, CS,
-                           e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False, BM, BN)
+            s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0, seq_len,
+                           CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False, BM, BN, TMA)
         keep = col_ok
         if HAS_MASK:
             keep = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
@@ -200,12 +233,12 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
 def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, seq_len, heads, CS, C, TS, E_PAD,
                         F_PAD, r_min, r_max, scale, threshold, seed,
                         HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                         HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+                        BN: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Query-major: dq's content part (scaled, fp32) of BM queries; with c2p, dS of their band cells
     into G_c2p and their saturated sums into SATC [b*h, L, 2] (r > r_max, r < r_min)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -228,10 +261,10 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
     if HAS_C2P:
         e_hi = tl.load(Eb + offs_m * CS + E_PAD, mask=row_ok, other=0.0).to(tl.float32)
         e_lo = tl.load(Eb + offs_m * CS + E_PAD + C - 1, mask=row_ok, other=0.0).to(tl.float32)
-        e_view = tl.make_tensor_descriptor(Eb + E_PAD + r_max + 1, [seq_len, seq_len], [CS - 1, 1], [BM, BN])
-        g_view = tl.make_tensor_descriptor(Gb + E_PAD + r_max + 1, [seq_len, seq_len], [CS - 1, 1], [BM, BN])
+        e_view = _skewed_view(Eb + E_PAD + r_max + 1, seq_len, CS, BM, BN, TMA)
+        g_view = _skewed_view(Gb + E_PAD + r_max + 1, seq_len, CS, BM, BN, TMA)
     if HAS_P2C:
-        f_view = tl.make_tensor_descriptor(Fb + F_PAD + 1 - r_min, [seq_len, seq_len], [CS - 1, 1], [BN, BM])
+        f_view = _skewed_view(Fb + F_PAD + 1 - r_min, seq_len, CS, BN, BM, TMA)
     start, end = 0, seq_len
     if DOCS:
         ids, start, end, run_start, run_end, block_in_run = _document_span(DOC, b, m0, offs_m, row_ok, seq_len, BN)
@@ -247,8 +280,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         if HAS_C2P or HAS_P2C:  # keys past L read -inf saturated values: p = 0 there without a test
             s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD,
-                           float("-inf"), CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C,
-                           False, BM, BN)
+                           float("-inf"), seq_len, CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P,
+                           HAS_P2C, False, BM, BN, TMA)
         if HAS_MASK:
             key_ok = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
             s = tl.where(key_ok[None, :], s, _NEG)
@@ -269,7 +302,7 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             elif highest < r_min:
                 sat_lo += tl.sum(ds, axis=1)
             else:
-                g_view.store([m0, n0], ds.to(GC.dtype.element_ty))
+                _view_store(g_view, m0, n0, ds.to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
                 if (lowest < r_min) | (highest > r_max):
                     rel = offs_m[:, None] - offs_n[None, :]
                     sat_hi += tl.sum(tl.where(rel > r_max, ds, 0.0), axis=1)
@@ -282,12 +315,12 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
         tl.store(sat + 1, sat_lo, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
 def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, SATP, seq_len, heads, CS, C, TS,
                           E_PAD, F_PAD, r_min, r_max, scale, threshold, seed,
                           HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                           HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BN: tl.constexpr,
-                          BM: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+                          BM: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Key-major: BN keys per program, tiles [keys, queries]: dk's content part (scaled, fp32) and dv;
     with p2c, dS^T of their band cells into G_p2c and their saturated sums into SATP [b*h, L, 2]
     (r < r_min, r > r_max)."""
@@ -309,10 +342,10 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
     if HAS_P2C:
         f_lo = tl.load(Fb + offs_n * CS + F_PAD, mask=key_ok, other=0.0).to(tl.float32)           # r < r_min
         f_hi = tl.load(Fb + offs_n * CS + F_PAD + C - 1, mask=key_ok, other=0.0).to(tl.float32)   # r > r_max
-        f_view = tl.make_tensor_descriptor(Fb + F_PAD + 1 - r_min, [seq_len, seq_len], [CS - 1, 1], [BN, BM])
-        g_view = tl.make_tensor_descriptor(Gb + F_PAD + 1 - r_min, [seq_len, seq_len], [CS - 1, 1], [BN, BM])
+        f_view = _skewed_view(Fb + F_PAD + 1 - r_min, seq_len, CS, BN, BM, TMA)
+        g_view = _skewed_view(Gb + F_PAD + 1 - r_min, seq_len, CS, BN, BM, TMA)
     if HAS_C2P:
-        e_view = tl.make_tensor_descriptor(Eb + E_PAD + r_max + 1, [seq_len, seq_len], [CS - 1, 1], [BM, BN])
+        e_view = _skewed_view(Eb + E_PAD + r_max + 1, seq_len, CS, BM, BN, TMA)
     if HAS_MASK:
         key_ok = key_ok & (tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=key_ok, other=0) != 0)
     start, end = 0, seq_len
@@ -333,8 +366,8 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
         delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale                 # [BN keys, BM queries]
         if HAS_C2P or HAS_P2C:
-            st += _position(m0, n0, offs_m, offs_n, f_hi, f_lo, Eb, offs_m, q_ok, E_PAD, E_PAD + C - 1, 0.0, CS,
-                            e_view, f_view, r_min, r_max, HAS_P2C, HAS_C2P, HAS_C2P, HAS_P2C, True, BM, BN)
+            st += _position(m0, n0, offs_m, offs_n, f_hi, f_lo, Eb, offs_m, q_ok, E_PAD, E_PAD + C - 1, 0.0, seq_len,
+                            CS, e_view, f_view, r_min, r_max, HAS_P2C, HAS_C2P, HAS_C2P, HAS_P2C, True, BM, BN, TMA)
         if HAS_MASK:
             st = tl.where(key_ok[:, None], st, _NEG)
         if DOCS:
@@ -359,7 +392,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
             elif highest < r_min:
                 sat_lo += tl.sum(dst, axis=1)
             else:
-                g_view.store([n0, m0], dst.to(GP.dtype.element_ty))
+                _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
                 if (lowest < r_min) | (highest > r_max):
                     rel = offs_m[None, :] - offs_n[:, None]
                     sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
@@ -385,16 +418,18 @@ class Tile(NamedTuple):
 
 
 class Tiles(NamedTuple):
-    """The three kernels' launches and the tables' precision (fp32_tables: fp32 tables and band
-    buffers for half-precision inputs). Defaults: 128 x 64 at 8 warps (wgmma, 0 spill at half
-    precision, `compile_check`); with dropout the dK/dV kernel steps 32 queries at a time, one
-    stage (dkdv_dropout): at 64 queries, or 2 stages with p2c alone, its regenerated mask makes it
-    spill. `benchmarks/kernel_tune.py` times the alternatives on a GPU."""
+    """The three kernels' launches, the tables' precision (fp32_tables: fp32 tables and band
+    buffers for half-precision inputs) and how table blocks are read and written (tma). Defaults:
+    128 x 64 at 8 warps (wgmma, 0 spill at half precision, `compile_check`); with dropout the dK/dV
+    kernel steps 32 queries at a time, one stage (dkdv_dropout): at 64 queries, or 2 stages with
+    p2c alone, its regenerated mask makes it spill. `benchmarks/kernel_tune.py` times the
+    alternatives on a GPU."""
     forward: Tile = Tile(128, 64, 8, 2)
     dq: Tile = Tile(128, 64, 8, 2)
     dkdv: Tile = Tile(128, 64, 8, 2)
     dkdv_dropout: Tile = Tile(128, 32, 8, 1)
     fp32_tables: bool = False
+    tma: bool = True    # table blocks by tensor descriptors (TMA on sm_90); False: masked pointer loads
 
     @property
     def pad(self) -> int:
@@ -424,7 +459,7 @@ def _settings_args(q, pos_key, pos_query, settings, seed, tiles):
     scalars = (seq_len, q.shape[1], lay.row_stride, lay.columns, lay.head_stride, lay.e_pad, lay.f_pad, lay.r_min,
                lay.r_max, settings.scale * LOG2E, threshold, seed)
     features = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, DROPOUT=threshold > 0,
-                    **launch_constants(q.dtype, q.shape[-1]))
+                    TMA=tiles.tma, **launch_constants(q.dtype, q.shape[-1]))
     if q.is_cuda:  # device-side tensor descriptors need a scratch allocator (per thread: autograd's too)
         triton.set_allocator(_allocate)
     return lay, scalars, features
