@@ -50,7 +50,7 @@ class Layout(NamedTuple):
     e_pad: int          # E's column 0 sits at row offset e_pad; e_pad + r_max + 1 is a multiple of 8
     f_pad: int          # F's column 0 at f_pad; f_pad + 1 - r_min a multiple of 8
     rows: int           # L rounded up to 8: per-head buffers stay 16-byte aligned
-    slot_of_column: torch.Tensor   # p2c column t -> slot (c2p columns are the same, reversed), int64 [C]
+    slot_of_column: tuple[int, ...]   # p2c column t -> slot (c2p columns: the same, reversed); hashable
 
     @property
     def head_stride(self) -> int:
@@ -78,7 +78,7 @@ def layout(seq_len: int, position_buckets: int, max_relative_positions: int, til
     row_stride = columns + 1 + (-columns) % 8 + 8 + extra
     distance = (torch.arange(columns) + r_min - 1).clamp(-(seq_len - 1), seq_len - 1)
     return Layout(seq_len, r_min, r_max, columns, row_stride, (-(r_max + 1)) % 8, (-(1 - r_min)) % 8,
-                  seq_len + (-seq_len) % 8, slots[distance + seq_len - 1])
+                  seq_len + (-seq_len) % 8, tuple(slots[distance + seq_len - 1].tolist()))
 
 
 @functools.lru_cache(maxsize=64)
@@ -89,7 +89,8 @@ def _folds(lay: Layout, table_rows: int, device: torch.device) -> tuple[torch.Te
         out = torch.zeros(lay.row_stride, table_rows)
         out[pad + torch.arange(lay.columns), slot_of_column] = 1.0
         return out.to(device)
-    return fold(lay.e_pad, lay.slot_of_column.flip(0)), fold(lay.f_pad, lay.slot_of_column)
+    slots = torch.tensor(lay.slot_of_column)
+    return fold(lay.e_pad, slots.flip(0)), fold(lay.f_pad, slots)
 
 
 def gathered(table: torch.Tensor, fold: torch.Tensor, factor: float) -> torch.Tensor:
@@ -142,10 +143,13 @@ def document_ranges(document_ids: torch.Tensor) -> torch.Tensor:
     ids = document_ids.long()
     batch, seq_len = ids.shape
     positions = torch.arange(seq_len, device=ids.device).expand(batch, seq_len)
-    _, inverse = torch.unique(ids, return_inverse=True)                            # ids -> 0..n-1
-    groups = int(inverse.max()) + 1 if inverse.numel() else 1
-    first = torch.full((batch, groups), seq_len, device=ids.device).scatter_reduce(1, inverse, positions, "amin")
-    last = torch.full((batch, groups), -1, device=ids.device).scatter_reduce(1, inverse, positions, "amax")
+    # ids -> 0 .. L-1 per row by a stable sort (no host synchronisation, unlike torch.unique)
+    sorted_ids, order = ids.sort(dim=1, stable=True)
+    new_id = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new_id[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    inverse = torch.empty_like(order).scatter_(1, order, new_id.long().cumsum(1) - 1)
+    first = torch.full_like(ids, seq_len).scatter_reduce(1, inverse, positions, "amin")
+    last = torch.full_like(ids, -1).scatter_reduce(1, inverse, positions, "amax")
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
     run_start = torch.where(starts, positions, 0).cummax(1).values
