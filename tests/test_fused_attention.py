@@ -27,6 +27,8 @@ SHAPES = [  # (B, h, L, d, buckets, max_relative)
     (1, 1, 33, 128, 8, 16),     # head dim 128
     (1, 1, 65, 32, 8, 64),      # a tile whose distances span exactly the last two slots
     (1, 1, 160, 32, 32, 128),   # the same at 32 buckets
+    (2, 1, 24, 32, 8, 28),      # SMALL tile corners one past each band edge (band vs mixed tests)
+    (2, 1, 65, 32, 8, 96),      # SMALL tile corners on each band edge (saturated vs mixed tests)
 ]
 CLASSES = {"saturated high", "saturated low", "band", "mixed"}
 
@@ -37,6 +39,27 @@ def test_small_tiles_give_every_kernel_every_tile_class():
         for _, _, L, _, k, max_rel in SHAPES:
             kinds |= set(tile_classes(L, k, max_rel, tile.rows, tile.cols, key_major))
         assert kinds == CLASSES
+
+
+def test_small_tiles_put_a_corner_on_and_one_past_each_band_edge():
+    """An off-by-one in a kernel's scalar class tests shows only where a tile's extreme distance sits
+    on a band edge (saturated vs mixed: such a mutation fails the parity tests) or one past it (band
+    vs mixed: there the skewed view reads the saturated column itself, so that off-by-one is
+    harmless, as a mutation check confirmed): SHAPES have all four, in both orientations
+    (query-major: 32 queries x 16 keys; key-major: 32 keys x 16 queries)."""
+    found = set()
+    for _, _, L, _, k, max_rel in SHAPES:
+        lay = layout(L, k, max_rel, SMALL.pad)
+        for key_major in (False, True):
+            queries, keys = (16, 32) if key_major else (32, 16)
+            for m0 in range(0, L, queries):
+                for n0 in range(0, L, keys):
+                    lowest, highest = m0 - n0 - (keys - 1), m0 + queries - 1 - n0
+                    edges = [("lowest = r_max", lowest == lay.r_max), ("highest = r_min", highest == lay.r_min),
+                             ("lowest = r_min - 1", lowest == lay.r_min - 1),
+                             ("highest = r_max + 1", highest == lay.r_max + 1)]
+                    found |= {(edge, key_major) for edge, hit in edges if hit}
+    assert len(found) == 8, found
 
 
 def test_default_tiles_give_every_class_at_700_with_256_buckets():
