@@ -11,8 +11,9 @@ encoder by ``attention_settings``; the pure-PyTorch reference defines the semant
   the reference keeps [B, h, L, L] scores, about ``REFERENCE_BYTES_PER_SCORE`` bytes per score
   element and layer in a forward+backward; it fits when one sample at the encoder's longest
   length (``max_position_embeddings``), over all its layers, needs at most the memory budget
-  (by default a quarter of the GPU's memory). The fused kernel's memory is O(L) per row
-  (383 MB at L = 8,192 in the measurement below) and always fits.
+  (by default a quarter of the GPU's memory). The fused kernel's workspace is O(L x C) per head
+  (C = 1,019 band columns at 256 buckets: 1.9 GB in the backward at L = 16,384, B x h = 12, bf16)
+  and is taken to fit.
 
 The measurement (H200, bf16, h = 12, d = 64, 256 buckets, 16,384 tokens per call,
 forward+backward; benchmarks/RESULTS.md, first GPU run) was of the fused kernel before the
