@@ -199,7 +199,7 @@ def main() -> None:
         fused = rows.get("fused")
         # The fused kernel's tensor-core work over SDPA's (benchmarks/kernel_work.py): its time ratio to
         # SDPA divided by this is how much slower it runs each product than SDPA does.
-        work = {"fused": f"{work_ratios(seq_len, BUCKETS, MAX_REL, HEAD_DIM)['total']:.2f}x", "sdpa": "1x"}
+        work = {"fused": f"{work_ratios(seq_len, BUCKETS, MAX_REL)['total']:.2f}x", "sdpa": "1x"}
         for impl, row in rows.items():
             if isinstance(row, str):
                 print(f"| {seq_len} | {batch} | {impl} | {row} | - | - | - | - | {work.get(impl, '-')} |")

@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from deberta_ds.kernels import disentangled_attention, select_attention
+from deberta_ds.kernels import (
+    attention_settings,
+    choose_implementation,
+    disentangled_attention,
+    implementation,
+    reference_bytes,
+)
 from deberta_ds.kernels.reference import disentangled_attention_reference
+from deberta_ds.kernels.settings import AttentionSettings
 from deberta_ds.relative_position import log_bucket, relative_slots
 
 
@@ -95,12 +102,46 @@ def test_reference_dropout_is_reproducible_from_seed():
     assert not torch.equal(run(5), run(6))
 
 
-def test_dispatch_point():
-    assert select_attention("reference", torch.device("cpu")) is disentangled_attention_reference
-    assert select_attention("auto", torch.device("cpu")) is disentangled_attention_reference
+def test_dispatch_point_uses_the_settings_built_once():
+    settings = AttentionSettings(4, 8, None, 0.5, "reference")
+    q = torch.randn(1, 1, 6, 8)
+    out = disentangled_attention(q, q, q, None, None, None, settings)             # eval: no dropout
+    assert torch.equal(out, disentangled_attention_reference(q, q, q, None, None, None, position_buckets=4,
+                                                             max_relative_positions=8))
+    assert not torch.equal(disentangled_attention(q, q, q, None, None, None, settings, training=True), out)
+    assert implementation("reference") is disentangled_attention_reference
+    with pytest.raises(ValueError, match="impl"):
+        AttentionSettings(4, 8, impl="flash")
+
+
+def test_auto_picks_the_measured_faster_implementation_that_fits():
+    """The rule of kernels/__init__: without CUDA the reference; on CUDA the implementation measured
+    faster at the nearest length (the reference, in the only measurement so far) while one sample's
+    reference scores over all layers fit the budget, else the kernel (falling back per variant)."""
+    base = dict(heads=12, layers=12)
+    assert choose_implementation("auto", cuda=False, seq_len=8192, memory_budget=0, **base) == "reference"
+    need = reference_bytes(512, 12, 12)
+    assert need == 16 * 12 * 512 ** 2 * 12
+    assert choose_implementation("auto", cuda=True, seq_len=512, memory_budget=need, **base) == "reference"
+    assert choose_implementation("auto", cuda=True, seq_len=512, memory_budget=need - 1,
+                                 **base) == "fused_or_reference"
+    assert choose_implementation("auto", cuda=True, seq_len=8192, memory_budget=35 * 2 ** 30,
+                                 **base) == "fused_or_reference"
+    for explicit in ("reference", "fused"):
+        assert choose_implementation(explicit, cuda=True, seq_len=512, memory_budget=0, **base) == explicit
     with pytest.raises(ValueError, match="attention_impl"):
-        select_attention("flash", torch.device("cpu"))
-    q = torch.randn(1, 1, 4, 8)
-    out = disentangled_attention(q, q, q, None, None, None, position_buckets=4, max_relative_positions=8,
-                                 impl="reference")
-    assert out.shape == q.shape
+        choose_implementation("flash", cuda=False, seq_len=512, memory_budget=None, **base)
+
+
+def test_encoder_builds_one_settings_object_for_all_its_layers():
+    from deberta_ds.config import preset
+    from deberta_ds.model.encoder import Encoder
+
+    config = preset("tiny", attention_impl="auto", attention_dropout=0.25)
+    encoder = Encoder(config)
+    settings = {id(layer.attention.settings) for layer in encoder.layers}
+    assert len(settings) == 1
+    built = encoder.layers[0].attention.settings
+    # the reference: no CUDA here, and on a GPU one tiny sample's scores (67 MB) fit
+    assert built == AttentionSettings(32, 128, config.attention_scale, 0.25, "reference")
+    assert attention_settings(config, config.num_heads, cuda=True, memory_budget=0).impl == "fused_or_reference"

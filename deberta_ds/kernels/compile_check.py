@@ -1,110 +1,139 @@
 """Compile the fused attention kernels for a GPU architecture ahead of time, with no GPU present.
 
 Triton's interpreter (how the CPU tests run the kernels) executes the kernel as Python, so it
-accepts code that the GPU compiler rejects (a non-constexpr global, for one) and says nothing
-about registers. This runs every kernel variant the host code launches through Triton's real
-compiler down to a cubin (with the ptxas in Triton's wheel) and reports registers, spill stack
-and shared memory per variant. Exit status 1 names the variants that do not compile.
+accepts code that the GPU compiler rejects and says nothing about registers or instruction counts.
+This runs every kernel variant the host code launches through Triton's real compiler down to a
+cubin (with the ptxas in Triton's wheel) and reports per variant: registers, spill stack, shared
+memory, how many of its products are wgmma (`warp_group_dot` in the TTGIR) and how many are not,
+and the static warp-instructions per score element of its main loop per tile class (`sass.py`).
+Exit status 1 names the variants that do not compile.
 
-    python -m deberta_ds.kernels.compile_check --arch 90      # H100 / H200
+    python -m deberta_ds.kernels.compile_check --arch 90 [--json OUT.json]     # H100 / H200
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import subprocess
+import re
 import sys
-import tempfile
-from pathlib import Path
 
 DTYPES = ("fp32", "fp16", "bf16")   # Triton's names for the tensor arguments
 HEAD_DIMS = (32, 64, 128)
 FEATURES = ("HAS_C2P", "HAS_P2C", "HAS_MASK", "DROPOUT", "DOCS")
-INT32_POINTERS = {"slot_ptr", "slot_start_ptr", "mask_ptr", "doc_ptr"}
-FP32_POINTERS = {"lse_ptr", "delta_ptr", "dkr_part_ptr", "dqr_part_ptr"}
+INT32_POINTERS = {"MASK", "DOC"}
+FP32_POINTERS = {"LSE", "DELTA", "DQ", "DK", "SATC", "SATP"}
+POINTERS = {"Q", "K", "V", "DO", "E", "F", "OUT", "DV", "GC", "GP"} | INT32_POINTERS | FP32_POINTERS
+PLAIN = {"HAS_C2P": True, "HAS_P2C": True, "HAS_MASK": False, "DROPOUT": False, "DOCS": False}
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Triton argument types as the host code passes them (tensors, int32 scalars, fp32 scalars)."""
+    """Triton argument types as the host code passes them (tensors, int32 scalars, fp32 scale)."""
     types = {}
     for name in kernel.arg_names:
         if name in constexprs:
             types[name] = "constexpr"
-        elif name.endswith("_ptr"):
+        elif name in POINTERS:
             types[name] = "*i32" if name in INT32_POINTERS else "*fp32" if name in FP32_POINTERS else "*" + dtype
         else:
-            types[name] = "fp32" if name in ("scale", "dropout_p") else "i32"
+            types[name] = "fp32" if name == "scale" else "i32"
     return types
 
 
-def variants():
-    """(label, kernel, dtype, constexprs): every dtype and head dim with all features on, and each
-    feature off once (bf16, d = 64)."""
-    import torch
-
+def kernels(dropout: bool):
+    """(name, kernel, tile, tile constexprs) of the three kernels at their default tiles."""
     from deberta_ds.kernels import triton_attention as ta
 
-    kernels = [("forward", ta._forward_kernel, {}), ("backward dK dV", ta._backward_kernel, {"KEY_SIDE": True}),
-               ("backward dQ", ta._backward_kernel, {"KEY_SIDE": False})]
-    settings = [(dtype, d, dict.fromkeys(FEATURES, True)) for dtype in DTYPES for d in HEAD_DIMS]
-    settings += [("bf16", 64, dict.fromkeys(FEATURES, True) | {off: False}) for off in FEATURES]
-    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for dtype, head_dim, features in settings:
-        off = [name for name, on in features.items() if not on]
-        for name, kernel, side in kernels:
-            constexprs = features | side | ta.launch_constants(torch_dtypes[dtype], head_dim)
-            label = f"{name:15s} {dtype} d={head_dim:<3d}" + (f" without {off[0]}" if off else "")
-            yield label, kernel, dtype, constexprs
+    tiles = ta.DEFAULT_TILES
+    dkdv = tiles.dkdv_dropout if dropout else tiles.dkdv
+    return [("forward", ta._forward_kernel, tiles.forward, {"BM": tiles.forward.rows, "BN": tiles.forward.cols}),
+            ("backward dQ", ta._backward_dq_kernel, tiles.dq, {"BM": tiles.dq.rows, "BN": tiles.dq.cols}),
+            ("backward dK dV", ta._backward_dkdv_kernel, dkdv, {"BN": dkdv.rows, "BM": dkdv.cols})]
 
 
-def resource_usage(cubin: bytes) -> str:
-    """Registers, spill stack and shared memory from cuobjdump (bundled with Triton's NVIDIA backend)."""
-    import triton
+def settings() -> list[tuple[str, int, dict, str]]:
+    """(dtype, head dim, features, label): every dtype and head dim with all features on, the plain
+    variant (both terms; no mask, dropout or documents) at half precision for each head dim, each
+    feature off once (bf16, d = 64), and the plain variant with pointer loads (Tiles.tma off)."""
+    everything = dict.fromkeys(FEATURES, True)
+    out = [(dtype, d, everything, "all features") for dtype in DTYPES for d in HEAD_DIMS]
+    out += [(dtype, d, PLAIN, "plain") for dtype in ("bf16", "fp16") for d in HEAD_DIMS]
+    out += [("bf16", 64, everything | {off: False}, f"without {off}") for off in FEATURES]
+    out += [("bf16", 64, PLAIN | {"HAS_C2P": False, "HAS_P2C": False}, "plain without terms")]
+    out += [("bf16", 64, PLAIN | {"TMA": False}, "plain, pointer loads")]
+    return out
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        dump = subprocess.run([str(cuobjdump), "--dump-resource-usage", file.name], capture_output=True,
-                              text=True, check=True).stdout
-    fields = dict(part.split(":", 1) for line in dump.splitlines() if "REG:" in line for part in line.split())
-    return f"registers {fields['REG']:>3s}  spill stack {fields['STACK']:>4s} B"
+
+def static_cost(compiled, tile, stores: bool) -> dict:
+    """Registers, spill, shared memory, products and per-class main-loop cost of one compiled kernel."""
+    from deberta_ds.kernels.sass import cuobjdump, per_class
+
+    usage = cuobjdump(compiled.asm["cubin"], "--dump-resource-usage")
+    fields = dict(part.split(":", 1) for line in usage.splitlines() if "REG:" in line for part in line.split())
+    ttgir = compiled.asm["ttgir"]
+    elements = tile.rows * tile.cols // tile.num_warps
+    return {"registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"]), "shared_bytes":
+            compiled.metadata.shared, "wgmma": len(re.findall(r"warp_group_dot ", ttgir)),
+            "other_products": len(re.findall(r"\btt\.dot ", ttgir)),
+            "per_element": per_class(cuobjdump(compiled.asm["cubin"], "-sass"), elements, stores)}
 
 
-def compile_all(arch: int) -> list[str]:
-    """Compile every variant for sm_{arch}; returns the failures (one line each)."""
+def compile_all(arch: int) -> tuple[list[dict], list[str]]:
+    """Compile every variant for sm_{arch}: (reports, failures)."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from deberta_ds.kernels.triton_attention import DEFAULT_TILES
+    from deberta_ds.kernels.triton_attention import launch_constants
 
-    failures = []
-    for label, kernel, dtype, constexprs in variants():
-        source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs)
-        try:
-            options = {"num_warps": DEFAULT_TILES.num_warps, "num_stages": DEFAULT_TILES.num_stages}
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-        except Exception as error:  # noqa: BLE001 - any compiler failure is reported, with its variant
-            failures.append(f"{label}: {type(error).__name__}: {str(error).strip().splitlines()[-1]}")
-            print(f"{label}  FAILED", flush=True)
-            continue
-        print(f"{label}  {resource_usage(compiled.asm['cubin'])}  shared {compiled.metadata.shared} B", flush=True)
-    return failures
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    reports, failures = [], []
+    for dtype, head_dim, features, label in settings():
+        for name, kernel, tile, tile_constexprs in kernels(features["DROPOUT"]):
+            constexprs = {"TMA": True} | features | tile_constexprs
+            constexprs |= launch_constants(torch_dtypes[dtype], head_dim)
+            signature = _signature(kernel, dtype, constexprs)
+            # pointers 16-byte aligned, as a real launch specializes them
+            attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
+                     if signature[arg].startswith("*")}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            title = f"{name:15s} {dtype} d={head_dim:<3d} {label}"
+            try:
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                          options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})
+            except Exception as error:  # noqa: BLE001 - any compiler failure is reported, with its variant
+                failures.append(f"{title}: {type(error).__name__}: {str(error).strip().splitlines()[-1]}")
+                print(f"{title}  FAILED", flush=True)
+                continue
+            cost = static_cost(compiled, tile, stores=name != "forward" and features["HAS_P2C" if "dK" in name
+                                                                                    else "HAS_C2P"])
+            reports.append({"kernel": name, "dtype": dtype, "head_dim": head_dim, "variant": label,
+                            "tile": list(tile), "tma": constexprs["TMA"], **cost})
+            per_element = " ".join(f"{k} {v:.2f}" for k, v in cost["per_element"].items())
+            print(f"{title}  registers {cost['registers']:>3d}  spill {cost['spill_bytes']:>4d} B  shared "
+                  f"{cost['shared_bytes']} B  wgmma {cost['wgmma']} other {cost['other_products']}  per element: "
+                  f"{per_element}", flush=True)
+    return reports, failures
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deberta_ds.kernels.compile_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (80, 90, ...)")
+    parser.add_argument("--json", help="also write the reports to this file (a list of objects)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("error: TRITON_INTERPRET=1 is set; the interpreter replaces the compiler. Unset it and rerun.",
               file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
-    failures = compile_all(args.arch)
+    reports, failures = compile_all(args.arch)
+    if args.json:
+        from deberta_ds.atomic_files import write_atomic
+
+        write_atomic(args.json, json.dumps(reports, indent=1))
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     return 1 if failures else 0

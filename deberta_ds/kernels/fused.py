@@ -1,6 +1,8 @@
 """The fused kernel as a PyTorch op: custom ops (torch.compile sees through them) with autograd.
 
-`disentangled_attention_fused` has the reference's signature and semantics.
+`disentangled_attention_fused` has the reference's signature and semantics. The custom ops take
+the settings as plain numbers (their schema allows no objects) and rebuild the frozen
+`AttentionSettings` the host code passes down.
 """
 
 from __future__ import annotations
@@ -8,7 +10,12 @@ from __future__ import annotations
 import torch
 
 from deberta_ds.kernels.reference import default_scale
+from deberta_ds.kernels.settings import AttentionSettings
 from deberta_ds.kernels.triton_attention import fused_backward, fused_forward
+
+
+def _settings(position_buckets, max_relative_positions, scale, dropout_p) -> AttentionSettings:
+    return AttentionSettings(position_buckets, max_relative_positions, scale, dropout_p, "fused")
 
 
 @torch.library.custom_op("deberta_ds::disentangled_attention_fwd", mutates_args=())
@@ -16,8 +23,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: torc
                 pos_query: torch.Tensor | None, attention_mask: torch.Tensor | None,
                 document_ids: torch.Tensor | None, position_buckets: int, max_relative_positions: int, scale: float,
                 dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets, max_relative_positions,
-                         scale, dropout_p, seed, document_ids)
+    return fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids,
+                         _settings(position_buckets, max_relative_positions, scale, dropout_p), seed)
 
 
 @_forward_op.register_fake
@@ -32,8 +39,8 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  pos_key: torch.Tensor | None, pos_query: torch.Tensor | None, attention_mask: torch.Tensor | None,
                  document_ids: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, position_buckets: int,
                  max_relative_positions: int, scale: float, dropout_p: float, seed: int) -> list[torch.Tensor]:
-    grads = fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, lse, position_buckets,
-                           max_relative_positions, scale, dropout_p, seed, document_ids)
+    grads = fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, document_ids, out, lse,
+                           _settings(position_buckets, max_relative_positions, scale, dropout_p), seed)
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 

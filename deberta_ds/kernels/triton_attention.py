@@ -1,475 +1,532 @@
-"""Fused disentangled attention in Triton (FlashAttention-2 style), forward and backward.
+"""Fused disentangled attention in Triton on distance-space tables (design: `tables.py`).
 
-Per (query block, key block) tile, on chip and never in HBM:
-  c2c = q k^T; c2p[i, j] = q_i . Kr[s(i, j)]; p2c[i, j] = k_j . Qr[s(i, j)].
-The slots s(i, j) of one tile are a contiguous window of at most BM + BN - 1 rows of the
-relative table (s grows with i - j), so each tile multiplies q (and k) with just that window
-(a [BM, W] and a [BN, W] matmul) and gathers its [BM, BN] values from it. Two tile kinds skip
-work: near the diagonal the slot is i - j + k (no table read), and beyond the saturation
-distance every pair shares one slot, so c2p + p2c is a per-row plus a per-column vector (and
-in the backward, row and column sums). In the backward, the gradient of each window row is a
-sum over the run of a tile row that shares its slot (slots never decrease with i - j), taken
-as a difference of prefix sums. The softmax is online in fp32; the output is O(L)
-memory: O plus a log-sum-exp per row.
+Three kernels, FlashAttention-2 style, scores never in HBM:
+  forward    query-major: out and the base-2 log-sum-exp per query row;
+  dQ         query-major: dq's content part, dS of band cells into G_c2p, saturated row sums;
+  dK/dV      key-major: dk's content part and dv, dS^T of band cells into G_p2c, saturated key sums.
+Every tile is classified by two scalar tests on its corners (highest and lowest i - j):
+  saturated high / low  every pair on one saturated slot: a row plus a column vector, no table tile;
+  band                  every pair in the band: two block loads of the skewed table views;
+  mixed                 both: the block loads and a `where` against the saturated vectors.
+The table views are tensor descriptors ([L, L], row stride CS - 1), so a band tile costs two 2D block
+loads in the forward and a block store of dS in the backward (mixed tiles block-store too: the rows
+are padded so their out-of-band cells land in columns the fold ignores).
 
-Dropout of the probabilities uses counter-based random numbers (tl.rand) keyed by
-(seed, batch*head, i, j); the backward regenerates the same mask. Gradients are
-deterministic: every program owns the rows it writes (dK, dV per key block; dQ per query
-block) and the relative-table gradients go to per-program partial buffers that are summed
-in a fixed order afterwards; no floating-point atomics.
-
-Slots come from a [2L - 1] table computed by the same float32 code as the reference, so the
-bucket boundaries agree exactly.
+Masking: key padding sets the score to -1e30; padded query rows output 0 and keep lse = +inf, so the
+backward gives them p = 0 without a test. Document ids: a block visits only the key (or query) blocks
+between the first and last position of its documents; a tile inside one run of equal ids needs no
+elementwise test, the others compare ids. Dropout: Philox keyed by (seed, b*h) with the counter
+i * ceil(L / 4) + j / 4, so one `tl.randint4x` call gives four cells' numbers; the backward
+regenerates the same mask. Deterministic: every output element and band cell has one writer, the
+saturated sums go to per-row buffers, no atomics.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from deberta_ds.relative_position import log_bucket
+from deberta_ds.kernels.tables import LOG2E, document_ranges, fold_gradients, layout, position_tables
 
-_NEG = tl.constexpr(-1.0e30)  # masked score (finite, so a fully masked row gives no NaN before it is zeroed)
+_NEG = tl.constexpr(-1.0e30)  # masked score: finite, so a masked-out tile gives no NaN in the online softmax
+_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _tile_window(m0, n0, slot_ptr, seq_len, buckets, BM: tl.constexpr, BN: tl.constexpr):
-    """First and last relative-table slot of the tile whose first query is m0 and first key n0,
-    from two scalar reads (slots never decrease with i - j), and whether the tile is near the
-    diagonal (every |i - j| <= buckets / 2: the slot is i - j + buckets, no table read)."""
-    lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0                 # extreme i - j of the tile
-    near = tl.maximum(highest, -lowest) <= buckets // 2
-    if near:
-        first, last = lowest + buckets, highest + buckets
+def _skewed_view(origin, seq_len, CS, ROWS: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """The [L, L] view of row stride CS - 1 at `origin`: a tensor descriptor of ROWS x COLS boxes, or
+    for pointer loads (TMA off) the origin itself."""
+    view = origin
+    if TMA:
+        view = tl.make_tensor_descriptor(origin, [seq_len, seq_len], [CS - 1, 1], [ROWS, COLS])
+    return view
+
+
+@triton.jit
+def _view_load(view, r0, c0, seq_len, CS, ROWS: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """The view's [ROWS, COLS] block at (r0, c0), 0 outside [L, L]."""
+    if TMA:
+        block = view.load([r0, c0])
     else:
-        first = tl.load(slot_ptr + tl.minimum(tl.maximum(lowest + seq_len - 1, 0), 2 * seq_len - 2))
-        last = tl.load(slot_ptr + tl.minimum(tl.maximum(highest + seq_len - 1, 0), 2 * seq_len - 2))
-    return first, last, near
+        rows, cols = r0 + tl.arange(0, ROWS), c0 + tl.arange(0, COLS)
+        block = tl.load(view + rows[:, None] * (CS - 1) + cols[None, :],
+                        mask=(rows < seq_len)[:, None] & (cols < seq_len)[None, :], other=0.0)
+    return block
 
 
 @triton.jit
-def _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets, near):
-    """Relative-table slots of a tile [BM, BN] (read only for unsaturated tiles)."""
-    rel = offs_m[:, None] - offs_n[None, :]
-    if near:
-        slot = rel + buckets
+def _view_store(view, r0, c0, value, seq_len, CS, ROWS: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """Stores value [ROWS, COLS] at (r0, c0), dropping what falls outside [L, L]."""
+    if TMA:
+        view.store([r0, c0], value)
     else:
-        slot = tl.load(slot_ptr + tl.minimum(tl.maximum(rel + seq_len - 1, 0), 2 * seq_len - 2))
-    return slot
+        rows, cols = r0 + tl.arange(0, ROWS), c0 + tl.arange(0, COLS)
+        tl.store(view + rows[:, None] * (CS - 1) + cols[None, :], value,
+                 mask=(rows < seq_len)[:, None] & (cols < seq_len)[None, :])
 
 
 @triton.jit
-def _tile_scores(q, k, kr_ptr, qr_ptr, slot_ptr, m0, n0, offs_m, offs_n, seq_len, buckets, table_rows, stride_r,
-                 offs_d, d_mask, scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
-    """Scaled scores of one tile [BM, BN], the first slot of its window and whether the tile is
-    saturated (one slot for every pair: the terms are a row plus a column vector)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    window_start, last_slot, near = _tile_window(m0, n0, slot_ptr, seq_len, buckets, BM, BN)
-    saturated = last_slot == window_start
-    if saturated:
+def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loop_ok, loop_hi_col, loop_lo_col,
+              loop_other, seq_len, CS, e_view, f_view, r_min, r_max, HAS_PROG: tl.constexpr,
+              HAS_LOOP: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, KEY_MAJOR: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
+    """c2p + p2c of the tile with queries m0 + [0, BM) and keys n0 + [0, BN), fp32 in base-2 units, rows
+    = the program's side (queries; keys when KEY_MAJOR). prog_*: the program side's saturated values
+    [rows] (E of the queries, or F of the keys); the loop side's are read here per tile (loop_ptr rows of
+    CS, columns loop_hi_col / loop_lo_col; `loop_other` past L)."""
+    lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
+    if (lowest > r_max) | (highest < r_min):               # saturated: a row plus a column vector
+        high = lowest > r_max
+        col = tl.where(high, loop_hi_col, loop_lo_col)
+        if HAS_PROG:
+            pos = tl.where(high, prog_hi, prog_lo)[:, None]
+            if HAS_LOOP:
+                pos = pos + tl.load(loop_ptr + offs_loop * CS + col, mask=loop_ok, other=loop_other)[None, :]
+            pos = tl.broadcast_to(pos, [prog_hi.shape[0], offs_loop.shape[0]])
+        else:
+            pos = tl.load(loop_ptr + offs_loop * CS + col, mask=loop_ok, other=loop_other).to(tl.float32)
+            pos = tl.broadcast_to(pos[None, :], [prog_hi.shape[0], offs_loop.shape[0]])
+    else:                                                  # band or mixed: block loads of the views
         if HAS_C2P:
-            kr_row = tl.load(kr_ptr + window_start * stride_r + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            s += tl.sum(q.to(tl.float32) * kr_row[None, :], axis=1)[:, None]
+            c2p = _view_load(e_view, m0, n0, seq_len, CS, BM, BN, TMA)      # [BM, BN]
+            if KEY_MAJOR:
+                c2p = tl.trans(c2p)
+            pos = c2p.to(tl.float32)
         if HAS_P2C:
-            qr_row = tl.load(qr_ptr + window_start * stride_r + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            s += tl.sum(k.to(tl.float32) * qr_row[None, :], axis=1)[None, :]
-    else:
-        local = _tile_slots(offs_m, offs_n, slot_ptr, seq_len, buckets, near) - window_start   # [BM, BN]
-        rows = window_start + tl.arange(0, W)
-        row_ok = rows < table_rows
-        if HAS_C2P:
-            kr = tl.load(kr_ptr + rows[:, None] * stride_r + offs_d[None, :],
-                         mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-            c2p_window = tl.dot(q, tl.trans(kr), input_precision=PRECISION)               # [BM, W]
-            s += tl.gather(c2p_window, local, axis=1)
-        if HAS_P2C:
-            qr = tl.load(qr_ptr + rows[:, None] * stride_r + offs_d[None, :],
-                         mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+            p2c = _view_load(f_view, n0, m0, seq_len, CS, BN, BM, TMA)      # [BN, BM]
+            if not KEY_MAJOR:
+                p2c = tl.trans(p2c)
             if HAS_C2P:
-                p2c_window = tl.dot(k, tl.trans(qr), input_precision=PRECISION)           # [BN, W]
-                s += tl.trans(tl.gather(p2c_window, tl.trans(local), axis=1))
-            else:  # Triton 3.6's layout pass fails on the form above without c2p; this form
-                # (no transposes) compiles everywhere but spills at d = 128 beside c2p.
-                p2c_window = tl.dot(qr, tl.trans(k), input_precision=PRECISION)           # [W, BN]
-                s += tl.gather(p2c_window, local, axis=0)
-    return s * scale, window_start, saturated
+                pos = pos + p2c.to(tl.float32)
+            else:
+                pos = p2c.to(tl.float32)
+        if (lowest < r_min) | (highest > r_max):           # mixed: saturated cells from the vectors
+            if KEY_MAJOR:
+                rel = offs_m[None, :] - offs_n[:, None]
+            else:
+                rel = offs_m[:, None] - offs_n[None, :]
+            high = rel > r_max
+            sat = tl.zeros_like(pos)
+            if HAS_PROG:
+                sat = tl.where(high, prog_hi[:, None], prog_lo[:, None])
+            if HAS_LOOP:
+                loop_hi = tl.load(loop_ptr + offs_loop * CS + loop_hi_col, mask=loop_ok, other=loop_other)
+                loop_lo = tl.load(loop_ptr + offs_loop * CS + loop_lo_col, mask=loop_ok, other=loop_other)
+                sat = sat + tl.where(high, loop_hi[None, :].to(tl.float32), loop_lo[None, :].to(tl.float32))
+            pos = tl.where((rel >= r_min) & (rel <= r_max), pos, sat)
+    return pos
 
 
 @triton.jit
-def _document_ranges(doc_ptr, b, offs, ok, seq_len):
-    """Document ids of a block [N] and their smallest and largest (over its real positions)."""
-    docs = tl.load(doc_ptr + b * seq_len + offs, mask=ok, other=0)
-    return docs, tl.min(tl.where(ok, docs, 2147483647), axis=0), tl.max(tl.where(ok, docs, -2147483647), axis=0)
+def _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR): Philox keyed
+    by (seed, b*h), counter i * ceil(L / 4) + j // 4; each call yields the numbers of four consecutive keys
+    (key 4g + 2a + b from output 2b + a, in both orientations)."""
+    groups = n0 // 4 + tl.arange(0, BN // 4)
+    if KEY_MAJOR:
+        counters = offs_m[None, :] * ((seq_len + 3) // 4) + groups[:, None]      # [BN / 4, BM]
+    else:
+        counters = offs_m[:, None] * ((seq_len + 3) // 4) + groups[None, :]      # [BM, BN / 4]
+    r0, r1, r2, r3 = tl.randint4x(seed.to(tl.int64) + (bh.to(tl.int64) << 32), counters)
+    bits = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    if KEY_MAJOR:
+        bits = tl.reshape(tl.permute(bits, (0, 2, 3, 1)), [BN, offs_m.shape[0]])
+    else:
+        bits = tl.reshape(bits, [offs_m.shape[0], BN])
+    return (bits >> 1).to(tl.int32) >= threshold
 
 
 @triton.jit
-def _keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p):
-    offsets = offs_m[:, None] * seq_len + offs_n[None, :]
-    return tl.rand(seed + bh * 7919, offsets) >= dropout_p
+def _document_span(doc_ptr, b, p0, offs, ok, seq_len, STEP: tl.constexpr):
+    """For the program's block (positions offs, first p0): its ids, the loop range [start, end) of the
+    other side's blocks of STEP that can share a document, and the run of equal ids around p0 with
+    whether the whole block lies in it."""
+    base = doc_ptr + b.to(tl.int64) * 5 * seq_len
+    ids = tl.load(base + offs, mask=ok, other=-1)
+    first = tl.min(tl.load(base + seq_len + offs, mask=ok, other=seq_len), axis=0)
+    last = tl.max(tl.load(base + 2 * seq_len + offs, mask=ok, other=-1), axis=0)
+    run_start = tl.load(base + 3 * seq_len + p0)
+    run_end = tl.load(base + 4 * seq_len + p0)
+    block_in_run = run_end >= tl.minimum(p0 + offs.shape[0], seq_len) - 1
+    return ids, (first // STEP) * STEP, last + 1, run_start, run_end, block_in_run
 
 
 @triton.jit
-def _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m, offs_d, d_mask, seq_len, stride_l):
-    """q, dO, log-sum-exp and rowsum(dO * O) of one query block."""
-    row_ok = offs_m < seq_len
-    block_mask = row_ok[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], mask=block_mask, other=0.0)
-    do = tl.load(do_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], mask=block_mask, other=0.0)
-    lse = tl.load(lse_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(delta_ptr + bh * seq_len + offs_m, mask=row_ok, other=0.0)
-    return q, do, lse, delta, row_ok
+def _same_document(s, doc_ptr, b, ids, l0, offs_loop, loop_ok, seq_len, run_start, run_end, block_in_run):
+    """s with the cells whose query and key lie in different documents masked; a tile whose both
+    blocks lie in one run of equal ids skips the test."""
+    uniform = block_in_run & (l0 >= run_start) & (tl.minimum(l0 + offs_loop.shape[0], seq_len) - 1 <= run_end)
+    if not uniform:
+        loop_ids = tl.load(doc_ptr + b.to(tl.int64) * 5 * seq_len + offs_loop, mask=loop_ok, other=-2)
+        s = tl.where(ids[:, None] == loop_ids[None, :], s, _NEG)
+    return s
 
 
-@triton.jit
-def _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l):
-    col_ok = offs_n < seq_len
-    block_mask = col_ok[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=block_mask, other=0.0)
-    v = tl.load(v_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], mask=block_mask, other=0.0)
-    return k, v, col_ok
-
-
-@triton.jit
-def _forward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, mask_ptr, doc_ptr, out_ptr, lse_ptr,
-                    seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed,
-                    stride_b, stride_h, stride_l, stride_rh, stride_r,
-                    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                    DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    block_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // heads, bh % heads
-    m0 = block_m * BM
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
+def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, TS, E_PAD, F_PAD, r_min, r_max,
+                    scale, threshold, seed,
+                    HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
+                    DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                    PRECISION: tl.constexpr, TMA: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // heads
+    m0 = pid_m * BM
     offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
-    d_mask = offs_d < head_dim
-    base = b * stride_b + h * stride_h
     row_ok = offs_m < seq_len
-    q = tl.load(q_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
-                other=0.0)
+    qkv = bh.to(tl.int64) * seq_len * HEAD_DIM
+    tile_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
+    Eb, Fb = E + bh.to(tl.int64) * TS, F + bh.to(tl.int64) * TS
+    e_hi = tl.zeros([BM], tl.float32)
+    e_lo = e_hi
+    e_view = None
+    f_view = None
+    if HAS_C2P:
+        e_hi = tl.load(Eb + offs_m * CS + E_PAD, mask=row_ok, other=0.0).to(tl.float32)           # r > r_max
+        e_lo = tl.load(Eb + offs_m * CS + E_PAD + C - 1, mask=row_ok, other=0.0).to(tl.float32)   # r < r_min
+        e_view = _skewed_view(Eb + E_PAD + r_max + 1, seq_len, CS, BM, BN, TMA)
+    if HAS_P2C:
+        f_view = _skewed_view(Fb + F_PAD + 1 - r_min, seq_len, CS, BN, BM, TMA)
+    start, end = 0, seq_len
     if DOCS:
-        query_docs, query_first_doc, query_last_doc = _document_ranges(doc_ptr, b, offs_m, row_ok, seq_len)
-    kr_base, qr_base = kr_ptr + h * stride_rh, qr_ptr + h * stride_rh
+        ids, start, end, run_start, run_end, block_in_run = _document_span(DOC, b, m0, offs_m, row_ok, seq_len, BN)
     m_i = tl.full([BM], _NEG, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    for start_n in range(0, seq_len, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        shares_document = True
-        if DOCS:  # a tile where no query shares a key's document adds nothing: skipped, no work
-            key_docs, key_first_doc, key_last_doc = _document_ranges(doc_ptr, b, offs_n, offs_n < seq_len, seq_len)
-            shares_document = (query_first_doc <= key_last_doc) & (key_first_doc <= query_last_doc)
-        if shares_document:
-            k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-            s, _, _ = _tile_scores(q, k, kr_base, qr_base, slot_ptr, m0, start_n, offs_m, offs_n, seq_len, buckets,
-                                   table_rows, stride_r, offs_d, d_mask, scale, HAS_C2P, HAS_P2C, BM, BN, W,
-                                   PRECISION)
-            keep = col_ok[None, :]
-            if HAS_MASK:
-                keep = keep & (tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0)[None, :]
-            if DOCS:
-                keep = keep & (query_docs[:, None] == key_docs[None, :])
-            s = tl.where(keep, s, _NEG)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if DROPOUT:
-                p = tl.where(_keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p), p / (1.0 - dropout_p), 0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+    for n0 in range(start, end, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        col_ok = offs_n < seq_len
+        kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(K + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if HAS_C2P or HAS_P2C:
+            s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0, seq_len,
+                           CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False, BM, BN, TMA)
+        keep = col_ok
+        if HAS_MASK:
+            keep = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
+        s = tl.where(keep[None, :], s, _NEG)
+        if DOCS:
+            s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, False), p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
     out = acc / l_i[:, None]
-    query_ok = row_ok
-    if HAS_MASK:
-        query_ok = query_ok & (tl.load(mask_ptr + b * seq_len + offs_m, mask=row_ok, other=0) != 0)
-    out = tl.where(query_ok[:, None], out, 0.0)                              # padded query rows output 0
-    tl.store(out_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + bh * seq_len + offs_m, m_i + tl.log(l_i), mask=row_ok)
+    if DROPOUT:
+        out = out * (2147483648.0 / (2147483648.0 - threshold))                 # 1 / (1 - p)
+    lse = m_i + tl.math.log2(l_i)
+    if HAS_MASK:                                                                 # padded query rows: 0, p = 0
+        query_ok = tl.load(MASK + b.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0) != 0
+        out = tl.where(query_ok[:, None], out, 0.0)
+        lse = tl.where(query_ok, lse, float("inf"))
+    tl.store(OUT + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=tile_mask)
+    tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
-def _interval_sums(x, lo, hi):
-    """out[r, w] = sum of x[r, lo[r, w]:hi[r, w]], [R, C] -> [R, W], from one prefix sum per row."""
-    prefix = tl.cumsum(x, axis=1)
-    upper = tl.where(hi > 0, tl.gather(prefix, tl.maximum(hi - 1, 0), axis=1), 0.0)
-    lower = tl.where(lo > 0, tl.gather(prefix, tl.maximum(lo - 1, 0), axis=1), 0.0)
-    return upper - lower
-
-
-@triton.jit
-def _window_sum(x, offs_rows, first_col, slot_start_ptr, window_start, table_rows, ROWS_ARE_QUERIES: tl.constexpr,
-                W: tl.constexpr):
-    """Scatter-add of a tile's score gradients x [R, C] into its slot window [R, W] (sum over C).
-
-    Slots are monotone in i - j, so the columns of one row that share a slot are a contiguous
-    run, found from the first distance of each slot (`slot_start`): each window entry is a
-    difference of two prefix sums, O(R * (C + W)) instead of a [R, C, W] one-hot. Rows are
-    queries (columns keys: a slot's run ends at j = i - start) or keys (columns queries: it
-    starts at i = j + start)."""
-    slots = window_start + tl.arange(0, W)
-    start = tl.load(slot_start_ptr + tl.minimum(slots, table_rows))[None, :]         # first i - j of slot
-    start_next = tl.load(slot_start_ptr + tl.minimum(slots + 1, table_rows))[None, :]
-    width = x.shape[1]
-    if ROWS_ARE_QUERIES:  # columns j with i - j >= start form the prefix [0, i - start - first_col + 1)
-        lo = tl.minimum(tl.maximum(offs_rows[:, None] - start_next - first_col + 1, 0), width)
-        hi = tl.minimum(tl.maximum(offs_rows[:, None] - start - first_col + 1, 0), width)
-    else:  # rows j with i - j >= start form the suffix [j + start - first_col, C)
-        lo = tl.minimum(tl.maximum(offs_rows[:, None] + start - first_col, 0), width)
-        hi = tl.minimum(tl.maximum(offs_rows[:, None] + start_next - first_col, 0), width)
-    return _interval_sums(x, lo, hi)
-
-
-@triton.jit
-def _position_grads(ds_rows, offs_rows, first_col, operand, table_ptr, part_ptr, saturated,
-                    slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask,
-                    ROWS_ARE_QUERIES: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
-    """One positional term's gradients for a tile whose score gradients are ds_rows [R, C] (rows =
-    the side the term multiplies, `operand` [R, D]): adds d_window^T @ operand to this program's
-    partial of the table gradient and returns d_window @ table, the operand's gradient [R, D].
-    A saturated tile (one slot for every pair, most tiles at long L) has one window column, the
-    row sums: both products are then vector operations, not [R, W] matmuls."""
-    if saturated:
-        d_rows = tl.sum(ds_rows, axis=1)                                                  # [R]
-        table_row = tl.load(table_ptr + window_start * stride_r + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        partial_row = part_ptr + window_start * stride_r + offs_d
-        row_grad = tl.sum(d_rows[:, None] * operand.to(tl.float32), axis=0)              # [D]
-        tl.store(partial_row, tl.load(partial_row, mask=d_mask, other=0.0) + row_grad, mask=d_mask)
-        operand_grad = d_rows[:, None] * table_row[None, :]
-    else:
-        d_window = _window_sum(ds_rows, offs_rows, first_col, slot_start_ptr, window_start, table_rows,  # [R, W]
-                               ROWS_ARE_QUERIES, W)
-        rows = window_start + tl.arange(0, W)
-        window_mask = (rows < table_rows)[:, None] & d_mask[None, :]
-        table = tl.load(table_ptr + rows[:, None] * stride_r + offs_d[None, :], mask=window_mask, other=0.0)
-        partial = part_ptr + rows[:, None] * stride_r + offs_d[None, :]
-        table_grad = tl.dot(tl.trans(d_window), operand.to(tl.float32), input_precision=PRECISION)
-        tl.store(partial, tl.load(partial, mask=window_mask, other=0.0) + table_grad, mask=window_mask)
-        operand_grad = tl.dot(d_window.to(table.dtype), table, input_precision=PRECISION)
-    return operand_grad
-
-
-@triton.jit
-def _backward_kernel(q_ptr, k_ptr, v_ptr, kr_ptr, qr_ptr, slot_ptr, slot_start_ptr, mask_ptr, doc_ptr, do_ptr,
-                     lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dkr_part_ptr, dqr_part_ptr,
-                     seq_len, heads, buckets, table_rows, head_dim, scale, dropout_p, seed, num_blocks,
-                     blocks_per_program, stride_b, stride_h, stride_l, stride_rh, stride_r, stride_part,
-                     KEY_SIDE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
-                     DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
-    """KEY_SIDE: each program computes dK, dV of `blocks_per_program` consecutive key blocks and
-    their dQr partial. Otherwise each program computes dQ of as many query blocks and their dKr
-    partial. One partial per program (not per block) keeps the partial buffers small at long L."""
-    program, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // heads, bh % heads
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
+def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, seq_len, heads, CS, C, TS, E_PAD,
+                        F_PAD, r_min, r_max, scale, threshold, seed,
+                        HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+                        HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Query-major: dq's content part (scaled, fp32) of BM queries; with c2p, dS of their band cells
+    into G_c2p and their saturated sums into SATC [b*h, L, 2] (r > r_max, r < r_min)."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // heads
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
-    d_mask = offs_d < head_dim
-    base = b * stride_b + h * stride_h
-    kr_base, qr_base = kr_ptr + h * stride_rh, qr_ptr + h * stride_rh
-    part = (bh * tl.num_programs(0) + program) * stride_part
-    for block in range(program * blocks_per_program, tl.minimum(program * blocks_per_program + blocks_per_program,
-                                                                  num_blocks)):
-        if KEY_SIDE:
-            n0 = block * BN
-            offs_n = n0 + tl.arange(0, BN)
-            k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-            dk = tl.zeros([BN, D], tl.float32)
-            dv = tl.zeros([BN, D], tl.float32)
-            if DOCS:
-                key_docs, key_first_doc, key_last_doc = _document_ranges(doc_ptr, b, offs_n, col_ok, seq_len)
-        else:
-            m0 = block * BM
-            offs_m = m0 + tl.arange(0, BM)
-            q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m, offs_d,
-                                                          d_mask, seq_len, stride_l)
-            dq = tl.zeros([BM, D], tl.float32)
-            if DOCS:
-                query_docs, query_first_doc, query_last_doc = _document_ranges(doc_ptr, b, offs_m, row_ok, seq_len)
-        for start in range(0, seq_len, BM if KEY_SIDE else BN):
-            shares_document = True
-            if KEY_SIDE:
-                m0 = start
-                offs_m = start + tl.arange(0, BM)
-                if DOCS:
-                    query_docs, query_first_doc, query_last_doc = _document_ranges(doc_ptr, b, offs_m,
-                                                                                   offs_m < seq_len, seq_len)
+    row_ok = offs_m < seq_len
+    qkv = bh.to(tl.int64) * seq_len * HEAD_DIM
+    tile_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
+    do = tl.load(DO + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=float("inf"))   # past L: p = 0
+    delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    Eb, Fb, Gb = E + bh.to(tl.int64) * TS, F + bh.to(tl.int64) * TS, GC + bh.to(tl.int64) * TS
+    e_hi = tl.zeros([BM], tl.float32)
+    e_lo = e_hi
+    e_view = None
+    f_view = None
+    if HAS_C2P:
+        e_hi = tl.load(Eb + offs_m * CS + E_PAD, mask=row_ok, other=0.0).to(tl.float32)
+        e_lo = tl.load(Eb + offs_m * CS + E_PAD + C - 1, mask=row_ok, other=0.0).to(tl.float32)
+        e_view = _skewed_view(Eb + E_PAD + r_max + 1, seq_len, CS, BM, BN, TMA)
+        g_view = _skewed_view(Gb + E_PAD + r_max + 1, seq_len, CS, BM, BN, TMA)
+    if HAS_P2C:
+        f_view = _skewed_view(Fb + F_PAD + 1 - r_min, seq_len, CS, BN, BM, TMA)
+    start, end = 0, seq_len
+    if DOCS:
+        ids, start, end, run_start, run_end, block_in_run = _document_span(DOC, b, m0, offs_m, row_ok, seq_len, BN)
+    dq = tl.zeros([BM, D], tl.float32)
+    sat_hi = tl.zeros([BM], tl.float32)
+    sat_lo = tl.zeros([BM], tl.float32)
+    for n0 in range(start, end, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        col_ok = offs_n < seq_len
+        kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(K + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if HAS_C2P or HAS_P2C:  # keys past L read -inf saturated values: p = 0 there without a test
+            s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD,
+                           float("-inf"), seq_len, CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P,
+                           HAS_P2C, False, BM, BN, TMA)
+        if HAS_MASK:
+            key_ok = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
+            s = tl.where(key_ok[None, :], s, _NEG)
+        elif HAS_C2P and not HAS_P2C:  # no -inf p2c values past L: keep those keys out of the saturated sums
+            s = tl.where(col_ok[None, :], s, _NEG)
+        if DOCS:
+            s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            kept = _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, False)
+            dp = tl.where(kept, dp * (2147483648.0 / (2147483648.0 - threshold)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_C2P:
+            lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
+            if lowest > r_max:
+                sat_hi += tl.sum(ds, axis=1)
+            elif highest < r_min:
+                sat_lo += tl.sum(ds, axis=1)
             else:
-                n0 = start
-                offs_n = start + tl.arange(0, BN)
-                if DOCS:
-                    key_docs, key_first_doc, key_last_doc = _document_ranges(doc_ptr, b, offs_n, offs_n < seq_len,
-                                                                             seq_len)
-            if DOCS:  # as in the forward: tiles with no pair in one document are skipped
-                shares_document = (query_first_doc <= key_last_doc) & (key_first_doc <= query_last_doc)
-            if shares_document:
-                if KEY_SIDE:
-                    q, do, lse, delta, row_ok = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, offs_m,
-                                                                  offs_d, d_mask, seq_len, stride_l)
-                else:
-                    k, v, col_ok = _load_key_block(k_ptr, v_ptr, base, offs_n, offs_d, d_mask, seq_len, stride_l)
-                s, window_start, saturated = _tile_scores(q, k, kr_base, qr_base, slot_ptr, m0, n0, offs_m, offs_n,
-                                                          seq_len, buckets, table_rows, stride_r, offs_d, d_mask,
-                                                          scale, HAS_C2P, HAS_P2C, BM, BN, W, PRECISION)
-                keep = col_ok[None, :] & row_ok[:, None]
-                if HAS_MASK:
-                    key_keep = tl.load(mask_ptr + b * seq_len + offs_n, mask=col_ok, other=0) != 0
-                    query_keep = tl.load(mask_ptr + b * seq_len + offs_m, mask=row_ok, other=0) != 0
-                    keep = keep & key_keep[None, :] & query_keep[:, None]   # padded query rows carry no gradient
-                if DOCS:
-                    keep = keep & (query_docs[:, None] == key_docs[None, :])
-                p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)                 # [BM, BN] probabilities
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                p_used = p
-                if DROPOUT:
-                    kept = _keep_mask(seed, bh, offs_m, offs_n, seq_len, dropout_p)
-                    p_used = tl.where(kept, p / (1.0 - dropout_p), 0.0)
-                    dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
-                ds = p * (dp - delta[:, None]) * scale                            # d(score before scaling)
-                if KEY_SIDE:
-                    dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PRECISION)
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-                    if HAS_P2C:  # p2c[i, j] = k_j . Qr[s]: dK from Qr, dQr from k
-                        dk += _position_grads(tl.trans(ds), offs_n, start, k, qr_base, dqr_part_ptr + part, saturated,
-                                              slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask,
-                                              False, W, PRECISION)
-                else:
-                    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                    if HAS_C2P:  # c2p[i, j] = q_i . Kr[s]: dQ from Kr, dKr from q
-                        dq += _position_grads(ds, offs_m, start, q, kr_base, dkr_part_ptr + part, saturated,
-                                              slot_start_ptr, window_start, table_rows, stride_r, offs_d, d_mask,
-                                              True, W, PRECISION)
-        if KEY_SIDE:
-            store = col_ok[:, None] & d_mask[None, :]
-            tl.store(dk_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
-                     mask=store)
-            tl.store(dv_ptr + base + offs_n[:, None] * stride_l + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
-                     mask=store)
+                _view_store(g_view, m0, n0, ds.to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
+                if (lowest < r_min) | (highest > r_max):
+                    rel = offs_m[:, None] - offs_n[None, :]
+                    sat_hi += tl.sum(tl.where(rel > r_max, ds, 0.0), axis=1)
+                    sat_lo += tl.sum(tl.where(rel < r_min, ds, 0.0), axis=1)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (scale / _LOG2E), mask=tile_mask)  # natural
+    if HAS_C2P:
+        sat = SATC + bh.to(tl.int64) * seq_len * 2 + offs_m * 2
+        tl.store(sat, sat_hi, mask=row_ok)
+        tl.store(sat + 1, sat_lo, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
+def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, SATP, seq_len, heads, CS, C, TS,
+                          E_PAD, F_PAD, r_min, r_max, scale, threshold, seed,
+                          HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+                          HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BN: tl.constexpr,
+                          BM: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Key-major: BN keys per program, tiles [keys, queries]: dk's content part (scaled, fp32) and dv;
+    with p2c, dS^T of their band cells into G_p2c and their saturated sums into SATP [b*h, L, 2]
+    (r < r_min, r > r_max)."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // heads
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    key_ok = offs_n < seq_len
+    qkv = bh.to(tl.int64) * seq_len * HEAD_DIM
+    tile_mask = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
+    v = tl.load(V + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
+    Eb, Fb, Gb = E + bh.to(tl.int64) * TS, F + bh.to(tl.int64) * TS, GP + bh.to(tl.int64) * TS
+    f_lo = tl.zeros([BN], tl.float32)
+    f_hi = f_lo
+    e_view = None
+    f_view = None
+    if HAS_P2C:
+        f_lo = tl.load(Fb + offs_n * CS + F_PAD, mask=key_ok, other=0.0).to(tl.float32)           # r < r_min
+        f_hi = tl.load(Fb + offs_n * CS + F_PAD + C - 1, mask=key_ok, other=0.0).to(tl.float32)   # r > r_max
+        f_view = _skewed_view(Fb + F_PAD + 1 - r_min, seq_len, CS, BN, BM, TMA)
+        g_view = _skewed_view(Gb + F_PAD + 1 - r_min, seq_len, CS, BN, BM, TMA)
+    if HAS_C2P:
+        e_view = _skewed_view(Eb + E_PAD + r_max + 1, seq_len, CS, BM, BN, TMA)
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=key_ok, other=0) != 0)
+    start, end = 0, seq_len
+    if DOCS:
+        ids, start, end, run_start, run_end, block_in_run = _document_span(DOC, b, n0, offs_n, offs_n < seq_len,
+                                                                           seq_len, BM)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    sat_lo = tl.zeros([BN], tl.float32)
+    sat_hi = tl.zeros([BN], tl.float32)
+    for m0 in range(start, end, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        q_ok = offs_m < seq_len
+        qd_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(Q + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=float("inf"))   # past L: p = 0
+        delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale                 # [BN keys, BM queries]
+        if HAS_C2P or HAS_P2C:
+            st += _position(m0, n0, offs_m, offs_n, f_hi, f_lo, Eb, offs_m, q_ok, E_PAD, E_PAD + C - 1, 0.0, seq_len,
+                            CS, e_view, f_view, r_min, r_max, HAS_P2C, HAS_C2P, HAS_C2P, HAS_P2C, True, BM, BN, TMA)
+        if HAS_MASK:
+            st = tl.where(key_ok[:, None], st, _NEG)
+        if DOCS:
+            st = _same_document(st, DOC, b, ids, m0, offs_m, q_ok, seq_len, run_start, run_end, block_in_run)
+        pt = tl.math.exp2(st - lse[None, :])
+        if DROPOUT:  # the keep-mask rides on pt's sign (cells with pt = 0 add nothing either way), so no
+            # [BN, BM] mask stays live across the products: without this trick the kernel spills
+            pt = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, True), pt, -pt)
+            dv += tl.dot(tl.maximum(pt, 0.0).to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dpt = tl.where(pt > 0.0, dpt * (2147483648.0 / (2147483648.0 - threshold)), 0.0)
+            pt = tl.abs(pt)
         else:
-            tl.store(dq_ptr + base + offs_m[:, None] * stride_l + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & d_mask[None, :])
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        if HAS_P2C:
+            lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
+            if lowest > r_max:
+                sat_hi += tl.sum(dst, axis=1)
+            elif highest < r_min:
+                sat_lo += tl.sum(dst, axis=1)
+            else:
+                _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
+                if (lowest < r_min) | (highest > r_max):
+                    rel = offs_m[None, :] - offs_n[:, None]
+                    sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
+                    sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
+    if DROPOUT:
+        dv = dv * (2147483648.0 / (2147483648.0 - threshold))
+    tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (scale / _LOG2E), mask=tile_mask)
+    tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
+    if HAS_P2C:
+        sat = SATP + bh.to(tl.int64) * seq_len * 2 + offs_n * 2
+        tl.store(sat, sat_lo, mask=offs_n < seq_len)
+        tl.store(sat + 1, sat_hi, mask=offs_n < seq_len)
 
 
 # ---------------------------------------------------------------- host side
 
+class Tile(NamedTuple):
+    """One kernel's launch: `rows` per program (queries; keys for dK/dV) by `cols` per loop step."""
+    rows: int
+    cols: int
+    num_warps: int
+    num_stages: int
+
+
 class Tiles(NamedTuple):
-    """A launch configuration. Tiles are square: the backward launches both passes (query side
-    and key side) over cdiv(L, block) blocks. The default: at 32 x 32 tiles 4 warps need more
-    than 255 registers per thread and spill (the window matmuls, gathers and dropout bits are
-    live together; `compile_check` reports this), so 8. `benchmarks/kernel_tune.py` times the
-    alternatives on a GPU (RESULTS.md)."""
-    block: int = 32
-    num_warps: int = 8
-    num_stages: int = 3
+    """The three kernels' launches, the tables' precision (fp32_tables: fp32 tables and band
+    buffers for half-precision inputs) and how table blocks are read and written (tma). Defaults:
+    128 x 64 at 8 warps (wgmma, 0 spill at half precision, `compile_check`); with dropout the dK/dV
+    kernel steps 32 queries at a time, one stage (dkdv_dropout): at 64 queries, or 2 stages with
+    p2c alone, its regenerated mask makes it spill. `benchmarks/kernel_tune.py` times the
+    alternatives on a GPU."""
+    forward: Tile = Tile(128, 64, 8, 2)
+    dq: Tile = Tile(128, 64, 8, 2)
+    dkdv: Tile = Tile(128, 64, 8, 2)
+    dkdv_dropout: Tile = Tile(128, 32, 8, 1)
+    fp32_tables: bool = False
+    tma: bool = True    # table blocks by tensor descriptors (TMA on sm_90); False: masked pointer loads
+
+    @property
+    def pad(self) -> int:
+        """Row padding of the tables and band buffers: every tile's rows + cols (mixed-block stores)."""
+        return max(tile.rows + tile.cols for tile in (self.forward, self.dq, self.dkdv, self.dkdv_dropout))
 
 
 DEFAULT_TILES = Tiles()
-BLOCK_M = BLOCK_N = DEFAULT_TILES.block
-# Backward programs per launch, at most: past this each program takes several consecutive blocks,
-# so the fp32 table-gradient partials ([B*h, programs, 2k, d], one per program) stop growing
-# with L: about 270 MB in all at L = 16384, B*h = 12, 2k = 512, d = 64, instead of 1.6 GB.
-# 1024 programs still fill any current GPU several times over.
-MAX_BACKWARD_PROGRAMS = 1024
 
 
-def launch_constants(dtype: torch.dtype, head_dim: int, block: int = BLOCK_M) -> dict:
-    """The compile-time constants every kernel is launched with (also what `compile_check`
-    compiles): tiles, padded head dim, slot-window width, and the matmul precision (fp32 inputs
-    get exact fp32 products, no TF32 rounding; fp16/bf16 use the tensor cores)."""
-    return dict(BM=block, BN=block, D=max(16, triton.next_power_of_2(head_dim)),
-                W=triton.next_power_of_2(2 * block), PRECISION="ieee" if dtype == torch.float32 else "tf32")
+def launch_constants(dtype: torch.dtype, head_dim: int) -> dict:
+    """Compile-time constants besides the features and tiles (also what `compile_check` compiles):
+    the padded head dim and the product precision (fp32 inputs get exact fp32 products, no TF32)."""
+    return dict(HEAD_DIM=head_dim, D=max(16, triton.next_power_of_2(head_dim)),
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def slot_table(seq_len: int, position_buckets: int, max_relative_positions: int, device) -> torch.Tensor:
-    """Slot of every relative distance i - j in [-(L-1), L-1], int32 [2L - 1]."""
-    relative = torch.arange(-(seq_len - 1), seq_len)
-    slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
-    return slots.clamp_(0, 2 * position_buckets - 1).to(torch.int32).to(device)
+def _allocate(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def slot_starts(slots: torch.Tensor, table_rows: int) -> torch.Tensor:
-    """For every slot v in [0, table_rows], the smallest relative distance i - j whose slot is >= v
-    (slots never decrease with i - j); 4L when none is, int32 [table_rows + 1]."""
-    seq_len = (slots.numel() + 1) // 2
-    first = torch.searchsorted(slots, torch.arange(table_rows + 1, dtype=slots.dtype, device=slots.device))
-    return torch.where(first < slots.numel(), first - (seq_len - 1), 4 * seq_len).to(torch.int32)
+def _settings_args(q, pos_key, pos_query, settings, seed, tiles):
+    """Layout, scalar arguments and feature switches shared by the three kernels."""
+    seq_len = q.shape[2]
+    lay = layout(seq_len, settings.position_buckets, settings.max_relative_positions, tiles.pad)
+    threshold = min(round(settings.dropout_p * 2 ** 31), 2 ** 31 - 1)
+    scalars = (seq_len, q.shape[1], lay.row_stride, lay.columns, lay.head_stride, lay.e_pad, lay.f_pad, lay.r_min,
+               lay.r_max, settings.scale * LOG2E, threshold, seed)
+    features = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, DROPOUT=threshold > 0,
+                    TMA=tiles.tma, **launch_constants(q.dtype, q.shape[-1]))
+    if q.is_cuda:  # device-side tensor descriptors need a scratch allocator (per thread: autograd's too)
+        triton.set_allocator(_allocate)
+    return lay, scalars, features
 
 
-@functools.lru_cache(maxsize=64)
-def _slot_tables(seq_len: int, position_buckets: int, max_relative_positions: int, table_rows: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot_table, slot_starts) on `device`, built once per shape: every layer's forward and
-    backward reuse them instead of rebuilding and copying them to the GPU on each call."""
-    slots = slot_table(seq_len, position_buckets, max_relative_positions, "cpu")
-    return slots.to(device), slot_starts(slots, table_rows).to(device)
+def _tables(q, k, pos_key, pos_query, lay, settings, tiles):
+    """E, F (None for a term that is off; both None without position terms)."""
+    if pos_key is None and pos_query is None:
+        return None, None
+    return position_tables(q, k, pos_key, pos_query, lay, settings.scale,
+                           torch.float32 if tiles.fp32_tables else None)
 
 
-def _launch_args(q, pos_key, pos_query, position_buckets, max_relative_positions):
-    batch, heads, seq_len, head_dim = q.shape
-    table = pos_key if pos_key is not None else pos_query
-    dummy = torch.zeros(heads, 2 * position_buckets, head_dim, device=q.device, dtype=q.dtype)
-    kr = pos_key.contiguous() if pos_key is not None else dummy
-    qr = pos_query.contiguous() if pos_query is not None else dummy
-    rows = table.shape[1] if table is not None else 2 * position_buckets
-    slots, starts = _slot_tables(seq_len, position_buckets, max_relative_positions, rows, q.device)
-    return batch, heads, seq_len, head_dim, kr, qr, slots, starts, rows
+def _int32(mask, document_ids, placeholder):
+    """The mask [B, L] and document ranges [B, 5, L] as the kernels read them (a placeholder when absent:
+    its pointer is never read, the constexpr switch is off)."""
+    mask_arg = mask.to(torch.int32).contiguous() if mask is not None else placeholder
+    docs_arg = document_ranges(document_ids) if document_ids is not None else placeholder
+    return mask_arg, docs_arg, dict(HAS_MASK=mask is not None, DOCS=document_ids is not None)
 
 
-def _int32_or_placeholder(tensor, placeholder):
-    """A [B, L] mask or document-id tensor as the kernel reads it; the placeholder stands for an
-    absent one (its pointer is never read: the matching constexpr switch is off)."""
-    return tensor.to(torch.int32).contiguous() if tensor is not None else placeholder
-
-
-def fused_forward(q, k, v, pos_key, pos_query, attention_mask, position_buckets, max_relative_positions, scale,
-                  dropout_p, seed, document_ids=None, tiles: Tiles = DEFAULT_TILES):
+def fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids, settings, seed: int,
+                  tiles: Tiles = DEFAULT_TILES):
+    """out [B, h, L, d] and the base-2 log-sum-exp [B*h, L] (fp32); `settings`: AttentionSettings
+    (scale resolved, the dropout rate of this call)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    batch, heads, seq_len, head_dim, kr, qr, slots, _, rows = _launch_args(q, pos_key, pos_query, position_buckets,
-                                                                              max_relative_positions)
+    batch, heads, seq_len, _ = q.shape
+    lay, scalars, features = _settings_args(q, pos_key, pos_query, settings, seed, tiles)
+    e, f = _tables(q, k, pos_key, pos_query, lay, settings, tiles)
+    mask, docs, switches = _int32(attention_mask, document_ids, q)
     out = torch.empty_like(q)
     lse = torch.empty(batch * heads, seq_len, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(seq_len, tiles.block), batch * heads)
-    _forward_kernel[grid](q, k, v, kr, qr, slots, _int32_or_placeholder(attention_mask, slots),
-                          _int32_or_placeholder(document_ids, slots), out, lse, seq_len, heads, position_buckets,
-                          rows, head_dim, scale, dropout_p, seed, q.stride(0), q.stride(1), q.stride(2),
-                          kr.stride(0), kr.stride(1), HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
-                          HAS_MASK=attention_mask is not None, DROPOUT=dropout_p > 0, DOCS=document_ids is not None,
-                          **launch_constants(q.dtype, head_dim, tiles.block), num_warps=tiles.num_warps,
-                          num_stages=tiles.num_stages)
+    tile = tiles.forward
+    _forward_kernel[(triton.cdiv(seq_len, tile.rows), batch * heads)](
+        q, k, v, e if e is not None else q, f if f is not None else q, mask, docs, out, lse, *scalars,
+        **features, **switches, BM=tile.rows, BN=tile.cols, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out, lse
 
 
-def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, out, lse, position_buckets,
-                   max_relative_positions, scale, dropout_p, seed, document_ids=None, tiles: Tiles = DEFAULT_TILES):
+def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, document_ids, out, lse, settings,
+                   seed: int, tiles: Tiles = DEFAULT_TILES):
+    """dq, dk, dv and dKr, dQr (None for a term that is off) for fused_forward's out, lse."""
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    batch, heads, seq_len, head_dim, kr, qr, slots, starts, rows = _launch_args(q, pos_key, pos_query,
-                                                                                  position_buckets,
-                                                                                  max_relative_positions)
-    delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_len).contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    blocks = triton.cdiv(seq_len, tiles.block)
-    blocks_per_program = triton.cdiv(blocks * batch * heads, MAX_BACKWARD_PROGRAMS)
-    programs = triton.cdiv(blocks, blocks_per_program)
-    # Per-program partial sums of the table gradients, reduced below in a fixed order.
-    dkr_parts = torch.zeros(batch * heads, programs, *kr.shape[1:], device=q.device, dtype=torch.float32)
-    dqr_parts = torch.zeros_like(dkr_parts)
-    common = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=attention_mask is not None,
-                  DROPOUT=dropout_p > 0, DOCS=document_ids is not None,
-                  **launch_constants(q.dtype, head_dim, tiles.block), num_warps=tiles.num_warps,
-                  num_stages=tiles.num_stages)
-    args = (q, k, v, kr, qr, slots, starts, _int32_or_placeholder(attention_mask, slots),
-            _int32_or_placeholder(document_ids, slots), grad_out, lse, delta, dq, dk, dv, dkr_parts,
-            dqr_parts, seq_len, heads, position_buckets, rows, head_dim, scale, dropout_p, seed, blocks,
-            blocks_per_program, q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1), dkr_parts.stride(1))
-    _backward_kernel[(programs, batch * heads)](*args, KEY_SIDE=True, **common)
-    _backward_kernel[(programs, batch * heads)](*args, KEY_SIDE=False, **common)
-
-    def table_grad(parts, table):
-        if table is None:
-            return None
-        return parts.reshape(batch, heads, programs, *parts.shape[2:]).sum(dim=(0, 2)).to(table.dtype)
-
-    return dq, dk, dv, table_grad(dkr_parts, pos_key), table_grad(dqr_parts, pos_query)
+    batch, heads, seq_len, _ = q.shape
+    lay, scalars, features = _settings_args(q, pos_key, pos_query, settings, seed, tiles)
+    e, f = _tables(q, k, pos_key, pos_query, lay, settings, tiles)
+    mask, docs, switches = _int32(attention_mask, document_ids, q)
+    delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_len)   # rowsum(dO * O)
+    g_c2p = torch.zeros_like(e) if e is not None else q
+    g_p2c = torch.zeros_like(f) if f is not None else q
+    sat_c2p = torch.empty(batch * heads, seq_len, 2, device=q.device, dtype=torch.float32)
+    sat_p2c = torch.empty_like(sat_c2p)
+    dq, dk = torch.empty(q.shape, device=q.device, dtype=torch.float32), torch.empty(k.shape, device=q.device,
+                                                                                    dtype=torch.float32)
+    dv = torch.empty_like(v)
+    tables = (e if e is not None else q, f if f is not None else q, mask, docs, lse, delta)
+    tile = tiles.dq
+    _backward_dq_kernel[(triton.cdiv(seq_len, tile.rows), batch * heads)](
+        q, k, v, grad_out, *tables, dq, g_c2p, sat_c2p, *scalars, **features, **switches, BM=tile.rows,
+        BN=tile.cols, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    tile = tiles.dkdv_dropout if settings.dropout_p > 0 else tiles.dkdv
+    _backward_dkdv_kernel[(triton.cdiv(seq_len, tile.rows), batch * heads)](
+        q, k, v, grad_out, *tables, dk, dv, g_p2c, sat_p2c, *scalars, **features, **switches, BN=tile.rows,
+        BM=tile.cols, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    dkr = dqr = None
+    if e is not None or f is not None:
+        dq_pos, dk_pos, dkr, dqr = fold_gradients(q, k, pos_key, pos_query, g_c2p, g_p2c, sat_c2p, sat_p2c, lay,
+                                                  settings.scale)
+        dq, dk = dq + dq_pos, dk + dk_pos
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dkr, dqr

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deberta_ds.config import ModelConfig
-from deberta_ds.kernels import disentangled_attention
+from deberta_ds.kernels import attention_settings, disentangled_attention
 from deberta_ds.parallel.layers import (
     SINGLE,
     ColumnParallelLinear,
@@ -130,13 +130,8 @@ class DisentangledSelfAttention(nn.Module):
         q = self._heads(self.query(query_states))                             # [B, h, L, d]
         k, v, pos_key, pos_query = self.keys_values(hidden_states, rel_table) if keys is None else keys
         with fork_tp_rng(self.tp):  # probabilities of this rank's heads: a TP-rank-specific dropout stream
-            context = disentangled_attention(
-                q, k, v, pos_key, pos_query, attention_mask,
-                position_buckets=self.config.position_buckets,
-                max_relative_positions=self.config.max_relative_positions,
-                scale=self.config.attention_scale,
-                dropout_p=self.config.attention_dropout if self.training else 0.0,
-                document_ids=document_ids, impl=self.config.attention_impl)           # [B, h/tp, L, d]
+            context = disentangled_attention(q, k, v, pos_key, pos_query, attention_mask, self.settings,
+                                             training=self.training, document_ids=document_ids)  # [B, h/tp, L, d]
         return context.transpose(1, 2).flatten(2)                             # [B, L, H/tp]
 
 
@@ -180,6 +175,9 @@ class Encoder(nn.Module):
         self.rel_embeddings = nn.Parameter(torch.empty(2 * config.position_buckets, config.hidden_size))
         self.rel_norm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(config, tp) for _ in range(config.num_layers))
+        settings = attention_settings(config, config.num_heads // tp.size)  # the implementation is chosen here
+        for layer in self.layers:
+            layer.attention.settings = settings
         # Recompute each layer in the backward instead of keeping its activations (a run-time
         # choice of the trainer, not part of the model's shape: see set_activation_checkpointing).
         self.activation_checkpointing = False
