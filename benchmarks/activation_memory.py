@@ -32,12 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from deberta_ds.config import RTDConfig, preset  # noqa: E402
 from deberta_ds.model import ReplacedTokenDetection  # noqa: E402
 from deberta_ds.model.encoder import set_activation_checkpointing  # noqa: E402
-
-
-def peak_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from deberta_ds.training.metrics import peak_memory_bytes  # noqa: E402
 
 
 def current_bytes(device: str) -> int:
@@ -63,7 +58,7 @@ def one_step(args) -> dict:
                     rng=torch.Generator(device=args.device).manual_seed(1))
     out.loss.backward()
     optimizer.step()
-    return {"peak_bytes": peak_bytes(args.device), "weights_bytes": weights}
+    return {"peak_bytes": peak_memory_bytes(args.device), "weights_bytes": weights}
 
 
 def main() -> None:

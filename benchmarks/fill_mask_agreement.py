@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from deberta_ds.convert import to_hf  # noqa: E402
+from deberta_ds.data.tokenizer import load_tokenizer  # noqa: E402
 from deberta_ds.native_checkpoint import load_training_checkpoint  # noqa: E402
-from deberta_ds.training.checkpoint import complete_step_folder, read_state  # noqa: E402
+from deberta_ds.training.checkpoint import complete_step_folder, read_state, run_config_of  # noqa: E402
 from deberta_ds.training.data_setup import build_data  # noqa: E402
-from deberta_ds.training.run_config import run_config_from_dict  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +38,9 @@ def main() -> None:
     from transformers import DebertaV2ForMaskedLM
 
     state = read_state(complete_step_folder(args.run))
-    _, valid, _, _ = build_data(run_config_from_dict(state["run_config"]))
+    config = run_config_of(state)
     pair = load_training_checkpoint(args.run).eval()
+    _, valid = build_data(config, pair.config.discriminator, *load_tokenizer(config.data.tokenizer))
     with tempfile.TemporaryDirectory() as folder:
         to_hf(pair, folder, part="generator")
         exported = DebertaV2ForMaskedLM.from_pretrained(folder).eval()

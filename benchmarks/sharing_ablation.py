@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.finetune_gain import random_twin  # noqa: E402
 from data_prep.cli import main as data_prep  # noqa: E402
+from deberta_ds.training import checkpoint  # noqa: E402
 
 VARIANTS = [("ES", "es", "decoupled"), ("NES", "nes", "decoupled"), ("GDES", "gdes", "decoupled"),
             ("GDES joint", "gdes", "joint")]
@@ -72,7 +73,7 @@ def prepare_data(out: Path, wikitext: Path, vocab: int) -> dict:
 def pretrain(run_dir: Path, sharing: str, mode: str, data: dict, scale: dict, port: int) -> float:
     """One pre-training run under the deepspeed launcher (kept when it exists); returns the
     training loop's time in seconds (steps x batch / the logged samples per second)."""
-    if not (run_dir / "checkpoints" / "latest").is_file():
+    if not checkpoint.newest_complete(checkpoint.checkpoints_folder(run_dir)):
         subprocess.run(["deepspeed", "--num_gpus", str(scale["processes"]), "--master_port", str(port),
                         "--module", "deberta_ds.train", "--config", "quickstart",
                         f"data.train=[{data['train']}]", f"data.valid=[{data['valid']}]",

@@ -205,17 +205,21 @@ def hf_model(system: str, smoke: bool, micro_batch: int):
 
 
 def run_hf(args, data: dict, micro_batch: int) -> dict:
+    from deberta_ds.data.tokenizer import load_tokenizer
+    from deberta_ds.training.data_setup import build_data
+    from deberta_ds.training.model_setup import build_rtd_config
     from deberta_ds.training.prefetch import to_device, to_tensors
     from deberta_ds.training.run_config import run_config_from_dict
-    from deberta_ds.training.trainer import build_data
 
     dims = shape(args.cpu_smoke)
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     model, flops_per_token = hf_model(args.system, args.cpu_smoke, micro_batch)
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    samples = build_data(run_config_from_dict({"model": dims["preset"], "data": {
-        "train": [data["train"]], "tokenizer": data["tokenizer"], "max_length": dims["seq_len"]}}))[0]
+    config = run_config_from_dict({"model": dims["preset"], "data": {
+        "train": [data["train"]], "tokenizer": data["tokenizer"], "max_length": dims["seq_len"]}})
+    processor, meta = load_tokenizer(data["tokenizer"])
+    samples, _ = build_data(config, build_rtd_config(config, meta).discriminator, processor, meta)
 
     def step(index: int) -> None:
         indices = range(index * micro_batch, (index + 1) * micro_batch)

@@ -22,6 +22,12 @@ EMBEDDING_SHARING_MODES = ("gdes", "es", "nes")
 ATTENTION_IMPLS = ("reference", "fused", "auto")
 
 
+def scale_for(head_dim: int, positional_terms: int) -> float:
+    """1 / sqrt(d * (1 + number of positional terms)): one scale for c2c, c2p and p2c (the one home
+    of the formula: the model's config and the kernels' default both read it)."""
+    return (head_dim * (1 + positional_terms)) ** -0.5
+
+
 @dataclass
 class ModelConfig:
     """Shape and regularisation of one DeBERTaV3 encoder (names follow the paper, not HF)."""
@@ -75,8 +81,7 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
-        """1 / sqrt(d * (1 + number of positional terms)): one scale for c2c, c2p and p2c."""
-        return (self.head_dim * (1 + len(self.pos_att_type))) ** -0.5
+        return scale_for(self.head_dim, len(self.pos_att_type))
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

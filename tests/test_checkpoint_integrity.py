@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,20 @@ def test_a_damaged_complete_marker_is_named(tmp_path):
         (folder / "COMPLETE").write_bytes(text)
         with pytest.raises(UserError, match=f"{folder / 'COMPLETE'}: damaged"):
             checkpoint.load(folder, {"joint": Engine()}, 0, universal=False)
+
+
+@pytest.mark.slow
+def test_the_rtd_settings_are_recorded_once_and_the_run_config_reads_back_whole(finished):
+    """trainer_state.json keeps one copy of the rtd section (the model's RTDConfig); the run
+    config read back from it equals the one the run was given, rtd settings included."""
+    from deberta_ds.training.checkpoint import checkpoints_folder, newest_complete, read_state, run_config_of
+    from deberta_ds.training.run_config import run_config_from_dict
+
+    state = read_state(newest_complete(checkpoints_folder(finished["output_dir"])))
+    assert "rtd" not in state["run_config"] and state["rtd_config"]["embedding_sharing"] == "gdes"
+    given = run_config_from_dict(finished)
+    assert given.rtd.generator_layers is None                     # the model's copy holds the resolved count
+    resolved = replace(given, rtd=replace(given.rtd, generator_layers=state["rtd_config"]["generator_layers"]))
+    assert run_config_of(state) == resolved and resolved.rtd.generator_layers == 2  # half the tiny model's 4
+    state["rtd_config"] |= {"embedding_sharing": "es", "rtd_lambda": 10.0}  # read from the model's copy
+    assert (run_config_of(state).rtd.embedding_sharing, run_config_of(state).rtd.rtd_lambda) == ("es", 10.0)

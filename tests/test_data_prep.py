@@ -347,14 +347,14 @@ def test_unfinished_or_foreign_shard_sets_are_refused(tmp_path, small_corpus, to
     shards of another tokenizer (same vocabulary size) are refused, naming the manifest and hashes."""
     from data_prep.tokenizer import train_tokenizer
     from deberta_ds.data.tokenizer import load_tokenizer
-    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
+    from tests.train_helpers import trainer_data
 
     prefix = tmp_path / "set" / "s"
     assert cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(prefix), "--tokenizer",
                 str(tokenizer_dir), "--shard-tokens", "30000", "--no-progress"]) == 0
     run = {"model": "tiny", "data": {"train": [str(tmp_path / "set")], "tokenizer": str(tokenizer_dir)}}
-    build_data(run_config_from_dict(run))  # the finished set with its own tokenizer: accepted
+    trainer_data(run_config_from_dict(run))  # the finished set with its own tokenizer: accepted
     manifest_file = tmp_path / "set" / "s.manifest.json"
     manifest = json.loads(manifest_file.read_text())
     assert len(manifest["shards"]) > 2
@@ -363,11 +363,11 @@ def test_unfinished_or_foreign_shard_sets_are_refused(tmp_path, small_corpus, to
     assert cli(["verify", str(tmp_path / "set"), "--tokenizer", str(tokenizer_dir)]) == 1
     assert "s.manifest.json: the tokenize job that wrote these shards did not finish" in capsys.readouterr().err
     with pytest.raises(ValueError, match="did not finish .* data.allow_incomplete_shards=true"):
-        build_data(run_config_from_dict(run))
+        trainer_data(run_config_from_dict(run))
     assert cli(["verify", str(tmp_path / "set"), "--tokenizer", str(tokenizer_dir), "--allow-incomplete"]) == 0
     assert "warning: " in capsys.readouterr().err
     run["data"]["allow_incomplete_shards"] = True
-    build_data(run_config_from_dict(run))
+    trainer_data(run_config_from_dict(run))
     manifest["complete"] = True
     manifest_file.write_text(json.dumps(manifest))
     other = tmp_path / "other_tok"  # same vocabulary size, other text: other ids for the same pieces
@@ -378,7 +378,7 @@ def test_unfinished_or_foreign_shard_sets_are_refused(tmp_path, small_corpus, to
     assert f"tokenizer sha256 {ours}, not with the given one ({theirs})" in capsys.readouterr().err
     run["data"]["tokenizer"] = str(other)
     with pytest.raises(ValueError, match=f"sha256 {ours}, not with the given one"):
-        build_data(run_config_from_dict(run))
+        trainer_data(run_config_from_dict(run))
 
 
 def test_tokenize_on_a_full_disk_leaves_no_partial_output(tmp_path, small_corpus, tokenizer_dir):
@@ -432,13 +432,13 @@ def test_an_in_vocabulary_token_change_is_caught_by_the_recorded_hashes(tmp_path
     """One token replaced by another valid id (the structure and the vocabulary check still pass):
     `verify` hashes every byte and names the file; so does training's open-time check (size and a
     sampled hash, which covers every byte of a shard this small)."""
-    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
+    from tests.train_helpers import trainer_data
 
     shards = _tokenized(tmp_path, small_corpus, tokenizer_dir)
     run = run_config_from_dict({"model": "tiny", "data": {"train": [str(shards)], "tokenizer": str(tokenizer_dir)}})
     assert cli(["verify", str(shards), "--tokenizer", str(tokenizer_dir)]) == 0
-    build_data(run)
+    trainer_data(run)
     manifest = json.loads((shards / "s.manifest.json").read_text())
     assert all(set(entry["files"]) == {"bin", "idx"} for entry in manifest["shards"])
     second = shards / "s_00001.bin"
@@ -449,7 +449,7 @@ def test_an_in_vocabulary_token_change_is_caught_by_the_recorded_hashes(tmp_path
     assert cli(["verify", str(shards), "--tokenizer", str(tokenizer_dir)]) == 1
     assert f"{second}: the file is damaged: its content hash differs" in capsys.readouterr().err
     with pytest.raises(ValueError, match=f"{second}: the file is damaged: its content hash differs"):
-        build_data(run)
+        trainer_data(run)
 
 
 def test_verify_refuses_mask_and_padding_row_ids(tmp_path, tokenizer_dir, capsys):
@@ -467,8 +467,8 @@ def test_verify_refuses_mask_and_padding_row_ids(tmp_path, tokenizer_dir, capsys
 @pytest.mark.parametrize("text", ["{not json", "", "[]", "null"])
 def test_a_malformed_manifest_is_named_by_verify_tokenize_and_training(tmp_path, small_corpus, tokenizer_dir,
                                                                        capsys, text):
-    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
+    from tests.train_helpers import trainer_data
 
     shards = _tokenized(tmp_path, small_corpus, tokenizer_dir)
     (shards / "s.manifest.json").write_text(text)
@@ -479,7 +479,7 @@ def test_a_malformed_manifest_is_named_by_verify_tokenize_and_training(tmp_path,
                 str(tokenizer_dir), "--shard-tokens", "60000", "--no-progress"]) == 1
     assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match=re.escape(message)):
-        build_data(run_config_from_dict({"model": "tiny", "data": {"train": [str(shards)],
+        trainer_data(run_config_from_dict({"model": "tiny", "data": {"train": [str(shards)],
                                                                    "tokenizer": str(tokenizer_dir)}}))
 
 

@@ -170,13 +170,12 @@ def test_unknown_and_special_tokens_are_never_masked(shards, tokenizer_dir):
 
 def _run_config_batch(train_shards, tmp_path, **masking):
     """400 training samples built the way the trainer builds them from `data.masking`."""
-    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
-    from tests.train_helpers import tiny_run
+    from tests.train_helpers import tiny_run, trainer_data
 
     config = run_config_from_dict(tiny_run(train_shards, tmp_path, data={"masking": masking}))
-    train, _, _, meta = build_data(config)
-    return train.batch(np.arange(400)), meta["mask_id"]
+    train, _, meta = trainer_data(config)
+    return train.batch(np.arange(400)), meta.mask_id
 
 
 def _word_runs(batch, word_start) -> list[int]:

@@ -126,14 +126,14 @@ def test_a_bad_mixture_is_refused_naming_the_field(train, message):
 
 
 def test_an_unknown_source_path_is_refused_before_training(train_shards, tmp_path):
-    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
+    from tests.train_helpers import trainer_data
 
     mixture = [{"name": "wiki", "path": train_shards["train"], "weight": 0.7},
                {"name": "code", "path": str(tmp_path / "nowhere"), "weight": 0.3}]
     config = run_config_from_dict(tiny_run(train_shards, tmp_path / "run", data={"train": mixture}))
     with pytest.raises(ValueError, match=r"data.train\[1\] \(code\): .*nowhere"):
-        build_data(config)
+        trainer_data(config)
 
 
 @pytest.mark.slow
@@ -187,10 +187,10 @@ def _phased_run(train_shards, tmp_path, name, **train):
 
 
 def test_phases_change_length_data_and_masking_at_their_step(train_shards, tmp_path):
-    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
+    from tests.train_helpers import trainer_data
 
-    train, _, _, _ = build_data(run_config_from_dict(_phased_run(train_shards, tmp_path, "plan")))
+    train, _, _ = trainer_data(run_config_from_dict(_phased_run(train_shards, tmp_path, "plan")))
     first, second = train.batch(np.arange(16, 24)), train.batch(np.arange(24, 32))   # steps 3 and 4 (batch 8)
     assert first["input_ids"].shape == (8, 32) and second["input_ids"].shape == (8, 64)
     masked = [(batch["labels"] != -100).sum() / (batch["attention_mask"].sum() - 16) for batch in (first, second)]
@@ -215,13 +215,13 @@ def test_bad_phases_are_refused_before_training(phases, message):
 
 
 def test_a_phase_longer_than_the_generator_positions_is_refused(train_shards, tmp_path):
-    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
+    from tests.train_helpers import trainer_data
 
     run = tiny_run(train_shards, tmp_path, train={"steps": 6}, phases=[{"until_step": 6, "data.max_length": 600}])
     with pytest.raises(ValueError, match=r"phases\[0\].data.max_length: 600 exceeds the model's "
                                          r"max_position_embeddings \(512"):
-        build_data(run_config_from_dict(run))
+        trainer_data(run_config_from_dict(run))
 
 
 @pytest.mark.slow

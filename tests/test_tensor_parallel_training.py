@@ -183,8 +183,8 @@ def test_init_from_a_published_vocabulary_needs_no_override(train_shards, tmp_pa
     from deberta_ds.config import RTDConfig, preset
     from deberta_ds.convert import to_hf
     from deberta_ds.model import ReplacedTokenDetection
-    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
+    from tests.train_helpers import trainer_data
 
     torch.manual_seed(5)
     pair = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny", vocab_size=1100), mask_token_id=1000))
@@ -204,4 +204,4 @@ def test_init_from_a_published_vocabulary_needs_no_override(train_shards, tmp_pa
     config = run_config_from_dict(run | {"init_from": str(tmp_path / "hf_small")})
     with pytest.raises(ValueError, match=r"init_from: .*hf_small has 900 vocabulary rows but the tokenizer .* "
                                          r"needs 1001"):
-        build_data(config)
+        trainer_data(config)

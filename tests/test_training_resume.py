@@ -186,16 +186,17 @@ def test_nan_losses_abort_after_the_configured_count(train_shards, tmp_path):
 
 def test_bad_input_is_reported_before_training(train_shards, tmp_path, small_corpus):
     from data_prep.tokenizer import train_tokenizer
-    from deberta_ds.training.data_setup import build_data
     from deberta_ds.training.run_config import run_config_from_dict
+    from tests.train_helpers import trainer_data
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        build_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"train": [str(tmp_path / "nowhere")]})))
+        trainer_data(run_config_from_dict(tiny_run(train_shards, tmp_path,
+                                                   data={"train": [str(tmp_path / "nowhere")]})))
     small = tmp_path / "small_tok"
     train_tokenizer(iter(small_corpus.read_text().splitlines()[:300]), small, 100, sample_sentences=1000,
                     byte_fallback=False)  # 100 pieces: no room for the 256 byte pieces
     with pytest.raises(ValueError) as error:  # the file and offset of the first id outside, not a guess at the cause
-        build_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"tokenizer": str(small)})))
+        trainer_data(run_config_from_dict(tiny_run(train_shards, tmp_path, data={"tokenizer": str(small)})))
     assert re.search(rf"data: {re.escape(train_shards['train'])}.bin: token id \d+ at offset \d+ is outside the "
                      r"model vocabulary of 128", str(error.value)), str(error.value)
     with pytest.raises(ValueError, match="global_batch_size: 10 is not divisible"):

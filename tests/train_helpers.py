@@ -7,11 +7,21 @@ import copy
 import deepspeed
 import torch
 
-from deberta_ds.training.run_config import run_config_from_dict
+from deberta_ds.data.tokenizer import load_tokenizer
+from deberta_ds.training.data_setup import build_data
+from deberta_ds.training.model_setup import build_rtd_config
+from deberta_ds.training.run_config import RunConfig, run_config_from_dict
 from deberta_ds.training.trainer import Trainer
 
 ZERO3_PARTITION_EVERYTHING = {"zero_optimization": {"stage3_param_persistence_threshold": 0,
                                                     "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 1000}}
+
+
+def trainer_data(config: RunConfig):
+    """(training samples, held-out samples or None, tokenizer metadata) as the trainer builds them:
+    the tokenizer, then the model configuration, then the data checked against both."""
+    processor, meta = load_tokenizer(config.data.tokenizer)
+    return (*build_data(config, build_rtd_config(config, meta).discriminator, processor, meta), meta)
 
 
 def tiny_run(shards: dict, output_dir, **sections) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from deberta_ds.config import scale_for
 from deberta_ds.relative_position import relative_slots, slots_of_positions
 
 
@@ -17,8 +18,7 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def default_scale(head_dim: int, pos_key, pos_query) -> float:
-    positional_terms = (pos_key is not None) + (pos_query is not None)
-    return (head_dim * (1 + positional_terms)) ** -0.5
+    return scale_for(head_dim, (pos_key is not None) + (pos_query is not None))
 
 
 def attention_scores(q, k, pos_key, pos_query, *, position_buckets, max_relative_positions, scale):

@@ -2,7 +2,8 @@
 
 Layout under OUTPUT/checkpoints/:
     step_00000012/<engine>/...        DeepSpeed's files, one folder per engine (joint | generator, discriminator)
-    step_00000012/trainer_state.json  step, consumed samples, run config, tokenizer metadata, world size
+    step_00000012/trainer_state.json  step, consumed samples, run config (less its rtd section), the model's
+                                      RTDConfig (the rtd settings' one copy), tokenizer metadata, world size
     step_00000012/rng_rank{r}.safetensors  each rank's RNG states (CPU and CUDA, default and TP streams, numpy, Python)
     step_00000012/weights_tp{t}.safetensors   TP > 1 only: each TP rank's full module shard
     step_00000012/COMPLETE            written by rank 0 after every rank finished writing: the size and
@@ -18,6 +19,7 @@ different data-parallel size converts each engine folder with DeepSpeed's univer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -29,15 +31,33 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from deberta_ds.atomic_files import atomic_path, write_atomic
-from deberta_ds.config import to_dict
+from deberta_ds.config import RTDObjective, to_dict
 from deberta_ds.content_hash import check_file, file_record
 from deberta_ds.errors import CheckpointError, UserError
 from deberta_ds.parallel.random import get_rng_states, set_rng_states
+from deberta_ds.training.run_config import RunConfig, run_config_from_dict
 from deberta_ds.training.safe_load import weights_only_loads
 
+CHECKPOINTS = "checkpoints"  # the folder under a run's output_dir
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "trainer_state.json"
+
+
+def checkpoints_folder(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def run_config_entry(config: RunConfig) -> dict:
+    """The run config as trainer_state.json records it: without the `rtd` section, whose one copy
+    at run time (and in the file) is the model's RTDConfig, `rtd_config` beside it."""
+    return {name: value for name, value in to_dict(config).items() if name != "rtd"}
+
+
+def run_config_of(state: dict) -> RunConfig:
+    """A trainer state's run config, its `rtd` section read back from the model's RTDConfig."""
+    rtd = {field.name: state["rtd_config"][field.name] for field in dataclasses.fields(RTDObjective)}
+    return run_config_from_dict(state["run_config"] | {"rtd": rtd})
 
 
 def tag_for(step: int) -> str:
@@ -250,7 +270,7 @@ def _field(config: dict, dotted: str):
 
 def _checkpoints_root(path: Path) -> Path | None:
     """The checkpoints folder a run's output_dir or its checkpoints/ folder names, else None."""
-    for root in (path, path / "checkpoints"):
+    for root in (path, path / CHECKPOINTS):
         if (root / LATEST).is_file() or any(root.glob("step_*")):
             return root
     return None

@@ -1,34 +1,28 @@
-"""The run's data, checked before the first step: the tokenizer, the model vocabulary that fits
-it, the training samples of every phase (a corpus, or a weighted mixture of corpora) and the
-held-out samples. Every mismatch is an error naming the field."""
+"""The run's data, checked before the first step against the tokenizer and the model
+configuration (`model_setup.py`): the training samples of every phase (a corpus, or a weighted
+mixture of corpora) and the held-out samples. Every mismatch is an error naming the field."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 
-from deberta_ds.config import RTDConfig, preset
+import sentencepiece as spm
+
+from deberta_ds.config import ModelConfig
 from deberta_ds.data.dataset import PretrainingSamples, TokenCorpus, special_ids
 from deberta_ds.data.indexed_dataset import data_path, find_shard_prefixes, first_id_at_or_above
 from deberta_ds.data.mixture import MixtureSamples
 from deberta_ds.data.phases import PhasedSamples
 from deberta_ds.data.provenance import check_provenance
-from deberta_ds.data.tokenizer import load_tokenizer, word_start_table
+from deberta_ds.data.tokenizer import TokenizerMetadata, word_start_table
 from deberta_ds.errors import MissingInputError, UserError, require
 from deberta_ds.training.run_config import DataSection, RunConfig
 
 
-def build_data(config: RunConfig):
-    """(training PhasedSamples, held-out samples or None, RTD model config, tokenizer metadata)."""
+def build_data(config: RunConfig, model_config: ModelConfig, processor: spm.SentencePieceProcessor,
+               meta: TokenizerMetadata) -> tuple[PhasedSamples, PretrainingSamples | None]:
+    """(training samples of every phase, held-out samples or None) for this model and tokenizer."""
     require(bool(config.data.train), "data.train", "no training shards given")
-    processor, meta = load_tokenizer(config.data.tokenizer)
-    overrides = dict(config.model_overrides)
-    overrides.setdefault("vocab_size", initial_vocab_size(config, meta))
-    require(overrides["vocab_size"] > meta.mask_id, "model_overrides.vocab_size",
-            f"{overrides['vocab_size']} is smaller than the tokenizer's {meta.mask_id + 1} ids ([MASK] = "
-            f"{meta.mask_id}, {config.data.tokenizer})")
-    model_config = preset(config.model, **overrides)
-    rtd_config = RTDConfig(discriminator=model_config, mask_token_id=meta.mask_id, **asdict(config.rtd))
     plan = config.phase_plan()
     word_start = (word_start_table(processor, model_config.vocab_size)
                   if any(section.masking.whole_word for _, section in plan) else None)
@@ -54,7 +48,7 @@ def build_data(config: RunConfig):
         phases.append((first_step * config.train.global_batch_size, training_samples(section, samples, where)))
     valid = (samples(config.data.valid, config.data.seed + 1, config.data, "data.valid") if config.data.valid
              else None)
-    return PhasedSamples(phases), valid, rtd_config, asdict(meta)
+    return PhasedSamples(phases), valid
 
 
 def outside_vocabulary(corpus: TokenCorpus, vocab_size: int) -> str:
@@ -81,16 +75,3 @@ def training_samples(section: DataSection, samples, where: str):
             raise UserError(f"{where}.train[{i}] ({source.name}): {error}") from None
     return MixtureSamples([source.name for source in sources], parts, [source.weight for source in sources])
 
-
-def initial_vocab_size(config: RunConfig, meta) -> int:
-    """The model's vocabulary rows: the init_from checkpoint's (128,100 for the published models)
-    when the tokenizer's ids fit in it, else the tokenizer's (pieces + [MASK], rounded up to 128)."""
-    from deberta_ds.native_checkpoint import checkpoint_vocab_size
-
-    if not config.init_from:
-        return meta.model_vocab_size
-    rows, tokenizer_ids = checkpoint_vocab_size(config.init_from), meta.mask_id + 1
-    require(rows >= tokenizer_ids, "init_from", f"{config.init_from} has {rows} vocabulary rows but the tokenizer "
-                                                f"{config.data.tokenizer} needs {tokenizer_ids}; it is not that "
-                                                "checkpoint's tokenizer")
-    return rows

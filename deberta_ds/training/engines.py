@@ -225,7 +225,7 @@ class RTDEngines:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         documents = batch.get("document_ids")                 # [B, L] when data.document_attention is on
         masked = batch_masked_positions(batch)
-        es = self.config.rtd.embedding_sharing == "es" and train
+        es = self.model.config.embedding_sharing == "es" and train
         # ES: the samples come from a no-grad pass; the generator's graph is built after the
         # discriminator's backward, when the RTD gradient w.r.t. E_G is known.
         with torch.no_grad() if es else nullcontext():

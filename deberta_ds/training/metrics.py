@@ -75,10 +75,11 @@ def peak_tflops(device_name: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
 
 
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: peak resident set
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """The peak so far on `device`: the CUDA allocator's, or on the CPU the process's peak resident set."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class ScalarLog:

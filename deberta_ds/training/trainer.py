@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from deberta_ds.config import to_dict
 from deberta_ds.data.mixture import MixtureSamples
 from deberta_ds.data.random import hash64
 from deberta_ds.data.sampler import GlobalBatchSampler
+from deberta_ds.data.tokenizer import load_tokenizer
 from deberta_ds.errors import UserError
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.context import extend_absolute_positions
@@ -35,6 +35,7 @@ from deberta_ds.parallel_env import collect_cycles_then_destroy_process_groups, 
 from deberta_ds.training import checkpoint
 from deberta_ds.training.data_setup import build_data
 from deberta_ds.training.metrics import ScalarLog, TrainingStatistics, peak_memory_bytes, peak_tflops, roc_auc
+from deberta_ds.training.model_setup import build_rtd_config
 from deberta_ds.training.prefetch import BatchPrefetcher, to_device, to_tensors
 from deberta_ds.training.run_config import RunConfig, load_run_config
 from deberta_ds.training.run_logs import append_log, log_entry, truncate_log
@@ -102,10 +103,13 @@ class Trainer:
         self.rank = dist.get_rank()
         self.output = Path(config.output_dir)
         check_writable(self.output)
-        self.checkpoints = self.output / "checkpoints"
+        self.checkpoints = checkpoint.checkpoints_folder(self.output)
         check_writable(self.checkpoints, "checkpoint folder")
-        self.train_samples, self.valid_samples, rtd_config, self.tokenizer_meta = build_data(config)  # phased
-        rtd_config.discriminator.check_tensor_parallel(config.train.tp)
+        processor, tokenizer_meta = load_tokenizer(config.data.tokenizer)
+        rtd_config = build_rtd_config(config, tokenizer_meta)  # from here on the one copy of the rtd settings
+        self.train_samples, self.valid_samples = build_data(config, rtd_config.discriminator, processor,
+                                                            tokenizer_meta)  # phased
+        self.tokenizer_meta = asdict(tokenizer_meta)
         self.parallel = initialize_parallel(config.train.tp)   # TP ranks adjacent, DP over the rest
         self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
         self.accumulation = config.check_batch_geometry(self.dp_size)
@@ -206,7 +210,7 @@ class Trainer:
     def client_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed, "world_size": dist.get_world_size(),
                 "data_parallel_size": self.dp_size, "tp": self.config.train.tp,
-                "run_config": to_dict(self.config), "rtd_config": asdict(self.model.config),
+                "run_config": checkpoint.run_config_entry(self.config), "rtd_config": asdict(self.model.config),
                 "tokenizer": self.tokenizer_meta, "engines": list(self.engines.engines)} | self._mixture_state()
 
     def _mixture_state(self) -> dict:
@@ -374,7 +378,8 @@ class Trainer:
         return {"perf/samples_per_s": samples_per_s, "perf/tokens_per_s": tokens_per_s,
                 "perf/model_tflops": tokens_per_s * self.flops_per_token / 1e12,
                 "perf/mfu": tokens_per_s * self.flops_per_token / 1e12 / peak if peak else None,
-                "perf/peak_memory_gb": peak_memory_bytes() / 2 ** 30, "perf/data_wait_fraction": wait_fraction}
+                "perf/peak_memory_gb": peak_memory_bytes(self.device) / 2 ** 30,
+                "perf/data_wait_fraction": wait_fraction}
 
     def report(self, metrics: dict) -> None:
         """A log step: TensorBoard, metrics.jsonl and the console."""
