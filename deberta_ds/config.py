@@ -13,8 +13,6 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-import torch
-
 from deberta_ds.errors import UserError, require
 
 POS_ATT_TYPES = ("c2p", "p2c")
@@ -94,11 +92,10 @@ class ModelConfig:
     def relative_span(self, seq_len: int) -> int:
         """Rows of the relative table the reference attention multiplies against at this length
         (the slots reachable from distances -(L-1)..L-1)."""
-        from deberta_ds.relative_position import slots_of_positions
+        from deberta_ds.relative_position import reachable_slots
 
-        ends = torch.tensor([0, seq_len - 1])
-        slots = slots_of_positions(ends, ends, self.position_buckets, self.max_relative_positions)
-        return int(slots[1, 0] - slots[0, 1]) + 1
+        first, last = reachable_slots(seq_len, self.position_buckets, self.max_relative_positions)
+        return last - first + 1
 
     def layer_flops(self, seq_len: int, query_rows: int | None = None, key_value: bool = True) -> float:
         """Forward FLOPs of one encoder layer for one sequence: `query_rows` queries (default all

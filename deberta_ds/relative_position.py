@@ -45,6 +45,17 @@ def _slot_table(query_len: int, key_len: int, position_buckets: int, max_relativ
                               position_buckets, max_relative_positions)
 
 
+@functools.lru_cache(maxsize=64)
+@torch.compiler.assume_constant_result  # of plain ints: a compiled graph keeps the value (no break)
+def reachable_slots(seq_len: int, position_buckets: int, max_relative_positions: int) -> tuple[int, int]:
+    """(first, last): the relative-table rows an [L, L] attention reaches, the slots of distances
+    -(L - 1) and L - 1 (slots grow with i - j). Computed on the host from L alone, so reading it
+    never waits for a device."""
+    ends = torch.tensor([0, seq_len - 1])
+    slots = slots_of_positions(ends, ends, position_buckets, max_relative_positions)  # [2, 2] on the CPU
+    return int(slots[0, 1]), int(slots[1, 0])
+
+
 def relative_slots(query_len: int, key_len: int, position_buckets: int, max_relative_positions: int,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """idx[i, j] = clamp(bucket(i - j) + k, 0, 2k - 1): the row of the relative table for (i, j).

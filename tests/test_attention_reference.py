@@ -14,7 +14,7 @@ from deberta_ds.kernels import (
 )
 from deberta_ds.kernels.reference import disentangled_attention_reference
 from deberta_ds.kernels.settings import AttentionSettings
-from deberta_ds.relative_position import log_bucket, relative_slots
+from deberta_ds.relative_position import log_bucket, reachable_slots, relative_slots
 
 
 def spec_bucket(r: int, k: int, max_rel: int) -> int:
@@ -48,6 +48,14 @@ def test_clamping_past_max_relative_positions_follows_hf():
     assert slots[0, 511].item() == 1           # r = -511: same in both conventions
     assert slots[0, 512].item() == 0           # r = -512: HF's slot (official: 1)
     assert slots[699, 0].item() == 511
+
+
+@pytest.mark.parametrize("seq_len, buckets, max_rel", [(1, 8, 64), (16, 256, 512), (65, 8, 64), (160, 32, 128),
+                                                      (700, 256, 512)])
+def test_the_host_slot_range_is_the_tables_smallest_and_largest_slot(seq_len, buckets, max_rel):
+    """reachable_slots (a host constant of L that compiled code keeps) bounds the rows the table reaches."""
+    table = relative_slots(seq_len, seq_len, buckets, max_rel)
+    assert reachable_slots(seq_len, buckets, max_rel) == (int(table.min()), int(table.max()))
 
 
 def loop_reference(q, k, v, pos_key, pos_query, mask, buckets, max_rel):

@@ -67,15 +67,14 @@ def test_one_micro_step_of_the_pair_makes_no_host_sync_in_model_code(sharing):
     model.train()
     ids, mask, labels = masked_batch(lengths=(40, 33), every=3)
     masked = masked_positions(labels)  # on the host, as the prefetcher builds it
+    # The first call at a length computes the reference attention's reachable slot range on the
+    # host (CPU tensors, cached per length: relative_position.reachable_slots); steady state is step 2.
+    model(ids, mask, labels, rng=torch.Generator().manual_seed(0), masked=masked).loss.backward()
     recorder = SyncRecorder()
     with recorder:
         out = model(ids, mask, labels, rng=torch.Generator().manual_seed(0), masked=masked)
         out.loss.backward()
-    in_model = [(op, site) for op, site in recorder.calls if not site.startswith("kernels/")]
-    assert in_model == []
-    # The reference attention (deberta_ds/kernels, its own issue) reads its slot range with int():
-    # 2 reads per layer call. That is the only one left, and it is not model code.
-    assert {site.split(":")[0] for _, site in recorder.calls} <= {"kernels/reference.py"}
+    assert recorder.calls == []
 
 
 def test_the_recorder_sees_the_syncs_the_old_code_made():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from deberta_ds.config import scale_for
-from deberta_ds.relative_position import relative_slots, slots_of_positions
+from deberta_ds.relative_position import reachable_slots, relative_slots, slots_of_positions
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,7 +38,7 @@ def attention_scores(q, k, pos_key, pos_query, *, position_buckets, max_relative
         first, last = 0, (pos_key if pos_key is not None else pos_query).shape[1] - 1
     else:  # only slots [first, last] are reachable at this length: project against those rows only
         slots = relative_slots(seq_len, seq_len, position_buckets, max_relative_positions, q.device)
-        first, last = int(slots[0, -1]), int(slots[-1, 0])
+        first, last = reachable_slots(seq_len, position_buckets, max_relative_positions)
     slots = (slots - first).expand_as(scores)                         # [B, h, L, L]
     # In-place adds: the matmul's backward needs its inputs, not `scores`, so no [B, h, L, L]
     # temporary survives per term.
