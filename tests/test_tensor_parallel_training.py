@@ -92,9 +92,9 @@ def dropout_streams(seed: int):
         return out[0, 0] != 0                                                # [32, 32] kept probabilities
 
     replicated = torch.nn.functional.dropout(torch.ones(64), 0.5) != 0       # default stream
-    saved = get_rng_states()
+    saved = get_rng_states(parallel.tp.tracker)
     first = attention_mask()
-    set_rng_states(saved)
+    set_rng_states(saved, parallel.tp.tracker)
     again = attention_mask()
     masks = [torch.empty(2, 1024, dtype=torch.bool) for _ in range(4)]
     dist.all_gather(masks, torch.stack([first.flatten(), torch.nn.functional.pad(replicated, (0, 960))]))
