@@ -62,10 +62,13 @@ def discriminator_hidden_at_tp(run: dict, ids, mask):
 
     from deberta_ds.config import rtd_config_from_dict
     from deberta_ds.model import ReplacedTokenDetection
+    from deberta_ds.parallel.random import seed_streams
     from deberta_ds.parallel.state import initialize
     from deberta_ds.training.checkpoint import newest_complete, read_state, tp_weights_file
 
-    tp = initialize(2).tp
+    parallel = initialize(2)
+    seed_streams(0, parallel)  # attention forks the TP stream even in eval, where it draws nothing
+    tp = parallel.tp
     folder = newest_complete(__import__("pathlib").Path(run["output_dir"]) / "checkpoints")
     model = ReplacedTokenDetection(rtd_config_from_dict(read_state(folder)["rtd_config"]), tp).eval()
     model.load_state_dict(load_file(str(tp_weights_file(folder, tp.rank))))
