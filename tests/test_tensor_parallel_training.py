@@ -62,10 +62,13 @@ def discriminator_hidden_at_tp(run: dict, ids, mask):
 
     from deberta_ds.config import rtd_config_from_dict
     from deberta_ds.model import ReplacedTokenDetection
+    from deberta_ds.parallel.random import seed_streams
     from deberta_ds.parallel.state import initialize
     from deberta_ds.training.checkpoint import newest_complete, read_state, tp_weights_file
 
-    tp = initialize(2).tp
+    parallel = initialize(2)
+    seed_streams(0, parallel)  # attention forks the TP stream even in eval, where it draws nothing
+    tp = parallel.tp
     folder = newest_complete(__import__("pathlib").Path(run["output_dir"]) / "checkpoints")
     model = ReplacedTokenDetection(rtd_config_from_dict(read_state(folder)["rtd_config"]), tp).eval()
     model.load_state_dict(load_file(str(tp_weights_file(folder, tp.rank))))
@@ -92,9 +95,9 @@ def dropout_streams(seed: int):
         return out[0, 0] != 0                                                # [32, 32] kept probabilities
 
     replicated = torch.nn.functional.dropout(torch.ones(64), 0.5) != 0       # default stream
-    saved = get_rng_states()
+    saved = get_rng_states(parallel.tp.tracker)
     first = attention_mask()
-    set_rng_states(saved)
+    set_rng_states(saved, parallel.tp.tracker)
     again = attention_mask()
     masks = [torch.empty(2, 1024, dtype=torch.bool) for _ in range(4)]
     dist.all_gather(masks, torch.stack([first.flatten(), torch.nn.functional.pad(replicated, (0, 960))]))

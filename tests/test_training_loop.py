@@ -13,6 +13,7 @@ from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.encoder import set_activation_checkpointing
 from deberta_ds.model.rtd import DiscriminatorOutput, GeneratorOutput
 from deberta_ds.parallel.random import seed_streams
+from deberta_ds.parallel.state import ParallelState
 from deberta_ds.training.engines import StepResult
 from deberta_ds.training.metrics import TrainingStatistics
 from deberta_ds.training.prefetch import BatchPrefetcher
@@ -118,7 +119,7 @@ def test_activation_checkpointing_gives_identical_losses_and_gradients_with_drop
     for enabled in (False, True):
         set_activation_checkpointing(model, enabled)
         model.zero_grad()
-        seed_streams(3)
+        seed_streams(3, ParallelState())
         out = model(ids, mask, labels, rng=torch.Generator().manual_seed(1))
         out.loss.backward()
         runs.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))

@@ -97,25 +97,37 @@ def test_resume_takes_auto_none_or_a_complete_checkpoint(tmp_path):
 
 
 def test_rng_states_round_trip_through_the_checkpoint_file(tmp_path):
-    """CPU generator, numpy, Python and the TP stream come back exactly (no pickle involved)."""
+    """CPU generator, numpy, Python and the TP stream of the tracker passed in come back exactly
+    (no pickle involved); a TP > 1 tracker given a file without its stream is left unseeded, so
+    its next fork fails instead of drawing from a stream nobody seeded."""
     import random
 
     import numpy as np
 
-    from deberta_ds.parallel.random import get_tracker_states, seed_streams
+    from deberta_ds.parallel.random import RNGStatesTracker, fork_tp_rng, seed_streams
+    from deberta_ds.parallel.state import ParallelState, TensorParallel
 
-    seed_streams(5)
-    checkpoint._save_rng_states(tmp_path / "rng.safetensors")
-    draws = lambda: (torch.rand(4), np.random.rand(3), random.random())  # noqa: E731
-    expected, tracker = draws(), get_tracker_states()
+    parallel = ParallelState(TensorParallel(2, 1, None, RNGStatesTracker()))
+    seed_streams(5, parallel)
+    checkpoint._save_rng_states(tmp_path / "rng.safetensors", parallel.tp.tracker)
+
+    def draws():
+        with fork_tp_rng(parallel.tp):
+            tp_stream = torch.rand(4)
+        return torch.rand(4), np.random.rand(3), random.random(), tp_stream
+
+    expected = draws()
     draws()
-    seed_streams(6)
-    checkpoint._load_rng_states(tmp_path / "rng.safetensors")
+    seed_streams(6, parallel)
+    checkpoint._load_rng_states(tmp_path / "rng.safetensors", parallel.tp.tracker)
     actual = draws()
     assert torch.equal(expected[0], actual[0]) and np.array_equal(expected[1], actual[1]) and expected[2] == actual[2]
-    restored = get_tracker_states()
-    assert restored.keys() == tracker.keys()
-    assert all(torch.equal(restored[n]["cpu"], tracker[n]["cpu"]) for n in tracker)
+    assert torch.equal(expected[3], actual[3]) and not torch.equal(expected[0], expected[3])
+
+    checkpoint._save_rng_states(tmp_path / "tp1.safetensors", None)  # TP = 1: no tracker, no TP stream saved
+    checkpoint._load_rng_states(tmp_path / "tp1.safetensors", parallel.tp.tracker)
+    with pytest.raises(RuntimeError, match="not seeded: call .*seed_streams"):
+        fork_tp_rng(parallel.tp)
 
 
 def test_convert_refuses_an_incomplete_checkpoint_and_an_output_that_is_a_file(tmp_path, capsys):

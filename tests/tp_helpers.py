@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from deberta_ds.config import rtd_config_from_dict
 from deberta_ds.model import ReplacedTokenDetection
+from deberta_ds.parallel.random import seed_streams
 from deberta_ds.parallel.state import TensorParallel, initialize
 from deberta_ds.parallel.state_dict_split import merge_states, partition_plan, split_state
 
@@ -23,11 +24,13 @@ def gather_full(tensors: dict, plan: dict, vocab_size: int, tp: TensorParallel) 
 
 
 def tp_forward_backward(tp: int, config_dict: dict, full_state: dict, batch: dict, seed: int) -> dict:
-    group = initialize(tp).tp
+    parallel = initialize(tp)
+    group = parallel.tp
     config = rtd_config_from_dict(config_dict)
     model = ReplacedTokenDetection(config, group)
     plan, vocab = partition_plan(model), config.discriminator.vocab_size
     model.load_state_dict(split_state(full_state, plan, vocab, tp, group.rank))
+    seed_streams(seed, parallel)  # attention forks the TP stream (with dropout off nothing depends on the seed)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     documents = batch.get("document_ids")
     out = model(ids, mask, labels, rng=torch.Generator().manual_seed(seed), document_ids=documents)

@@ -189,7 +189,8 @@ class Encoder(nn.Module):
         """One layer, recomputed in the backward when activation checkpointing is on (`keys`,
         when given, are kept: they were computed outside)."""
         if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, hidden, attention_mask, rel_table, query_states, document_ids, keys)
+            return checkpoint(self.tp.tracker, layer, hidden, attention_mask, rel_table, query_states, document_ids,
+                              keys)
         return layer(hidden, attention_mask, rel_table, query_states, document_ids, keys)
 
     def relative_table(self) -> torch.Tensor:

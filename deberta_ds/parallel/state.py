@@ -1,9 +1,10 @@
 """Tensor x data parallel process groups (TP ranks adjacent: rank = tp_rank + dp_rank * TP).
 
 Nothing here is global: `initialize` returns this rank's `ParallelState`, the trainer passes its
-`tp` (a `TensorParallel`) to the model it builds, and the parallel layers and collectives use
-the one they were built with. `TensorParallel()` is TP = 1 and needs no process group, so code
-that builds a full model (conversion, tests) passes nothing.
+`tp` (a `TensorParallel`: the group and, at TP > 1, the RNG tracker of its dropout stream) to
+the model it builds, and the parallel layers, collectives and TP-region dropout use the one
+they were built with. `TensorParallel()` is TP = 1 and needs no process group and no tracker,
+so code that builds a full model (conversion, tests) passes nothing.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from deberta_ds.errors import UserError
+from deberta_ds.parallel.random import RNGStatesTracker
 
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This rank's tensor-parallel group."""
+    """This rank's tensor-parallel group, and at TP > 1 the tracker of its TP-rank-specific RNG
+    stream (seeded by `parallel.random.seed_streams`). The tracker is state carried along, not
+    part of the group's identity: equality and hash ignore it."""
 
     size: int = 1
     rank: int = 0
     group: object = None
+    tracker: RNGStatesTracker | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -50,8 +55,8 @@ def initialize(tp_size: int) -> ParallelState:
         group = dist.new_group(ranks)
         if rank in ranks:
             dp_group = group
-    return ParallelState(TensorParallel(tp_size, rank % tp_size, tp_group), world // tp_size, rank // tp_size,
-                         dp_group)
+    tp = TensorParallel(tp_size, rank % tp_size, tp_group, RNGStatesTracker())
+    return ParallelState(tp, world // tp_size, rank // tp_size, dp_group)
 
 
 class MPU:

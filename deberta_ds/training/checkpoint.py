@@ -34,7 +34,7 @@ from deberta_ds.atomic_files import atomic_path, write_atomic
 from deberta_ds.config import RTDObjective, to_dict
 from deberta_ds.content_hash import check_file, file_record
 from deberta_ds.errors import CheckpointError, UserError
-from deberta_ds.parallel.random import get_rng_states, set_rng_states
+from deberta_ds.parallel.random import RNGStatesTracker, get_rng_states, set_rng_states
 from deberta_ds.training.run_config import RunConfig, run_config_from_dict
 from deberta_ds.training.safe_load import weights_only_loads
 
@@ -73,12 +73,12 @@ def rng_file(folder: Path, rank: int) -> Path:
     return folder / f"rng_rank{rank}.safetensors"
 
 
-def _save_rng_states(path: Path) -> None:
-    """Generator states as tensors and numpy's and Python's as JSON in one safetensors file
-    (nothing that loading could execute)."""
+def _save_rng_states(path: Path, tracker: RNGStatesTracker | None) -> None:
+    """Generator states (with `tracker`'s TP stream at TP > 1) as tensors and numpy's and
+    Python's as JSON in one safetensors file (nothing that loading could execute)."""
     from safetensors.torch import save_file
 
-    states = get_rng_states()
+    states = get_rng_states(tracker)
     tensors = {f"generators.{device}": state for device, state in states["generators"].items()}
     tensors |= {f"tracker.{name}.{device}": state for name, stream in states["tracker"].items()
                 for device, state in stream.items()}
@@ -89,7 +89,7 @@ def _save_rng_states(path: Path) -> None:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _load_rng_states(path: Path) -> None:
+def _load_rng_states(path: Path, tracker: RNGStatesTracker | None) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
@@ -97,15 +97,15 @@ def _load_rng_states(path: Path) -> None:
         metadata = handle.metadata()
     kind, keys, position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
     version, internal, gauss_next = json.loads(metadata["python"])
-    tracker: dict = {}
+    streams: dict = {}
     for key, tensor in tensors.items():
         if key.startswith("tracker."):
             name, device = key[len("tracker."):].rsplit(".", 1)
-            tracker.setdefault(name, {})[device] = tensor
+            streams.setdefault(name, {})[device] = tensor
     generators = {key.split(".", 1)[1]: tensor for key, tensor in tensors.items() if key.startswith("generators.")}
-    set_rng_states({"generators": generators, "tracker": tracker,
+    set_rng_states({"generators": generators, "tracker": streams,
                     "numpy": (kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian),
-                    "python": (version, tuple(internal), gauss_next)})
+                    "python": (version, tuple(internal), gauss_next)}, tracker)
 
 
 def tp_weights_file(folder: Path, tp_rank: int) -> Path:
@@ -128,11 +128,11 @@ def _save_tp_weights(folder: Path, model, dp_rank: int) -> None:
 
 
 def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, keep_last: int, tp_model=None,
-         dp_rank: int = 0) -> Path:
+         dp_rank: int = 0, tracker: RNGStatesTracker | None = None) -> Path:
     """Write step's checkpoint and point `latest` at it (tp_model: the TP > 1 model whose shards
-    the first data-parallel replica writes). A complete checkpoint of this step is
-    never rewritten (a relaunch that saves again before any step would otherwise put the only
-    copy at risk); a half-written one is removed first."""
+    the first data-parallel replica writes; tracker: its TP RNG stream, None at TP = 1). A
+    complete checkpoint of this step is never rewritten (a relaunch that saves again before any
+    step would otherwise put the only copy at risk); a half-written one is removed first."""
     tag = tag_for(step)
     folder = root / tag
     if (folder / COMPLETE).is_file():
@@ -145,7 +145,7 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
     _barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder), tag=name, save_latest=False)
-    _save_rng_states(rng_file(folder, rank))
+    _save_rng_states(rng_file(folder, rank), tracker)
     if tp_model is not None:
         _save_tp_weights(folder, tp_model, dp_rank)
     if rank == 0:
@@ -325,15 +325,15 @@ def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
     _barrier()
 
 
-def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
+def load(folder: Path, engines: dict, rank: int, universal: bool, tracker: RNGStatesTracker | None = None) -> dict:
     """Check every file against COMPLETE, then load the engine states (universal: converted first)
-    and this rank's RNG states; a damaged file is named, with the previous complete checkpoint
-    to resume from instead."""
+    and this rank's RNG states (the TP stream into `tracker`, None at TP = 1); a damaged file is
+    named, with the previous complete checkpoint to resume from instead."""
     try:
         verify(folder)
         if universal:
             convert_to_universal(folder, engines, rank)
-        return _load(folder, engines, rank, universal)
+        return _load(folder, engines, rank, universal, tracker)
     except UserError as error:
         previous = [p for p in _complete_checkpoints(folder.parent) if p.name < folder.name]
         advice = (f"resume from the previous complete checkpoint with --resume {previous[-1]}" if previous
@@ -341,7 +341,7 @@ def load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
         raise UserError(f"{error}; {advice}") from None
 
 
-def _load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
+def _load(folder: Path, engines: dict, rank: int, universal: bool, tracker: RNGStatesTracker | None) -> dict:
     for name, engine in engines.items():
         tag = universal_folder(folder, name).name if universal else name
         if not (folder / tag).is_dir():
@@ -356,7 +356,7 @@ def _load(folder: Path, engines: dict, rank: int, universal: bool) -> dict:
                 group["lr"] = lr
     if rng_file(folder, rank).is_file() and not universal:
         try:
-            _load_rng_states(rng_file(folder, rank))
+            _load_rng_states(rng_file(folder, rank), tracker)
         except (SafetensorError, ValueError, KeyError, TypeError) as error:  # ValueError: JSONDecodeError too
             raise UserError(f"{rng_file(folder, rank)}: cannot be read, the file is truncated or damaged "
                              f"({type(error).__name__}: {error})") from None

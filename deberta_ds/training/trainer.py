@@ -132,7 +132,7 @@ class Trainer:
         seed_streams(config.seed, self.parallel)  # dropout: per DP replica, plus a per-TP-rank stream for attention
         self.step, self.consumed = 0, 0
         if latest:
-            state = checkpoint.load(latest, self.engines.engines, self.rank, universal)
+            state = checkpoint.load(latest, self.engines.engines, self.rank, universal, self.parallel.tp.tracker)
             self.step, self.consumed = state["step"], state["consumed_samples"]
             phase_start, phase_samples = self.train_samples.phase_at(self.consumed)
             if isinstance(phase_samples, MixtureSamples) and "mixture_counts" in state:  # no replay of the rule
@@ -226,7 +226,8 @@ class Trainer:
         try:
             folder = checkpoint.save(self.checkpoints, self.engines.engines, self.step, self.client_state(),
                                      self.rank, self.config.train.keep_last,
-                                     self.model if self.config.train.tp > 1 else None, self.dp_rank)
+                                     self.model if self.config.train.tp > 1 else None, self.dp_rank,
+                                     self.parallel.tp.tracker)
         except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
             latest = self.checkpoints / checkpoint.LATEST
             kept = f"{latest.read_text().strip()} is still the latest complete checkpoint" if latest.is_file() else \
