@@ -139,10 +139,11 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
 def _writing(what: str | Path):
     """Names `what` in the error of a write that fails: an OSError with its errno text, or the
     RuntimeError torch.save reports any failed write with. A collective inside (DeepSpeed's save
-    has some) that lost its peer stays what it is, for the lost-peer handler."""
+    has some) that lost its peer stays what it is, for the lost-peer handler. safetensors reports
+    a failed write as a SafetensorError holding the system's text."""
     try:
         yield
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         raise CheckpointWriteError(f"{what}: {error}") from None
     except RuntimeError as error:
         if lost_contact(error):
