@@ -63,6 +63,9 @@ class _LogClock:
 
 
 class Trainer:
+    """One run: built from the run config (resuming per `resume`), then `run()` trains to
+    train.steps, logging, evaluating and saving on the way."""
+
     def __init__(self, config: RunConfig, resume: str):
         self.config = config
         self.rank = dist.get_rank()
@@ -80,11 +83,7 @@ class Trainer:
         self.parallel = initialize_parallel(config.train.tp)   # TP ranks adjacent, DP over the rest
         self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
         self.accumulation = config.check_batch_geometry(self.dp_size)
-        latest = checkpoint.checkpoint_to_resume(resume, self.checkpoints)
-        if latest:
-            checkpoint.check_resumable(read_state(latest), latest, rtd_config, self.tokenizer_meta)
-            self._repair_latest(latest)
-        universal = self._needs_universal(read_state(latest) if latest else None)
+        latest, universal = self._resume_point(resume, rtd_config)
         torch.manual_seed(config.seed)  # identical initial (full) weights on every rank, at any TP size
         self.model = ReplacedTokenDetection(rtd_config, self.parallel.tp)
         if config.init_from and not latest:
@@ -99,12 +98,7 @@ class Trainer:
         seed_streams(config.seed, self.parallel)  # dropout: per DP replica, plus a per-TP-rank stream for attention
         self.step, self.consumed = 0, 0
         if latest:
-            state = checkpoint.load(latest, self.engines.engines, self.rank, universal)
-            self.step, self.consumed = state["step"], state["consumed_samples"]
-            phase_start, phase_samples = self.train_samples.phase_at(self.consumed)
-            if isinstance(phase_samples, MixtureSamples) and "mixture_counts" in state:  # no replay of the rule
-                phase_samples.restore(self.consumed - phase_start, state["mixture_counts"])
-            self.log(f"resumed from {latest} at step {self.step} ({self.consumed} samples)")
+            self._restore(latest, universal)
         self.run_log.start(self.step)
         self.statistics = TrainingStatistics(self.device)
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
@@ -113,6 +107,24 @@ class Trainer:
         decoupled_es = config.train.mode == "decoupled" and rtd_config.embedding_sharing == "es"  # + a sampling pass
         self.flops_per_token = rtd_config.flops_per_token(config.data.max_length, config.data.masking.probability,
                                                           config.train.micro_batch_size, 1 + decoupled_es)
+
+    def _resume_point(self, resume: str, rtd_config) -> tuple[Path | None, bool]:
+        """The checkpoint `--resume` names (None: start afresh), checked against this run, and
+        whether it loads through DeepSpeed's universal format."""
+        latest = checkpoint.checkpoint_to_resume(resume, self.checkpoints)
+        if latest:
+            checkpoint.check_resumable(read_state(latest), latest, rtd_config, self.tokenizer_meta)
+            self._repair_latest(latest)
+        return latest, self._needs_universal(read_state(latest) if latest else None)
+
+    def _restore(self, folder: Path, universal: bool) -> None:
+        """The engines, RNG states, step and data position of the checkpoint resumed from."""
+        state = checkpoint.load(folder, self.engines.engines, self.rank, universal)
+        self.step, self.consumed = state["step"], state["consumed_samples"]
+        phase_start, phase_samples = self.train_samples.phase_at(self.consumed)
+        if isinstance(phase_samples, MixtureSamples) and "mixture_counts" in state:  # no replay of the rule
+            phase_samples.restore(self.consumed - phase_start, state["mixture_counts"])
+        self.log(f"resumed from {folder} at step {self.step} ({self.consumed} samples)")
 
     def _repair_latest(self, folder: Path) -> None:
         """A kill between a checkpoint's COMPLETE and moving `latest` leaves `latest` behind: point it
