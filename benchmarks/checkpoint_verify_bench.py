@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deberta_ds import checkpoint_reader as checkpoint  # noqa: E402
 from deberta_ds.content_hash import sampled_sha256  # noqa: E402
-from deberta_ds.training import checkpoint  # noqa: E402
 
 
 def main() -> None:

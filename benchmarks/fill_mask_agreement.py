@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from deberta_ds.checkpoint_reader import complete_step_folder, load_training_checkpoint, read_state  # noqa: E402
 from deberta_ds.convert import to_hf  # noqa: E402
 from deberta_ds.data.tokenizer import load_tokenizer  # noqa: E402
-from deberta_ds.native_checkpoint import load_training_checkpoint  # noqa: E402
-from deberta_ds.training.checkpoint import complete_step_folder, read_state, run_config_of  # noqa: E402
+from deberta_ds.training.checkpoint import run_config_of  # noqa: E402
 from deberta_ds.training.data_setup import build_data  # noqa: E402
 
 

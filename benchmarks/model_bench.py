@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from deberta_ds.config import preset  # noqa: E402
-from deberta_ds.convert import encoder_from_hf  # noqa: E402
+from deberta_ds.hf_format import encoder_from_hf  # noqa: E402
 from deberta_ds.hf_oracle import random_hf_model  # noqa: E402
 
 

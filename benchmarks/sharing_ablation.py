@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.finetune_gain import random_twin  # noqa: E402
 from data_prep.cli import main as data_prep  # noqa: E402
-from deberta_ds.training import checkpoint  # noqa: E402
+from deberta_ds.checkpoint_reader import checkpoints_folder, newest_complete  # noqa: E402
 
 VARIANTS = [("ES", "es", "decoupled"), ("NES", "nes", "decoupled"), ("GDES", "gdes", "decoupled"),
             ("GDES joint", "gdes", "joint")]
@@ -73,7 +73,7 @@ def prepare_data(out: Path, wikitext: Path, vocab: int) -> dict:
 def pretrain(run_dir: Path, sharing: str, mode: str, data: dict, scale: dict, port: int) -> float:
     """One pre-training run under the deepspeed launcher (kept when it exists); returns the
     training loop's time in seconds (steps x batch / the logged samples per second)."""
-    if not checkpoint.newest_complete(checkpoint.checkpoints_folder(run_dir)):
+    if not newest_complete(checkpoints_folder(run_dir)):
         subprocess.run(["deepspeed", "--num_gpus", str(scale["processes"]), "--master_port", str(port),
                         "--module", "deberta_ds.train", "--config", "quickstart",
                         f"data.train=[{data['train']}]", f"data.valid=[{data['valid']}]",
@@ -93,7 +93,7 @@ def average_cosine(table: torch.Tensor) -> float:
 
 def embedding_similarity(run_dir: Path, regular: slice) -> dict:
     """The paper's analysis on the regular pieces' rows (no specials, no padding rows)."""
-    from deberta_ds.native_checkpoint import load_training_checkpoint
+    from deberta_ds.checkpoint_reader import load_training_checkpoint
 
     pair = load_training_checkpoint(run_dir)
     generator = pair.generator.word_embeddings.weight.detach()[regular]

@@ -181,7 +181,7 @@ def hf_model(system: str, smoke: bool, micro_batch: int):
     """The peer's model at its shape (the discriminator's for DeBERTa, base for ModernBERT) and its
     model FLOPs per token at `micro_batch`."""
     from deberta_ds.config import preset
-    from deberta_ds.convert import model_config_to_hf
+    from deberta_ds.hf_format import model_config_to_hf
 
     dims = shape(smoke)
     if system == "modernbert":

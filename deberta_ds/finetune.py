@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from deberta_ds.atomic_files import atomic_path, write_atomic
 from deberta_ds.errors import UserError
-from deberta_ds.training.metrics import ScalarLog
+from deberta_ds.training.run_logs import ScalarLog
 
 LOG_EVERY = 10  # training steps per TensorBoard point of the loss and learning rate
 

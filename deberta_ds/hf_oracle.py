@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from deberta_ds.config import ModelConfig
-from deberta_ds.convert import model_config_to_hf
+from deberta_ds.hf_format import model_config_to_hf
 
 
 def random_hf_model(config: ModelConfig, seed: int = 0):

@@ -1,4 +1,5 @@
-"""Process-group environment helpers."""
+"""Process setup for distributed runs: the environment of a world of one, the process group
+(DeepSpeed's, with its CPU workarounds), telling a lost peer from a bug, and the orderly end."""
 
 from __future__ import annotations
 
@@ -47,6 +48,28 @@ def init_distributed(timeout_s: float | None = None) -> None:
         dist.barrier()
         rank, addr, port = dist.get_rank(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
         deepspeed_shm_buffer(rank, addr, port).unlink(missing_ok=True)
+
+
+def setup_process(timeout_s: float | None) -> None:
+    """Everything a training process needs before its first collective: a world of one when no
+    launcher set the variables, the CPU fp16 testing aid, then the process group."""
+    if "RANK" not in os.environ:  # started without a launcher: a world of one
+        os.environ.update(single_process_environment())
+    if os.environ.get("DEBERTA_DS_CPU_FP16") == "1":  # testing aid: DeepSpeed refuses fp16 without mkldnn fp16
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().is_fp16_supported = lambda: True
+    init_distributed(timeout_s=timeout_s)
+
+
+def lost_contact(error: RuntimeError) -> bool:
+    """Whether a collective failed because a peer or the network went away (a timeout or a closed
+    connection in gloo or NCCL), as opposed to a bug, which must surface with its traceback."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(sign in text for sign in (
+        "gloo/transport", "Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+        "NCCL communicator was aborted", "Watchdog caught collective operation timeout"))
 
 
 def collect_cycles_then_destroy_process_groups() -> None:

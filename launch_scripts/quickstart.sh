@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from deberta_ds.native_checkpoint import load_training_checkpoint
+from deberta_ds.checkpoint_reader import load_training_checkpoint
 
 out = Path(sys.argv[1])
 model = AutoModel.from_pretrained(out / "hf_discriminator").eval()

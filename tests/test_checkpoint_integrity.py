@@ -72,8 +72,7 @@ def test_latest_left_behind_readers_use_the_newest_and_a_relaunch_repairs_it(fin
     (checkpoints / "latest").write_text("step_00000002")
     eval_log.write_text("".join(line + "\n" for line in eval_log.read_text().splitlines()[:-1]))
 
-    from deberta_ds.native_checkpoint import checkpoint_vocab_size, load_native
-    from deberta_ds.training.checkpoint import complete_step_folder
+    from deberta_ds.checkpoint_reader import checkpoint_vocab_size, complete_step_folder, load_native
 
     step4 = checkpoints / "step_00000004"
     assert complete_step_folder(out) == complete_step_folder(checkpoints) == step4
@@ -184,18 +183,19 @@ def test_rng_file_with_damaged_metadata_is_named(tmp_path):
 def test_the_first_save_killed_before_latest_is_still_found(tmp_path):
     """No `latest` at all (killed right after the first COMPLETE): the checkpoint is found, and
     `latest` pointing at an incomplete or older folder does not hide the newest complete one."""
+    from deberta_ds import checkpoint_reader as reader
     from deberta_ds.training import checkpoint
 
     for step in (3, 12):
-        (tmp_path / "checkpoints" / checkpoint.tag_for(step)).mkdir(parents=True)
-        (tmp_path / "checkpoints" / checkpoint.tag_for(step) / "COMPLETE").write_text("")
-        (tmp_path / "checkpoints" / checkpoint.tag_for(step) / "trainer_state.json").write_text(
+        (tmp_path / "checkpoints" / reader.tag_for(step)).mkdir(parents=True)
+        (tmp_path / "checkpoints" / reader.tag_for(step) / "COMPLETE").write_text("")
+        (tmp_path / "checkpoints" / reader.tag_for(step) / "trainer_state.json").write_text(
             json.dumps({"step": step, "consumed_samples": 8 * step}))
-    (tmp_path / "checkpoints" / checkpoint.tag_for(15)).mkdir()  # half-written
-    assert checkpoint.is_training_checkpoint(tmp_path)
-    assert checkpoint.complete_step_folder(tmp_path).name == "step_00000012"
+    (tmp_path / "checkpoints" / reader.tag_for(15)).mkdir()  # half-written
+    assert reader.is_training_checkpoint(tmp_path)
+    assert reader.complete_step_folder(tmp_path).name == "step_00000012"
     (tmp_path / "checkpoints" / "latest").write_text("step_00000003")
-    assert checkpoint.complete_step_folder(tmp_path).name == "step_00000012"
+    assert reader.complete_step_folder(tmp_path).name == "step_00000012"
     assert checkpoint.checkpoint_to_resume("auto", tmp_path / "checkpoints").name == "step_00000012"
 
 
@@ -242,7 +242,8 @@ def test_a_damaged_complete_marker_is_named(tmp_path):
 def test_the_rtd_settings_are_recorded_once_and_the_run_config_reads_back_whole(finished):
     """trainer_state.json keeps one copy of the rtd section (the model's RTDConfig); the run
     config read back from it equals the one the run was given, rtd settings included."""
-    from deberta_ds.training.checkpoint import checkpoints_folder, newest_complete, read_state, run_config_of
+    from deberta_ds.checkpoint_reader import checkpoints_folder, newest_complete, read_state
+    from deberta_ds.training.checkpoint import run_config_of
     from deberta_ds.training.run_config import run_config_from_dict
 
     state = read_state(newest_complete(checkpoints_folder(finished["output_dir"])))

@@ -33,7 +33,8 @@ def _plant(path: Path, marker: Path) -> None:
 def _rerecord(step: Path) -> None:
     """Record the planted file's hash in COMPLETE, as whoever replaced the file could: the
     weights-only loading must hold on its own."""
-    from deberta_ds.training.checkpoint import COMPLETE, file_records
+    from deberta_ds.checkpoint_reader import COMPLETE
+    from deberta_ds.training.checkpoint import file_records
 
     (step / COMPLETE).write_text(json.dumps({"files": file_records(step)}))
 
@@ -66,7 +67,7 @@ def test_a_planted_pickle_runs_nowhere(train_shards, tmp_path):
                                 "--out", str(tmp_path / "hf")], cwd=REPO)
         assert exported.returncode == 2 and "refused to load" in exported.stderr, (relative, exported.stderr[-2000:])
         assert not marker.exists(), relative
-    universal = subprocess.run([sys.executable, "-m", "deberta_ds.training.safe_load",
+    universal = subprocess.run([sys.executable, "-m", "deberta_ds.safe_load",
                                 "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                 str(copy / "checkpoints" / "step_00000002" / relative.parent), "--output_folder",
                                 str(tmp_path / "universal"), "--num_extract_workers", "1", "--num_merge_workers", "1"],

@@ -129,7 +129,7 @@ def test_bad_config_files_and_tokenizer_descriptions_are_named(tmp_path):
 def test_bad_run_configs_are_refused_by_the_train_command(tmp_path, capsys, text, message):
     """What `python -m deberta_ds.train --config run.yaml` prints (its main(), in this process: the
     config is read before anything is launched): exit 1, the field named, no traceback."""
-    from deberta_ds.training.trainer import main
+    from deberta_ds.train import main
 
     (tmp_path / "run.yaml").write_text(text)
     assert main(["--config", str(tmp_path / "run.yaml")]) == 1
@@ -137,7 +137,7 @@ def test_bad_run_configs_are_refused_by_the_train_command(tmp_path, capsys, text
 
 
 def test_a_key_given_twice_in_a_json_config_is_refused(tmp_path, capsys):
-    from deberta_ds.training.trainer import main
+    from deberta_ds.train import main
 
     (tmp_path / "run.json").write_text('{"model": "tiny", "seed": 1, "seed": 2}')
     assert main(["--config", str(tmp_path / "run.json")]) == 1

@@ -120,7 +120,7 @@ def _train_and_capture(run: dict) -> dict:
     trainer = Trainer(run_config_from_dict(run), resume="none")
     trainer.run()
     return {name: [None if ids is None else ids.cpu() for ids in calls] for name, calls in seen.items()} | {
-        "loss": trainer.history[-1]["discriminator/rtd_loss"]}
+        "loss": trainer.run_log.history[-1]["discriminator/rtd_loss"]}
 
 
 @pytest.mark.parametrize("mode", ["joint", "decoupled"])

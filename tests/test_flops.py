@@ -49,7 +49,7 @@ def test_flops_per_token_counts_the_vocabulary_only_on_masked_rows():
 
 def test_hf_deberta_mlm_flops_match_flop_counter():
     transformers = pytest.importorskip("transformers")
-    from deberta_ds.convert import model_config_to_hf
+    from deberta_ds.hf_format import model_config_to_hf
 
     ours = preset("tiny")
     hf_config = transformers.DebertaV2Config(**model_config_to_hf(ours))

@@ -101,7 +101,8 @@ def device_training_steps(runs: list[dict]) -> list[dict]:
         trainer = Trainer(run_config_from_dict(run), resume="none")
         trainer.run()
         devices = {p.device.type for p in trainer.model.parameters()}
-        results.append({"device": str(trainer.device), "parameter_devices": devices, "history": trainer.history})
+        results.append({"device": str(trainer.device), "parameter_devices": devices,
+                        "history": trainer.run_log.history})
     return results
 
 

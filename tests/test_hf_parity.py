@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from transformers import DebertaV2ForMaskedLM, DebertaV2Model
 
 from deberta_ds.config import RTDConfig, preset
-from deberta_ds.convert import CheckpointError, encoder_from_hf, from_hf, to_hf
+from deberta_ds.convert import to_hf
+from deberta_ds.errors import CheckpointError
+from deberta_ds.hf_format import encoder_from_hf, from_hf
 from deberta_ds.hf_oracle import random_hf_model
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 from tests.hf_helpers import padded_batch

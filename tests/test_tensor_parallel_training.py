@@ -38,8 +38,8 @@ def test_tp2_dp2_zero2_equals_tp1_dp2_and_merges_to_hf(train_shards, tmp_path):
     # The TP = 2 checkpoint merges to TP = 1 and transformers reproduces the TP = 2 model.
     from transformers import DebertaV2Model
 
+    from deberta_ds.checkpoint_reader import load_training_checkpoint
     from deberta_ds.convert import to_hf
-    from deberta_ds.native_checkpoint import load_training_checkpoint
     from tests.hf_helpers import padded_batch
 
     merged = load_training_checkpoint(tmp_path / "tp2").eval()
@@ -60,11 +60,11 @@ def discriminator_hidden_at_tp(run: dict, ids, mask):
     """The discriminator of the saved TP = 2 checkpoint, loaded shard by shard at TP = 2."""
     from safetensors.torch import load_file
 
+    from deberta_ds.checkpoint_reader import newest_complete, read_state, tp_weights_file
     from deberta_ds.config import rtd_config_from_dict
     from deberta_ds.model import ReplacedTokenDetection
     from deberta_ds.parallel.random import seed_streams
     from deberta_ds.parallel.state import initialize
-    from deberta_ds.training.checkpoint import newest_complete, read_state, tp_weights_file
 
     parallel = initialize(2)
     seed_streams(0, parallel)  # attention forks the TP stream even in eval, where it draws nothing
@@ -142,9 +142,10 @@ def test_world_size_not_divisible_by_tp(tmp_path):
 
 
 def test_split_tp_round_trip(tmp_path):
+    from deberta_ds.checkpoint_reader import load_native
     from deberta_ds.config import RTDConfig, preset
     from deberta_ds.model import ReplacedTokenDetection
-    from deberta_ds.native_checkpoint import load_native, split_tp
+    from deberta_ds.native_checkpoint import split_tp
 
     torch.manual_seed(0)
     model = ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny", vocab_size=1000), mask_token_id=5))

@@ -320,13 +320,37 @@ def test_damaged_checkpoint_files_and_failed_writes_are_reported_not_tracebacks(
     result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(limited)], cwd=REPO,
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "writing the checkpoint of step 3" in result.stderr
-    assert "(disk full?); step_00000002 is still the latest complete checkpoint" in result.stderr
+    assert f"writing the checkpoint of step 3 under {tmp_path / 'run' / 'checkpoints'} failed: the generator " \
+           "engine's DeepSpeed files" in result.stderr  # the first file over the limit
+    assert "(torch.save reports any failed write so: a full disk, a quota or a file-size limit); step_00000002 " \
+           "is still the latest complete checkpoint" in result.stderr
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
     (tmp_path / "a_file").write_text("")
     unwritable = write_config(tmp_path / "unwritable.json", run | {"output_dir": str(tmp_path / "a_file" / "out")})
     result = train_cli(unwritable, expect=1)
     assert f"output_dir {tmp_path / 'a_file' / 'out'}: cannot write there" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_peer_lost_at_the_checkpoint_barrier_is_reported_as_lost_not_as_a_write_error(train_shards, tmp_path):
+    """Two ranks under the launcher; rank 1 ends (exit 0, so that the launcher lets rank 0 go on)
+    as it enters the first save: rank 0 meets the gone peer at the save's barrier and says it lost
+    contact (the lost-peer handler's message), not that a write failed."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':  # this rank goes away when it would save\n"
+        "    from deberta_ds.training import checkpoint\n"
+        "    checkpoint.save = lambda *args, **kwargs: os._exit(0)\n")
+    run = tiny_run(train_shards, tmp_path / "run", train={"steps": 2, "save_every": 1, "collective_timeout_s": 60})
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", str(REPO))])}
+    result = run_bounded(launcher(write_config(tmp_path / "run.json", run)), cwd=REPO, env=env, timeout_s=300)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "error: rank 0 lost contact with the other ranks" in output, output[-3000:]
+    assert "writing the checkpoint" not in output and "Traceback" not in output
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """Optimiser groups, the learning-rate schedule and checkpoint pruning (single process)."""
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,35 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000005"]
     assert checkpoint.newest_complete(tmp_path).name == "step_00000005"
     assert checkpoint.rng_file(tmp_path / "step_00000005", 0).is_file()
+
+
+def test_a_failed_checkpoint_write_names_its_file_and_the_system_error(tmp_path):
+    """A write that fails (here: a file-size limit, as a full disk) raises CheckpointWriteError
+    naming the file it was writing, with errno and text, and `latest` stays on the last complete
+    checkpoint. In a child process: the limit holds for the whole process."""
+    script = f"""
+import resource
+from pathlib import Path
+from deberta_ds.training import checkpoint
+
+class Engine:
+    def save_checkpoint(self, folder, tag, save_latest):
+        (Path(folder) / tag).mkdir(parents=True, exist_ok=True)
+
+root = Path({str(tmp_path)!r})
+checkpoint.save(root, {{"joint": Engine()}}, 1, {{"step": 1}}, 0, keep_last=2)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    checkpoint.save(root, {{"joint": Engine()}}, 2, {{"step": 2, "padding": "x" * (1 << 18)}}, 0, keep_last=2)
+except checkpoint.CheckpointWriteError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"writing the checkpoint of step 2 under {tmp_path} failed: {tmp_path / 'step_00000002'}/trainer_state" \
+           f".json: [Errno 27] File too large; step_00000001 is still the latest complete checkpoint" in result.stdout
+    assert (tmp_path / checkpoint.LATEST).read_text() == "step_00000001"
+    assert not (tmp_path / "step_00000002" / checkpoint.COMPLETE).exists()
 
 
 class _EngineThatMustNotWrite:

@@ -45,8 +45,8 @@ def _check_export(run_dir, trained_weights, hf_dir):
     """The sharded ZeRO-3 checkpoint consolidates to the trained weights and exports to transformers."""
     from transformers import DebertaV2Model
 
+    from deberta_ds.checkpoint_reader import load_training_checkpoint
     from deberta_ds.convert import to_hf
-    from deberta_ds.native_checkpoint import load_training_checkpoint
     from tests.hf_helpers import padded_batch
 
     model = load_training_checkpoint(run_dir).eval()

@@ -54,6 +54,7 @@ def train_runs(runs: list[dict], resume: str = "none") -> list[dict]:
     for run in runs:
         trainer = Trainer(run_config_from_dict(run), resume=resume)
         trainer.run()
-        results.append({"losses": [(h["generator/mlm_loss"], h["discriminator/rtd_loss"]) for h in trainer.history],
-                        "weights": full_weights(trainer), "history": trainer.history})
+        history = trainer.run_log.history
+        results.append({"losses": [(h["generator/mlm_loss"], h["discriminator/rtd_loss"]) for h in history],
+                        "weights": full_weights(trainer), "history": history})
     return results

@@ -1,24 +1,16 @@
-"""Checkpoints: DeepSpeed engine states plus the trainer's client state, published atomically.
+"""Training checkpoints written and resumed: DeepSpeed engine states plus the trainer's client
+state, published atomically (the layout, and reading a checkpoint into a model, live in
+deberta_ds.checkpoint_reader).
 
-Layout under OUTPUT/checkpoints/:
-    step_00000012/<engine>/...        DeepSpeed's files, one folder per engine (joint | generator, discriminator)
-    step_00000012/trainer_state.json  step, consumed samples, run config (less its rtd section), the model's
-                                      RTDConfig (the rtd settings' one copy), tokenizer metadata, world size
-    step_00000012/rng_rank{r}.safetensors  each rank's RNG states (CPU and CUDA, default and TP streams, numpy, Python)
-    step_00000012/weights_tp{t}.safetensors   TP > 1 only: each TP rank's full module shard
-    step_00000012/COMPLETE            written by rank 0 after every rank finished writing: the size and
-                                      sha256 of every file of the folder, checked on every load
-    latest                            the newest COMPLETE tag; moved (write + rename) only after COMPLETE
-
-A kill while writing leaves the previous checkpoint complete. Which checkpoint is "the newest"
-is decided by `newest_complete` alone (the highest step folder holding COMPLETE, whatever
-`latest` says: a kill between COMPLETE and moving `latest` leaves it behind); resume, `convert`,
-`init_from` and every checkpoint load use it, and a relaunch repairs `latest`. Resuming on a
-different data-parallel size converts each engine folder with DeepSpeed's universal-checkpoint tool.
+A kill while writing leaves the previous checkpoint complete, and a relaunch repairs a `latest`
+left behind. A failed write names the file it was writing and what the system said; a lost peer
+at a barrier is not a write error and reaches the caller as the collective's own error. Resuming
+on a different data-parallel size converts each engine folder with DeepSpeed's universal-checkpoint tool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -31,21 +23,28 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from deberta_ds.atomic_files import atomic_path, write_atomic
+from deberta_ds.checkpoint_reader import (
+    COMPLETE,
+    LATEST,
+    STATE,
+    complete_checkpoints,
+    newest_complete,
+    read_state,
+    tag_for,
+    tp_weights_file,
+    verify,
+)
 from deberta_ds.config import RTDObjective, to_dict
-from deberta_ds.content_hash import check_file, file_record
+from deberta_ds.content_hash import file_record
 from deberta_ds.errors import CheckpointError, UserError
 from deberta_ds.parallel.random import RNGStatesTracker, get_rng_states, set_rng_states
+from deberta_ds.parallel_env import lost_contact
+from deberta_ds.safe_load import weights_only_loads
 from deberta_ds.training.run_config import RunConfig, run_config_from_dict
-from deberta_ds.training.safe_load import weights_only_loads
-
-CHECKPOINTS = "checkpoints"  # the folder under a run's output_dir
-COMPLETE = "COMPLETE"
-LATEST = "latest"
-STATE = "trainer_state.json"
 
 
-def checkpoints_folder(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINTS
+class CheckpointWriteError(UserError):
+    """A checkpoint file could not be written (a full disk, a quota, a file-size limit): exit 1."""
 
 
 def run_config_entry(config: RunConfig) -> dict:
@@ -58,10 +57,6 @@ def run_config_of(state: dict) -> RunConfig:
     """A trainer state's run config, its `rtd` section read back from the model's RTDConfig."""
     rtd = {field.name: state["rtd_config"][field.name] for field in dataclasses.fields(RTDObjective)}
     return run_config_from_dict(state["run_config"] | {"rtd": rtd})
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def _barrier() -> None:
@@ -108,10 +103,6 @@ def _load_rng_states(path: Path, tracker: RNGStatesTracker | None) -> None:
                     "python": (version, tuple(internal), gauss_next)}, tracker)
 
 
-def tp_weights_file(folder: Path, tp_rank: int) -> Path:
-    return folder / f"weights_tp{tp_rank}.safetensors"
-
-
 def _save_tp_weights(folder: Path, model, dp_rank: int) -> None:
     """TP > 1: the first replica's ranks write their full-precision module shards (ZeRO-3
     parameters gathered over the data-parallel group), which `convert` merges into TP = 1."""
@@ -131,29 +122,69 @@ def save(root: Path, engines: dict, step: int, client_state: dict, rank: int, ke
          dp_rank: int = 0, tracker: RNGStatesTracker | None = None) -> Path:
     """Write step's checkpoint and point `latest` at it (tp_model: the TP > 1 model whose shards
     the first data-parallel replica writes; tracker: its TP RNG stream, None at TP = 1). A
-    complete checkpoint of this step is never rewritten (a relaunch that saves again before any
-    step would otherwise put the only copy at risk); a half-written one is removed first."""
+    complete checkpoint of this step is
+    never rewritten (a relaunch that saves again before any step would otherwise put the only
+    copy at risk); a half-written one is removed first. A failed write raises CheckpointWriteError
+    naming the file and what the system said, with `latest` still naming the last complete checkpoint."""
+    try:
+        return _save(root, engines, step, client_state, rank, keep_last, tp_model, dp_rank, tracker)
+    except CheckpointWriteError as error:
+        latest = root / LATEST
+        kept = f"{latest.read_text().strip()} is still the latest complete checkpoint" if latest.is_file() else \
+            "no complete checkpoint exists yet"
+        raise CheckpointWriteError(f"writing the checkpoint of step {step} under {root} failed: {error}; "
+                                   f"{kept}") from None
+
+
+@contextlib.contextmanager
+def _writing(what: str | Path):
+    """Names `what` in the error of a write that fails: an OSError with its errno text, or the
+    RuntimeError torch.save reports any failed write with. A collective inside (DeepSpeed's save
+    has some) that lost its peer stays what it is, for the lost-peer handler. safetensors reports
+    a failed write as a SafetensorError holding the system's text."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        raise CheckpointWriteError(f"{what}: {error}") from None
+    except RuntimeError as error:
+        if lost_contact(error):
+            raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointWriteError(f"{what}: {first_line} (torch.save reports any failed write so: a full disk, "
+                                   "a quota or a file-size limit)") from None
+
+
+def _save(root: Path, engines: dict, step: int, client_state: dict, rank: int, keep_last: int, tp_model,
+          dp_rank: int, tracker: RNGStatesTracker | None) -> Path:
     tag = tag_for(step)
     folder = root / tag
     if (folder / COMPLETE).is_file():
         if rank == 0:
-            repair_latest(root, folder)
+            with _writing(root / LATEST):
+                repair_latest(root, folder)
         _barrier()
         return folder
     if rank == 0 and folder.exists():  # a half-written attempt at this step: start clean
-        shutil.rmtree(folder)
+        with _writing(f"removing the half-written {folder}"):
+            shutil.rmtree(folder)
     _barrier()
     for name, engine in engines.items():
-        engine.save_checkpoint(str(folder), tag=name, save_latest=False)
-    _save_rng_states(rng_file(folder, rank), tracker)
+        with _writing(f"the {name} engine's DeepSpeed files under {folder / name}"):
+            engine.save_checkpoint(str(folder), tag=name, save_latest=False)
+    with _writing(rng_file(folder, rank)):
+        _save_rng_states(rng_file(folder, rank), tracker)
     if tp_model is not None:
-        _save_tp_weights(folder, tp_model, dp_rank)
+        with _writing(tp_weights_file(folder, tp_model.tp.rank)):
+            _save_tp_weights(folder, tp_model, dp_rank)
     if rank == 0:
-        write_atomic(folder / STATE, json.dumps(client_state, indent=1))
+        with _writing(folder / STATE):
+            write_atomic(folder / STATE, json.dumps(client_state, indent=1))
     _barrier()  # every rank has finished writing
     if rank == 0:
-        write_atomic(folder / COMPLETE, json.dumps({"files": file_records(folder)}, indent=1))
-        write_atomic(root / LATEST, tag)
+        with _writing(folder / COMPLETE):
+            write_atomic(folder / COMPLETE, json.dumps({"files": file_records(folder)}, indent=1))
+        with _writing(root / LATEST):
+            write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
     _barrier()
     return folder
@@ -163,21 +194,6 @@ def file_records(folder: Path) -> dict:
     """Size and content hash of every file of a step folder, by path relative to it."""
     return {str(path.relative_to(folder)): file_record(path) for path in sorted(folder.rglob("*"))
             if path.is_file() and path.name != COMPLETE}
-
-
-def verify(folder: Path) -> None:
-    """Every file the COMPLETE marker records has its recorded size and sha256 (a marker written
-    before hashes were recorded is empty: nothing to check)."""
-    marker = folder / COMPLETE
-    text = marker.read_text(errors="replace")
-    if not text.strip():
-        return
-    try:
-        records = dict(json.loads(text)["files"])
-    except (ValueError, KeyError, TypeError) as error:  # ValueError: JSONDecodeError too
-        raise CheckpointError(f"{marker}: damaged ({error}); it must list the checkpoint's files") from None
-    for relative, record in records.items():
-        check_file(folder / relative, record)
 
 
 def repair_latest(root: Path, folder: Path) -> bool:
@@ -190,13 +206,9 @@ def repair_latest(root: Path, folder: Path) -> bool:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    complete = _complete_checkpoints(root)
+    complete = complete_checkpoints(root)
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _complete_checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
 
 
 def checkpoint_to_resume(resume: str, root: Path) -> Path | None:
@@ -206,7 +218,7 @@ def checkpoint_to_resume(resume: str, root: Path) -> Path | None:
     if resume == "auto":
         return newest_complete(root)
     if resume == "none":
-        if (root / LATEST).exists() or _complete_checkpoints(root):
+        if (root / LATEST).exists() or complete_checkpoints(root):
             raise UserError(f"--resume none: {root} already holds checkpoints; use --resume auto or another "
                              "output_dir")
         return None
@@ -215,31 +227,11 @@ def checkpoint_to_resume(resume: str, root: Path) -> Path | None:
         raise UserError(f"--resume {resume!r}: choose auto, none, or the path of a complete checkpoint folder "
                          f"(a step_N folder holding {COMPLETE} and {STATE}, e.g. {root / tag_for(1000)})")
     step = read_state(folder)["step"]
-    newer = [p.name for p in _complete_checkpoints(root) if read_state(p)["step"] > step]
+    newer = [p.name for p in complete_checkpoints(root) if read_state(p)["step"] > step]
     if newer:
         raise UserError(f"--resume {folder}: {root} holds newer checkpoints ({', '.join(newer)}) that continuing "
                          f"from step {step} would replace; move them out of {root} first")
     return folder
-
-
-def newest_complete(root: Path) -> Path | None:
-    """The newest complete checkpoint under a checkpoints folder: the highest step folder holding
-    COMPLETE. `latest` is not consulted: a kill between writing COMPLETE and moving it leaves it
-    behind. The one answer to "which checkpoint" for every reader."""
-    return (_complete_checkpoints(root) or [None])[-1]
-
-
-def read_state(folder: Path) -> dict:
-    path = folder / STATE
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        state = error
-    if not isinstance(state, dict) or any(type(state.get(key)) is not int for key in ("step", "consumed_samples")):
-        detail = state if isinstance(state, Exception) else "no integer step and consumed_samples"
-        raise CheckpointError(f"{path}: damaged, not a trainer state ({detail}); resume from an earlier complete "
-                              "step folder with --resume PATH")
-    return state
 
 
 # Fields that decide the parameters' shapes: a checkpoint resumes only into the same ones.
@@ -268,43 +260,6 @@ def _field(config: dict, dotted: str):
     return config.get(name) if section == "rtd" else config.get("discriminator", {}).get(name)
 
 
-def _checkpoints_root(path: Path) -> Path | None:
-    """The checkpoints folder a run's output_dir or its checkpoints/ folder names, else None."""
-    for root in (path, path / CHECKPOINTS):
-        if (root / LATEST).is_file() or any(root.glob("step_*")):
-            return root
-    return None
-
-
-def is_training_checkpoint(path: Path) -> bool:
-    """A step folder, a checkpoints/ folder or a run's output_dir."""
-    return (path / STATE).is_file() or _checkpoints_root(path) is not None
-
-
-def complete_step_folder(folder: str | Path) -> Path:
-    """The complete step folder a training checkpoint path names (a step folder, or its
-    checkpoints/ folder or the run's output_dir: the newest complete step)."""
-    folder = Path(folder)
-    root = None if (folder / STATE).is_file() else _checkpoints_root(folder)
-    if root is not None:
-        newest = newest_complete(root)
-        if newest is None:
-            raise CheckpointError(f"{root}: holds no complete training checkpoint (no step folder with a {COMPLETE} "
-                                  "marker: the run stopped before its first checkpoint was finished)")
-        return newest
-    if not (folder / COMPLETE).is_file():
-        raise CheckpointError(f"{folder}: not a complete training checkpoint (no {COMPLETE} marker: it was being "
-                              "written when the run stopped); use an earlier step folder")
-    return folder
-
-
-def is_sharded(zero_stage: int, precision: str) -> bool:
-    """Whether DeepSpeed's files hold the weights as shards (ZeRO 1-3, or bf16/fp16 with fp32
-    master weights): they are consolidated with zero_to_fp32, and changing the data-parallel size
-    needs the universal format."""
-    return zero_stage > 0 or precision != "fp32"
-
-
 def universal_folder(folder: Path, engine_name: str) -> Path:
     return folder / f"{engine_name}_universal"
 
@@ -317,7 +272,7 @@ def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
             if target.is_dir():
                 continue
             with atomic_path(target) as tmp:
-                subprocess.run([sys.executable, "-m", "deberta_ds.training.safe_load",  # weights-only loads
+                subprocess.run([sys.executable, "-m", "deberta_ds.safe_load",  # weights-only loads
                                 "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                 str(folder / name), "--output_folder", str(tmp), "--inject_missing_state",
                                 "--num_extract_workers", "1", "--num_merge_workers", "1"],
@@ -335,7 +290,7 @@ def load(folder: Path, engines: dict, rank: int, universal: bool, tracker: RNGSt
             convert_to_universal(folder, engines, rank)
         return _load(folder, engines, rank, universal, tracker)
     except UserError as error:
-        previous = [p for p in _complete_checkpoints(folder.parent) if p.name < folder.name]
+        previous = [p for p in complete_checkpoints(folder.parent) if p.name < folder.name]
         advice = (f"resume from the previous complete checkpoint with --resume {previous[-1]}" if previous
                   else "no earlier complete checkpoint exists")
         raise UserError(f"{error}; {advice}") from None

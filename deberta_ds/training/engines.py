@@ -25,6 +25,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from deberta_ds.data.random import hash64
 from deberta_ds.errors import UserError
 from deberta_ds.model.rtd import (
     DiscriminatorOutput,
@@ -35,6 +36,19 @@ from deberta_ds.model.rtd import (
 )
 from deberta_ds.training.ds_config import build_ds_config
 from deberta_ds.training.run_config import RunConfig
+
+
+def sampling_rng(seed: int, first_global_index: int, device: torch.device) -> torch.Generator:
+    """Generator on the model's device for the RTD samples of a micro-batch: a function of the
+    data, not of the rank or the stage (CPU and CUDA generators draw different, equally valid
+    samples from the same seed)."""
+    return torch.Generator(device=device).manual_seed(int(hash64(seed, first_global_index)) & ((1 << 63) - 1))
+
+
+def loss_scale(engine) -> float:
+    """The dynamic fp16 loss scale (ZeRO optimisers call it cur_scale, FP16_Optimizer loss_scale)."""
+    optimizer = engine.optimizer
+    return float(optimizer.cur_scale if hasattr(optimizer, "cur_scale") else optimizer.loss_scale)
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, decay_embedding_delta: bool = True) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Training metrics: RTD classification statistics, AUC, throughput, TensorBoard writing."""
+"""Training metrics: RTD classification statistics, AUC, throughput, peak memory."""
 
 from __future__ import annotations
 
@@ -80,26 +80,3 @@ def peak_memory_bytes(device: torch.device | str) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class ScalarLog:
-    """TensorBoard scalars on rank 0 only (a no-op elsewhere). The event file is created by the
-    first write, so a run that logs nothing (a relaunch of a finished run) leaves no trace."""
-
-    def __init__(self, log_dir, enabled: bool):
-        self.log_dir, self.enabled, self.writer = log_dir, enabled, None
-
-    def write(self, scalars: dict, step: int) -> None:
-        if not self.enabled:
-            return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        for name, value in scalars.items():
-            if value is not None and np.isfinite(value):
-                self.writer.add_scalar(name, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from deberta_ds.checkpoint_reader import checkpoint_vocab_size
 from deberta_ds.config import RTDConfig, preset
 from deberta_ds.data.tokenizer import TokenizerMetadata
 from deberta_ds.errors import require
@@ -27,8 +28,6 @@ def build_rtd_config(config: RunConfig, meta: TokenizerMetadata) -> RTDConfig:
 def initial_vocab_size(config: RunConfig, meta: TokenizerMetadata) -> int:
     """The model's vocabulary rows: the init_from checkpoint's (128,100 for the published models)
     when the tokenizer's ids fit in it, else the tokenizer's (pieces + [MASK], rounded up to 128)."""
-    from deberta_ds.native_checkpoint import checkpoint_vocab_size
-
     if not config.init_from:
         return meta.model_vocab_size
     rows, tokenizer_ids = checkpoint_vocab_size(config.init_from), meta.mask_id + 1

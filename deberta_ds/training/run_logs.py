@@ -1,12 +1,17 @@
-"""The run's JSON-lines logs (OUTPUT/metrics.jsonl, OUTPUT/eval.jsonl): appended one entry per line
-by rank 0, cut back to a checkpoint's step on resume. A write that fails (a full disk) stops the
-run with an error naming the file; a line it cut short never blocks a relaunch."""
+"""The run's log: the console, TensorBoard (OUTPUT/tensorboard) and the JSON-lines logs
+(OUTPUT/metrics.jsonl, OUTPUT/eval.jsonl), written by rank 0. The JSON-lines logs are appended one
+entry per line and cut back to a checkpoint's step on resume. A write that fails (a full disk)
+stops the run with an error naming the file; a line it cut short never blocks a relaunch."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from tqdm import tqdm
 
 from deberta_ds.atomic_files import write_atomic
 from deberta_ds.errors import UserError
@@ -59,3 +64,79 @@ def append_log(path: Path, entry: dict) -> None:
     except OSError as error:
         raise LogWriteError(f"appending to {path} failed: {error} (disk full?); free space and relaunch the same "
                             "command: it continues from the last complete checkpoint") from None
+
+
+class ScalarLog:
+    """TensorBoard scalars on rank 0 only (a no-op elsewhere). The event file is created by the
+    first write, so a run that logs nothing (a relaunch of a finished run) leaves no trace."""
+
+    def __init__(self, log_dir, enabled: bool):
+        self.log_dir, self.enabled, self.writer = log_dir, enabled, None
+
+    def write(self, scalars: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        for name, value in scalars.items():
+            if value is not None and np.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class RunLog:
+    """One run's log. Console lines and files come from rank 0 only; `history` (each training
+    log step's entry) is kept on every rank. Every rank must call `start` (once the step the run
+    starts from is known) and `has_evaluation`."""
+
+    def __init__(self, output: Path, rank: int):
+        self.rank, self.metrics, self.evaluations = rank, output / "metrics.jsonl", output / "eval.jsonl"
+        self.scalars = ScalarLog(output / "tensorboard", rank == 0)
+        self.history: list[dict] = []
+
+    def console(self, message: str) -> None:
+        if self.rank == 0:
+            tqdm.write(message)
+
+    def start(self, step: int) -> None:
+        """Drop the entries past `step`: a resumed run's were written after its checkpoint (and,
+        starting afresh, none was ever kept)."""
+        if self.rank == 0:
+            for log in (self.metrics, self.evaluations):
+                truncate_log(log, step, warn=self.console)
+
+    def training(self, step: int, consumed: int, metrics: dict) -> None:
+        """A log step's metrics (means since the previous log step): history, metrics.jsonl,
+        TensorBoard and the losses on the console."""
+        entry = {"step": step, "consumed_samples": consumed} | metrics
+        self.history.append(entry)
+        if self.rank == 0:
+            append_log(self.metrics, entry)
+        self.scalars.write(metrics, step)
+        self.console(f"step {step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items()
+                                                  if k.startswith(("generator/mlm", "discriminator/rtd"))
+                                                  and v is not None))
+
+    def evaluation(self, step: int, metrics: dict) -> None:
+        """An evaluation's metrics: eval.jsonl, TensorBoard and the console."""
+        self.scalars.write(metrics, step)
+        if self.rank == 0:
+            append_log(self.evaluations, {"step": step} | metrics)
+        self.console(f"eval at step {step}: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
+
+    def has_evaluation(self, step: int) -> bool:
+        """Whether eval.jsonl holds step's row (rank 0 reads it; every rank gets the answer)."""
+        held = [None]
+        if self.rank == 0:
+            lines = self.evaluations.read_text().splitlines() if self.evaluations.is_file() else []
+            held = [step in {entry["step"] for entry in map(log_entry, lines) if entry}]
+        dist.broadcast_object_list(held, src=0)
+        return held[0]
+
+    def close(self) -> None:
+        self.scalars.close()

@@ -5,7 +5,7 @@ arbitrary code on resume, `to-hf`, `init_from` or `split-tp`. DeepSpeed loads it
 that way (its checkpoint engine, zero_to_fp32, the universal-checkpoint tools), so every load
 of a training checkpoint runs inside `weights_only_loads()`: torch.load is weights-only there
 whatever the caller asks, with only the few DeepSpeed classes its files hold allowed besides
-tensors and containers. `python -m deberta_ds.training.safe_load MODULE ARGS...` runs a module
+tensors and containers. `python -m deberta_ds.safe_load MODULE ARGS...` runs a module
 (DeepSpeed's ds_to_universal) the same way.
 """
 
