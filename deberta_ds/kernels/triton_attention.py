@@ -36,6 +36,12 @@ _LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
+def _rows(base, offs, offs_d, mask, HEAD_DIM: tl.constexpr):
+    """A [len(offs), D] tile of a row-major [L, HEAD_DIM] matrix (q, k, v, do) at `base`."""
+    return tl.load(base + offs[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _skewed_view(origin, seq_len, CS, ROWS: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
     """The [L, L] view of row stride CS - 1 at `origin`: a tensor descriptor of ROWS x COLS boxes, or
     for pointer loads (TMA off) the origin itself."""
@@ -179,7 +185,7 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
     row_ok = offs_m < seq_len
     qkv = bh.to(tl.int64) * seq_len * HEAD_DIM
     tile_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
+    q = _rows(Q + qkv, offs_m, offs_d, tile_mask, HEAD_DIM)
     Eb, Fb = E + bh.to(tl.int64) * TS, F + bh.to(tl.int64) * TS
     e_hi = tl.zeros([BM], tl.float32)
     e_lo = e_hi
@@ -201,8 +207,8 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
         offs_n = n0 + tl.arange(0, BN)
         col_ok = offs_n < seq_len
         kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(K + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _rows(K + qkv, offs_n, offs_d, kv_mask, HEAD_DIM)
+        v = _rows(V + qkv, offs_n, offs_d, kv_mask, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         if HAS_C2P or HAS_P2C:
             s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0, seq_len,
@@ -249,8 +255,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
     row_ok = offs_m < seq_len
     qkv = bh.to(tl.int64) * seq_len * HEAD_DIM
     tile_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
-    do = tl.load(DO + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
+    q = _rows(Q + qkv, offs_m, offs_d, tile_mask, HEAD_DIM)
+    do = _rows(DO + qkv, offs_m, offs_d, tile_mask, HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=float("inf"))   # past L: p = 0
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
     Eb, Fb, Gb = E + bh.to(tl.int64) * TS, F + bh.to(tl.int64) * TS, GC + bh.to(tl.int64) * TS
@@ -275,8 +281,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
         offs_n = n0 + tl.arange(0, BN)
         col_ok = offs_n < seq_len
         kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(K + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _rows(K + qkv, offs_n, offs_d, kv_mask, HEAD_DIM)
+        v = _rows(V + qkv, offs_n, offs_d, kv_mask, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         if HAS_C2P or HAS_P2C:  # keys past L read -inf saturated values: p = 0 there without a test
             s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD,
@@ -332,8 +338,8 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
     key_ok = offs_n < seq_len
     qkv = bh.to(tl.int64) * seq_len * HEAD_DIM
     tile_mask = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
-    v = tl.load(V + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
+    k = _rows(K + qkv, offs_n, offs_d, tile_mask, HEAD_DIM)
+    v = _rows(V + qkv, offs_n, offs_d, tile_mask, HEAD_DIM)
     Eb, Fb, Gb = E + bh.to(tl.int64) * TS, F + bh.to(tl.int64) * TS, GP + bh.to(tl.int64) * TS
     f_lo = tl.zeros([BN], tl.float32)
     f_hi = f_lo
@@ -360,8 +366,8 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
         offs_m = m0 + tl.arange(0, BM)
         q_ok = offs_m < seq_len
         qd_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        q = tl.load(Q + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DO + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=qd_mask, other=0.0)
+        q = _rows(Q + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
+        do = _rows(DO + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
         lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=float("inf"))   # past L: p = 0
         delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale                 # [BN keys, BM queries]
