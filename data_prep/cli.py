@@ -1,8 +1,9 @@
 """python -m data_prep <command>: offline data preparation for deberta_ds.
 
-Commands: default-corpus, train-tokenizer, tokenize, verify, inspect, merge, split.
+Commands: default-corpus, train-tokenizer, tokenize, verify, inspect, merge, split, mixture, manifest.
 Shards are Megatron MMIDIDX pairs named PREFIX_00000.bin/.idx, PREFIX_00001..., readable by
-megatron-core's IndexedDataset and by deberta_ds.data.
+megatron-core's IndexedDataset and by deberta_ds.data. Every output carries a manifest
+(PREFIX.manifest.json: the tokenizer's hash, each file's size and hashes) that every reader checks.
 """
 
 from __future__ import annotations
@@ -127,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--output-prefix", required=True, help="writes PREFIX_train.* and PREFIX_valid.*")
     split.add_argument("--valid-fraction", type=_fraction, default=0.01, help="fraction of documents (default 0.01)")
     split.add_argument("--seed", type=int, default=0, help="seed of the per-document choice (default 0)")
+
+    record = commands.add_parser("manifest", help="check shards made elsewhere (Megatron's preprocess_data.py) "
+                                                  "against a tokenizer and record their manifest")
+    record.add_argument("paths", nargs="+", metavar="PREFIX_OR_DIR", help="shard prefixes, globs or directories")
+    _tokenizer_flag(record, required=True)
     return parser
 
 
@@ -141,8 +147,6 @@ def _sentences(args):
 
 def run(args) -> int:
     from data_prep import tools
-    from deberta_ds.data.indexed_dataset import find_shard_prefixes
-    from deberta_ds.data.provenance import check_provenance
     from deberta_ds.data.tokenizer import load_tokenizer
 
     if args.command == "default-corpus":
@@ -169,16 +173,20 @@ def run(args) -> int:
         if args.tokenizer:
             processor, meta = load_tokenizer(args.tokenizer)
             vocab, tokenizer_sha256, mask_id = vocab or meta.model_vocab_size, meta.sha256, meta.mask_id
-        check_provenance(find_shard_prefixes(args.paths), tokenizer_sha256, args.allow_incomplete,
-                         warn=lambda message: print(message, file=sys.stderr), full=True)
-        return tools.verify(args.paths, vocab, processor, mask_id=mask_id)
+        return tools.verify(args.paths, vocab, processor, mask_id=mask_id, tokenizer_sha256=tokenizer_sha256,
+                            allow_incomplete=args.allow_incomplete,
+                            warn=lambda message: print(message, file=sys.stderr))
     elif args.command == "inspect":
-        tools.inspect(args.path, load_tokenizer(args.tokenizer)[0] if args.tokenizer else None)
+        processor, meta = load_tokenizer(args.tokenizer) if args.tokenizer else (None, None)
+        tools.inspect(args.path, processor, tokenizer_sha256=meta and meta.sha256)
     elif args.command == "merge":
         writer = tools.merge(args.input, args.output_prefix)
         print(f"wrote {args.output_prefix}.bin/.idx: {writer.num_documents:,} documents, {writer.num_tokens:,} tokens")
     elif args.command == "mixture":
         print(tools.mixture_block(args.paths, args.alpha))
+    elif args.command == "manifest":
+        for prefix in tools.record(args.paths, args.tokenizer):
+            print(f"recorded {prefix}.manifest.json")
     elif args.command == "split":
         train, valid = tools.split(args.input, args.output_prefix, args.valid_fraction, args.seed)
         print(f"wrote {args.output_prefix}_train ({train.num_documents:,} documents) and "

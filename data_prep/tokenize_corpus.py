@@ -17,16 +17,15 @@ import json
 import multiprocessing as mp
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from data_prep.inputs import Block, cut_pieces, iterate_blocks, split_block
-from deberta_ds.atomic_files import write_atomic
 from deberta_ds.data.indexed_dataset import ShardWriter, data_path, dtype_for_vocab, index_path
-from deberta_ds.data.provenance import manifest_path, read_manifest, shard_files, shard_prefix
+from deberta_ds.data.provenance import manifest_path, read_manifest, shard_entry, shard_prefix, write_manifest
 from deberta_ds.data.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
 from deberta_ds.errors import UserError
 
@@ -151,15 +150,12 @@ def _job_identity(files, tokenizer_sha, settings) -> dict:
     return {"inputs": inputs, "tokenizer_sha256": tokenizer_sha, "settings": settings}
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
-    write_atomic(path, json.dumps(manifest, indent=1) + "\n")
-
-
 def _load_or_start_manifest(prefix, identity: dict) -> dict:
     path = manifest_path(prefix)
     if not path.is_file():
-        return identity | {"version": 1, "shards": [], "complete": False}
+        return identity | {"version": 1, "kind": "tokenize", "shards": [], "complete": False}
     manifest = read_manifest(path)
+    _check_resumable(path, manifest)
     for key in ("inputs", "tokenizer_sha256", "settings"):
         if manifest.get(key) != identity[key]:
             raise JobMismatchError(f"{path}: the existing output was made by a different job ({key} differs); "
@@ -169,6 +165,20 @@ def _load_or_start_manifest(prefix, identity: dict) -> dict:
             if not file.is_file():
                 raise JobMismatchError(f"{path}: finished shard file {file} is missing; delete the output and re-run")
     return manifest
+
+
+def _check_resumable(path: Path, manifest: dict) -> None:
+    """What a resume reads of the last finished shard: the input position after it and the counts."""
+    for i, entry in enumerate(manifest["shards"]):
+        resume, stats = entry.get("resume"), entry.get("stats")
+        if not (isinstance(resume, list) and len(resume) == 2 and all(type(x) is int for x in resume)):
+            raise JobMismatchError(f"{path}: field 'shards[{i}].resume' must be [file index, byte offset] (got "
+                                   f"{json.dumps(resume)[:60]}); the manifest is damaged: delete the output and re-run")
+        if not (isinstance(stats, dict) and set(stats) == {f.name for f in fields(TokenizeStats)}
+                and all(type(x) is int for x in stats.values())):
+            raise JobMismatchError(f"{path}: field 'shards[{i}].stats' must hold the integer counts "
+                                   f"{[f.name for f in fields(TokenizeStats)]}; the manifest is damaged: delete the "
+                                   "output and re-run")
 
 
 # ---------------------------------------------------------------- main loop
@@ -218,10 +228,10 @@ class _ShardSequence:
 
     def publish(self) -> None:
         self.writer.finalize()
-        self.manifest["shards"].append({"prefix": str(self.writer.prefix), "documents": self.writer.num_documents,
-                                        "tokens": self.writer.num_tokens, "resume": list(self.last_document_end),
-                                        "stats": asdict(self.stats), "files": shard_files(self.writer.prefix)})
-        _write_manifest(manifest_path(self.prefix), self.manifest)
+        writer = self.writer
+        self.manifest["shards"].append(shard_entry(writer.prefix, writer.num_documents, writer.num_tokens)
+                                       | {"resume": list(self.last_document_end), "stats": asdict(self.stats)})
+        write_manifest(manifest_path(self.prefix), self.manifest)
         self.writer = None
 
 
@@ -318,7 +328,7 @@ def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str
                                 f"JSON object per line with the text under --json-key {json_key!r}) and --json-key")
             manifest["complete"] = True
             manifest["final_stats"] = asdict(stats)
-            _write_manifest(manifest_path(output_prefix), manifest)
+            write_manifest(manifest_path(output_prefix), manifest)
         except BaseException:
             if shards.writer is not None:
                 shards.writer.abort()

@@ -198,11 +198,13 @@ def test_rerun_with_other_settings_is_refused(tmp_path, small_corpus, tokenizer_
     assert "different job" in capsys.readouterr().err
 
 
-def _good_shard(tmp_path) -> Path:
+def _good_shard(tmp_path, tokenizer_dir) -> Path:
+    """A 3-document shard written directly (as another tool would), then checked and recorded."""
     writer = ShardWriter(tmp_path / "g", np.uint16)
     for doc in ([5, 6, 7], [8, 9], [10]):
         writer.add_document(np.array(doc))
     writer.finalize()
+    assert cli(["manifest", str(tmp_path / "g"), "--tokenizer", str(tokenizer_dir)]) == 0
     return tmp_path / "g"
 
 
@@ -220,8 +222,8 @@ def _corrupt(path: Path, offset: int, data: bytes) -> None:
     (lambda p: _corrupt(p.with_suffix(".idx"), 34 + 12 + 16, np.int64(600).tobytes()), "pointer 600 at offset 62"),
     (lambda p: _corrupt(p.with_suffix(".bin"), 2, np.uint16(5000).tobytes()), "token id 5000 >= vocab size 100"),
 ])
-def test_verify_rejects_damage_with_its_own_message(tmp_path, capsys, damage, message):
-    prefix = _good_shard(tmp_path)
+def test_verify_rejects_damage_with_its_own_message(tmp_path, tokenizer_dir, capsys, damage, message):
+    prefix = _good_shard(tmp_path, tokenizer_dir)
     assert cli(["verify", str(prefix), "--vocab-size", "100"]) == 0
     damage(prefix)
     assert cli(["verify", str(prefix), "--vocab-size", "100"]) == 1
@@ -312,13 +314,14 @@ def _damage(prefix: Path, suffix: str, offset: int, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("suffix, offset, data, message", STRUCTURAL_DAMAGE)
-def test_every_reader_refuses_a_structurally_damaged_shard(tmp_path, capsys, suffix, offset, data, message):
+def test_every_reader_refuses_a_structurally_damaged_shard(tmp_path, tokenizer_dir, capsys, suffix, offset, data,
+                                                          message):
     """Training (TokenCorpus), inspect, merge and split open shards with verify's structural checks:
     the file and offset are named, and merge/split write nothing (no laundering into a 'valid' shard)."""
     from deberta_ds.data.dataset import TokenCorpus
     from deberta_ds.data.indexed_dataset import ShardFormatError
 
-    prefix = _good_shard(tmp_path)
+    prefix = _good_shard(tmp_path, tokenizer_dir)
     _damage(prefix, suffix, offset, data)
     with pytest.raises(ShardFormatError, match=re.escape(message)):
         TokenCorpus([prefix])
@@ -328,15 +331,15 @@ def test_every_reader_refuses_a_structurally_damaged_shard(tmp_path, capsys, suf
                      "--valid-fraction", "0.5"]):
         assert cli(command) == 1, command
         assert message in capsys.readouterr().err, command
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.bin", "g.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.bin", "g.idx", "g.manifest.json"]
 
 
-def test_a_truncated_bin_is_refused_by_training_not_read_in_part(tmp_path):
+def test_a_truncated_bin_is_refused_by_training_not_read_in_part(tmp_path, tokenizer_dir):
     """The trainer used to train on what was left of a truncated .bin without a word."""
     from deberta_ds.data.dataset import TokenCorpus
     from deberta_ds.data.indexed_dataset import ShardFormatError
 
-    prefix = _good_shard(tmp_path)
+    prefix = _good_shard(tmp_path, tokenizer_dir)
     prefix.with_suffix(".bin").write_bytes(prefix.with_suffix(".bin").read_bytes()[:4])
     with pytest.raises(ShardFormatError, match=r"g\.bin: size 4 bytes, the index implies 12 .* offset 4"):
         TokenCorpus([prefix])
@@ -472,7 +475,7 @@ def test_a_malformed_manifest_is_named_by_verify_tokenize_and_training(tmp_path,
 
     shards = _tokenized(tmp_path, small_corpus, tokenizer_dir)
     (shards / "s.manifest.json").write_text(text)
-    message = f"{shards / 's.manifest.json'}: damaged, not a tokenize manifest"
+    message = f"{shards / 's.manifest.json'}: damaged, not a shard manifest"
     assert cli(["verify", str(shards), "--tokenizer", str(tokenizer_dir)]) == 1
     assert message in capsys.readouterr().err
     assert cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(shards / "s"), "--tokenizer",

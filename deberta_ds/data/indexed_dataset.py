@@ -11,6 +11,7 @@ last): a killed run never leaves a pair that looks valid.
 
 from __future__ import annotations
 
+import glob
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,15 +297,37 @@ def _shard_prefix(path: str) -> str:
 
 
 def find_shard_prefixes(paths) -> list[str]:
-    """Expand prefixes, PREFIX.idx/.bin paths, globs and directories into sorted shard prefixes."""
+    """Expand prefixes, PREFIX.idx/.bin paths, globs, directories and the --output-prefix of a tokenize
+    job (all of its shards PREFIX_00000, PREFIX_00001, ...) into sorted shard prefixes."""
     prefixes: list[str] = []
     for raw in paths:
         found = sorted({_shard_prefix(p) for p in expand_path(raw, lambda folder: list(folder.glob("*.idx")),
                                                                keep=lambda match: match.endswith(_SHARD_SUFFIXES))})
+        if found == [_shard_prefix(str(raw))] and not index_path(found[0]).is_file():
+            found = _job_shards(found[0]) or found
         if not found:
             raise MissingInputError(f"{raw}: no shards (*.idx/*.bin) found")
         for prefix in found:
             if not index_path(prefix).is_file():
-                raise MissingInputError(f"{index_path(prefix)}: shard index not found")
+                raise MissingInputError(f"{index_path(prefix)}: shard index not found; {_shards_beside(prefix)}")
         prefixes.extend(found)
     return prefixes
+
+
+def _job_shards(prefix: str) -> list[str]:
+    """The shards PREFIX_00000, PREFIX_00001, ... a tokenize job with --output-prefix PREFIX wrote."""
+    matches = glob.glob(f"{glob.escape(prefix)}_[0-9][0-9][0-9][0-9][0-9].idx")
+    return sorted(_shard_prefix(match) for match in matches)
+
+
+def _shards_beside(prefix: str) -> str:
+    """Which shard names exist where `prefix` points, for an error message."""
+    folder = Path(prefix).parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    names = sorted(p.name[:-4] for p in folder.glob("*.idx"))
+    if not names:
+        return f"{folder} holds no shards (*.idx)"
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    return (f"shards in {folder}: {shown} (give a shard's name, the folder, or a tokenize --output-prefix for all "
+            "of its shards)")
