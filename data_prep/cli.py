@@ -13,7 +13,16 @@ import os
 import sys
 from pathlib import Path
 
-from data_prep.inputs import DOC_BOUNDARIES, FORMATS, expand_inputs, iterate_blocks, split_block
+from data_prep.inputs import (
+    CORPUS_SUFFIXES,
+    DOC_BOUNDARIES,
+    FORMATS,
+    check_text,
+    expand_inputs,
+    iterate_blocks,
+    resolve_format,
+    split_block,
+)
 from deberta_ds.errors import UserError
 
 
@@ -35,11 +44,27 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} is not a number in [0, 1]")
+    return value
+
+
 def _input_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="input files, globs or directories (searched recursively); .gz is decompressed")
-    parser.add_argument("--format", choices=FORMATS, default="text",
-                        help="text: plain UTF-8 text; jsonl: one JSON object per line (default text)")
+                        help="input files, globs or directories (searched recursively for corpus files: .txt .text "
+                             ".jsonl .ndjson, also .gz); .gz is decompressed")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="text: plain UTF-8 text; jsonl: one JSON object per line; auto (default): from each "
+                             "file's extension (.txt .text / .jsonl .ndjson, also .gz), else its content")
+    parser.add_argument("--max-malformed", type=_share, default=0.05,
+                        help="largest share of documents with invalid UTF-8 accepted (default 0.05; more means "
+                             "the input is not UTF-8 text)")
     parser.add_argument("--json-key", default="text", help="JSONL field holding the document text (default text)")
     parser.add_argument("--doc-boundary", choices=DOC_BOUNDARIES, default="line",
                         help="text only: one document per line, or documents separated by blank lines (default line)")
@@ -136,10 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sentences(args):
-    files = expand_inputs(args.input)
-    for block in iterate_blocks(files, args.format, args.doc_boundary, args.max_piece_bytes):
-        for data, _ in split_block(block, args.format, args.doc_boundary, args.json_key):
+def _inputs(args) -> tuple[list[Path], str]:
+    """The input files and their format, both said in the log; a file that is not UTF-8 text is an error."""
+    skipped: list[Path] = []
+    files = expand_inputs(args.input, skipped)
+    size = sum(file.stat().st_size for file in files)
+    shown = ", ".join(map(str, files[:4])) + (f", ... ({len(files)} in all)" if len(files) > 4 else "")
+    print(f"input: {len(files)} file(s), {size:,} bytes on disk: {shown}")
+    if skipped:
+        names = ", ".join(map(str, skipped[:4])) + (", ..." if len(skipped) > 4 else "")
+        print(f"input: skipped {len(skipped)} file(s) in the folders that are not corpus files (not "
+              f"{' '.join(CORPUS_SUFFIXES)} or .gz of them): {names}")
+    fmt, reason = resolve_format(files, args.format)
+    print(f"input: format {fmt} ({reason})")
+    check_text(files, args.max_malformed)
+    return files, fmt
+
+
+def _sentences(files: list[Path], fmt: str, args):
+    for block in iterate_blocks(files, fmt, args.doc_boundary, args.max_piece_bytes):
+        for data, _ in split_block(block, fmt, args.doc_boundary, args.json_key):
             for line in (data or b"").decode("utf-8", errors="replace").splitlines():
                 if line.strip():
                     yield line
@@ -155,7 +196,7 @@ def run(args) -> int:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     elif args.command == "train-tokenizer":
         from data_prep.tokenizer import train_tokenizer
-        meta = train_tokenizer(_sentences(args), args.output_dir, args.vocab_size, args.model_type,
+        meta = train_tokenizer(_sentences(*_inputs(args), args), args.output_dir, args.vocab_size, args.model_type,
                                args.character_coverage, args.sample_sentences, args.seed, args.workers,
                                args.byte_fallback)
         print(f"wrote {args.output_dir}/spm.model: {meta.pieces} pieces, [MASK]={meta.mask_id}, "
@@ -163,10 +204,11 @@ def run(args) -> int:
     elif args.command == "tokenize":
         from data_prep.tokenize_corpus import tokenize_corpus
         prefix = _output_prefix(args, "shard")
-        stats = tokenize_corpus(expand_inputs(args.input), prefix, args.tokenizer, fmt=args.format,
-                                doc_boundary=args.doc_boundary, json_key=args.json_key, workers=args.workers,
-                                shard_tokens=args.shard_tokens, max_piece_bytes=args.max_piece_bytes,
-                                progress=not args.no_progress)
+        files, fmt = _inputs(args)
+        stats = tokenize_corpus(files, prefix, args.tokenizer, fmt=fmt, doc_boundary=args.doc_boundary,
+                                json_key=args.json_key, workers=args.workers, shard_tokens=args.shard_tokens,
+                                max_piece_bytes=args.max_piece_bytes, progress=not args.no_progress,
+                                max_malformed=args.max_malformed)
         print(f"{prefix}_*: {stats.report()}")
     elif args.command == "verify":
         processor, vocab, tokenizer_sha256, mask_id = None, args.vocab_size, None, None

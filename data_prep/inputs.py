@@ -15,13 +15,14 @@ import gzip
 import itertools
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from deberta_ds.data.paths import expand_path
-from deberta_ds.errors import MissingInputError
+from deberta_ds.errors import MissingInputError, UserError
 
-FORMATS = ("text", "jsonl")
+FORMATS = ("auto", "text", "jsonl")
 DOC_BOUNDARIES = ("line", "blank-line")
 READ_BYTES = 1 << 20
 JSON_LINE_LIMIT = 256 << 20
@@ -37,17 +38,96 @@ class Block:
     start: int         # uncompressed byte offset of data[0] in its file
 
 
-def expand_inputs(patterns) -> list[Path]:
-    """Files, globs and directories (recursively, sorted) -> a deterministic list of files."""
+CORPUS_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl"}  # each also as .gz
+SNIFF_BYTES = 1 << 16
+
+
+def expand_inputs(patterns, skipped: list | None = None) -> list[Path]:
+    """Files, globs and directories (recursively, sorted) -> a deterministic list of files. From a
+    directory only corpus files are taken (CORPUS_SUFFIXES, plain or .gz: not the tokenizer or the
+    shards that may sit beside them); the others are appended to `skipped`. Named files and glob
+    matches are taken as given."""
     files: list[Path] = []
     for pattern in patterns:
-        matches = [Path(p) for p in expand_path(pattern, _visible_files, keep=lambda match: Path(match).is_file())]
+        def corpus_files(directory: Path) -> list[Path]:
+            found = _visible_files(directory)
+            if skipped is not None:
+                skipped.extend(p for p in sorted(found) if corpus_format(p) is None)
+            return [p for p in found if corpus_format(p) is not None]
+
+        matches = [Path(p) for p in expand_path(pattern, corpus_files, keep=lambda match: Path(match).is_file())]
         if matches == [Path(pattern)] and not Path(pattern).is_file():
             raise MissingInputError(f"--input {pattern}: no such file, directory or glob match")
         if not matches:
-            raise MissingInputError(f"--input {pattern}: matched no files")
+            what = (f"no corpus files ({', '.join(f'*{s}' for s in CORPUS_SUFFIXES)}, or .gz of them) in this folder"
+                    if Path(pattern).is_dir() else "matched no files")
+            raise MissingInputError(f"--input {pattern}: {what}")
         files.extend(matches)
     return files
+
+
+def corpus_format(path: Path) -> str | None:
+    """The format a file's extension names (text, jsonl; .gz looked through), or None."""
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    return CORPUS_SUFFIXES.get(suffixes[0].lower()) if suffixes and suffixes[0] != ".gz" else None
+
+
+def resolve_format(files: list[Path], given: str) -> tuple[str, str]:
+    """(format, why) for the input: --format when given, else each file's extension, else its content
+    (a first line that is a JSON object: jsonl). Files of both formats in one job are an error."""
+    if given != "auto":
+        return given, "from --format"
+    reasons = {}
+    for file in files:
+        fmt = corpus_format(file)
+        reason = f"from the extension of {file.name}" if fmt else f"from the content of {file.name}"
+        reasons.setdefault(fmt or _sniffed_format(file), reason)
+    if len(reasons) > 1:
+        raise UserError("--input holds both text and JSONL files; tokenise each format on its own, or give "
+                        "--format text|jsonl for all")
+    return next(iter(reasons.items()))
+
+
+def _sniffed_format(path: Path) -> str:
+    with open_binary(path) as handle:
+        head = read_checked(handle, path, SNIFF_BYTES)
+    first = next((line for line in head.split(b"\n")[:-1] if line.strip()), b"")
+    try:
+        return "jsonl" if isinstance(json.loads(first), dict) else "text"
+    except ValueError:
+        return "text"
+
+
+def check_text(files: list[Path], max_malformed: float) -> None:
+    """Each file's first 64 KiB must look like UTF-8 text: no NUL byte (a binary file: a model, an
+    archive, random bytes) and at most `max_malformed` of its lines with invalid UTF-8."""
+    for path in files:
+        with open_binary(path) as handle:
+            head = read_checked(handle, path, SNIFF_BYTES)
+        lines = head.split(b"\n")[:-1] if len(head) == SNIFF_BYTES else head.split(b"\n")
+        malformed = sum(not is_utf8(line) for line in lines)
+        if b"\0" in head or malformed > max_malformed * max(len(lines), 1):
+            what = "NUL bytes" if b"\0" in head else f"{malformed} of {len(lines)} lines are not valid UTF-8"
+            raise UserError(f"--input {path}: not UTF-8 text ({what} in its first {len(head):,} bytes: a binary "
+                            "file, or another encoding); remove it from --input or convert it to UTF-8"
+                            + ("" if b"\0" in head else " (or raise --max-malformed)"))
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def read_checked(handle, path: Path, size: int) -> bytes:
+    """handle.read(size), a damaged .gz named as such (not a traceback, not a 'disk full')."""
+    try:
+        return handle.read(size)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise UserError(f"--input {path}: a damaged gzip file ({error}); re-download or re-compress it (gzip -t "
+                        "tests one)") from None
 
 
 def _visible_files(directory: Path) -> list[Path]:
@@ -92,7 +172,7 @@ def iterate_blocks(files: list[Path], fmt: str, doc_boundary: str, max_piece_byt
             handle.seek(position)
             buffer, continuing = b"", False
             while True:
-                chunk = handle.read(READ_BYTES)
+                chunk = read_checked(handle, files[index], READ_BYTES)
                 buffer += chunk
                 cut = _last_boundary(buffer, blank_lines) if chunk else len(buffer)
                 if cut:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.inputs import Block, cut_pieces, iterate_blocks, split_block
+from data_prep.inputs import Block, cut_pieces, is_utf8, iterate_blocks, split_block
 from deberta_ds.data.indexed_dataset import ShardWriter, data_path, dtype_for_vocab, index_path
 from deberta_ds.data.provenance import manifest_path, read_manifest, shard_entry, shard_prefix, write_manifest
 from deberta_ds.data.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
@@ -94,16 +94,8 @@ def _decode(texts: list) -> tuple[list[str], list[bool]]:
     try:
         return [data.decode("utf-8") if data is not None else "" for data in texts], [False] * len(texts)
     except UnicodeDecodeError:
-        malformed = [data is not None and not _is_utf8(data) for data in texts]
+        malformed = [data is not None and not is_utf8(data) for data in texts]
         return [data.decode("utf-8", errors="replace") if data is not None else "" for data in texts], malformed
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 @dataclass
@@ -292,10 +284,20 @@ class _Consumer:
             shards.last_document_end = end
 
 
+def _check_malformed_share(stats: TokenizeStats, max_malformed: float) -> None:
+    """Invalid UTF-8 in more than `max_malformed` of the documents: the input is not UTF-8 text. The job
+    stays unfinished (its shards are refused), so nothing trains on it unnoticed."""
+    if stats.malformed_utf8 > max_malformed * max(stats.documents, 1):
+        raise UserError(f"--input: {stats.malformed_utf8:,} of {stats.documents:,} documents held invalid UTF-8 "
+                        f"(more than --max-malformed {max_malformed:g}): is the input UTF-8 text? Fix --input and "
+                        "tokenise into a fresh --output-prefix, or accept them: re-run with a larger --max-malformed "
+                        "(it finishes this job)")
+
+
 def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str | Path, *, fmt: str = "text",
                     doc_boundary: str = "line", json_key: str = "text", workers: int = 1,
                     shard_tokens: int = 1 << 30, max_piece_bytes: int = 1 << 20,
-                    progress: bool = True) -> TokenizeStats:
+                    progress: bool = True, max_malformed: float = 1.0) -> TokenizeStats:
     model_path = resolve_model_path(tokenizer)
     _, metadata = load_tokenizer(model_path)
     dtype = dtype_for_vocab(metadata.model_vocab_size)
@@ -326,6 +328,7 @@ def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str
             if stats.documents == 0:  # nothing was written: a re-run with other flags starts afresh
                 raise UserError(f"--input: no documents found ({stats.report()}); check --format (jsonl needs one "
                                 f"JSON object per line with the text under --json-key {json_key!r}) and --json-key")
+            _check_malformed_share(stats, max_malformed)
             manifest["complete"] = True
             manifest["final_stats"] = asdict(stats)
             write_manifest(manifest_path(output_prefix), manifest)

@@ -38,7 +38,7 @@ def export_tokenizer(checkpoint, out_dir, tokenizer: str | None, vocab_size: int
     from deberta_ds.data.tokenizer import load_tokenizer
     from deberta_ds.hf_tokenizer import write_hf_tokenizer
 
-    recorded = recorded_tokenizer(checkpoint) if tokenizer is None else None
+    recorded = recorded_tokenizer(checkpoint)  # compared by hash with a --tokenizer given too
     if tokenizer is None and recorded is None:
         raise CheckpointError(f"--tokenizer: {checkpoint} does not record a tokenizer (a native or converted "
                               "checkpoint); pass --tokenizer DIR, the directory of the spm.model it was trained with")
@@ -49,7 +49,7 @@ def export_tokenizer(checkpoint, out_dir, tokenizer: str | None, vocab_size: int
         raise CheckpointError(f"--tokenizer: {error}") from None
     if recorded and meta.sha256 != recorded[1]:
         raise CheckpointError(f"--tokenizer: {path} has sha256 {meta.sha256}, but the run was trained with "
-                              f"{recorded[1]}; pass --tokenizer with the run's tokenizer")
+                              f"{recorded[1]} ({recorded[0]}); pass --tokenizer with the run's tokenizer")
     if meta.mask_id >= vocab_size:
         raise CheckpointError(f"--tokenizer: {path} has {meta.mask_id + 1} ids, more than the model's vocabulary "
                               f"of {vocab_size}; it is not this model's tokenizer")

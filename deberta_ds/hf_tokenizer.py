@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from deberta_ds.atomic_files import atomic_path, write_atomic
-from deberta_ds.data.tokenizer import CLS_ID, MODEL_FILE, PAD_ID, SEP_ID, UNK_ID, load_tokenizer, resolve_model_path
+from deberta_ds.data.tokenizer import CLS_ID, MODEL_FILE, SEP_ID, UNK_ID, load_tokenizer, resolve_model_path
 from deberta_ds.errors import UserError
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
@@ -57,9 +57,7 @@ def fast_tokenizer(model_file: Path, mask_id: int):
 def write_hf_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, model_max_length: int = 512) -> None:
     """The tokenizer files of a Hugging Face model directory (see the module docstring)."""
     model_file = resolve_model_path(tokenizer_path)
-    _, meta = load_tokenizer(model_file)
-    if (meta.pad_id, meta.cls_id, meta.sep_id, meta.unk_id) != (PAD_ID, CLS_ID, SEP_ID, UNK_ID):
-        raise UserError(f"{tokenizer_path}: special ids {meta} are not DeBERTaV3's [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3")
+    _, meta = load_tokenizer(model_file)  # DeBERTaV3's special ids, checked against spm.model
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "tokenizer.json") as tmp:

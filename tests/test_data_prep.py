@@ -77,7 +77,7 @@ def test_blank_line_documents_empty_malformed_and_huge_lines(tmp_path, tokenizer
     source.write_bytes(b"first doc\nstill first\n\n\n\nsecond \xff\xfe bad utf8\n\n" + huge + b"\n\nlast\n")
     assert cli(["tokenize", "--input", str(source), "--doc-boundary", "blank-line", "--output-dir",
                 str(tmp_path / "s"), "--tokenizer", str(tokenizer_dir), "--max-piece-bytes", "4096",
-                "--no-progress"]) == 0
+                "--no-progress", "--max-malformed", "1"]) == 0  # 1 of 4 documents: a share no corpus has
     report = capsys.readouterr().out
     assert "documents 4" in report and "split 1" in report and "malformed-utf8 1" in report
     docs = read_documents(tmp_path / "s")
@@ -102,7 +102,8 @@ def test_jsonl_bad_records_are_skipped_and_counted(tmp_path, tokenizer_dir, caps
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
     assert cli(["tokenize", "--input", str(source), "--format", "jsonl", "--output-dir", str(tmp_path / "s"),
-                "--tokenizer", str(tokenizer_dir), "--max-piece-bytes", "4096", "--no-progress"]) == 0
+                "--tokenizer", str(tokenizer_dir), "--max-piece-bytes", "4096", "--no-progress",
+                "--max-malformed", "1"]) == 0
     report = capsys.readouterr().out
     assert "documents 5" in report and "skipped 7" in report and "malformed-utf8 1" in report, report
     assert "split 1" in report and "empty 0" in report, report
