@@ -172,9 +172,9 @@ def _inputs(args) -> tuple[list[Path], str]:
         names = ", ".join(map(str, skipped[:4])) + (", ..." if len(skipped) > 4 else "")
         print(f"input: skipped {len(skipped)} file(s) in the folders that are not corpus files (not "
               f"{' '.join(CORPUS_SUFFIXES)} or .gz of them): {names}")
+    check_text(files, args.max_malformed)
     fmt, reason = resolve_format(files, args.format)
     print(f"input: format {fmt} ({reason})")
-    check_text(files, args.max_malformed)
     return files, fmt
 
 

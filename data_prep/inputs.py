@@ -104,7 +104,9 @@ def check_text(files: list[Path], max_malformed: float) -> None:
     for path in files:
         with open_binary(path) as handle:
             head = read_checked(handle, path, SNIFF_BYTES)
-        lines = head.split(b"\n")[:-1] if len(head) == SNIFF_BYTES else head.split(b"\n")
+        lines = head.removesuffix(b"\n").split(b"\n")
+        if len(head) == SNIFF_BYTES:  # the last line is cut short: judge it up to a character boundary
+            lines[-1] = lines[-1][:_utf8_safe_cut(lines[-1])]
         malformed = sum(not is_utf8(line) for line in lines)
         if b"\0" in head or malformed > max_malformed * max(len(lines), 1):
             what = "NUL bytes" if b"\0" in head else f"{malformed} of {len(lines)} lines are not valid UTF-8"
@@ -133,6 +135,19 @@ def read_checked(handle, path: Path, size: int) -> bytes:
 def _visible_files(directory: Path) -> list[Path]:
     """A directory's files, recursively, without hidden ones (editor swap files, .DS_Store)."""
     return [p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
+def text_size(path: Path) -> int:
+    """The bytes a file's text spans (the progress bar's total, for its ETA): a .gz's uncompressed size
+    from its trailer (ISIZE, the size modulo 2^32: taken as the smallest such size not below the
+    compressed one, an estimate past 4 GiB)."""
+    size = path.stat().st_size
+    if path.suffix != ".gz" or size < 18:
+        return size
+    with open(path, "rb") as handle:
+        handle.seek(-4, 2)
+        isize = int.from_bytes(handle.read(4), "little")
+    return isize + max(0, -(-(size - isize) // 2 ** 32)) * 2 ** 32
 
 
 def open_binary(path: Path):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.inputs import Block, cut_pieces, is_utf8, iterate_blocks, split_block
+from data_prep.inputs import Block, cut_pieces, is_utf8, iterate_blocks, split_block, text_size
 from deberta_ds.data.indexed_dataset import ShardWriter, data_path, dtype_for_vocab, index_path
 from deberta_ds.data.provenance import manifest_path, read_manifest, shard_entry, shard_prefix, write_manifest
 from deberta_ds.data.tokenizer import UNK_ID, load_tokenizer, resolve_model_path
@@ -310,7 +310,7 @@ def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str
     start_file, start_offset = manifest["shards"][-1]["resume"] if manifest["shards"] else (0, 0)
     shards = _ShardSequence(output_prefix, dtype, shard_tokens, manifest, stats)
     blocks = iterate_blocks(files, fmt, doc_boundary, max_piece_bytes, start_file, start_offset)
-    total_bytes = sum(f.stat().st_size for f in files)
+    total_bytes = sum(map(text_size, files))
     init_args = (str(model_path), fmt, doc_boundary, json_key, max_piece_bytes, np.dtype(dtype).name)
     with _encoder(init_args, workers) as encode:
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress, desc="tokenize",
@@ -321,6 +321,7 @@ def tokenize_corpus(files: list[Path], output_prefix: str | Path, tokenizer: str
             for result in encode(blocks):
                 consumer.add(result)
                 bar.update(int(result.sizes.sum()))
+                bar.total = max(bar.total, bar.n)  # a .gz larger than its recorded size estimate
                 bar.set_postfix(tokens_per_s=f"{stats.tokens / max(time.monotonic() - started, 1e-9):,.0f}",
                                 refresh=False)
             if shards.writer is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from deberta_ds.data.tokenizer import (
 )
 from deberta_ds.errors import UserError
 
+SPECIAL_PIECES = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
+
 
 def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_type: str = "unigram",
                     character_coverage: float = 0.9995, sample_sentences: int = 2_000_000,
@@ -32,6 +35,10 @@ def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_ty
     (reservoir sampling while streaming), so the corpus never has to fit in memory. With
     byte_fallback (the default) a character outside the vocabulary becomes its UTF-8 bytes
     (256 byte pieces join the vocabulary) instead of [UNK], so no text is lost."""
+    if vocab_size <= len(SPECIAL_PIECES):
+        raise UserError(f"--vocab-size {vocab_size}: must be larger than the {len(SPECIAL_PIECES)} special pieces "
+                        f"({' '.join(SPECIAL_PIECES)}); DeBERTaV3 has 128,000, a few MB of text supports a few "
+                        "thousand")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     prefix = output_dir / "spm.tmp"
@@ -61,6 +68,11 @@ def _training_input_error(error: RuntimeError, vocab_size: int) -> Exception:
     if "sentences_.empty()" in text:
         return UserError("--input: no text to train a tokenizer on (the inputs are empty or hold only blank "
                          "lines); give text files with --input")
+    if "Vocabulary size is smaller than required_chars" in text:
+        needed = re.search(r"required_chars\. \d+ vs (\d+)", text)
+        return UserError(f"--vocab-size {vocab_size}: too small for this input, whose characters alone need "
+                         f"{needed[1] if needed else 'more'} pieces (random bytes or a binary file have many); give "
+                         "a larger --vocab-size or a lower --character-coverage, and check --input is text")
     if "Vocabulary size too high" in text:
         limit = text[text.index("Vocabulary size too high"):].strip()
         return UserError(f"--vocab-size {vocab_size}: too large for this input (SentencePiece: {limit}); give "
