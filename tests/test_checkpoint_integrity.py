@@ -152,7 +152,12 @@ def test_damaged_or_mismatched_checkpoints_are_named(finished, train_shards, tmp
     train_tokenizer(iter(small_corpus.read_text().splitlines()[::2]), other, 1000, sample_sentences=50_000)
     out, config = copy_of(finished, tmp_path, "tokenizer", steps=5)
     swapped = json.loads(config.read_text())
-    swapped["data"] = swapped["data"] | {"tokenizer": str(other)}
+    from data_prep.cli import main as data_prep  # shards of the other tokenizer: their manifest vouches for them
+
+    data_prep(["tokenize", "--input", str(small_corpus), "--output-prefix", str(tmp_path / "other_shards" / "s"),
+               "--tokenizer", str(other), "--no-progress"])
+    shards = [str(tmp_path / "other_shards" / "s")]
+    swapped["data"] = swapped["data"] | {"tokenizer": str(other), "train": shards, "valid": shards}
     result = train_cli(write_run(config, swapped), expect=1)
     assert "trained with tokenizer sha256" in result.stderr and "resume with the tokenizer it was trained with" \
         in result.stderr
