@@ -279,7 +279,8 @@ def test_bad_numeric_flags_are_clear_errors(tmp_path, command, flag, value, caps
 
 
 def test_every_command_has_help():
-    for command in ("default-corpus", "train-tokenizer", "tokenize", "verify", "inspect", "merge", "split"):
+    for command in ("default-corpus", "train-tokenizer", "tokenize", "verify", "inspect", "merge", "split", "mixture",
+                    "manifest"):
         with pytest.raises(SystemExit) as exit_info:
             cli([command, "--help"])
         assert exit_info.value.code == 0

@@ -208,3 +208,18 @@ def test_foreign_shards_are_checked_and_recorded_before_use(tmp_path, job, token
     _train([tmp_path / "foreign"], tokenizer_dir)
     assert cli(["manifest", str(job / "s"), "--tokenizer", str(tokenizer_dir)]) == 1
     assert "already has a manifest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("resume", "end", r"field 'shards\[0\]\.resume' must be \[file index, byte offset\] \(got \"end\"\)"),
+    ("stats", {"documents": "many"}, r"field 'shards\[0\]\.stats' must hold the integer counts"),
+])
+def test_tokenize_names_a_damaged_resume_record(tmp_path, job, small_corpus, tokenizer_dir, capsys, field, value,
+                                                message):
+    """What a re-run reads to continue a job: of the wrong type it tracebacked (TypeError, KeyError)."""
+    shards = _copy(job, tmp_path)
+    _manifest_edit(lambda m: m["shards"][0].update({field: value}))(shards)
+    assert cli(["tokenize", "--input", str(small_corpus), "--output-prefix", str(shards / "s"), "--tokenizer",
+                str(tokenizer_dir), "--shard-tokens", "60000", "--no-progress"]) == 1
+    error = capsys.readouterr().err
+    assert re.search(message, error) and "s.manifest.json" in error, error
