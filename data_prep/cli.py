@@ -33,24 +33,23 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")  # refused by every range check below
+
+
 def _fraction(text: str) -> float:
     """argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:  # NaN fails too
+    if not 0.0 < (value := _number(text)) <= 1.0:  # NaN fails too
         raise argparse.ArgumentTypeError(f"{text} is not a number in (0, 1]")
     return value
 
 
 def _share(text: str) -> float:
     """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:  # NaN fails too
+    if not 0.0 <= (value := _number(text)) <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not a number in [0, 1]")
     return value
 

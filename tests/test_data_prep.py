@@ -266,7 +266,7 @@ def test_missing_input_is_a_clear_error(tmp_path, tokenizer_dir, capsys):
 @pytest.mark.parametrize("command, flag, value", [
     ("tokenize", "--workers", "0"), ("tokenize", "--max-piece-bytes", "0"), ("tokenize", "--shard-tokens", "-5"),
     ("train-tokenizer", "--vocab-size", "many"), ("train-tokenizer", "--character-coverage", "1.5"),
-    ("split", "--valid-fraction", "0")])
+    ("split", "--valid-fraction", "0"), ("tokenize", "--max-malformed", "nan")])
 def test_bad_numeric_flags_are_clear_errors(tmp_path, command, flag, value, capsys):
     """Rejected by the parser with the flag's name (a zero piece size used to loop forever)."""
     required = {"tokenize": ["--output-dir", str(tmp_path), "--tokenizer", str(tmp_path)],
