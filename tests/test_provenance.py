@@ -65,6 +65,11 @@ def test_split_and_merge_outputs_carry_the_manifest_of_their_input(tmp_path, job
     assert cli(["verify", str(tmp_path / "sp_train"), str(tmp_path / "sp_valid"), str(tmp_path / "m"),
                 "--tokenizer", str(tokenizer_dir)]) == 0
     _train([tmp_path / "sp_train"], tokenizer_dir)
+    assert cli(["merge", "--input", str(tmp_path / "m"), "--output-prefix", str(tmp_path / "m")]) == 0  # rewritten
+    assert cli(["verify", str(tmp_path / "m"), "--tokenizer", str(tokenizer_dir)]) == 0
+    assert cli(["merge", "--input", str(tmp_path / "m"), "--output-prefix", str(job / "s")]) == 1
+    assert f"{job / 's.manifest.json'}: holds the manifest of other shards" in capsys.readouterr().err
+    assert not (job / "s.bin").exists()
 
 
 def test_a_split_of_another_tokenizers_shards_is_refused_by_verify_and_training(tmp_path, small_corpus,
