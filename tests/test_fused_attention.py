@@ -118,6 +118,7 @@ def run(fn, tensors, mask, shape, dtype, grad_out, **kwargs):
 
 def kernel(tiles, seed=0):
     """The kernel's forward and backward with the given tiles, as an attention function for `run`."""
+    seed = torch.tensor([seed], dtype=torch.int64)
     class Attention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, pos_key, pos_query, mask, settings, document_ids):

@@ -24,7 +24,8 @@ HEAD_DIMS = (32, 64, 128)
 FEATURES = ("HAS_C2P", "HAS_P2C", "HAS_MASK", "DROPOUT", "DOCS")
 INT32_POINTERS = {"MASK", "DOC"}
 FP32_POINTERS = {"LSE", "DELTA", "DQ", "DK", "SATC", "SATP"}
-POINTERS = {"Q", "K", "V", "DO", "E", "F", "OUT", "DV", "GC", "GP"} | INT32_POINTERS | FP32_POINTERS
+INT64_POINTERS = {"SEED"}
+POINTERS = {"Q", "K", "V", "DO", "E", "F", "OUT", "DV", "GC", "GP"} | INT32_POINTERS | FP32_POINTERS | INT64_POINTERS
 PLAIN = {"HAS_C2P": True, "HAS_P2C": True, "HAS_MASK": False, "DROPOUT": False, "DOCS": False}
 
 
@@ -35,7 +36,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
         if name in constexprs:
             types[name] = "constexpr"
         elif name in POINTERS:
-            types[name] = "*i32" if name in INT32_POINTERS else "*fp32" if name in FP32_POINTERS else "*" + dtype
+            types[name] = ("*i32" if name in INT32_POINTERS else "*i64" if name in INT64_POINTERS
+                           else "*fp32" if name in FP32_POINTERS else "*" + dtype)
         else:
             types[name] = "fp32" if name == "scale" else "i32"
     return types

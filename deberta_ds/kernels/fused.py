@@ -24,7 +24,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: torc
                 document_ids: torch.Tensor | None, position_buckets: int, max_relative_positions: int, scale: float,
                 dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids,
-                         _settings(position_buckets, max_relative_positions, scale, dropout_p), seed)
+                         _settings(position_buckets, max_relative_positions, scale, dropout_p),
+                         torch.tensor([seed], dtype=torch.int64, device=q.device))
 
 
 @_forward_op.register_fake
@@ -40,7 +41,8 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  document_ids: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, position_buckets: int,
                  max_relative_positions: int, scale: float, dropout_p: float, seed: int) -> list[torch.Tensor]:
     grads = fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, document_ids, out, lse,
-                           _settings(position_buckets, max_relative_positions, scale, dropout_p), seed)
+                           _settings(position_buckets, max_relative_positions, scale, dropout_p),
+                           torch.tensor([seed], dtype=torch.int64, device=q.device))
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 

@@ -127,6 +127,16 @@ def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loo
 
 
 @triton.jit
+def _seed(SEED, DROPOUT: tl.constexpr):
+    """The dropout seed, read from device memory ([1] int64): no host value, so a captured graph
+    replays with whatever seed the tensor holds."""
+    seed = tl.zeros([], tl.int64)
+    if DROPOUT:
+        seed = tl.load(SEED)
+    return seed
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR): Philox keyed
     by (seed, b*h), counter i * ceil(L / 4) + j // 4; each call yields the numbers of four consecutive keys
@@ -136,7 +146,7 @@ def _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN: tl.constexpr, KE
         counters = offs_m[None, :] * ((seq_len + 3) // 4) + groups[:, None]      # [BN / 4, BM]
     else:
         counters = offs_m[:, None] * ((seq_len + 3) // 4) + groups[None, :]      # [BM, BN / 4]
-    r0, r1, r2, r3 = tl.randint4x(seed.to(tl.int64) + (bh.to(tl.int64) << 32), counters)
+    r0, r1, r2, r3 = tl.randint4x(seed + (bh.to(tl.int64) << 32), counters)
     bits = tl.join(tl.join(r0, r1), tl.join(r2, r3))
     if KEY_MAJOR:
         bits = tl.reshape(tl.permute(bits, (0, 2, 3, 1)), [BN, offs_m.shape[0]])
@@ -171,14 +181,15 @@ def _same_document(s, doc_ptr, b, ids, l0, offs_loop, loop_ok, seq_len, run_star
     return s
 
 
-@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
+@triton.jit
 def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, TS, E_PAD, F_PAD, r_min, r_max,
-                    scale, threshold, seed,
+                    scale, threshold, SEED,
                     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
                     DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                     PRECISION: tl.constexpr, TMA: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
+    seed = _seed(SEED, DROPOUT)
     m0 = pid_m * BM
     offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
@@ -239,9 +250,9 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
+@triton.jit
 def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, seq_len, heads, CS, C, TS, E_PAD,
-                        F_PAD, r_min, r_max, scale, threshold, seed,
+                        F_PAD, r_min, r_max, scale, threshold, SEED,
                         HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                         HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr,
                         BN: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
@@ -249,6 +260,7 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
     into G_c2p and their saturated sums into SATC [b*h, L, 2] (r > r_max, r < r_min)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
+    seed = _seed(SEED, DROPOUT)
     m0 = pid_m * BM
     offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
@@ -321,9 +333,9 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
         tl.store(sat + 1, sat_lo, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
+@triton.jit
 def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, SATP, seq_len, heads, CS, C, TS,
-                          E_PAD, F_PAD, r_min, r_max, scale, threshold, seed,
+                          E_PAD, F_PAD, r_min, r_max, scale, threshold, SEED,
                           HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                           HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BN: tl.constexpr,
                           BM: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
@@ -332,6 +344,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
     (r < r_min, r > r_max)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
+    seed = _seed(SEED, DROPOUT)
     n0 = pid_n * BN
     offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
@@ -459,6 +472,9 @@ def _allocate(size: int, alignment: int, stream):
 
 def _settings_args(q, pos_key, pos_query, settings, seed, tiles):
     """Layout, scalar arguments and feature switches shared by the three kernels."""
+    if seed.dtype != torch.int64 or seed.shape != (1,) or seed.device != q.device:
+        raise ValueError(f"fused attention: seed must be an int64 tensor of shape [1] on q's device ({q.device}), "
+                         f"got {seed.dtype} {list(seed.shape)} on {seed.device}")
     seq_len = q.shape[2]
     lay = layout(seq_len, settings.position_buckets, settings.max_relative_positions, tiles.pad)
     threshold = min(round(settings.dropout_p * 2 ** 31), 2 ** 31 - 1)
@@ -487,10 +503,11 @@ def _int32(mask, document_ids, placeholder):
     return mask_arg, docs_arg, dict(HAS_MASK=mask is not None, DOCS=document_ids is not None)
 
 
-def fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids, settings, seed: int,
+def fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids, settings, seed: torch.Tensor,
                   tiles: Tiles = DEFAULT_TILES):
     """out [B, h, L, d] and the base-2 log-sum-exp [B*h, L] (fp32); `settings`: AttentionSettings
-    (scale resolved, the dropout rate of this call)."""
+    (scale resolved, the dropout rate of this call); seed [1] int64 on q's device: the dropout seed,
+    read by the kernels (never copied to the host)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, seq_len, _ = q.shape
     lay, scalars, features = _settings_args(q, pos_key, pos_query, settings, seed, tiles)
@@ -506,8 +523,8 @@ def fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids, set
 
 
 def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, document_ids, out, lse, settings,
-                   seed: int, tiles: Tiles = DEFAULT_TILES):
-    """dq, dk, dv and dKr, dQr (None for a term that is off) for fused_forward's out, lse."""
+                   seed: torch.Tensor, tiles: Tiles = DEFAULT_TILES):
+    """dq, dk, dv and dKr, dQr (None for a term that is off) for fused_forward's out, lse (and its seed)."""
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     batch, heads, seq_len, _ = q.shape
     lay, scalars, features = _settings_args(q, pos_key, pos_query, settings, seed, tiles)
