@@ -319,6 +319,9 @@ def test_auto_falls_back_to_the_reference_per_variant_when_the_kernel_does_not_c
     both = auto(q, k, v, pos_key, pos_query, mask, **kwargs)                # another variant: the kernel
     assert calls == [True, False]
     assert torch.equal(both, disentangled_attention_fused(q, k, v, pos_key, pos_query, mask, **kwargs))
+    wide = [t.double() for t in (q, k, v, pos_key, pos_query)]                # float64: the reference's alone
+    assert torch.equal(auto(*wide, mask, **kwargs), disentangled_attention_reference(*wide, mask, **kwargs))
+    assert calls == [True, False]
 
 
 DOCUMENT_LENGTHS = [40, 25, 35]  # 100 positions: 32 x 16 tiles inside one run, straddling, sharing none

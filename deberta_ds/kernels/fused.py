@@ -18,10 +18,9 @@ import torch
 
 from deberta_ds.errors import UserError
 from deberta_ds.kernels.reference import check_inputs, default_scale
-from deberta_ds.kernels.settings import AttentionSettings
+from deberta_ds.kernels.settings import FUSED_DTYPES, AttentionSettings
 from deberta_ds.kernels.triton_attention import fused_backward, fused_forward
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SEED_RANGE = 2 ** 32  # the kernels key Philox by seed + (b*h << 32): a seed below 2^32 keeps heads apart
 
 
@@ -108,7 +107,7 @@ def disentangled_attention_fused(q, k, v, pos_key, pos_query, attention_mask, *,
     device; the kernel's dropout masks are its own, not the reference's."""
     check_inputs(q, k, v, pos_key, pos_query, attention_mask, document_ids, position_buckets=position_buckets,
                  max_relative_positions=max_relative_positions, dropout_p=dropout_p)
-    if q.dtype not in DTYPES:
+    if q.dtype not in FUSED_DTYPES:
         raise UserError(f"fused attention: q, k, v: {q.dtype} is not supported (float32, float16, bfloat16); "
                         "use attention_impl='reference'")
     if scale is None:

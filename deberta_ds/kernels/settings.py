@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 IMPLEMENTATIONS = ("reference", "fused", "fused_or_reference")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernel's inputs; float64 is the reference's
 
 
 @dataclass(frozen=True)
