@@ -15,10 +15,11 @@ are padded so their out-of-band cells land in columns the fold ignores).
 Masking: key padding sets the score to -1e30; padded query rows output 0 and keep lse = +inf, so the
 backward gives them p = 0 without a test. Document ids: a block visits only the key (or query) blocks
 between the first and last position of its documents; a tile inside one run of equal ids needs no
-elementwise test, the others compare ids. Dropout: Philox keyed by (seed, b*h) with the counter
-i * ceil(L / 4) + j / 4, so one `tl.randint4x` call gives four cells' numbers; the backward
-regenerates the same mask. Deterministic: every output element and band cell has one writer, the
-saturated sums go to per-row buffers, no atomics.
+elementwise test, the others compare ids. Dropout: one random byte per cell, 16 per Philox call
+(counter i * ceil(L / 16) + j / 16 and b*h, keyed by the seed the kernels read from device memory),
+the rate in whole 1/256 (`settings.dropout_threshold`); the backward regenerates the same mask.
+Deterministic: every output element and band cell has one writer, the saturated sums go to per-row
+buffers, no atomics.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
+from deberta_ds.kernels.settings import DROPOUT_LEVELS, dropout_threshold
 from deberta_ds.kernels.tables import LOG2E, document_ranges, fold_gradients, layout, position_tables
 
 _NEG = tl.constexpr(-1.0e30)  # masked score: finite, so a masked-out tile gives no NaN in the online softmax
 _LOG2E = tl.constexpr(LOG2E)
+_LEVELS = tl.constexpr(float(DROPOUT_LEVELS))
+_PHILOX_ROUNDS = tl.constexpr(7)  # FlashAttention's (Philox4x32-7 passes BigCrush, Salmon et al. 2011)
 
 
 @triton.jit
@@ -138,21 +142,31 @@ def _seed(SEED, DROPOUT: tl.constexpr):
 
 @triton.jit
 def _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN: tl.constexpr, KEY_MAJOR: tl.constexpr):
-    """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR): Philox keyed
-    by (seed, b*h), counter i * ceil(L / 4) + j // 4; each call yields the numbers of four consecutive keys
-    (key 4g + 2a + b from output 2b + a, in both orientations)."""
-    groups = n0 // 4 + tl.arange(0, BN // 4)
+    """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR): one byte per
+    cell, as FlashAttention: Philox4x32-10 keyed by the seed, counter (i * ceil(L / 16) + j // 16, b*h,
+    0, 0); a call's four words give 16 consecutive keys their bytes (key 16g + 4w + c: byte c of word
+    w); a cell is kept when its byte is at least `threshold` (the rate in 1/256, `dropout_threshold`)."""
+    groups = n0 // 16 + tl.arange(0, BN // 16)
+    counters = offs_m[:, None] * ((seq_len + 15) // 16) + groups[None, :]         # [BM, BN / 16]
+    r0, r1, r2, r3 = tl.philox(seed, counters, bh, 0, 0, _PHILOX_ROUNDS)
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))          # [BM, BN / 16, k, l]: word 2k + l
+    shifts = tl.reshape(tl.arange(0, 4) * 8, [1, 1, 1, 1, 4])
+    cells = tl.reshape((words[:, :, :, :, None] >> shifts) & 0xFF, [offs_m.shape[0], BN])   # byte c of [..., c]
     if KEY_MAJOR:
-        counters = offs_m[None, :] * ((seq_len + 3) // 4) + groups[:, None]      # [BN / 4, BM]
-    else:
-        counters = offs_m[:, None] * ((seq_len + 3) // 4) + groups[None, :]      # [BM, BN / 4]
-    r0, r1, r2, r3 = tl.randint4x(seed + (bh.to(tl.int64) << 32), counters)
-    bits = tl.join(tl.join(r0, r1), tl.join(r2, r3))
-    if KEY_MAJOR:
-        bits = tl.reshape(tl.permute(bits, (0, 2, 3, 1)), [BN, offs_m.shape[0]])
-    else:
-        bits = tl.reshape(bits, [offs_m.shape[0], BN])
-    return (bits >> 1).to(tl.int32) >= threshold
+        cells = tl.trans(cells)
+    return cells.to(tl.int32) >= threshold
+
+
+@triton.jit
+def _keep_scale(threshold):
+    """1 / (1 - rate) of the quantised rate threshold / 256."""
+    return _LEVELS / (_LEVELS - threshold.to(tl.float32))
+
+
+@triton.jit
+def _keep_rate(threshold):
+    """1 - rate, the quantised rate threshold / 256."""
+    return (_LEVELS - threshold.to(tl.float32)) / _LEVELS
 
 
 @triton.jit
@@ -240,7 +254,7 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
         m_i = m_new
     out = acc / l_i[:, None]
     if DROPOUT:
-        out = out * (2147483648.0 / (2147483648.0 - threshold))                 # 1 / (1 - p)
+        out = out * _keep_scale(threshold)
     lse = m_i + tl.math.log2(l_i)
     if HAS_MASK:                                                                 # padded query rows: 0, p = 0
         query_ok = tl.load(MASK + b.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0) != 0
@@ -271,6 +285,10 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
     do = _rows(DO + qkv, offs_m, offs_d, tile_mask, HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=float("inf"))   # past L: p = 0
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    ds_scale = 1.0      # with dropout the loop accumulates dS / keep_scale
+    if DROPOUT:
+        ds_scale = _keep_scale(threshold)
+        delta = delta * _keep_rate(threshold)
     Eb, Fb, Gb = E + bh.to(tl.int64) * TS, F + bh.to(tl.int64) * TS, GC + bh.to(tl.int64) * TS
     e_hi = tl.zeros([BM], tl.float32)
     e_lo = e_hi
@@ -309,9 +327,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:
-            kept = _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, False)
-            dp = tl.where(kept, dp * (2147483648.0 / (2147483648.0 - threshold)), 0.0)
+        if DROPOUT:  # dS / keep_scale = p (kept dP - delta / keep_scale): the scale goes on once per output
+            dp = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, False), dp, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_C2P:
             lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
@@ -320,17 +337,18 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             elif highest < r_min:
                 sat_lo += tl.sum(ds, axis=1)
             else:
-                _view_store(g_view, m0, n0, ds.to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
+                _view_store(g_view, m0, n0, (ds * ds_scale).to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
                 if (lowest < r_min) | (highest > r_max):
                     rel = offs_m[:, None] - offs_n[None, :]
                     sat_hi += tl.sum(tl.where(rel > r_max, ds, 0.0), axis=1)
                     sat_lo += tl.sum(tl.where(rel < r_min, ds, 0.0), axis=1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (scale / _LOG2E), mask=tile_mask)  # natural
+    tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (ds_scale * scale / _LOG2E),
+             mask=tile_mask)  # natural units
     if HAS_C2P:
         sat = SATC + bh.to(tl.int64) * seq_len * 2 + offs_m * 2
-        tl.store(sat, sat_hi, mask=row_ok)
-        tl.store(sat + 1, sat_lo, mask=row_ok)
+        tl.store(sat, sat_hi * ds_scale, mask=row_ok)
+        tl.store(sat + 1, sat_lo * ds_scale, mask=row_ok)
 
 
 @triton.jit
@@ -373,6 +391,9 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                                                                            seq_len, BM)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
+    ds_scale = 1.0      # with dropout the loop accumulates dS, dV / keep_scale
+    if DROPOUT:
+        ds_scale = _keep_scale(threshold)
     sat_lo = tl.zeros([BN], tl.float32)
     sat_hi = tl.zeros([BN], tl.float32)
     for m0 in range(start, end, BM):
@@ -392,17 +413,15 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
         if DOCS:
             st = _same_document(st, DOC, b, ids, m0, offs_m, q_ok, seq_len, run_start, run_end, block_in_run)
         pt = tl.math.exp2(st - lse[None, :])
-        if DROPOUT:  # the keep-mask rides on pt's sign (cells with pt = 0 add nothing either way), so no
-            # [BN, BM] mask stays live across the products: without this trick the kernel spills
-            pt = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, True), pt, -pt)
-            dv += tl.dot(tl.maximum(pt, 0.0).to(do.dtype), do, input_precision=PRECISION)
+        if DROPOUT:  # dS / keep_scale = kept dP - pt delta / keep_scale: the scale goes on once per output
+            kept = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, True), pt, 0.0)
+            dv += tl.dot(kept.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dpt = tl.where(pt > 0.0, dpt * (2147483648.0 / (2147483648.0 - threshold)), 0.0)
-            pt = tl.abs(pt)
+            dst = kept * dpt - pt * (delta * _keep_rate(threshold))[None, :]
         else:
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
+            dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
         if HAS_P2C:
             lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
@@ -411,19 +430,19 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
             elif highest < r_min:
                 sat_lo += tl.sum(dst, axis=1)
             else:
-                _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
+                _view_store(g_view, n0, m0, (dst * ds_scale).to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
                 if (lowest < r_min) | (highest > r_max):
                     rel = offs_m[None, :] - offs_n[:, None]
                     sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
                     sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
-    if DROPOUT:
-        dv = dv * (2147483648.0 / (2147483648.0 - threshold))
-    tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (scale / _LOG2E), mask=tile_mask)
-    tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
+    tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (ds_scale * scale / _LOG2E),
+             mask=tile_mask)
+    tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], (dv * ds_scale).to(DV.dtype.element_ty),
+             mask=tile_mask)
     if HAS_P2C:
         sat = SATP + bh.to(tl.int64) * seq_len * 2 + offs_n * 2
-        tl.store(sat, sat_lo, mask=offs_n < seq_len)
-        tl.store(sat + 1, sat_hi, mask=offs_n < seq_len)
+        tl.store(sat, sat_lo * ds_scale, mask=offs_n < seq_len)
+        tl.store(sat + 1, sat_hi * ds_scale, mask=offs_n < seq_len)
 
 
 # ---------------------------------------------------------------- host side
@@ -477,7 +496,7 @@ def _settings_args(q, pos_key, pos_query, settings, seed, tiles):
                          f"got {seed.dtype} {list(seed.shape)} on {seed.device}")
     seq_len = q.shape[2]
     lay = layout(seq_len, settings.position_buckets, settings.max_relative_positions, tiles.pad)
-    threshold = min(round(settings.dropout_p * 2 ** 31), 2 ** 31 - 1)
+    threshold = dropout_threshold(settings.dropout_p)
     scalars = (seq_len, q.shape[1], lay.row_stride, lay.columns, lay.head_stride, lay.e_pad, lay.f_pad, lay.r_min,
                lay.r_max, settings.scale * LOG2E, threshold, seed)
     features = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, DROPOUT=threshold > 0,
