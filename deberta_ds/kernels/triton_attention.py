@@ -24,13 +24,14 @@ buffers, no atomics.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from deberta_ds.kernels.settings import DROPOUT_LEVELS, dropout_threshold
+from deberta_ds.kernels.settings import DROPOUT_LEVELS, dropout_threshold, quantised_dropout_rate
 from deberta_ds.kernels.tables import LOG2E, document_ranges, fold_gradients, layout, position_tables
 
 _NEG = tl.constexpr(-1.0e30)  # masked score: finite, so a masked-out tile gives no NaN in the online softmax
@@ -152,21 +153,16 @@ def _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN: tl.constexpr, KE
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))          # [BM, BN / 16, k, l]: word 2k + l
     shifts = tl.reshape(tl.arange(0, 4) * 8, [1, 1, 1, 1, 4])
     cells = tl.reshape((words[:, :, :, :, None] >> shifts) & 0xFF, [offs_m.shape[0], BN])   # byte c of [..., c]
+    keep = cells >= threshold
     if KEY_MAJOR:
-        cells = tl.trans(cells)
-    return cells.to(tl.int32) >= threshold
+        keep = tl.trans(keep)
+    return keep
 
 
 @triton.jit
 def _keep_scale(threshold):
     """1 / (1 - rate) of the quantised rate threshold / 256."""
     return _LEVELS / (_LEVELS - threshold.to(tl.float32))
-
-
-@triton.jit
-def _keep_rate(threshold):
-    """1 - rate, the quantised rate threshold / 256."""
-    return (_LEVELS - threshold.to(tl.float32)) / _LEVELS
 
 
 @triton.jit
@@ -285,10 +281,6 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
     do = _rows(DO + qkv, offs_m, offs_d, tile_mask, HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=float("inf"))   # past L: p = 0
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-    ds_scale = 1.0      # with dropout the loop accumulates dS / keep_scale
-    if DROPOUT:
-        ds_scale = _keep_scale(threshold)
-        delta = delta * _keep_rate(threshold)
     Eb, Fb, Gb = E + bh.to(tl.int64) * TS, F + bh.to(tl.int64) * TS, GC + bh.to(tl.int64) * TS
     e_hi = tl.zeros([BM], tl.float32)
     e_lo = e_hi
@@ -327,7 +319,7 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:  # dS / keep_scale = p (kept dP - delta / keep_scale): the scale goes on once per output
+        if DROPOUT:  # lse, delta as `fused_backward` passes them with dropout
             dp = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, False), dp, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_C2P:
@@ -337,18 +329,17 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             elif highest < r_min:
                 sat_lo += tl.sum(ds, axis=1)
             else:
-                _view_store(g_view, m0, n0, (ds * ds_scale).to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
+                _view_store(g_view, m0, n0, ds.to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
                 if (lowest < r_min) | (highest > r_max):
                     rel = offs_m[:, None] - offs_n[None, :]
                     sat_hi += tl.sum(tl.where(rel > r_max, ds, 0.0), axis=1)
                     sat_lo += tl.sum(tl.where(rel < r_min, ds, 0.0), axis=1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (ds_scale * scale / _LOG2E),
-             mask=tile_mask)  # natural units
+    tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (scale / _LOG2E), mask=tile_mask)
     if HAS_C2P:
         sat = SATC + bh.to(tl.int64) * seq_len * 2 + offs_m * 2
-        tl.store(sat, sat_hi * ds_scale, mask=row_ok)
-        tl.store(sat + 1, sat_lo * ds_scale, mask=row_ok)
+        tl.store(sat, sat_hi, mask=row_ok)
+        tl.store(sat + 1, sat_lo, mask=row_ok)
 
 
 @triton.jit
@@ -391,9 +382,6 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                                                                            seq_len, BM)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
-    ds_scale = 1.0      # with dropout the loop accumulates dS, dV / keep_scale
-    if DROPOUT:
-        ds_scale = _keep_scale(threshold)
     sat_lo = tl.zeros([BN], tl.float32)
     sat_hi = tl.zeros([BN], tl.float32)
     for m0 in range(start, end, BM):
@@ -413,11 +401,11 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
         if DOCS:
             st = _same_document(st, DOC, b, ids, m0, offs_m, q_ok, seq_len, run_start, run_end, block_in_run)
         pt = tl.math.exp2(st - lse[None, :])
-        if DROPOUT:  # dS / keep_scale = kept dP - pt delta / keep_scale: the scale goes on once per output
+        if DROPOUT:  # lse, delta as `fused_backward` passes them with dropout
             kept = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, True), pt, 0.0)
             dv += tl.dot(kept.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = kept * dpt - pt * (delta * _keep_rate(threshold))[None, :]
+            dst = kept * dpt - pt * delta[None, :]
         else:
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -430,19 +418,17 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
             elif highest < r_min:
                 sat_lo += tl.sum(dst, axis=1)
             else:
-                _view_store(g_view, n0, m0, (dst * ds_scale).to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
+                _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
                 if (lowest < r_min) | (highest > r_max):
                     rel = offs_m[None, :] - offs_n[:, None]
                     sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
                     sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
-    tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (ds_scale * scale / _LOG2E),
-             mask=tile_mask)
-    tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], (dv * ds_scale).to(DV.dtype.element_ty),
-             mask=tile_mask)
+    tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (scale / _LOG2E), mask=tile_mask)
+    tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
     if HAS_P2C:
         sat = SATP + bh.to(tl.int64) * seq_len * 2 + offs_n * 2
-        tl.store(sat, sat_lo * ds_scale, mask=offs_n < seq_len)
-        tl.store(sat + 1, sat_hi * ds_scale, mask=offs_n < seq_len)
+        tl.store(sat, sat_lo, mask=offs_n < seq_len)
+        tl.store(sat + 1, sat_hi, mask=offs_n < seq_len)
 
 
 # ---------------------------------------------------------------- host side
@@ -476,6 +462,17 @@ class Tiles(NamedTuple):
 
 
 DEFAULT_TILES = Tiles()
+# What differs from DEFAULT_TILES per compiler (Triton (major, minor): Tiles fields) and for head dims
+# above 64, found with `compile_check` (its gates: 0 spill, wgmma, per-element limits; RESULTS.md).
+TRITON_TILES: dict[tuple[int, int], dict] = {}
+WIDE_HEAD_TILES: dict = {}
+
+
+def launch_tiles(head_dim: int, triton_version: str = triton.__version__) -> Tiles:
+    """The tiles the kernels launch with for this head dim under this Triton."""
+    major, minor = (int(part) for part in triton_version.split(".")[:2])
+    tiles = DEFAULT_TILES._replace(**TRITON_TILES.get((major, minor), {}))
+    return tiles._replace(**WIDE_HEAD_TILES) if head_dim > 64 else tiles
 
 
 def launch_constants(dtype: torch.dtype, head_dim: int) -> dict:
@@ -523,11 +520,12 @@ def _int32(mask, document_ids, placeholder):
 
 
 def fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids, settings, seed: torch.Tensor,
-                  tiles: Tiles = DEFAULT_TILES):
+                  tiles: Tiles | None = None):
     """out [B, h, L, d] and the base-2 log-sum-exp [B*h, L] (fp32); `settings`: AttentionSettings
     (scale resolved, the dropout rate of this call); seed [1] int64 on q's device: the dropout seed,
-    read by the kernels (never copied to the host)."""
+    read by the kernels (never copied to the host); tiles: None for `launch_tiles`."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    tiles = launch_tiles(q.shape[-1]) if tiles is None else tiles
     batch, heads, seq_len, _ = q.shape
     lay, scalars, features = _settings_args(q, pos_key, pos_query, settings, seed, tiles)
     e, f = _tables(q, k, pos_key, pos_query, lay, settings, tiles)
@@ -542,14 +540,19 @@ def fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids, set
 
 
 def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, document_ids, out, lse, settings,
-                   seed: torch.Tensor, tiles: Tiles = DEFAULT_TILES):
+                   seed: torch.Tensor, tiles: Tiles | None = None):
     """dq, dk, dv and dKr, dQr (None for a term that is off) for fused_forward's out, lse (and its seed)."""
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
+    tiles = launch_tiles(q.shape[-1]) if tiles is None else tiles
     batch, heads, seq_len, _ = q.shape
     lay, scalars, features = _settings_args(q, pos_key, pos_query, settings, seed, tiles)
     e, f = _tables(q, k, pos_key, pos_query, lay, settings, tiles)
     mask, docs, switches = _int32(attention_mask, document_ids, q)
     delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_len)   # rowsum(dO * O)
+    if features["DROPOUT"]:  # p = exp2(s - lse) then comes out times the keep scale and delta over it, so the
+        # kernels' p (kept dP - delta) is dS = P (keep_scale kept dP - delta) and the kept p give dV unscaled
+        keep_rate = 1.0 - quantised_dropout_rate(settings.dropout_p)
+        lse, delta = lse + math.log2(keep_rate), delta * keep_rate
     g_c2p = torch.zeros_like(e) if e is not None else q
     g_p2c = torch.zeros_like(f) if f is not None else q
     sat_c2p = torch.empty(batch * heads, seq_len, 2, device=q.device, dtype=torch.float32)
