@@ -11,6 +11,7 @@ import torch
 
 from deberta_ds.config import scale_for
 from deberta_ds.errors import UserError
+from deberta_ds.kernels.settings import quantised_dropout_rate
 from deberta_ds.relative_position import reachable_slots, relative_slots, slots_of_positions
 
 
@@ -111,6 +112,7 @@ def disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask
         same_document = document_ids[:, :, None] == document_ids[:, None, :]       # [B, L(query), L(key)]
         scores.masked_fill_(~same_document[:, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
+    dropout_p = quantised_dropout_rate(dropout_p)   # the fused kernel's rate, in whole 1/256
     if dropout_p > 0.0 and seed is None:
         probs = torch.nn.functional.dropout(probs, dropout_p)
     elif dropout_p > 0.0:
