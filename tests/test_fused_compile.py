@@ -150,3 +150,23 @@ def test_fused_dropout_follows_the_run_seed_and_resumes_from_the_checkpointed_rn
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
     assert not torch.equal(uninterrupted[0], uninterrupted[1])          # each call draws a new seed
     assert not any(torch.equal(other, mask) for mask in uninterrupted)
+
+
+def test_the_seed_drawn_in_an_inductor_graph_follows_the_run_seed_and_its_rng_state():
+    """Without fallback_random (train.compile's setting) inductor draws the seed from its own Philox
+    stream, seeded from torch's generator: the same torch seed, or restored generator states, give the
+    same kernel seed; each call draws a new one."""
+    from deberta_ds.parallel.random import get_rng_states, set_rng_states
+
+    torch._dynamo.reset()
+    draw = torch.compile(lambda x: x + fused.dropout_seed(None, x.device))
+    zero = torch.zeros(1, dtype=torch.int64)
+    torch.manual_seed(0)
+    first = draw(zero)
+    saved = get_rng_states(None)
+    second = draw(zero)
+    set_rng_states(saved, None)
+    assert torch.equal(draw(zero), second) and not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(draw(zero), first)
+    assert 0 <= int(first) < fused.SEED_RANGE
