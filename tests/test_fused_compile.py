@@ -22,8 +22,7 @@ import torch
 from deberta_ds.config import RTDConfig, preset
 from deberta_ds.kernels import fused
 from deberta_ds.model import ReplacedTokenDetection
-from deberta_ds.model.rtd import compile_training_step, masked_positions
-from tests.test_rtd_model import masked_batch
+from tests.test_compile import eager_and_compiled
 
 DROPOUT = 0.1
 
@@ -100,13 +99,7 @@ def test_compiled_layer_with_fused_dropout_equals_eager_without_a_graph_break():
 
 @pytest.mark.slow
 def test_compiled_pair_with_fused_dropout_equals_eager_without_a_graph_break():
-    torch._dynamo.reset()
-    eager = fused_rtd()
-    compiled = copy.deepcopy(eager)
-    compile_training_step(compiled)
-    ids, mask, labels = masked_batch(lengths=(20, 13), every=3)
-    masked = masked_positions(labels)
-    torch._dynamo.utils.counters.clear()
+    eager, compiled, (ids, mask, labels, masked) = eager_and_compiled(fused_rtd())
     results = []
     for model in (eager, compiled):
         with torch._inductor.config.patch(fallback_random=True):
