@@ -181,6 +181,28 @@ def _document_span(doc_ptr, b, p0, offs, ok, seq_len, STEP: tl.constexpr):
 
 
 @triton.jit
+def _loop_range(start, end, seq_len, DOCS: tl.constexpr, DROPOUT: tl.constexpr):
+    """The dK/dV loop's range: with documents [start, end) (`_document_span`), except with dropout too,
+    where it runs over every step and skips the others (`_visits`): bounds that are loaded data take
+    the loop variable out of the uniform registers there, and every TMA coordinate pays for it (0.07
+    per element). Without dropout (2 stages) the skipping loop spills, and the query-major loops do
+    better with [start, end) as well."""
+    first, last = start, end
+    if DOCS and DROPOUT:
+        first, last = 0, seq_len
+    return first, last
+
+
+@triton.jit
+def _visits(l0, start, end, DOCS: tl.constexpr, DROPOUT: tl.constexpr):
+    """Whether the loop step at l0 of `_loop_range` lies in [start, end)."""
+    visit = True
+    if DOCS and DROPOUT:
+        visit = (l0 >= start) & (l0 < end)
+    return visit
+
+
+@triton.jit
 def _same_document(s, doc_ptr, b, ids, l0, offs_loop, loop_ok, seq_len, run_start, run_end, block_in_run):
     """s with the cells whose query and key lie in different documents masked; a tile whose both
     blocks lie in one run of equal ids skips the test."""
@@ -232,8 +254,9 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
         v = _rows(V + qkv, offs_n, offs_d, kv_mask, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         if HAS_C2P or HAS_P2C:
-            s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0, seq_len,
-                           CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False, BM, BN, TMA)
+            s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0,
+                           seq_len, CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False,
+                           BM, BN, TMA)
         keep = col_ok
         if HAS_MASK:
             keep = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
@@ -384,45 +407,48 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
     dv = tl.zeros([BN, D], tl.float32)
     sat_lo = tl.zeros([BN], tl.float32)
     sat_hi = tl.zeros([BN], tl.float32)
-    for m0 in range(start, end, BM):
-        offs_m = m0 + tl.arange(0, BM)
-        q_ok = offs_m < seq_len
-        qd_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        q = _rows(Q + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
-        do = _rows(DO + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
-        lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=float("inf"))   # past L: p = 0
-        delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale                 # [BN keys, BM queries]
-        if HAS_C2P or HAS_P2C:
-            st += _position(m0, n0, offs_m, offs_n, f_hi, f_lo, Eb, offs_m, q_ok, E_PAD, E_PAD + C - 1, 0.0, seq_len,
-                            CS, e_view, f_view, r_min, r_max, HAS_P2C, HAS_C2P, HAS_C2P, HAS_P2C, True, BM, BN, TMA)
-        if HAS_MASK:
-            st = tl.where(key_ok[:, None], st, _NEG)
-        if DOCS:
-            st = _same_document(st, DOC, b, ids, m0, offs_m, q_ok, seq_len, run_start, run_end, block_in_run)
-        pt = tl.math.exp2(st - lse[None, :])
-        if DROPOUT:  # lse, delta as `fused_backward` passes them with dropout
-            kept = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, True), pt, 0.0)
-            dv += tl.dot(kept.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = kept * dpt - pt * delta[None, :]
-        else:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-        if HAS_P2C:
-            lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
-            if lowest > r_max:
-                sat_hi += tl.sum(dst, axis=1)
-            elif highest < r_min:
-                sat_lo += tl.sum(dst, axis=1)
+    first, last = _loop_range(start, end, seq_len, DOCS, DROPOUT)
+    for m0 in range(first, last, BM):
+        if _visits(m0, start, end, DOCS, DROPOUT):
+            offs_m = m0 + tl.arange(0, BM)
+            q_ok = offs_m < seq_len
+            qd_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            q = _rows(Q + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
+            do = _rows(DO + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
+            lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=float("inf"))   # past L: p = 0
+            delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale                 # [BN keys, BM queries]
+            if HAS_C2P or HAS_P2C:
+                st += _position(m0, n0, offs_m, offs_n, f_hi, f_lo, Eb, offs_m, q_ok, E_PAD, E_PAD + C - 1, 0.0,
+                                seq_len, CS, e_view, f_view, r_min, r_max, HAS_P2C, HAS_C2P, HAS_C2P, HAS_P2C, True,
+                                BM, BN, TMA)
+            if DOCS:  # padded keys are a document of their own (`_int32`): masked by this test too
+                st = _same_document(st, DOC, b, ids, m0, offs_m, q_ok, seq_len, run_start, run_end, block_in_run)
+            elif HAS_MASK:
+                st = tl.where(key_ok[:, None], st, _NEG)
+            pt = tl.math.exp2(st - lse[None, :])
+            if DROPOUT:  # lse, delta as `fused_backward` passes them with dropout
+                kept = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, True), pt, 0.0)
+                dv += tl.dot(kept.to(do.dtype), do, input_precision=PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dst = kept * dpt - pt * delta[None, :]
             else:
-                _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
-                if (lowest < r_min) | (highest > r_max):
-                    rel = offs_m[None, :] - offs_n[:, None]
-                    sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
-                    sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+            if HAS_P2C:
+                lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
+                if lowest > r_max:
+                    sat_hi += tl.sum(dst, axis=1)
+                elif highest < r_min:
+                    sat_lo += tl.sum(dst, axis=1)
+                else:
+                    _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
+                    if (lowest < r_min) | (highest > r_max):
+                        rel = offs_m[None, :] - offs_n[:, None]
+                        sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
+                        sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
     tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (scale / _LOG2E), mask=tile_mask)
     tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
     if HAS_P2C:
@@ -515,6 +541,9 @@ def _int32(mask, document_ids, placeholder):
     """The mask [B, L] and document ranges [B, 5, L] as the kernels read them (a placeholder when absent:
     its pointer is never read, the constexpr switch is off)."""
     mask_arg = mask.to(torch.int32).contiguous() if mask is not None else placeholder
+    if mask is not None and document_ids is not None:  # padded positions: one document of their own, apart
+        # from every real one, so the dK/dV kernel's document test masks padded keys as well
+        document_ids = torch.where(mask.bool(), document_ids.long(), torch.iinfo(torch.int64).min)
     docs_arg = document_ranges(document_ids) if document_ids is not None else placeholder
     return mask_arg, docs_arg, dict(HAS_MASK=mask is not None, DOCS=document_ids is not None)
 
