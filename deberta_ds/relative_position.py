@@ -24,7 +24,7 @@ def log_bucket(relative: torch.Tensor, position_buckets: int, max_relative_posit
     mid = position_buckets // 2
     sign = torch.sign(relative)
     # |r| < mid never reaches the log branch; substituting mid - 1 keeps log() finite.
-    abs_pos = torch.where(relative.abs() < mid, relative.new_tensor(mid - 1), relative.abs())  # broadcast: any L
+    abs_pos = torch.where(relative.abs() < mid, mid - 1, relative.abs())  # a Python scalar: no host->device copy
     log_ratio = torch.log(abs_pos / mid) / torch.log(torch.tensor((max_relative_positions - 1) / mid))
     log_pos = torch.ceil(log_ratio * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, relative.to(log_pos.dtype), log_pos * sign).long()

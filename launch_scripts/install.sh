@@ -16,6 +16,12 @@ fi
 if ! "$python" -c "import torch" 2>/dev/null; then
   "$python" -m pip install --quiet "torch==2.13.0"
 fi
+# The tests run the fused kernel under Triton's interpreter; CPU torch brings no Triton, so this adds
+# the one CUDA torch 2.13 requires (3.7.1): CPU and GPU runs of the pinned torch then share one
+# compiler version. A torch that brings its own Triton (CUDA wheels) keeps it.
+if [ "$extras" = test ] && ! "$python" -c "import triton" 2>/dev/null; then
+  "$python" -m pip install --quiet "triton==3.7.1"
+fi
 spec="$repo"
 [ -n "$extras" ] && spec="$repo[$extras]"
 if ! "$python" -c "import deberta_ds, deepspeed, sentencepiece" 2>/dev/null \

@@ -34,15 +34,20 @@ def test_encoder_layers_compile_without_a_graph_break():
     assert plain == [] and emd == []
 
 
-@pytest.mark.slow
-def test_compiled_pair_equals_eager_and_does_not_recompile_across_steps():
+def eager_and_compiled(eager):
+    """(eager, a compiled copy as train.compile makes it, (ids, mask, labels, masked) of a small batch);
+    dynamo's counters cleared."""
     torch._dynamo.reset()
-    eager = make_rtd()
     compiled = copy.deepcopy(eager)
     compile_training_step(compiled)
     ids, mask, labels = masked_batch(lengths=(24, 17), every=3)
-    masked = masked_positions(labels)
     torch._dynamo.utils.counters.clear()
+    return eager, compiled, (ids, mask, labels, masked_positions(labels))
+
+
+@pytest.mark.slow
+def test_compiled_pair_equals_eager_and_does_not_recompile_across_steps():
+    eager, compiled, (ids, mask, labels, masked) = eager_and_compiled(make_rtd())
     for step in range(3):
         outputs = []
         for model in (eager, compiled):

@@ -14,7 +14,7 @@ import torch
 
 from deberta_ds.kernels.fused import disentangled_attention_fused
 from deberta_ds.kernels.reference import attention_scores, default_scale, disentangled_attention_reference
-from deberta_ds.kernels.settings import AttentionSettings
+from deberta_ds.kernels.settings import AttentionSettings, quantised_dropout_rate
 from deberta_ds.kernels.tables import layout
 from deberta_ds.kernels.triton_attention import DEFAULT_TILES, Tile, Tiles, fused_backward, fused_forward
 from tests.kernel_helpers import tile_classes
@@ -118,6 +118,7 @@ def run(fn, tensors, mask, shape, dtype, grad_out, **kwargs):
 
 def kernel(tiles, seed=0):
     """The kernel's forward and backward with the given tiles, as an attention function for `run`."""
+    seed = torch.tensor([seed], dtype=torch.int64)
     class Attention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, pos_key, pos_query, mask, settings, document_ids):
@@ -224,7 +225,7 @@ def test_dropout_matches_reference_with_the_kernels_mask_and_backward_is_determi
     def reference_with_mask(q, k, v, pos_key, pos_query, attention_mask, *, position_buckets, max_relative_positions):
         scores = attention_scores(q, k, pos_key, pos_query, position_buckets=position_buckets,
                                   max_relative_positions=max_relative_positions, scale=1 / math.sqrt(3 * q.shape[-1]))
-        return (torch.softmax(scores, -1) * keep / (1 - p)) @ v
+        return (torch.softmax(scores, -1) * keep / (1 - quantised_dropout_rate(p))) @ v
 
     expected = run(reference_with_mask, tensors, mask, shape, torch.float64, grad_out)
     assert relative_error(first[0], expected[0]) <= TOLERANCE[torch.float32]
@@ -244,7 +245,8 @@ def test_dropout_with_every_tile_class_and_padding_matches_the_kernels_mask():
         scores = attention_scores(q, k, pos_key, pos_query, position_buckets=position_buckets,
                                   max_relative_positions=max_relative_positions, scale=1 / math.sqrt(3 * q.shape[-1]))
         scores = scores.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
-        return ((torch.softmax(scores, -1) * keep / (1 - p)) @ v) * attention_mask[:, None, :, None]
+        probs = torch.softmax(scores, -1) * keep / (1 - quantised_dropout_rate(p))
+        return (probs @ v) * attention_mask[:, None, :, None]
 
     expected = run(reference_with_mask, tensors, mask, shape, torch.float64, grad_out)
     actual = run(kernel(SMALL), tensors, mask, shape, torch.float32, grad_out, dropout_p=p)
@@ -318,6 +320,9 @@ def test_auto_falls_back_to_the_reference_per_variant_when_the_kernel_does_not_c
     both = auto(q, k, v, pos_key, pos_query, mask, **kwargs)                # another variant: the kernel
     assert calls == [True, False]
     assert torch.equal(both, disentangled_attention_fused(q, k, v, pos_key, pos_query, mask, **kwargs))
+    wide = [t.double() for t in (q, k, v, pos_key, pos_query)]                # float64: the reference's alone
+    assert torch.equal(auto(*wide, mask, **kwargs), disentangled_attention_reference(*wide, mask, **kwargs))
+    assert calls == [True, False]
 
 
 DOCUMENT_LENGTHS = [40, 25, 35]  # 100 positions: 32 x 16 tiles inside one run, straddling, sharing none

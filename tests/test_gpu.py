@@ -18,6 +18,7 @@ import torch
 
 from deberta_ds.kernels.fused import disentangled_attention_fused
 from deberta_ds.kernels.reference import attention_scores
+from deberta_ds.kernels.settings import quantised_dropout_rate
 from tests.dist_helpers import run_distributed
 from tests.proc_helpers import run_bounded
 from tests.test_fused_attention import TOLERANCE, inputs, kernel_dropout_mask, relative_error
@@ -57,7 +58,7 @@ def test_fused_kernel_matches_float64_reference_at_model_shapes(shape, dtype, dr
         scores = attention_scores(q, k, pos_key, pos_query, position_buckets=position_buckets,
                                   max_relative_positions=max_relative_positions, scale=(3 * q.shape[-1]) ** -0.5)
         scores = scores.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
-        probabilities = torch.softmax(scores, -1) * keep / (1 - dropout_p)
+        probabilities = torch.softmax(scores, -1) * keep / (1 - quantised_dropout_rate(dropout_p))
         return (probabilities @ v) * attention_mask[:, None, :, None]
 
     expected, expected_grads = run_kernel(reference, tensors, mask, shape, torch.float64, grad_out)

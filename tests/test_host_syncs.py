@@ -51,9 +51,21 @@ class SyncRecorder(TorchDispatchMode):
             isinstance(t, torch.Tensor) and t.dtype == torch.bool for lst in index_lists for t in lst)
         to_cpu = name in ("_to_copy", "copy_") and kwargs.get("device") == torch.device("cpu") and any(
             t.device.type != "cpu" for t in tensors)
-        if name in SYNCING or boolean_index or to_cpu:
+        if name in SYNCING or boolean_index or to_cpu or self._from_cpu(name, args, kwargs):
             self.calls.append((name, self._site()))
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _from_cpu(name, args, kwargs) -> bool:
+        """A copy of host memory to a device (.to(device) or copy_ of a CPU tensor): the host waits for
+        the device's queue before the copy. (A CPU scalar tensor passed to a device op is not one: its
+        value travels as a kernel argument. torch.tensor(data, device=...) copies below the dispatcher,
+        unseen here: the code under test builds its tensors from aranges.)"""
+        if name == "_to_copy":
+            device = kwargs.get("device")
+            return args[0].device.type == "cpu" and device is not None and torch.device(device).type != "cpu"
+        return name == "copy_" and args[0].device.type != "cpu" and isinstance(args[1], torch.Tensor) and \
+            args[1].device.type == "cpu"
 
     @staticmethod
     def _site() -> str:
@@ -86,6 +98,36 @@ def test_the_recorder_sees_the_syncs_the_old_code_made():
         labels[labels != IGNORE_INDEX].float().mean().item()
     ops = [op for op, _ in recorder.calls]
     assert "nonzero" in ops and "index" in ops and "_local_scalar_dense" in ops
+
+
+def test_the_fused_kernels_host_side_copies_nothing_to_the_device_at_new_lengths():
+    """The fused attention's tables, folds, document ranges and dropout seed at lengths seen for the
+    first time (and again past the fold cache) are built on the device: no host->device copy.
+    The meta device stands in for the GPU (the CPU machine has none; the kernels do not run)."""
+    from deberta_ds.kernels import tables
+    from deberta_ds.kernels.fused import dropout_seed
+
+    device = torch.device("meta")
+    recorder = SyncRecorder()
+    tables._folds.cache_clear()
+    layouts = {seq_len: tables.layout(seq_len, 4, 8, 96) for seq_len in (37, 50)}  # host arithmetic on CPU tensors
+    with recorder:
+        for seq_len in (37, 50, 37):
+            q, k = torch.randn(2, 2, seq_len, 16, device=device), torch.randn(2, 2, seq_len, 16, device=device)
+            pos_key, pos_query = torch.randn(2, 8, 16, device=device), torch.randn(2, 8, 16, device=device)
+            lay = layouts[seq_len]
+            e, f = tables.position_tables(q, k, pos_key, pos_query, lay, 0.1)
+            sat = torch.zeros(4, seq_len, 2, device=device)
+            tables.fold_gradients(q, k, pos_key, pos_query, torch.zeros_like(e), torch.zeros_like(f), sat, sat, lay,
+                                  0.1)
+            tables.document_ranges(torch.zeros(2, seq_len, dtype=torch.long, device=device))
+            dropout_seed(None, device)
+            tables._folds.cache_clear()   # as when lengths vary past the cache
+    assert recorder.calls == []
+    with recorder:   # the recorder sees such copies: what the folds did before (built on the host, then .to)
+        torch.zeros(3, 4).to(device)
+        torch.empty(3, device=device).copy_(torch.arange(3.0))
+    assert [op for op, _ in recorder.calls] == ["_to_copy", "copy_"]
 
 
 def test_padded_masked_positions_change_nothing():

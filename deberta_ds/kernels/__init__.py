@@ -25,7 +25,8 @@ figures for the rebuilt kernel replace ``MEASURED``.
 
 With ``auto`` on the fused kernel, a kernel variant (dtype, head dim, positional terms, mask,
 dropout, document ids) that fails to compile for this GPU and Triton warns once and uses the
-reference for that variant from then on (``fused`` raises instead).
+reference for that variant from then on (``fused`` raises instead); float64 inputs, which the
+kernel does not take, run on the reference.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 
 from deberta_ds.errors import UserError
 from deberta_ds.kernels.reference import disentangled_attention_reference
-from deberta_ds.kernels.settings import AttentionSettings
+from deberta_ds.kernels.settings import FUSED_DTYPES, AttentionSettings
 
 # Forward+backward ms on an H200 (see the docstring): {L: {implementation: ms}}.
 MEASURED = {512: {"reference": 9.38, "fused": 14.64}, 2048: {"reference": 30.76, "fused": 44.35},
@@ -106,7 +107,7 @@ def _falling_back_to_reference(fused):
 
         variant = _variant(q, pos_key, pos_query, attention_mask, kwargs.get("dropout_p", 0.0),
                            kwargs.get("document_ids"))
-        if q.is_cuda and variant not in _variants_that_do_not_compile:
+        if q.is_cuda and q.dtype in FUSED_DTYPES and variant not in _variants_that_do_not_compile:
             try:
                 return fused(q, k, v, pos_key, pos_query, attention_mask, **kwargs)
             except TritonError as error:

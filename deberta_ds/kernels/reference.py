@@ -10,11 +10,49 @@ from __future__ import annotations
 import torch
 
 from deberta_ds.config import scale_for
+from deberta_ds.errors import UserError
+from deberta_ds.kernels.settings import quantised_dropout_rate
 from deberta_ds.relative_position import reachable_slots, relative_slots, slots_of_positions
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_inputs(q, k, v, pos_key, pos_query, attention_mask, document_ids, *, position_buckets,
+                 max_relative_positions, dropout_p) -> None:
+    """The contract of both implementations (reference and fused), checked on metadata only (no
+    device read): a UserError naming the argument for anything outside it.
+
+    q, k, v: [B, h, L, d] of one floating dtype; pos_key, pos_query: [h, 2 x position_buckets, d] or
+    None; position_buckets >= 2 (log buckets need a half of at least 1) and <= max_relative_positions
+    (ModelConfig's rule); attention_mask: [B, L] bool or integer, nonzero keeps a key (and its query
+    row); a floating mask is refused (a soft mask such as 0.5 has no meaning here, and 1.0 / 0.0
+    masks are one `.bool()` away); document_ids: [B, L] integer; dropout_p in [0, 1)."""
+    def refuse(name: str, message: str):
+        raise UserError(f"disentangled attention: {name}: {message}")
+
+    if not (isinstance(position_buckets, int) and 2 <= position_buckets <= max_relative_positions):
+        refuse("position_buckets", f"must be an integer in [2, max_relative_positions={max_relative_positions}], "
+               f"got {position_buckets!r}")
+    if not (q.dim() == 4 and q.shape == k.shape == v.shape):
+        refuse("q, k, v", f"must be [B, h, L, d] of one shape, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
+        refuse("q, k, v", f"must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, heads, seq_len, head_dim = q.shape
+    for name, table in (("pos_key", pos_key), ("pos_query", pos_query)):
+        if table is not None and table.shape != (heads, 2 * position_buckets, head_dim):
+            refuse(name, f"must be [h, 2 x position_buckets, d] = {[heads, 2 * position_buckets, head_dim]}, got "
+                   f"{list(table.shape)}")
+    for name, ids in (("attention_mask", attention_mask), ("document_ids", document_ids)):
+        if ids is not None and ids.shape != (batch, seq_len):
+            refuse(name, f"must be [B, L] = {[batch, seq_len]}, got {list(ids.shape)}")
+        if ids is not None and (ids.is_floating_point() or ids.is_complex()):
+            refuse(name, f"a {ids.dtype} tensor is not supported: pass a bool or integer one" + (
+                " (nonzero keeps a position), e.g. mask.bool() for a 0/1 float mask" if name == "attention_mask"
+                else ""))
+    if not 0.0 <= dropout_p < 1.0:
+        refuse("dropout_p", f"must be in [0, 1), got {dropout_p}")
 
 
 def default_scale(head_dim: int, pos_key, pos_query) -> float:
@@ -59,8 +97,10 @@ def disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask
     document_ids [B, L] or None (int: positions attend only to positions of an equal id, so the
     documents packed into one sample do not see each other).
 
-    Returns [B, h, L, d] in v's dtype; padded query rows are exactly 0.
+    Returns [B, h, L, d] in v's dtype; padded query rows are exactly 0. Inputs: `check_inputs`.
     """
+    check_inputs(q, k, v, pos_key, pos_query, attention_mask, document_ids, position_buckets=position_buckets,
+                 max_relative_positions=max_relative_positions, dropout_p=dropout_p)
     if scale is None:
         scale = default_scale(q.shape[-1], pos_key, pos_query)
     scores = attention_scores(q, k, pos_key, pos_query, position_buckets=position_buckets,
@@ -72,6 +112,7 @@ def disentangled_attention_reference(q, k, v, pos_key, pos_query, attention_mask
         same_document = document_ids[:, :, None] == document_ids[:, None, :]       # [B, L(query), L(key)]
         scores.masked_fill_(~same_document[:, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
+    dropout_p = quantised_dropout_rate(dropout_p)   # the fused kernel's rate, in whole 1/256
     if dropout_p > 0.0 and seed is None:
         probs = torch.nn.functional.dropout(probs, dropout_p)
     elif dropout_p > 0.0:

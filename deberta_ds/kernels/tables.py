@@ -33,11 +33,24 @@ from deberta_ds.relative_position import log_bucket
 LOG2E = math.log2(math.e)  # the kernels run their softmax in base 2: tables are stored times log2(e)
 
 
-def slot_table(seq_len: int, position_buckets: int, max_relative_positions: int, device) -> torch.Tensor:
-    """Slot of every relative distance i - j in [-(L-1), L-1], int32 [2L - 1] (the reference's float32 code)."""
-    relative = torch.arange(-(seq_len - 1), seq_len)
+def _slots(relative: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
+    """Slot of each relative distance, computed where `relative` lies (the reference's float32 code)."""
     slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
-    return slots.clamp_(0, 2 * position_buckets - 1).to(torch.int32).to(device)
+    return slots.clamp_(0, 2 * position_buckets - 1)
+
+
+def slot_table(seq_len: int, position_buckets: int, max_relative_positions: int, device) -> torch.Tensor:
+    """Slot of every relative distance i - j in [-(L-1), L-1], int32 [2L - 1], built on `device`."""
+    relative = torch.arange(-(seq_len - 1), seq_len, device=device)
+    return _slots(relative, position_buckets, max_relative_positions).to(torch.int32)
+
+
+def table_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """How E and F (and the backward's band buffers) are stored for inputs of `input_dtype`: fp16 inputs
+    get fp32 tables (a position score of q and Kr with std 200 is ~1e5, past fp16's 65,504, and at std
+    30 fp16's 11 bits lose what the fp32 scores of the reference keep); bf16 has fp32's range and keeps
+    its own dtype (the products are accumulated in fp32 all the same)."""
+    return torch.float32 if input_dtype == torch.float16 else input_dtype
 
 
 class Layout(NamedTuple):
@@ -50,7 +63,8 @@ class Layout(NamedTuple):
     e_pad: int          # E's column 0 sits at row offset e_pad; e_pad + r_max + 1 is a multiple of 8
     f_pad: int          # F's column 0 at f_pad; f_pad + 1 - r_min a multiple of 8
     rows: int           # L rounded up to 8: per-head buffers stay 16-byte aligned
-    slot_of_column: tuple[int, ...]   # p2c column t -> slot (c2p columns: the same, reversed); hashable
+    position_buckets: int
+    max_relative_positions: int
 
     @property
     def head_stride(self) -> int:
@@ -76,21 +90,28 @@ def layout(seq_len: int, position_buckets: int, max_relative_positions: int, til
     columns = r_max - r_min + 3
     extra = tile_sum + (-tile_sum) % 8
     row_stride = columns + 1 + (-columns) % 8 + 8 + extra
-    distance = (torch.arange(columns) + r_min - 1).clamp(-(seq_len - 1), seq_len - 1)
     return Layout(seq_len, r_min, r_max, columns, row_stride, (-(r_max + 1)) % 8, (-(1 - r_min)) % 8,
-                  seq_len + (-seq_len) % 8, tuple(slots[distance + seq_len - 1].tolist()))
+                  seq_len + (-seq_len) % 8, position_buckets, max_relative_positions)
+
+
+def _fold(lay: Layout, pad: int, reverse: bool, table_rows: int, device: torch.device) -> torch.Tensor:
+    """One-hot [CS, table_rows], fp32: stored row `pad + t` -> the slot of p2c column t (c2p columns,
+    `reverse`: the same slots in reverse order); zero rows for pads. Built on `device` from aranges:
+    no host data is copied to the device, at any new length."""
+    column = torch.arange(lay.row_stride, device=device) - pad                     # [CS]
+    in_table = (column >= 0) & (column < lay.columns)
+    if reverse:
+        column = lay.columns - 1 - column
+    distance = (column + lay.r_min - 1).clamp(-(lay.seq_len - 1), lay.seq_len - 1)
+    slot = torch.where(in_table, _slots(distance, lay.position_buckets, lay.max_relative_positions), -1)
+    return (slot[:, None] == torch.arange(table_rows, device=device)[None, :]).float()
 
 
 @functools.lru_cache(maxsize=64)
 def _folds(lay: Layout, table_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-hot [CS, table_rows] maps from stored table columns to slots (zero rows for pads), c2p and
-    p2c: gathering (fold @ Kr) and the gradient's segment sum (fold^T @ x) are dense GEMMs."""
-    def fold(pad: int, slot_of_column: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(lay.row_stride, table_rows)
-        out[pad + torch.arange(lay.columns), slot_of_column] = 1.0
-        return out.to(device)
-    slots = torch.tensor(lay.slot_of_column)
-    return fold(lay.e_pad, slots.flip(0)), fold(lay.f_pad, slots)
+    """The c2p and p2c folds (`_fold`): gathering (fold @ Kr) and the gradient's segment sum
+    (fold^T @ x) are dense GEMMs. Cached per layout and device (rebuilding one is a few device ops)."""
+    return _fold(lay, lay.e_pad, True, table_rows, device), _fold(lay, lay.f_pad, False, table_rows, device)
 
 
 def gathered(table: torch.Tensor, fold: torch.Tensor, factor: float) -> torch.Tensor:
@@ -99,18 +120,21 @@ def gathered(table: torch.Tensor, fold: torch.Tensor, factor: float) -> torch.Te
 
 
 def position_tables(q, k, pos_key, pos_query, lay: Layout, scale: float, dtype: torch.dtype | None = None):
-    """E, F [B*h, rows * CS] in `dtype` (default q's; None where the term is off), in base-2 units
-    (times scale * log2 e): one GEMM each. q, k [B, h, L, d]; pos_key, pos_query [h, 2k, d] or None."""
+    """E, F [B*h, rows * CS] in `dtype` (default `table_dtype` of q's; None where the term is off), in
+    base-2 units (times scale * log2 e): one GEMM each, accumulated in fp32 at least (fp16 inputs: the
+    products in fp32, as the reference's scores). q, k [B, h, L, d]; pos_key, pos_query [h, 2k, d] or None."""
     batch, heads, seq_len, _ = q.shape
     folds = _folds(lay, (pos_key if pos_key is not None else pos_query).shape[1], q.device)
     pad_rows = (0, 0, 0, lay.rows - seq_len)
+    stored = dtype or table_dtype(q.dtype)
+    product = torch.float32 if q.dtype == torch.float16 else stored   # bf16 GEMMs accumulate in fp32
 
     def table(x, rel, fold):
         if rel is None:
             return None
-        x = torch.nn.functional.pad(x, pad_rows).to(dtype or x.dtype)            # [B, h, rows, d]
-        out = x @ gathered(rel.to(x.dtype), fold, scale * LOG2E).transpose(-1, -2)  # [B, h, rows, CS]
-        return out.reshape(batch * heads, lay.head_stride)
+        x = torch.nn.functional.pad(x, pad_rows).to(product)                        # [B, h, rows, d]
+        out = x @ gathered(rel.to(product), fold, scale * LOG2E).transpose(-1, -2)  # [B, h, rows, CS]
+        return out.to(stored).reshape(batch * heads, lay.head_stride)
     return table(q, pos_key, folds[0]), table(k, pos_query, folds[1])
 
 

@@ -15,24 +15,29 @@ are padded so their out-of-band cells land in columns the fold ignores).
 Masking: key padding sets the score to -1e30; padded query rows output 0 and keep lse = +inf, so the
 backward gives them p = 0 without a test. Document ids: a block visits only the key (or query) blocks
 between the first and last position of its documents; a tile inside one run of equal ids needs no
-elementwise test, the others compare ids. Dropout: Philox keyed by (seed, b*h) with the counter
-i * ceil(L / 4) + j / 4, so one `tl.randint4x` call gives four cells' numbers; the backward
-regenerates the same mask. Deterministic: every output element and band cell has one writer, the
-saturated sums go to per-row buffers, no atomics.
+elementwise test, the others compare ids. Dropout: one random byte per cell, 16 per Philox call
+(counter i * ceil(L / 16) + j / 16 and b*h, keyed by the seed the kernels read from device memory),
+the rate in whole 1/256 (`settings.dropout_threshold`); the backward regenerates the same mask.
+Deterministic: every output element and band cell has one writer, the saturated sums go to per-row
+buffers, no atomics.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from deberta_ds.kernels.settings import DROPOUT_LEVELS, dropout_threshold, quantised_dropout_rate
 from deberta_ds.kernels.tables import LOG2E, document_ranges, fold_gradients, layout, position_tables
 
 _NEG = tl.constexpr(-1.0e30)  # masked score: finite, so a masked-out tile gives no NaN in the online softmax
 _LOG2E = tl.constexpr(LOG2E)
+_LEVELS = tl.constexpr(float(DROPOUT_LEVELS))
+_PHILOX_ROUNDS = tl.constexpr(7)  # FlashAttention's (Philox4x32-7 passes BigCrush, Salmon et al. 2011)
 
 
 @triton.jit
@@ -127,22 +132,37 @@ def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loo
 
 
 @triton.jit
+def _seed(SEED, DROPOUT: tl.constexpr):
+    """The dropout seed, read from device memory ([1] int64): no host value, so a captured graph
+    replays with whatever seed the tensor holds."""
+    seed = tl.zeros([], tl.int64)
+    if DROPOUT:
+        seed = tl.load(SEED)
+    return seed
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN: tl.constexpr, KEY_MAJOR: tl.constexpr):
-    """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR): Philox keyed
-    by (seed, b*h), counter i * ceil(L / 4) + j // 4; each call yields the numbers of four consecutive keys
-    (key 4g + 2a + b from output 2b + a, in both orientations)."""
-    groups = n0 // 4 + tl.arange(0, BN // 4)
+    """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR): one byte per
+    cell, as FlashAttention: Philox4x32-10 keyed by the seed, counter (i * ceil(L / 16) + j // 16, b*h,
+    0, 0); a call's four words give 16 consecutive keys their bytes (key 16g + 4w + c: byte c of word
+    w); a cell is kept when its byte is at least `threshold` (the rate in 1/256, `dropout_threshold`)."""
+    groups = n0 // 16 + tl.arange(0, BN // 16)
+    counters = offs_m[:, None] * ((seq_len + 15) // 16) + groups[None, :]         # [BM, BN / 16]
+    r0, r1, r2, r3 = tl.philox(seed, counters, bh, 0, 0, _PHILOX_ROUNDS)
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))          # [BM, BN / 16, k, l]: word 2k + l
+    shifts = tl.reshape(tl.arange(0, 4) * 8, [1, 1, 1, 1, 4])
+    cells = tl.reshape((words[:, :, :, :, None] >> shifts) & 0xFF, [offs_m.shape[0], BN])   # byte c of [..., c]
+    keep = cells >= threshold
     if KEY_MAJOR:
-        counters = offs_m[None, :] * ((seq_len + 3) // 4) + groups[:, None]      # [BN / 4, BM]
-    else:
-        counters = offs_m[:, None] * ((seq_len + 3) // 4) + groups[None, :]      # [BM, BN / 4]
-    r0, r1, r2, r3 = tl.randint4x(seed.to(tl.int64) + (bh.to(tl.int64) << 32), counters)
-    bits = tl.join(tl.join(r0, r1), tl.join(r2, r3))
-    if KEY_MAJOR:
-        bits = tl.reshape(tl.permute(bits, (0, 2, 3, 1)), [BN, offs_m.shape[0]])
-    else:
-        bits = tl.reshape(bits, [offs_m.shape[0], BN])
-    return (bits >> 1).to(tl.int32) >= threshold
+        keep = tl.trans(keep)
+    return keep
+
+
+@triton.jit
+def _keep_scale(threshold):
+    """1 / (1 - rate) of the quantised rate threshold / 256."""
+    return _LEVELS / (_LEVELS - threshold.to(tl.float32))
 
 
 @triton.jit
@@ -161,6 +181,28 @@ def _document_span(doc_ptr, b, p0, offs, ok, seq_len, STEP: tl.constexpr):
 
 
 @triton.jit
+def _loop_range(start, end, seq_len, DOCS: tl.constexpr, DROPOUT: tl.constexpr):
+    """The dK/dV loop's range: with documents [start, end) (`_document_span`), except with dropout too,
+    where it runs over every step and skips the others (`_visits`): bounds that are loaded data take
+    the loop variable out of the uniform registers there, and every TMA coordinate pays for it (0.07
+    per element). Without dropout (2 stages) the skipping loop spills, and the query-major loops do
+    better with [start, end) as well."""
+    first, last = start, end
+    if DOCS and DROPOUT:
+        first, last = 0, seq_len
+    return first, last
+
+
+@triton.jit
+def _visits(l0, start, end, DOCS: tl.constexpr, DROPOUT: tl.constexpr):
+    """Whether the loop step at l0 of `_loop_range` lies in [start, end)."""
+    visit = True
+    if DOCS and DROPOUT:
+        visit = (l0 >= start) & (l0 < end)
+    return visit
+
+
+@triton.jit
 def _same_document(s, doc_ptr, b, ids, l0, offs_loop, loop_ok, seq_len, run_start, run_end, block_in_run):
     """s with the cells whose query and key lie in different documents masked; a tile whose both
     blocks lie in one run of equal ids skips the test."""
@@ -171,14 +213,15 @@ def _same_document(s, doc_ptr, b, ids, l0, offs_loop, loop_ok, seq_len, run_star
     return s
 
 
-@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
+@triton.jit
 def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, TS, E_PAD, F_PAD, r_min, r_max,
-                    scale, threshold, seed,
+                    scale, threshold, SEED,
                     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
                     DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                     PRECISION: tl.constexpr, TMA: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
+    seed = _seed(SEED, DROPOUT)
     m0 = pid_m * BM
     offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
@@ -211,8 +254,9 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
         v = _rows(V + qkv, offs_n, offs_d, kv_mask, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         if HAS_C2P or HAS_P2C:
-            s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0, seq_len,
-                           CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False, BM, BN, TMA)
+            s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0,
+                           seq_len, CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False,
+                           BM, BN, TMA)
         keep = col_ok
         if HAS_MASK:
             keep = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
@@ -229,7 +273,7 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
         m_i = m_new
     out = acc / l_i[:, None]
     if DROPOUT:
-        out = out * (2147483648.0 / (2147483648.0 - threshold))                 # 1 / (1 - p)
+        out = out * _keep_scale(threshold)
     lse = m_i + tl.math.log2(l_i)
     if HAS_MASK:                                                                 # padded query rows: 0, p = 0
         query_ok = tl.load(MASK + b.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0) != 0
@@ -239,9 +283,9 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
+@triton.jit
 def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, seq_len, heads, CS, C, TS, E_PAD,
-                        F_PAD, r_min, r_max, scale, threshold, seed,
+                        F_PAD, r_min, r_max, scale, threshold, SEED,
                         HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                         HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr,
                         BN: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
@@ -249,6 +293,7 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
     into G_c2p and their saturated sums into SATC [b*h, L, 2] (r > r_max, r < r_min)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
+    seed = _seed(SEED, DROPOUT)
     m0 = pid_m * BM
     offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
@@ -297,9 +342,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:
-            kept = _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, False)
-            dp = tl.where(kept, dp * (2147483648.0 / (2147483648.0 - threshold)), 0.0)
+        if DROPOUT:  # lse, delta as `fused_backward` passes them with dropout
+            dp = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, False), dp, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_C2P:
             lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
@@ -314,16 +358,16 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
                     sat_hi += tl.sum(tl.where(rel > r_max, ds, 0.0), axis=1)
                     sat_lo += tl.sum(tl.where(rel < r_min, ds, 0.0), axis=1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (scale / _LOG2E), mask=tile_mask)  # natural
+    tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (scale / _LOG2E), mask=tile_mask)
     if HAS_C2P:
         sat = SATC + bh.to(tl.int64) * seq_len * 2 + offs_m * 2
         tl.store(sat, sat_hi, mask=row_ok)
         tl.store(sat + 1, sat_lo, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would become a constant
+@triton.jit
 def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, SATP, seq_len, heads, CS, C, TS,
-                          E_PAD, F_PAD, r_min, r_max, scale, threshold, seed,
+                          E_PAD, F_PAD, r_min, r_max, scale, threshold, SEED,
                           HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                           HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BN: tl.constexpr,
                           BM: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
@@ -332,6 +376,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
     (r < r_min, r > r_max)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
+    seed = _seed(SEED, DROPOUT)
     n0 = pid_n * BN
     offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
@@ -362,49 +407,48 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
     dv = tl.zeros([BN, D], tl.float32)
     sat_lo = tl.zeros([BN], tl.float32)
     sat_hi = tl.zeros([BN], tl.float32)
-    for m0 in range(start, end, BM):
-        offs_m = m0 + tl.arange(0, BM)
-        q_ok = offs_m < seq_len
-        qd_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        q = _rows(Q + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
-        do = _rows(DO + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
-        lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=float("inf"))   # past L: p = 0
-        delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale                 # [BN keys, BM queries]
-        if HAS_C2P or HAS_P2C:
-            st += _position(m0, n0, offs_m, offs_n, f_hi, f_lo, Eb, offs_m, q_ok, E_PAD, E_PAD + C - 1, 0.0, seq_len,
-                            CS, e_view, f_view, r_min, r_max, HAS_P2C, HAS_C2P, HAS_C2P, HAS_P2C, True, BM, BN, TMA)
-        if HAS_MASK:
-            st = tl.where(key_ok[:, None], st, _NEG)
-        if DOCS:
-            st = _same_document(st, DOC, b, ids, m0, offs_m, q_ok, seq_len, run_start, run_end, block_in_run)
-        pt = tl.math.exp2(st - lse[None, :])
-        if DROPOUT:  # the keep-mask rides on pt's sign (cells with pt = 0 add nothing either way), so no
-            # [BN, BM] mask stays live across the products: without this trick the kernel spills
-            pt = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, True), pt, -pt)
-            dv += tl.dot(tl.maximum(pt, 0.0).to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dpt = tl.where(pt > 0.0, dpt * (2147483648.0 / (2147483648.0 - threshold)), 0.0)
-            pt = tl.abs(pt)
-        else:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-        if HAS_P2C:
-            lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
-            if lowest > r_max:
-                sat_hi += tl.sum(dst, axis=1)
-            elif highest < r_min:
-                sat_lo += tl.sum(dst, axis=1)
+    first, last = _loop_range(start, end, seq_len, DOCS, DROPOUT)
+    for m0 in range(first, last, BM):
+        if _visits(m0, start, end, DOCS, DROPOUT):
+            offs_m = m0 + tl.arange(0, BM)
+            q_ok = offs_m < seq_len
+            qd_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            q = _rows(Q + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
+            do = _rows(DO + qkv, offs_m, offs_d, qd_mask, HEAD_DIM)
+            lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=float("inf"))   # past L: p = 0
+            delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=q_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale                 # [BN keys, BM queries]
+            if HAS_C2P or HAS_P2C:
+                st += _position(m0, n0, offs_m, offs_n, f_hi, f_lo, Eb, offs_m, q_ok, E_PAD, E_PAD + C - 1, 0.0,
+                                seq_len, CS, e_view, f_view, r_min, r_max, HAS_P2C, HAS_C2P, HAS_C2P, HAS_P2C, True,
+                                BM, BN, TMA)
+            if DOCS:  # padded keys are a document of their own (`_int32`): masked by this test too
+                st = _same_document(st, DOC, b, ids, m0, offs_m, q_ok, seq_len, run_start, run_end, block_in_run)
+            elif HAS_MASK:
+                st = tl.where(key_ok[:, None], st, _NEG)
+            pt = tl.math.exp2(st - lse[None, :])
+            if DROPOUT:  # lse, delta as `fused_backward` passes them with dropout
+                kept = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, True), pt, 0.0)
+                dv += tl.dot(kept.to(do.dtype), do, input_precision=PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dst = kept * dpt - pt * delta[None, :]
             else:
-                _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
-                if (lowest < r_min) | (highest > r_max):
-                    rel = offs_m[None, :] - offs_n[:, None]
-                    sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
-                    sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
-    if DROPOUT:
-        dv = dv * (2147483648.0 / (2147483648.0 - threshold))
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+            if HAS_P2C:
+                lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
+                if lowest > r_max:
+                    sat_hi += tl.sum(dst, axis=1)
+                elif highest < r_min:
+                    sat_lo += tl.sum(dst, axis=1)
+                else:
+                    _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
+                    if (lowest < r_min) | (highest > r_max):
+                        rel = offs_m[None, :] - offs_n[:, None]
+                        sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
+                        sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
     tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (scale / _LOG2E), mask=tile_mask)
     tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
     if HAS_P2C:
@@ -444,6 +488,17 @@ class Tiles(NamedTuple):
 
 
 DEFAULT_TILES = Tiles()
+# What differs from DEFAULT_TILES per compiler (Triton (major, minor): Tiles fields) and for head dims
+# above 64, found with `compile_check` (its gates: 0 spill, wgmma, per-element limits; RESULTS.md).
+TRITON_TILES: dict[tuple[int, int], dict] = {}
+WIDE_HEAD_TILES: dict = {}
+
+
+def launch_tiles(head_dim: int, triton_version: str = triton.__version__) -> Tiles:
+    """The tiles the kernels launch with for this head dim under this Triton."""
+    major, minor = (int(part) for part in triton_version.split(".")[:2])
+    tiles = DEFAULT_TILES._replace(**TRITON_TILES.get((major, minor), {}))
+    return tiles._replace(**WIDE_HEAD_TILES) if head_dim > 64 else tiles
 
 
 def launch_constants(dtype: torch.dtype, head_dim: int) -> dict:
@@ -459,9 +514,12 @@ def _allocate(size: int, alignment: int, stream):
 
 def _settings_args(q, pos_key, pos_query, settings, seed, tiles):
     """Layout, scalar arguments and feature switches shared by the three kernels."""
+    if seed.dtype != torch.int64 or seed.shape != (1,) or seed.device != q.device:
+        raise ValueError(f"fused attention: seed must be an int64 tensor of shape [1] on q's device ({q.device}), "
+                         f"got {seed.dtype} {list(seed.shape)} on {seed.device}")
     seq_len = q.shape[2]
     lay = layout(seq_len, settings.position_buckets, settings.max_relative_positions, tiles.pad)
-    threshold = min(round(settings.dropout_p * 2 ** 31), 2 ** 31 - 1)
+    threshold = dropout_threshold(settings.dropout_p)
     scalars = (seq_len, q.shape[1], lay.row_stride, lay.columns, lay.head_stride, lay.e_pad, lay.f_pad, lay.r_min,
                lay.r_max, settings.scale * LOG2E, threshold, seed)
     features = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, DROPOUT=threshold > 0,
@@ -483,15 +541,20 @@ def _int32(mask, document_ids, placeholder):
     """The mask [B, L] and document ranges [B, 5, L] as the kernels read them (a placeholder when absent:
     its pointer is never read, the constexpr switch is off)."""
     mask_arg = mask.to(torch.int32).contiguous() if mask is not None else placeholder
+    if mask is not None and document_ids is not None:  # padded positions: one document of their own, apart
+        # from every real one, so the dK/dV kernel's document test masks padded keys as well
+        document_ids = torch.where(mask.bool(), document_ids.long(), torch.iinfo(torch.int64).min)
     docs_arg = document_ranges(document_ids) if document_ids is not None else placeholder
     return mask_arg, docs_arg, dict(HAS_MASK=mask is not None, DOCS=document_ids is not None)
 
 
-def fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids, settings, seed: int,
-                  tiles: Tiles = DEFAULT_TILES):
+def fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids, settings, seed: torch.Tensor,
+                  tiles: Tiles | None = None):
     """out [B, h, L, d] and the base-2 log-sum-exp [B*h, L] (fp32); `settings`: AttentionSettings
-    (scale resolved, the dropout rate of this call)."""
+    (scale resolved, the dropout rate of this call); seed [1] int64 on q's device: the dropout seed,
+    read by the kernels (never copied to the host); tiles: None for `launch_tiles`."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    tiles = launch_tiles(q.shape[-1]) if tiles is None else tiles
     batch, heads, seq_len, _ = q.shape
     lay, scalars, features = _settings_args(q, pos_key, pos_query, settings, seed, tiles)
     e, f = _tables(q, k, pos_key, pos_query, lay, settings, tiles)
@@ -506,14 +569,19 @@ def fused_forward(q, k, v, pos_key, pos_query, attention_mask, document_ids, set
 
 
 def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, document_ids, out, lse, settings,
-                   seed: int, tiles: Tiles = DEFAULT_TILES):
-    """dq, dk, dv and dKr, dQr (None for a term that is off) for fused_forward's out, lse."""
+                   seed: torch.Tensor, tiles: Tiles | None = None):
+    """dq, dk, dv and dKr, dQr (None for a term that is off) for fused_forward's out, lse (and its seed)."""
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
+    tiles = launch_tiles(q.shape[-1]) if tiles is None else tiles
     batch, heads, seq_len, _ = q.shape
     lay, scalars, features = _settings_args(q, pos_key, pos_query, settings, seed, tiles)
     e, f = _tables(q, k, pos_key, pos_query, lay, settings, tiles)
     mask, docs, switches = _int32(attention_mask, document_ids, q)
     delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_len)   # rowsum(dO * O)
+    if features["DROPOUT"]:  # p = exp2(s - lse) then comes out times the keep scale and delta over it, so the
+        # kernels' p (kept dP - delta) is dS = P (keep_scale kept dP - delta) and the kept p give dV unscaled
+        keep_rate = 1.0 - quantised_dropout_rate(settings.dropout_p)
+        lse, delta = lse + math.log2(keep_rate), delta * keep_rate
     g_c2p = torch.zeros_like(e) if e is not None else q
     g_p2c = torch.zeros_like(f) if f is not None else q
     sat_c2p = torch.empty(batch * heads, seq_len, 2, device=q.device, dtype=torch.float32)

@@ -5,9 +5,9 @@ replica, identically on the TP ranks of one replica, so dropout on replicated ac
 matches across TP ranks. Dropout inside a TP region (attention probabilities, each rank
 holding other heads) runs under `fork_tp_rng(tp)`: a second stream seeded by TP rank, so it
 differs across TP ranks and matches across DP replicas. A stream is a pair of generator
-states (CPU, and the current CUDA device's when there is one) because a model on the GPU
-draws its dropout masks from the CUDA generator and the fused kernel its seeds from the CPU
-one. Every stream goes into checkpoints (`get_rng_states` / `set_rng_states`).
+states (CPU, and the current CUDA device's when there is one) because a model draws its dropout
+masks (and the fused attention kernel its seed tensor) from the generator of the device it runs
+on. Every stream goes into checkpoints (`get_rng_states` / `set_rng_states`).
 
 Nothing here is global: the TP stream lives in an `RNGStatesTracker` that the parallel state
 owns (`TensorParallel.tracker`, made by `parallel.state.initialize` at TP > 1, None at TP = 1)
