@@ -183,7 +183,11 @@ class RunConfig:
     def __post_init__(self):
         check_seed(self.seed, "seed")
         require(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {sorted(PRESETS)}")
-        from_dict(ModelConfig, PRESETS[self.model] | self.model_overrides, "model_overrides")  # names and types
+        try:
+            from_dict(ModelConfig, PRESETS[self.model] | self.model_overrides, "model_overrides")  # names, types
+        except UserError as error:  # ModelConfig names its own fields: say where they are set
+            raise UserError(str(error) if str(error).startswith("model_overrides") else f"model_overrides.{error}") \
+                from None
         self.phase_plan()  # validated now, before anything is built
 
     def phase_plan(self) -> list[tuple[int, DataSection]]:
