@@ -264,8 +264,8 @@ class Trainer:
                     self.log(f"train.exit_after_steps={config.exit_after_steps}: saving a checkpoint and stopping")
                     self.save()
                     return
-                if config.save_every and self.step % config.save_every == 0:
-                    self.save()
+                if config.save_every and self.step % config.save_every == 0 and self.step < config.steps:
+                    self.save()  # the last step's checkpoint is written after the loop's checks
         finally:
             prefetcher.close()
         bar.close()
