@@ -56,6 +56,24 @@ def export_tokenizer(checkpoint, out_dir, tokenizer: str | None, vocab_size: int
     write_hf_tokenizer(path, out_dir)
 
 
+def export_with_progress(args) -> None:
+    """to-hf in its three stages (check and consolidate the weights, the tokenizer, write), with a
+    progress bar and its ETA on stderr."""
+    from tqdm import tqdm
+
+    with tqdm(total=3, desc="to-hf", unit="stage", file=sys.stderr, dynamic_ncols=True) as bar:
+        bar.set_postfix_str("checking and loading the checkpoint")
+        model = load_native(args.checkpoint)
+        bar.update()
+        bar.set_postfix_str("tokenizer")
+        config = model.config.discriminator if isinstance(model, ReplacedTokenDetection) else model.config
+        export_tokenizer(args.checkpoint, args.out, args.tokenizer, config.vocab_size)  # both parts share it
+        bar.update()
+        bar.set_postfix_str("writing the weights")
+        to_hf(model, args.out, args.part)
+        bar.update()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deberta_ds.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,10 +127,7 @@ def main(argv=None) -> int:
                   "here on every load checks them")
             return 0
         else:
-            model = load_native(args.checkpoint)
-            config = model.config.discriminator if isinstance(model, ReplacedTokenDetection) else model.config
-            export_tokenizer(args.checkpoint, args.out, args.tokenizer, config.vocab_size)  # both parts share it
-            to_hf(model, args.out, args.part)
+            export_with_progress(args)
     except UserError as error:  # a bad checkpoint or flag; anything else keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
