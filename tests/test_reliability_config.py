@@ -158,5 +158,5 @@ def test_forgetting_config_is_refused_naming_it_and_show_config_lists_every_key(
 
 
 def test_overrides_may_follow_resume():
-    args = train.parse_args(["--config", "c.yaml", "--resume", "auto", "train.steps=3", "optim.lr=1e-3"])
+    args = train.parse_args(["--config", "c.yaml", "train.steps=3", "--resume", "auto", "optim.lr=1e-3"])
     assert args.resume == "auto" and args.overrides == ["train.steps=3", "optim.lr=1e-3"]
