@@ -18,9 +18,7 @@ from deberta_ds import checkpoint_reader as reader
 from deberta_ds.convert import main as convert
 from deberta_ds.errors import CheckpointError, UserError
 from deberta_ds.training import checkpoint
-from tests.proc_helpers import run_bounded
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.proc_helpers import HOLD_LOCK, REPO, run_bounded
 
 
 class Engine:
@@ -162,16 +160,13 @@ def test_an_invalid_byte_in_eval_jsonl_does_not_block_a_relaunch(tmp_path):
     assert evaluation_logged(log, 4) and evaluation_logged(log, 2) and not evaluation_logged(log, 5)
 
 
-HOLD = ("import sys, time\nfrom pathlib import Path\nfrom deberta_ds.training.run_lock import RunLock\n"
-        "lock = RunLock(Path(sys.argv[1]))\nprint(lock.acquire(), flush=True)\ntime.sleep(600)\n")
-
-
 def test_one_run_per_output_dir_and_a_stale_lock_is_recognised(tmp_path):
     import socket
 
     from deberta_ds.training.run_lock import OutputBusyError, RunLock
 
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "None"  # a fresh folder: nothing to take over
         with pytest.raises(OutputBusyError, match=f"another run is training into it \\(pid {holder.pid} on host "

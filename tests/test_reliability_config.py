@@ -13,10 +13,8 @@ import yaml
 from deberta_ds import train
 from deberta_ds.config import MAX_DEPTH, to_dict
 from deberta_ds.training.run_config import RunConfig
-from tests.proc_helpers import run_bounded
+from tests.proc_helpers import REPO, run_bounded
 from tests.train_helpers import tiny_run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,8 @@ from deberta_ds import train
 from deberta_ds.errors import UserError
 from deberta_ds.training.run_config import run_config_from_dict
 from deberta_ds.training.run_start import prepare
-from tests.proc_helpers import run_bounded
+from tests.proc_helpers import HOLD_LOCK, REPO, signal_a_training_run, train_cli, write_run
 from tests.train_helpers import tiny_run
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def train_cli(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(config), *extra], cwd=REPO)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result
-
-
-def write_run(path: Path, run: dict) -> Path:
-    path.write_text(json.dumps(run))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +106,12 @@ def test_relaunching_a_finished_run_on_another_process_count_starts_and_writes_n
     assert snapshot(Path(run["output_dir"])) == before
 
 
-HOLD = ("import sys, time\nfrom pathlib import Path\nfrom deberta_ds.training.run_lock import RunLock\n"
-        "lock = RunLock(Path(sys.argv[1]))\nprint(lock.acquire(), flush=True)\ntime.sleep(600)\n")
-
-
 @pytest.mark.slow
 def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_holder(train_shards, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "None"
         refused = train_cli(write_run(tmp_path / "c.json", tiny_run(train_shards, out, train={"steps": 1})), expect=1)
@@ -144,16 +126,9 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_holder(train_
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_like_sigterm(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "int", train={"steps": 100000, "log_every": 1})
-    process = subprocess.Popen([sys.executable, "-m", "deberta_ds.train", "--config",
-                                str(write_run(tmp_path / "c.json", run))], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "int" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    returncode, stderr = signal_a_training_run(write_run(tmp_path / "c.json", run), tmp_path / "int" / "metrics.jsonl",
+                                               signal.SIGINT)
+    assert returncode == 0 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
     assert "SIGINT: saving a checkpoint" in stderr
     latest = (tmp_path / "int" / "checkpoints" / "latest").read_text()
     assert int(latest.split("_")[1]) >= 2 and (tmp_path / "int" / "checkpoints" / latest / "COMPLETE").is_file()
