@@ -106,7 +106,7 @@ def _train(config, resume: str, start) -> int:
     try:
         setup_process(timeout_s=config.train.collective_timeout_s)
     except KeyboardInterrupt:
-        print("interrupted while starting: nothing was written", file=sys.stderr)
+        print("interrupted while starting: no checkpoint was written", file=sys.stderr)
         return 130
     lock = None
     try:
@@ -115,6 +115,9 @@ def _train(config, resume: str, start) -> int:
     except UserError as error:  # a bad config or file; anything else keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed (engines being built)
+        print("interrupted while starting: no checkpoint was written", file=sys.stderr)
+        return 130
     except RuntimeError as error:
         if not lost_contact(error):
             raise
