@@ -8,7 +8,9 @@ Training checkpoints, under OUTPUT/checkpoints/ (written by deberta_ds.training.
     step_00000012/rng_rank{r}.safetensors  each rank's RNG states (CPU and CUDA, default and TP streams, numpy, Python)
     step_00000012/weights_tp{t}.safetensors   TP > 1 only: each TP rank's full module shard
     step_00000012/COMPLETE            written by rank 0 after every rank finished writing: the size and
-                                      sha256 of every file of the folder, checked on every load
+                                      sha256 of every file of the folder, checked on every load; a
+                                      file it does not vouch for fails the load (`vouch` re-records an
+                                      old checkpoint's files on purpose)
     latest                            the newest COMPLETE tag; moved (write + rename) only after COMPLETE
 
 Which checkpoint is "the newest" is decided by `newest_complete` alone (the highest step folder
@@ -27,9 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from deberta_ds.config import model_config_from_dict, rtd_config_from_dict
-from deberta_ds.content_hash import check_file
-from deberta_ds.errors import CheckpointError
+from deberta_ds.atomic_files import write_atomic
+from deberta_ds.config import model_config_from_dict, parse_config_text, rtd_config_from_dict
+from deberta_ds.content_hash import check_file, file_record
+from deberta_ds.errors import CheckpointError, UserError, require
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 from deberta_ds.parallel.state_dict_split import merge_states, partition_plan
 from deberta_ds.safe_load import weights_only_loads
@@ -54,19 +57,53 @@ def tp_weights_file(folder: Path, tp_rank: int) -> Path:
     return folder / f"weights_tp{tp_rank}.safetensors"
 
 
+class UnvouchedCheckpointError(CheckpointError):
+    """A checkpoint folder holds files its COMPLETE marker does not record (an empty or partial
+    marker, e.g. of a version that recorded no hashes)."""
+
+
+def _vouch_advice(folder: Path) -> str:
+    return (f"if you trust the files as they are now (an old checkpoint), record them on purpose with "
+            f"python -m deberta_ds.convert vouch --checkpoint {folder}")
+
+
 def verify(folder: Path) -> None:
-    """Every file the COMPLETE marker records has its recorded size and sha256 (a marker written
-    before hashes were recorded is empty: nothing to check)."""
+    """Every file present in the step folder is recorded in its COMPLETE marker with the size and
+    sha256 it has now, and every recorded file is present. A marker that cannot vouch for a file
+    (empty, `{"files": []}`, a missing record) fails with UnvouchedCheckpointError."""
     marker = folder / COMPLETE
     text = marker.read_text(errors="replace")
     if not text.strip():
-        return
+        raise UnvouchedCheckpointError(f"{marker}: empty, it records no file (a checkpoint of a version without "
+                                       f"hashes, or a damaged marker), so nothing of {folder} can be checked; "
+                                       + _vouch_advice(folder))
     try:
-        records = dict(json.loads(text)["files"])
-    except (ValueError, KeyError, TypeError) as error:  # ValueError: JSONDecodeError too
+        records = dict(parse_config_text(text, "json", str(marker))["files"])
+    except (UserError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{marker}: damaged ({error}); it must list the checkpoint's files") from None
+    unvouched = sorted(set(file_records_of(folder, hashed=False)) - set(records))
+    if unvouched:
+        raise UnvouchedCheckpointError(f"{marker}: does not record {', '.join(unvouched[:5])}"
+                                       f"{'...' if len(unvouched) > 5 else ''} present in {folder}, so "
+                                       f"{'it' if len(unvouched) == 1 else 'they'} cannot be checked; "
+                                       + _vouch_advice(folder))
     for relative, record in records.items():
         check_file(folder / relative, record)
+
+
+def file_records_of(folder: Path, hashed: bool = True) -> dict:
+    """Size and content hash (hashed) of every file of a step folder but COMPLETE, by relative path."""
+    return {str(path.relative_to(folder)): file_record(path) if hashed else None
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != COMPLETE}
+
+
+def vouch(folder: Path) -> int:
+    """Record the files of a step folder as they are now in its COMPLETE marker (the explicit way to
+    accept a checkpoint whose marker records no hashes); the number of files recorded."""
+    require((folder / STATE).is_file(), str(folder), f"not a training checkpoint step folder (no {STATE})")
+    records = file_records_of(folder)
+    write_atomic(folder / COMPLETE, json.dumps({"files": records}, indent=1))
+    return len(records)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -80,14 +117,25 @@ def newest_complete(root: Path) -> Path | None:
     return (complete_checkpoints(root) or [None])[-1]
 
 
-def read_state(folder: Path) -> dict:
+def read_state(folder: Path, with_model: bool = False) -> dict:
+    """A step folder's trainer state: step and consumed samples (integers >= 0) and, with_model,
+    the run config, model config and engines that loading its weights needs; else a
+    CheckpointError naming the file."""
     path = folder / STATE
     try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        state = parse_config_text(path.read_text(), "json", str(path))
+    except (OSError, UnicodeDecodeError, UserError) as error:
         state = error
-    if not isinstance(state, dict) or any(type(state.get(key)) is not int for key in ("step", "consumed_samples")):
-        detail = state if isinstance(state, Exception) else "no integer step and consumed_samples"
+    fields = {"step": int, "consumed_samples": int} | (
+        {"run_config": dict, "rtd_config": dict, "engines": list} if with_model else {})
+    if isinstance(state, Exception) or not isinstance(state, dict):
+        detail = state if isinstance(state, Exception) else "not a JSON object"
+    else:
+        wrong = [key for key, kind in fields.items()
+                 if type(state.get(key)) is not kind or kind is int and state[key] < 0]
+        detail = f"{', '.join(wrong)}: missing or invalid (step and consumed_samples are integers >= 0)" if wrong \
+            else None
+    if detail is not None:
         raise CheckpointError(f"{path}: damaged, not a trainer state ({detail}); resume from an earlier complete "
                               "step folder with --resume PATH")
     return state
@@ -168,8 +216,12 @@ def recorded_tokenizer(checkpoint_dir: str | Path) -> tuple[str, str] | None:
     """(tokenizer path, its sha256) a training checkpoint was trained with; None for other checkpoints."""
     if not is_training_checkpoint(Path(checkpoint_dir)):
         return None
-    state = read_state(complete_step_folder(checkpoint_dir))
-    return state["run_config"]["data"]["tokenizer"], state["tokenizer"]["sha256"]
+    state = read_state(complete_step_folder(checkpoint_dir), with_model=True)
+    try:
+        return state["run_config"]["data"]["tokenizer"], state["tokenizer"]["sha256"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{checkpoint_dir}: its {STATE} records no tokenizer (run_config.data.tokenizer and "
+                              "tokenizer.sha256); pass --tokenizer DIR") from None
 
 
 def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
@@ -177,11 +229,14 @@ def load_training_checkpoint(folder: str | Path) -> ReplacedTokenDetection:
     run's output_dir (its newest complete step), every file checked against its recorded hash."""
     folder = complete_step_folder(folder)
     verify(folder)
-    state = read_state(folder)
+    state = read_state(folder, with_model=True)
     if state.get("tp", 1) > 1:
         return _merged_tp_pair(state["rtd_config"], folder, state["tp"])
     model = ReplacedTokenDetection(rtd_config_from_dict(state["rtd_config"]))
-    train = state["run_config"]["train"]
+    train = state["run_config"].get("train")
+    if not isinstance(train, dict) or not {"zero_stage", "precision"} <= set(train):
+        raise CheckpointError(f"{folder / STATE}: damaged, its run_config records no train.zero_stage and "
+                              "train.precision (needed to read the engines' files)")
     sharded = is_sharded(train["zero_stage"], train["precision"])
     weights = {}
     for engine in state["engines"]:
@@ -198,7 +253,7 @@ def checkpoint_vocab_size(path: str | Path) -> int:
     if (path / "config.json").is_file():
         return int(json.loads((path / "config.json").read_text())["vocab_size"])
     if is_training_checkpoint(path):
-        state = read_state(complete_step_folder(path))
+        state = read_state(complete_step_folder(path), with_model=True)
         return int(state["rtd_config"]["discriminator"]["vocab_size"])
     meta_path = path / NATIVE_CONFIG
     if not meta_path.is_file():

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
+
+import yaml
 
 from deberta_ds.errors import UserError, require
 
@@ -65,7 +69,10 @@ class ModelConfig:
         require(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
                  f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         require(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", "must be a valid token id")
-        require(self.layer_norm_eps > 0, "layer_norm_eps", "must be positive")
+        require(0 < self.layer_norm_eps < math.inf, "layer_norm_eps", "must be positive and finite")
+        require(0 < self.initializer_range < math.inf, "initializer_range",
+                f"must be positive and finite (the weights' standard deviation, e.g. 0.02), got "
+                f"{self.initializer_range}")
 
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Clear errors for shapes that cannot be split over `tp_size` ranks (whole heads, FFN columns)."""
@@ -140,8 +147,9 @@ class RTDObjective:
                  "must be at least 1")
         require(self.embedding_sharing in EMBEDDING_SHARING_MODES, "rtd.embedding_sharing",
                  f"{self.embedding_sharing!r} is not one of {EMBEDDING_SHARING_MODES}")
-        require(self.rtd_lambda > 0, "rtd.rtd_lambda", "must be positive")
-        require(self.temperature > 0, "rtd.temperature", "must be positive")
+        require(0 < self.rtd_lambda < math.inf, "rtd.rtd_lambda", f"must be positive and finite, got {self.rtd_lambda}")
+        require(0 < self.temperature < math.inf, "rtd.temperature",
+                f"must be positive and finite, got {self.temperature}")
 
 
 @dataclass
@@ -209,12 +217,27 @@ def _matches(value, annotation) -> bool:
     return isinstance(value, annotation)
 
 
-def _reads_as_number(value: str) -> bool:
+def _yaml_number_hint(value) -> str:
+    """For text that reads as a number (YAML 1.1 takes 1e-3 and 1.0e9 as text): how to write it."""
+    if not isinstance(value, str):
+        return ""
     try:
         float(value)
-        return True
     except ValueError:
-        return False
+        return ""
+    mantissa, _, exponent = value.lower().partition("e")
+    if not exponent:
+        return ""
+    mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
+    exponent = exponent if exponent[0] in "+-" else f"+{exponent}"
+    return f" (YAML 1.1 reads {value} as text: write {mantissa}e{exponent})"
+
+
+def short_repr(value) -> str:
+    """A bounded repr for error messages (a config may be huge: an alias bomb expands exponentially)."""
+    bounded = reprlib.Repr()
+    bounded.maxlevel, bounded.maxdict, bounded.maxlist, bounded.maxstring, bounded.maxother = 2, 6, 6, 80, 80
+    return bounded.repr(value)
 
 
 def from_dict(cls, data: dict | None, where: str = ""):
@@ -222,7 +245,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
     are errors naming the dotted field; nested sections are built the same way; then the class
     validates its values. The one reader for every config (model, RTD pair, run)."""
     data = {} if data is None else data
-    require(isinstance(data, dict), where or "config", f"must be a mapping of fields, got {data!r}")
+    require(isinstance(data, dict), where or "config", f"must be a mapping of fields, got {short_repr(data)}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     require(not unknown, where or "config", f"unknown fields {unknown}; known: {sorted(known)}")
@@ -235,12 +258,78 @@ def from_dict(cls, data: dict | None, where: str = ""):
         if dataclasses.is_dataclass(hints[name]) and not dataclasses.is_dataclass(value):
             built[name] = from_dict(hints[name], value, dotted)
             continue
-        yaml_hint = isinstance(value, str) and _matches(0.0, hints[name]) and _reads_as_number(value)
+        yaml_hint = _yaml_number_hint(value) if _matches(0.0, hints[name]) else ""
         require(_matches(value, hints[name]), dotted,
-                 f"{value!r} is not of type {getattr(hints[name], '__name__', hints[name])}"
-                 + (" (YAML 1.1 reads 1e-3 as text: write 1.0e-3)" if yaml_hint else ""))
+                 f"{short_repr(value)} is not of type {getattr(hints[name], '__name__', hints[name])}{yaml_hint}")
         built[name] = value
     return cls(**built)
+
+
+# Bounds on every config text read (run configs, overrides, DeepSpeed JSON, checkpoint metadata): a
+# few hundred bytes of YAML aliases expand to billions of nodes, and deep nesting exhausts the stack.
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+
+
+class BoundedYAMLLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)
+    and nesting deeper than MAX_DEPTH (the composer recurses per level)."""
+
+    def compose_node(self, parent, index):
+        self.depth = getattr(self, "depth", 0) + 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: a key given twice is an error (plain JSON keeps the last)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"the key(s) {repeated} are given twice in one object")
+    return dict(pairs)
+
+
+def _check_size(data, where: str) -> None:
+    """Refuse a value whose expansion (aliases followed) exceeds MAX_NODES or MAX_DEPTH; stops early."""
+    stack, nodes = [(data, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        require(nodes <= MAX_NODES, where, f"expands to more than {MAX_NODES:,} values (YAML aliases that "
+                                           "multiply, an 'alias bomb'?); a run config is a few hundred")
+        require(depth <= MAX_DEPTH, where, f"nested deeper than {MAX_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def parse_config_text(text: str, kind: str, where: str):
+    """A config text (`kind` json or yaml) as plain data, within MAX_DEPTH and MAX_NODES, keys
+    unique; anything else is a UserError naming `where` (a file, a field, an override)."""
+    try:
+        data = (json.loads(text, object_pairs_hook=_unique_keys) if kind == "json"
+                else yaml.load(text, Loader=BoundedYAMLLoader))
+    except RecursionError:
+        raise UserError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, yaml.YAMLError) as error:  # ValueError: JSONDecodeError and repeated keys
+        raise UserError(f"{where}: not valid {kind.upper()}: {error}") from None
+    _check_size(data, where)
+    return data
 
 
 def to_dict(config) -> dict:

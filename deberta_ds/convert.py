@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from deberta_ds.checkpoint_reader import WEIGHTS, load_native, recorded_tokenizer
+from deberta_ds.checkpoint_reader import COMPLETE, WEIGHTS, load_native, recorded_tokenizer, vouch
 from deberta_ds.errors import CheckpointError, UserError
 from deberta_ds.hf_format import from_hf, hf_state_from_model
 from deberta_ds.model import ReplacedTokenDetection
@@ -56,6 +56,24 @@ def export_tokenizer(checkpoint, out_dir, tokenizer: str | None, vocab_size: int
     write_hf_tokenizer(path, out_dir)
 
 
+def export_with_progress(args) -> None:
+    """to-hf in its three stages (check and consolidate the weights, the tokenizer, write), with a
+    progress bar and its ETA on stderr."""
+    from tqdm import tqdm
+
+    with tqdm(total=3, desc="to-hf", unit="stage", file=sys.stderr, dynamic_ncols=True) as bar:
+        bar.set_postfix_str("checking and loading the checkpoint")
+        model = load_native(args.checkpoint)
+        bar.update()
+        bar.set_postfix_str("tokenizer")
+        config = model.config.discriminator if isinstance(model, ReplacedTokenDetection) else model.config
+        export_tokenizer(args.checkpoint, args.out, args.tokenizer, config.vocab_size)  # both parts share it
+        bar.update()
+        bar.set_postfix_str("writing the weights")
+        to_hf(model, args.out, args.part)
+        bar.update()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deberta_ds.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,9 +100,17 @@ def main(argv=None) -> int:
     split_cmd.add_argument("--checkpoint", required=True, help="deberta_ds checkpoint or training output_dir")
     split_cmd.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
     split_cmd.add_argument("--out", required=True, help="output directory (weights_tp{r}.safetensors)")
+    vouch_cmd = commands.add_parser("vouch", help="record the files of a training checkpoint step folder as they are "
+                                                  "now in its COMPLETE marker: the explicit way to accept an old "
+                                                  "checkpoint whose marker records no hashes")
+    vouch_cmd.add_argument("--checkpoint", required=True, help="a step folder (OUTPUT/checkpoints/step_N)")
     args = parser.parse_args(argv)
-    if args.command != "to-onnx" and Path(args.out).exists() and not Path(args.out).is_dir():
+    out = Path(getattr(args, "out", "") or ".")
+    if args.command not in ("to-onnx", "vouch") and out.exists() and not out.is_dir():
         print(f"error: --out {args.out} is a file; name a directory to write the checkpoint into", file=sys.stderr)
+        return 2
+    if args.command == "to-onnx" and out.is_dir():
+        print(f"error: --out {args.out} is a directory; name the .onnx file to write", file=sys.stderr)
         return 2
     try:
         if args.command == "from-hf":
@@ -95,11 +121,13 @@ def main(argv=None) -> int:
         elif args.command == "to-onnx":
             from deberta_ds.onnx_export import export_onnx
             export_onnx(load_native(args.checkpoint), args.out)
+        elif args.command == "vouch":
+            count = vouch(Path(args.checkpoint))
+            print(f"recorded {count} files of {args.checkpoint} in its {COMPLETE} marker, as they are now: from "
+                  "here on every load checks them")
+            return 0
         else:
-            model = load_native(args.checkpoint)
-            config = model.config.discriminator if isinstance(model, ReplacedTokenDetection) else model.config
-            export_tokenizer(args.checkpoint, args.out, args.tokenizer, config.vocab_size)  # both parts share it
-            to_hf(model, args.out, args.part)
+            export_with_progress(args)
     except UserError as error:  # a bad checkpoint or flag; anything else keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

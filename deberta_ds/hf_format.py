@@ -10,15 +10,15 @@ enhanced mask decoder, so the generator's EMD position table is not exported.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from deberta_ds.checkpoint_reader import WEIGHTS, load_strict
-from deberta_ds.config import ModelConfig, RTDConfig
+from deberta_ds.config import ModelConfig, RTDConfig, parse_config_text
 from deberta_ds.errors import CheckpointError
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 from deberta_ds.safe_load import weights_only_loads
@@ -143,9 +143,15 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[dict, dict]:
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: not found; --hf must name a Hugging Face checkpoint directory")
-    config = json.loads(config_path.read_text())
+    config = parse_config_text(config_path.read_text(errors="replace"), "json", str(config_path))
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: not a Hugging Face config (a JSON object of fields)")
     if (hf_dir / WEIGHTS).is_file():
-        state = load_file(str(hf_dir / WEIGHTS))
+        try:
+            state = load_file(str(hf_dir / WEIGHTS))
+        except SafetensorError as error:
+            raise CheckpointError(f"{hf_dir / WEIGHTS}: cannot be read, the file is truncated or damaged "
+                                  f"({error})") from None
     elif (hf_dir / "pytorch_model.bin").is_file():
         with weights_only_loads():  # a pickle holding anything but tensors is refused by name, not a traceback
             state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)

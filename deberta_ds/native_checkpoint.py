@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from deberta_ds.atomic_files import atomic_path, write_atomic
 from deberta_ds.checkpoint_reader import NATIVE_CONFIG, WEIGHTS, load_native, tp_weights_file
 from deberta_ds.config import to_dict
-from deberta_ds.errors import CheckpointError
+from deberta_ds.errors import CheckpointError, UserError, require
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 from deberta_ds.parallel.state_dict_split import partition_plan, split_state
 
@@ -41,9 +41,14 @@ def save_native(model: Encoder | ReplacedTokenDetection, out_dir: str | Path) ->
 def split_tp(checkpoint, out_dir, tp_size: int) -> Path:
     """A TP = 1 RTD pair (a module, or a native or training checkpoint) as `tp_size` shard files
     for continued training at that TP size."""
+    require(tp_size >= 2, "--tp", f"{tp_size}: split-tp writes 2 or more tensor-parallel shards")
     model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_native(checkpoint)
     if not isinstance(model, ReplacedTokenDetection):
         raise CheckpointError("split-tp: the checkpoint must hold an RTD pair (use from-hf --rtd first)")
+    try:
+        model.config.discriminator.check_tensor_parallel(tp_size)  # whole heads and FFN columns per rank
+    except UserError as error:
+        raise UserError(f"--tp {tp_size}: {error}; choose a TP size that divides both") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan, vocab = partition_plan(model), model.config.discriminator.vocab_size

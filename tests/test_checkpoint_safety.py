@@ -33,10 +33,9 @@ def _plant(path: Path, marker: Path) -> None:
 def _rerecord(step: Path) -> None:
     """Record the planted file's hash in COMPLETE, as whoever replaced the file could: the
     weights-only loading must hold on its own."""
-    from deberta_ds.checkpoint_reader import COMPLETE
-    from deberta_ds.training.checkpoint import file_records
+    from deberta_ds.checkpoint_reader import vouch
 
-    (step / COMPLETE).write_text(json.dumps({"files": file_records(step)}))
+    vouch(step)
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@ deberta_ds.checkpoint_reader).
 A kill while writing leaves the previous checkpoint complete, and a relaunch repairs a `latest`
 left behind. A failed write names the file it was writing and what the system said; a lost peer
 at a barrier is not a write error and reaches the caller as the collective's own error. Resuming
-on a different data-parallel size converts each engine folder with DeepSpeed's universal-checkpoint tool.
+on a different data-parallel size converts each engine folder with DeepSpeed's universal-checkpoint
+tool into a temporary folder beside the step folder (removed after loading): a checkpoint folder is
+never written to once it is complete.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from deberta_ds.checkpoint_reader import (
     LATEST,
     STATE,
     complete_checkpoints,
+    file_records_of,
     newest_complete,
     read_state,
     tag_for,
@@ -35,7 +38,6 @@ from deberta_ds.checkpoint_reader import (
     verify,
 )
 from deberta_ds.config import RTDObjective, to_dict
-from deberta_ds.content_hash import file_record
 from deberta_ds.errors import CheckpointError, UserError
 from deberta_ds.parallel.random import RNGStatesTracker, get_rng_states, set_rng_states
 from deberta_ds.parallel_env import lost_contact
@@ -182,18 +184,12 @@ def _save(root: Path, engines: dict, step: int, client_state: dict, rank: int, k
     _barrier()  # every rank has finished writing
     if rank == 0:
         with _writing(folder / COMPLETE):
-            write_atomic(folder / COMPLETE, json.dumps({"files": file_records(folder)}, indent=1))
+            write_atomic(folder / COMPLETE, json.dumps({"files": file_records_of(folder)}, indent=1))
         with _writing(root / LATEST):
             write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
     _barrier()
     return folder
-
-
-def file_records(folder: Path) -> dict:
-    """Size and content hash of every file of a step folder, by path relative to it."""
-    return {str(path.relative_to(folder)): file_record(path) for path in sorted(folder.rglob("*"))
-            if path.is_file() and path.name != COMPLETE}
 
 
 def repair_latest(root: Path, folder: Path) -> bool:
@@ -260,55 +256,97 @@ def _field(config: dict, dotted: str):
     return config.get(name) if section == "rtd" else config.get("discriminator", {}).get(name)
 
 
-def universal_folder(folder: Path, engine_name: str) -> Path:
-    return folder / f"{engine_name}_universal"
+def universal_root(folder: Path) -> Path:
+    """Where a step folder's engines are converted to DeepSpeed's universal format for loading
+    (beside it, not in it: `.universal_step_N/<engine>_universal`; a dot name no reader takes for a step)."""
+    return folder.parent / f".universal_{folder.name}"
+
+
+def universal_tag(engine_name: str) -> str:
+    return f"{engine_name}_universal"
 
 
 def convert_to_universal(folder: Path, engine_names, rank: int) -> None:
-    """DeepSpeed's ds_to_universal for each engine folder (rank 0 converts, the rest wait)."""
+    """DeepSpeed's ds_to_universal for each engine folder into universal_root (rank 0 converts, the
+    rest wait); a refusal reaches every rank as the same CheckpointError."""
+    failure = None
     if rank == 0:
+        root = universal_root(folder)
+        shutil.rmtree(root, ignore_errors=True)  # a conversion killed half-way (the folder is temporary)
+        root.mkdir()
         for name in engine_names:
-            target = universal_folder(folder, name)
-            if target.is_dir():
-                continue
-            with atomic_path(target) as tmp:
-                subprocess.run([sys.executable, "-m", "deberta_ds.safe_load",  # weights-only loads
-                                "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                                str(folder / name), "--output_folder", str(tmp), "--inject_missing_state",
-                                "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                               check=True, stdout=subprocess.DEVNULL)
+            result = subprocess.run([sys.executable, "-m", "deberta_ds.safe_load",  # weights-only loads
+                                     "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder / name),
+                                     "--output_folder", str(root / universal_tag(name)), "--inject_missing_state",
+                                     "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if result.returncode != 0:
+                lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+                failure = (f"{folder / name}: DeepSpeed's universal-checkpoint conversion (needed to resume on "
+                           f"another data-parallel size) failed: {lines[-1] if lines else result.returncode}")
+                break
+    failure = _agreed(failure)
+    if failure:
+        raise CheckpointError(f"{failure}; resume on the data-parallel size the checkpoint was written with "
+                              f"({read_state(folder).get('data_parallel_size', '?')})")
+
+
+def _agreed(message: str | None) -> str | None:
+    """Rank 0's message, on every rank."""
+    if not dist.is_initialized():
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def remove_universal(folder: Path, rank: int) -> None:
+    """After every rank loaded: the temporary universal conversion goes."""
     _barrier()
+    if rank == 0:
+        shutil.rmtree(universal_root(folder), ignore_errors=True)
 
 
-def load(folder: Path, engines: dict, rank: int, universal: bool, tracker: RNGStatesTracker | None = None) -> dict:
-    """Check every file against COMPLETE, then load the engine states (universal: converted first)
-    and this rank's RNG states (the TP stream into `tracker`, None at TP = 1); a damaged file is
-    named, with the previous complete checkpoint to resume from instead."""
+def checked(folder: Path) -> None:
+    """verify(folder), its error completed with what to do: move the damaged checkpoint out of the
+    run's checkpoints folder and relaunch (it then resumes from the previous complete one)."""
     try:
         verify(folder)
+    except UserError as error:
+        previous = [p for p in complete_checkpoints(folder.parent) if p.name < folder.name]
+        aside = folder.parent.parent / f"damaged_{folder.name}"
+        advice = (f"move it out of {folder.parent} (mv {folder} {aside}) and relaunch the same command: it resumes "
+                  + (f"from the previous complete checkpoint (or name it: --resume {previous[-1]})" if previous
+                     else "afresh (no earlier complete checkpoint exists)"))
+        raise type(error)(f"{error}; {advice}") from None
+
+
+def load(folder: Path, engines: dict, rank: int, universal: bool, tracker: RNGStatesTracker | None = None,
+         verified: bool = False) -> dict:
+    """Check every file against COMPLETE (unless the caller has: verified), then load the engine
+    states (universal: converted first) and this rank's RNG states (the TP stream into `tracker`,
+    None at TP = 1); a damaged file is named, with what to do."""
+    if not verified:
+        checked(folder)
+    try:
         if universal:
             convert_to_universal(folder, engines, rank)
         return _load(folder, engines, rank, universal, tracker)
-    except UserError as error:
-        previous = [p for p in complete_checkpoints(folder.parent) if p.name < folder.name]
-        advice = (f"resume from the previous complete checkpoint with --resume {previous[-1]}" if previous
-                  else "no earlier complete checkpoint exists")
-        raise UserError(f"{error}; {advice}") from None
+    finally:
+        if universal:
+            remove_universal(folder, rank)
 
 
 def _load(folder: Path, engines: dict, rank: int, universal: bool, tracker: RNGStatesTracker | None) -> dict:
     for name, engine in engines.items():
-        tag = universal_folder(folder, name).name if universal else name
-        if not (folder / tag).is_dir():
-            raise CheckpointError(f"{folder / tag}: missing; this checkpoint does not hold the {name} engine "
+        load_dir, tag = (universal_root(folder), universal_tag(name)) if universal else (folder, name)
+        if not (load_dir / tag).is_dir():
+            raise CheckpointError(f"{load_dir / tag}: missing; this checkpoint does not hold the {name} engine "
                                   f"(a damaged checkpoint, or one of a run with another train.mode)")
         with weights_only_loads():
-            path, _ = engine.load_checkpoint(str(folder), tag=tag)
+            path, _ = engine.load_checkpoint(str(load_dir), tag=tag)
         if path is None:
-            raise UserError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
-        if universal:  # the universal loader restores the scheduler but leaves the groups' lr at 0
-            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
-                group["lr"] = lr
+            raise UserError(f"{load_dir / tag}: DeepSpeed could not load this checkpoint")
     if rng_file(folder, rank).is_file() and not universal:
         try:
             _load_rng_states(rng_file(folder, rank), tracker)

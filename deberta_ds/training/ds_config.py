@@ -8,14 +8,47 @@ to a different value is an error, not a silent override.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
-from deberta_ds.errors import UserError
+from deberta_ds.config import parse_config_text, short_repr
+from deberta_ds.errors import UserError, require
 from deberta_ds.resources import ds_config_file, ds_config_names
 from deberta_ds.training.run_config import RunConfig
 
 _PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+
+# DeepSpeed 0.19's top-level sections that a DeepSpeed JSON or train.ds_overrides may set (DeepSpeed
+# itself ignores unknown keys: a misspelt one would silently do nothing). The batch sizes, clipping,
+# optimizer and schedule belong to the run config; DeepSpeed's `checkpoint` section to the trainer.
+DS_SECTIONS = {"zero_optimization": dict, "bf16": dict, "fp16": dict, "activation_checkpointing": dict,
+               "flops_profiler": dict, "comms_logger": dict, "tensorboard": dict, "csv_monitor": dict,
+               "wandb": dict, "aio": dict, "data_types": dict, "steps_per_print": int, "wall_clock_breakdown": bool,
+               "memory_breakdown": bool, "dump_state": bool, "prescale_gradients": bool,
+               "gradient_predivide_factor": (int, float), "communication_data_type": (str, type(None)),
+               "zero_allow_untested_optimizer": bool, "zero_force_ds_cpu_optimizer": bool,
+               "train_batch_size": int, "train_micro_batch_size_per_gpu": int, "gradient_accumulation_steps": int,
+               "gradient_clipping": (int, float)}
+
+
+def check_ds_sections(ds, where: str) -> None:
+    """Known top-level sections of the right type; zero_optimization's fields checked by DeepSpeed's
+    own model (it forbids unknown fields), as a UserError naming `where`."""
+    require(isinstance(ds, dict), where, f"must be a JSON object of DeepSpeed sections, got {short_repr(ds)}")
+    unknown = sorted(set(ds) - set(DS_SECTIONS))
+    require(not unknown, where, f"unknown DeepSpeed section(s) {unknown}; known: {sorted(DS_SECTIONS)} (the "
+                                "optimizer and schedule are set by the run config's optim section)")
+    for key, value in ds.items():
+        require(isinstance(value, DS_SECTIONS[key]) and not (isinstance(value, bool) and DS_SECTIONS[key] is int),
+                f"{where}.{key}", f"{short_repr(value)} has the wrong type (DeepSpeed expects "
+                                  f"{getattr(DS_SECTIONS[key], '__name__', 'a number or text')})")
+    if "zero_optimization" in ds:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+        try:
+            DeepSpeedZeroConfig(**ds["zero_optimization"])
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise UserError(f"{where}.zero_optimization: {problems}") from None
 
 
 def default_ds_config_name(config: RunConfig) -> str:
@@ -29,21 +62,28 @@ def load_ds_json(path) -> dict:
         raise UserError(f"train.ds_config: {path} not found (give a DeepSpeed JSON file, or leave it unset for "
                          f"the shipped one of train.zero_stage and train.precision: {', '.join(ds_config_names())})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"train.ds_config: {path} is not valid JSON: {error}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"train.ds_config: {path} cannot be read ({error})") from None
+    ds = parse_config_text(text, "json", f"train.ds_config: {path}")
+    check_ds_sections(ds, f"train.ds_config: {path}")
+    return ds
 
 
 def _merge(base: dict, extra: dict) -> dict:
+    """`extra` merged into a copy of `base`, section by section (a non-mapping replaces what it meets)."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+        mergeable = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if mergeable else copy.deepcopy(value)
     return out
 
 
 def build_ds_config(config: RunConfig, data_parallel_size: int, lr: float, on_cpu: bool) -> dict:
     path = Path(config.train.ds_config) if config.train.ds_config else ds_config_file(default_ds_config_name(config))
+    check_ds_sections(config.train.ds_overrides, "train.ds_overrides")
     ds = _merge(load_ds_json(path), config.train.ds_overrides)
+    check_ds_sections(ds, f"train.ds_overrides merged into {path}")
     accumulation = config.check_batch_geometry(data_parallel_size)
     owned = {"train_batch_size": config.train.global_batch_size,
              "train_micro_batch_size_per_gpu": config.train.micro_batch_size,

@@ -170,11 +170,29 @@ class RTDEngines:
             return _initialize(module, config, lr, dp_size, on_cpu, mpu, load_universal)
 
         if self.joint:
-            self.engines = {"joint": build(model, config.optim.lr)}
+            self.engines = {"joint": build(model, self.base_lr("joint"))}
         else:
-            self.engines = {"generator": build(model.generator, config.optim.generator_lr or config.optim.lr),
-                            "discriminator": build(model.discriminator, config.optim.lr)}
+            self.engines = {"generator": build(model.generator, self.base_lr("generator")),
+                            "discriminator": build(model.discriminator, self.base_lr("discriminator"))}
         self.device = next(iter(self.engines.values())).device
+
+    def base_lr(self, name: str) -> float:
+        """The run config's peak learning rate of one engine."""
+        optim = self.config.optim
+        return (optim.generator_lr or optim.lr) if name == "generator" else optim.lr
+
+    def set_learning_rates(self) -> None:
+        """After loading a checkpoint: the run config's peak rates and schedule at the restored step
+        (the loaded scheduler keeps the checkpoint's base rates, and the universal loader leaves the
+        groups' rates at 0), so a changed optim.lr applies from the resume step."""
+        for name, engine in self.engines.items():
+            scheduler = engine.lr_scheduler
+            scheduler.base_lrs = [self.base_lr(name)] * len(scheduler.base_lrs)
+            rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs,
+                                                                                   scheduler.lr_lambdas)]
+            for group, lr in zip(engine.optimizer.param_groups, rates):
+                group["lr"] = lr
+            scheduler._last_lr = rates
 
     def grad_norm(self, name: str) -> float | None:
         """The global gradient norm of the engine's last step (DeepSpeed's, else our own)."""

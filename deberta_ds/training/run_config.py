@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from deberta_ds.config import PRESETS, ModelConfig, RTDObjective, from_dict
+from deberta_ds.config import PRESETS, ModelConfig, RTDObjective, from_dict, parse_config_text, short_repr
 from deberta_ds.data.dataset import MaskingConfig
 from deberta_ds.errors import UserError, require
 from deberta_ds.resources import config_path
@@ -57,6 +56,7 @@ class DataSection:
 
     def __post_init__(self):
         require(self.max_length >= 3, "data.max_length", "must be at least 3 ([CLS] x [SEP])")
+        check_seed(self.seed, "data.seed")
         require(self.cross_documents or not self.document_attention, "data.document_attention",
                 "needs data.cross_documents: true (without packing every sample holds one document)")
         self.train = [_source(entry, f"data.train[{i}]") for i, entry in enumerate(self.train)]
@@ -94,7 +94,16 @@ class OptimSection:
                 f"{list(self.betas)} must be two numbers in [0, 1) (Adam's beta1, beta2), e.g. [0.9, 0.999]")
         require(self.name in ("adamw", "lamb"), "optim.name", f"{self.name!r} is not adamw or lamb")
         require(self.schedule in ("linear", "cosine"), "optim.schedule", f"{self.schedule!r} is not linear or cosine")
-        require(self.lr > 0, "optim.lr", "must be positive")
+        for name in ("lr", "generator_lr"):
+            value = getattr(self, name)
+            require(value is None or 0 < value <= 1, f"optim.{name}",
+                    f"{value} is not a learning rate in (0, 1] (Adam's are about 1e-4 to 1e-3)")
+        require(0 < self.eps < 1, "optim.eps", f"{self.eps} must be in (0, 1) (Adam's epsilon, e.g. 1e-6)")
+        require(0 <= self.weight_decay < math.inf, "optim.weight_decay", f"{self.weight_decay} must be finite and >= 0")
+        require(0 <= self.clip_grad < math.inf, "optim.clip_grad",
+                f"{self.clip_grad} must be finite and >= 0 (the gradient-norm bound; 0: no clipping)")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio",
+                f"{self.min_lr_ratio} must be in [0, 1] (the final rate as a share of optim.lr)")
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
 
 
@@ -135,7 +144,11 @@ class TrainSection:
         for name in ("save_every", "eval_every"):
             require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0 (0: only at the end), got "
                                                                 f"{getattr(self, name)}")
-        require(self.tp >= 1, "train.tp", "must be >= 1")
+        require(self.tp >= 1, "train.tp", f"must be >= 1, got {self.tp}")
+        require(self.exit_after_steps is None or self.exit_after_steps >= 1, "train.exit_after_steps",
+                f"must be >= 1 (or unset: no early exit), got {self.exit_after_steps}")
+        require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
+                f"must be >= 1 (non-finite steps in a row that abort the run), got {self.max_nonfinite_steps}")
         require(self.activation_checkpointing in ("none", "layers"), "train.activation_checkpointing",
                  f"{self.activation_checkpointing!r} is not none or layers")
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
@@ -168,8 +181,13 @@ class RunConfig:
     phases: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
+        check_seed(self.seed, "seed")
         require(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {sorted(PRESETS)}")
-        from_dict(ModelConfig, PRESETS[self.model] | self.model_overrides, "model_overrides")  # names and types
+        try:
+            from_dict(ModelConfig, PRESETS[self.model] | self.model_overrides, "model_overrides")  # names, types
+        except UserError as error:  # ModelConfig names its own fields: say where they are set
+            raise UserError(str(error) if str(error).startswith("model_overrides") else f"model_overrides.{error}") \
+                from None
         self.phase_plan()  # validated now, before anything is built
 
     def phase_plan(self) -> list[tuple[int, DataSection]]:
@@ -212,6 +230,10 @@ class RunConfig:
         return self.train.global_batch_size // per_step
 
 
+def check_seed(seed: int, field_name: str) -> None:
+    require(0 <= seed < 2 ** 63, field_name, f"{seed} must be in [0, 2**63) (the random generators take 64 bits)")
+
+
 def _source(entry, where: str) -> DataSource:
     if isinstance(entry, DataSource):
         return entry
@@ -236,36 +258,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
             require(isinstance(node, dict), dotted, "is not a section")
-        node[leaf] = _parse_value(raw)
+        node[leaf] = _parse_value(override, raw)
     return data
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def _unique_keys(pairs: list) -> dict:
-    """json.loads' object_pairs_hook: a key given twice is an error (plain JSON keeps the last)."""
-    keys = [key for key, _ in pairs]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
-        raise ValueError(f"the key(s) {repeated} are given twice in one object")
-    return dict(pairs)
-
-
-def _parse_value(raw: str):
-    """YAML, except that '3e-3' is a number (YAML 1.1 reads exponents without a dot as strings)."""
-    value = yaml.load(raw, Loader=_UniqueKeyLoader)
+def _parse_value(override: str, raw: str):
+    """YAML (bounded), except that '3e-3' is a number (YAML 1.1 reads exponents without a dot as strings)."""
+    value = parse_config_text(raw, "yaml", f"override {short_repr(override)}")
     if isinstance(value, str):
         try:
             return float(value)
@@ -278,13 +277,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     data = {}
     if path is not None:
         path = config_path(path)  # a file, or a shipped recipe by name
-        text = path.read_text()
         try:
-            data = (json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json"
-                    else yaml.load(text, Loader=_UniqueKeyLoader))
-        except (ValueError, yaml.YAMLError) as error:  # ValueError: JSONDecodeError and repeated keys
-            raise UserError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                             f"{error}") from None
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"--config {path}: cannot be read ({error})") from None
+        data = parse_config_text(text, "json" if path.suffix == ".json" else "yaml", f"--config {path}")
         data = {} if data is None else data
         require(isinstance(data, dict), "--config", f"{path}: the top level must be a mapping of sections "
                                                     f"(model:, data:, train:, ...), got a {type(data).__name__}")

@@ -66,19 +66,27 @@ def append_log(path: Path, entry: dict) -> None:
                             "command: it continues from the last complete checkpoint") from None
 
 
+def evaluation_logged(path: Path, step: int) -> bool:
+    """Whether a JSON-lines evaluation log holds step's entry (a damaged line or byte is no entry)."""
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return step in {entry["step"] for entry in map(log_entry, lines) if entry}
+
+
 class ScalarLog:
     """TensorBoard scalars on rank 0 only (a no-op elsewhere). The event file is created by the
-    first write, so a run that logs nothing (a relaunch of a finished run) leaves no trace."""
+    first write, so a run that logs nothing (a relaunch of a finished run) leaves no trace. A
+    resumed run purges the events past its checkpoint's step (purge_step), as the JSON-lines logs
+    drop theirs, so that TensorBoard shows each step once."""
 
     def __init__(self, log_dir, enabled: bool):
-        self.log_dir, self.enabled, self.writer = log_dir, enabled, None
+        self.log_dir, self.enabled, self.writer, self.purge_step = log_dir, enabled, None, None
 
     def write(self, scalars: dict, step: int) -> None:
         if not self.enabled:
             return
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
         for name, value in scalars.items():
             if value is not None and np.isfinite(value):
                 self.writer.add_scalar(name, value, step)
@@ -109,10 +117,11 @@ class RunLog:
         if self.rank == 0:
             for log in (self.metrics, self.evaluations):
                 truncate_log(log, step, warn=self.console)
+        self.scalars.purge_step = step + 1 if step else None
 
-    def training(self, step: int, consumed: int, metrics: dict) -> None:
+    def training(self, step: int, consumed: int, metrics: dict, eta: str = "") -> None:
         """A log step's metrics (means since the previous log step): history, metrics.jsonl,
-        TensorBoard and the losses on the console."""
+        TensorBoard and the losses on the console (with `eta`, the time left)."""
         entry = {"step": step, "consumed_samples": consumed} | metrics
         self.history.append(entry)
         if self.rank == 0:
@@ -120,7 +129,7 @@ class RunLog:
         self.scalars.write(metrics, step)
         self.console(f"step {step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items()
                                                   if k.startswith(("generator/mlm", "discriminator/rtd"))
-                                                  and v is not None))
+                                                  and v is not None) + (f"  (eta {eta})" if eta else ""))
 
     def evaluation(self, step: int, metrics: dict) -> None:
         """An evaluation's metrics: eval.jsonl, TensorBoard and the console."""
@@ -131,10 +140,7 @@ class RunLog:
 
     def has_evaluation(self, step: int) -> bool:
         """Whether eval.jsonl holds step's row (rank 0 reads it; every rank gets the answer)."""
-        held = [None]
-        if self.rank == 0:
-            lines = self.evaluations.read_text().splitlines() if self.evaluations.is_file() else []
-            held = [step in {entry["step"] for entry in map(log_entry, lines) if entry}]
+        held = [evaluation_logged(self.evaluations, step) if self.rank == 0 else None]
         dist.broadcast_object_list(held, src=0)
         return held[0]
 

@@ -14,10 +14,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from deberta_ds.checkpoint_reader import LATEST, checkpoints_folder, is_sharded, read_state
+from deberta_ds.checkpoint_reader import LATEST, checkpoints_folder, is_sharded
 from deberta_ds.data.mixture import MixtureSamples
 from deberta_ds.data.sampler import GlobalBatchSampler
-from deberta_ds.data.tokenizer import load_tokenizer
 from deberta_ds.errors import UserError
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.encoder import set_activation_checkpointing
@@ -26,15 +25,14 @@ from deberta_ds.parallel.random import seed_streams
 from deberta_ds.parallel.state import MPU
 from deberta_ds.parallel.state import initialize as initialize_parallel
 from deberta_ds.training import checkpoint
-from deberta_ds.training.data_setup import build_data
 from deberta_ds.training.engines import RTDEngines, loss_scale, sampling_rng
 from deberta_ds.training.evaluation import evaluate
 from deberta_ds.training.initial_weights import load_initial_weights
 from deberta_ds.training.metrics import TrainingStatistics, peak_memory_bytes, peak_tflops
-from deberta_ds.training.model_setup import build_rtd_config
 from deberta_ds.training.prefetch import BatchPrefetcher, to_device
 from deberta_ds.training.run_config import RunConfig
 from deberta_ds.training.run_logs import RunLog
+from deberta_ds.training.run_start import RunStart, finished_message, prepare
 
 
 class TrainingError(UserError):
@@ -66,7 +64,9 @@ class Trainer:
     """One run: built from the run config (resuming per `resume`), then `run()` trains to
     train.steps, logging, evaluating and saving on the way."""
 
-    def __init__(self, config: RunConfig, resume: str):
+    def __init__(self, config: RunConfig, resume: str, start: RunStart | None = None):
+        """start: the run's checked inputs (run_start.prepare(config, resume)), prepared here when None."""
+        start = start or prepare(config, resume)
         self.config = config
         self.rank = dist.get_rank()
         self.output = Path(config.output_dir)
@@ -75,15 +75,13 @@ class Trainer:
         self.log = self.run_log.console
         self.checkpoints = checkpoints_folder(self.output)
         check_writable(self.checkpoints, "checkpoint folder")
-        processor, tokenizer_meta = load_tokenizer(config.data.tokenizer)
-        rtd_config = build_rtd_config(config, tokenizer_meta)  # from here on the one copy of the rtd settings
-        self.train_samples, self.valid_samples = build_data(config, rtd_config.discriminator, processor,
-                                                            tokenizer_meta)  # phased
-        self.tokenizer_meta = asdict(tokenizer_meta)
+        rtd_config = start.rtd_config  # from here on the one copy of the rtd settings
+        self.train_samples, self.valid_samples = start.train_samples, start.valid_samples  # phased
+        self.tokenizer_meta = asdict(start.tokenizer_meta)
         self.parallel = initialize_parallel(config.train.tp)   # TP ranks adjacent, DP over the rest
         self.dp_rank, self.dp_size = self.parallel.dp_rank, self.parallel.dp_size
         self.accumulation = config.check_batch_geometry(self.dp_size)
-        latest, universal = self._resume_point(resume, rtd_config)
+        latest, universal = self._resume_point(start)
         torch.manual_seed(config.seed)  # identical initial (full) weights on every rank, at any TP size
         self.model = ReplacedTokenDetection(rtd_config, self.parallel.tp)
         if config.init_from and not latest:
@@ -102,24 +100,28 @@ class Trainer:
         self.run_log.start(self.step)
         self.statistics = TrainingStatistics(self.device)
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
-        self.stop_requested = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.stop_signal = None  # the name of the signal that asked this rank to save and stop
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
         decoupled_es = config.train.mode == "decoupled" and rtd_config.embedding_sharing == "es"  # + a sampling pass
         self.flops_per_token = rtd_config.flops_per_token(config.data.max_length, config.data.masking.probability,
                                                           config.train.micro_batch_size, 1 + decoupled_es)
 
-    def _resume_point(self, resume: str, rtd_config) -> tuple[Path | None, bool]:
-        """The checkpoint `--resume` names (None: start afresh), checked against this run, and
-        whether it loads through DeepSpeed's universal format."""
-        latest = checkpoint.checkpoint_to_resume(resume, self.checkpoints)
-        if latest:
-            checkpoint.check_resumable(read_state(latest), latest, rtd_config, self.tokenizer_meta)
-            self._repair_latest(latest)
-        return latest, self._needs_universal(read_state(latest) if latest else None)
+    def _resume_point(self, start: RunStart) -> tuple[Path | None, bool]:
+        """The checkpoint to resume from (checked by run_start.prepare; None: start afresh), with the
+        settings that changed, and whether it loads through DeepSpeed's universal format."""
+        if start.checkpoint:
+            self._repair_latest(start.checkpoint)
+            for change in start.changes:
+                self.log(f"resume: {change}")
+        return start.checkpoint, self._needs_universal(start.state)
 
     def _restore(self, folder: Path, universal: bool) -> None:
-        """The engines, RNG states, step and data position of the checkpoint resumed from."""
-        state = checkpoint.load(folder, self.engines.engines, self.rank, universal, self.parallel.tp.tracker)
+        """The engines, RNG states, step and data position of the checkpoint resumed from; the run
+        config's learning rates from its step on."""
+        state = checkpoint.load(folder, self.engines.engines, self.rank, universal, self.parallel.tp.tracker,
+                                verified=True)
+        self.engines.set_learning_rates()
         self.step, self.consumed = state["step"], state["consumed_samples"]
         phase_start, phase_samples = self.train_samples.phase_at(self.consumed)
         if isinstance(phase_samples, MixtureSamples) and "mixture_counts" in state:  # no replay of the rule
@@ -146,8 +148,16 @@ class Trainer:
                                 f"{state['data_parallel_size']} data-parallel replicas")
         return is_sharded(self.config.train.zero_stage, self.config.train.precision)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+    def _on_stop_signal(self, signum, frame) -> None:
+        """SIGTERM or SIGINT (Ctrl-C): save at the end of this step and stop; a second Ctrl-C quits at
+        once, without a checkpoint. os.write: printing inside a signal handler may re-enter print."""
+        name = signal.Signals(signum).name
+        if self.stop_signal and signum == signal.SIGINT:
+            os.write(2, b"\nSIGINT again: quitting at once, without a checkpoint\n")
+            os._exit(130)
+        self.stop_signal = self.stop_signal or name
+        os.write(2, f"\n{name}: saving a checkpoint after this step, then stopping (Ctrl-C again quits at once, "
+                    "without one)\n".encode())
 
     def client_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed, "world_size": dist.get_world_size(),
@@ -183,7 +193,7 @@ class Trainer:
             if config.inject_nan_from_step is not None and self.step >= config.inject_nan_from_step:
                 multiplier = float("nan")
             result = self.engines.micro_step(batch, sampling_rng(self.config.seed, int(micro[0]), self.device),
-                                             multiplier, stop_requested=self.stop_requested)
+                                             multiplier, stop_requested=self.stop_signal is not None)
             self.statistics.add(result, batch["attention_mask"])
             results.append(result)
         self.consumed += config.global_batch_size
@@ -229,8 +239,7 @@ class Trainer:
                 self.report_eval()
                 self.run_log.close()
                 return
-            self.log(f"{self.output} is already trained to step {self.step} (train.steps={config.steps}); nothing "
-                     "to do. Raise train.steps to train on.")
+            self.log(finished_message(self.config, self.step))
             return
         bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         now = time.monotonic()
@@ -242,27 +251,37 @@ class Trainer:
                 bar.update(1)
                 if self.step == 1 or self.step % config.log_every == 0 or self.step == config.steps:
                     metrics = self.logged_metrics() | self._performance(clock, prefetcher.wait_s)
-                    self.run_log.training(self.step, self.consumed, metrics)
+                    self.run_log.training(self.step, self.consumed, metrics, eta=self._eta(clock))
                     bar.set_postfix(mlm=f"{metrics['generator/mlm_loss'] or float('nan'):.3f}",
                                     rtd=f"{metrics['discriminator/rtd_loss'] or float('nan'):.3f}")
                 if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
                     self.report_eval()  # the last step's evaluation follows the final save
                 if stop:
-                    self.log("SIGTERM: saving a checkpoint and stopping")
+                    self.log(f"{self.stop_signal or 'a signal to another rank'}: saving a checkpoint and stopping")
                     self.save()
                     return
                 if config.exit_after_steps and self.step - clock.first_step >= config.exit_after_steps:
                     self.log(f"train.exit_after_steps={config.exit_after_steps}: saving a checkpoint and stopping")
                     self.save()
                     return
-                if config.save_every and self.step % config.save_every == 0:
-                    self.save()
+                if config.save_every and self.step % config.save_every == 0 and self.step < config.steps:
+                    self.save()  # the last step's checkpoint is written after the loop's checks
         finally:
             prefetcher.close()
         bar.close()
+        if self.nonfinite_in_a_row:
+            raise TrainingError(f"the last {self.nonfinite_in_a_row} steps (to step {self.step}) had non-finite "
+                                "losses: the run did not end well and writes no final checkpoint (the last complete "
+                                "one stays); lower optim.lr, check the data, or use bf16 instead of fp16")
         self.save()  # before the final evaluation, which must never cost the run its checkpoint
         self.report_eval()
         self.run_log.close()
+
+    def _eta(self, clock: _LogClock) -> str:
+        """The time left to train.steps at this invocation's pace so far, as H:MM:SS."""
+        done = self.step - clock.first_step
+        left_s = (time.monotonic() - clock.started) / done * (self.config.train.steps - self.step)
+        return time.strftime("%H:%M:%S", time.gmtime(left_s)) if left_s < 86400 else f"{left_s / 86400:.1f} days"
 
     def _performance(self, clock: _LogClock, data_wait_s: float) -> dict:
         """Throughput since this invocation started, the peak memory so far, and the share of the
