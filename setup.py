@@ -25,9 +25,12 @@ if __name__ == "__main__":
         extras_require={
             # Oracles for the tests: HF DebertaV2 (model parity) and megatron-core (shard layout).
             "test": ["pytest>=8", "transformers==5.23.0", "megatron-core==0.16.1", "safetensors>=0.4", "triton==3.9.0",
-                     "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "ruff==0.17.6"],
+                     "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "ruff==0.17.6",
+                     "scikit-learn==1.9.1", "scipy==1.17.1", "seqeval==1.2.2"],
             # Fused attention kernels (GPU; CPU runs them under TRITON_INTERPRET=1 in the tests).
             "kernels": ["triton>=3.2"],
+            # Downstream evaluation metrics (python -m deberta_ds.evaluate, deberta_ds.finetune).
+            "eval": ["transformers==5.23.0", "scikit-learn==1.9.1", "scipy==1.17.1", "seqeval==1.2.2"],
         },
         entry_points={"console_scripts": ["deberta-ds-convert=deberta_ds.convert:main",
                                           "data-prep=data_prep.cli:main"]},

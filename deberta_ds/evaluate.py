@@ -90,7 +90,7 @@ def suite(args) -> dict:
         models.append(random_twin(model))
     elif args.baseline:
         models.append(resolve_model(args.baseline, args.tokenizer, out / "exported" / "baseline", "baseline"))
-    plan = [(task, source, seed) for task in tasks for source in models for seed in range(1, args.seeds + 1)]
+    plan = [(task, source, seed) for task in tasks for seed in range(1, args.seeds + 1) for source in models]
     results, started = [], time.monotonic()
     for number, (task, source, seed) in enumerate(plan, 1):
         show(placement, f"[{number}/{len(plan)}] {task.name} {source.name} seed {seed}{eta(started, number, plan)}")

@@ -243,3 +243,61 @@ def check_saved_reader(run_dir, questions):
     golds = {e.id: [text for text, _ in e.answers] for e in examples}
     scored = json.loads((run_dir / "metrics.json").read_text())["scores"]
     assert metrics.squad_v2_scores(golds, answers, no_answer)["best_f1"] == pytest.approx(scored["best_f1"])
+
+
+def test_downstream_during_training_runs_in_the_background_and_logs(tmp_path, tokenizer_dir):
+    """eval.downstream's rank-0 hook: a due checkpoint (here a native one; a run's step folders
+    go the same way) starts deberta_ds.evaluate in its own process; a checkpoint due while it runs
+    is skipped; its end is logged, its medians reach the run's TensorBoard at the step; a suite
+    that fails is logged with its log file and raises nothing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deberta_ds.config import RTDConfig, preset
+    from deberta_ds.downstream.in_training import DownstreamDuringTraining
+    from deberta_ds.errors import UserError
+    from deberta_ds.model import ReplacedTokenDetection
+    from deberta_ds.native_checkpoint import save_native
+    from deberta_ds.training.run_config import DownstreamSection
+
+    save_native(ReplacedTokenDetection(RTDConfig(discriminator=preset("tiny"), mask_token_id=1000)), tmp_path / "ckpt")
+    glue_folder(tmp_path / "data", "SST-2", 32, 0)
+    settings = DownstreamSection(every=2, tasks="glue/sst2", data_dir=str(tmp_path / "data"),
+                                 arguments=["--tokenizer", str(tokenizer_dir), "--epochs", "1", "--batch-size", "8",
+                                            "--max-length", "32"])
+    lines = []
+    hook = DownstreamDuringTraining(settings, tmp_path / "run", lines.append, enabled=True)
+    hook.checkpoint_saved(3, tmp_path / "ckpt")  # not a multiple of every: nothing
+    hook.checkpoint_saved(4, tmp_path / "ckpt")
+    hook.checkpoint_saved(6, tmp_path / "ckpt")  # the step-4 suite still runs: skipped
+    assert hook.running.process.wait(timeout=600) == 0, (tmp_path / "run/downstream/step_00000004.log").read_text()
+    hook.close()
+    assert "step 6 skipped, the evaluation of step 4 is still running" in lines[1]
+    assert lines[-1].endswith("step 4 evaluated: " + str(tmp_path / "run/downstream/step_00000004/results.md"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("downstream/glue/sst2/accuracy")] == [4]
+    broken = DownstreamSection(every=2, tasks="glue/nope", data_dir=str(tmp_path / "data"))
+    hook = DownstreamDuringTraining(broken, tmp_path / "run", lines.append, enabled=True)
+    hook.checkpoint_saved(8, tmp_path / "ckpt")
+    assert hook.running.process.wait(timeout=300) == 1
+    hook.close()
+    assert "the evaluation of step 8 failed (exit code 1); see" in lines[-1]
+    assert "--tasks: unknown" in (tmp_path / "run/downstream/step_00000008.log").read_text()
+    with pytest.raises(UserError, match="eval.downstream.data_dir"):
+        DownstreamSection(every=5, tasks="glue/rte", data_dir=str(tmp_path / "missing"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (launch_scripts/gpu_check.sh)")
+def test_bf16_and_compile_on_the_gpu_learn_like_fp32(exported, tmp_path):
+    """On the GPU, as in pre-training: bf16 autocast and torch.compile fine-tune to the same
+    learnt cue as fp32 (accuracy >= 90 each)."""
+    glue_folder(tmp_path / "data", "SST-2", 160, 0)
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert evaluate(["--model", str(exported), "--tasks", "glue/sst2", "--data-dir", str(tmp_path / "data"),
+                         "--seeds", "1", "--out", str(out), "--epochs", "4", "--lr", "2e-3", "--batch-size", "16",
+                         "--max-length", "64", "--precision", precision, "--no-progress"]
+                        + (["--compile"] if precision == "bf16" else [])) == 0
+        report = json.loads((out / "results.json").read_text())
+        assert report["rows"][0]["model"]["median"] >= 90, precision

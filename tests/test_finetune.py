@@ -4,6 +4,7 @@ epoch in HF format, and bad inputs are named. Metrics are checked against hand-c
 
 import csv
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -228,3 +229,30 @@ def test_bad_inputs_fail_before_training_with_a_named_error(exported, tmp_path, 
     (tmp_path / "bom.tsv").write_bytes("\ufeffsentence\tlabel\nx\tgood\n".encode())  # a BOM before the header
     from deberta_ds.downstream.readers import read_examples
     assert read_examples(tmp_path / "bom.tsv", "sentence", None, "label", False).texts == ["x"]
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_through_torchrun_train_as_one_process(tmp_path, tokenizer_dir):
+    """torchrun with 2 CPU ranks (gloo): each global batch of 16 is split 8 / 8 and the gradients
+    averaged, so with dropout off the two ranks fine-tune the same model as one process does
+    (weights within 1e-4, validation scores equal); rank 0 alone writes the output."""
+    from safetensors.torch import load_file
+
+    from deberta_ds.parallel_env import free_port
+
+    model = export_tiny_model(tmp_path / "hf", tokenizer_dir, dropout=0.0)
+    train = write_tsv(tmp_path / "train.tsv", cue_examples(64, 0))
+    valid = write_tsv(tmp_path / "dev.tsv", cue_examples(24, 1))
+    common = ["-m", "deberta_ds.finetune", "--model", str(model), "--train", str(train), "--valid", str(valid),
+              "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--max-length", "32", "--no-progress"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    single = run_bounded([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=repo, env=environment)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = run_bounded([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(free_port()), *common, "--out", str(tmp_path / "two")], cwd=repo, env=environment)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
+    assert [epoch["accuracy"] for epoch in one["valid"]] == [epoch["accuracy"] for epoch in two["valid"]]
+    weights = [load_file(tmp_path / name / "best" / "model.safetensors") for name in ("one", "two")]
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) <= 1e-4
