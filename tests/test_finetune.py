@@ -213,8 +213,8 @@ def test_bad_inputs_fail_before_training_with_a_named_error(exported, tmp_path, 
         (["--valid", str(train), "--model", str(pickled)], "holds pytorch_model.bin, a pickle"),
         (["--valid", str(train), "--labels", "bad,good,good"], "['good'] named more than once"),
         (["--valid", str(one_class), "--train", str(one_class)], "holds one class only"),
-        (["--valid", str(tmp_path / "nan.tsv"), "--task", "regression"], "nan.tsv:3: column 'label': 'nan' is not a "
-                                                                          "finite number"),
+        (["--train", str(tmp_path / "nan.tsv"), "--valid", str(tmp_path / "nan.tsv"), "--task", "regression"],
+         "nan.tsv:3: column 'label': 'nan' is not a finite number"),
         (["--valid", str(train), "--test", str(odd_test)], "odd.tsv:2: column 'label': 'great' is not one of the "
                                                            "labels ['bad', 'good']"),
     ]

@@ -122,12 +122,14 @@ def read_delimited(path: Path, text: str, columns: list[str] | None, quoting: bo
     return rows
 
 
-def column_check(path: Path, rows: list[tuple[int, dict]], needed: dict[str, str]) -> None:
+def column_check(path: Path, rows: list[tuple[int, dict]], needed: dict[str, str], header: bool) -> None:
     """Every row holds every needed column ({column: the flag that names it})."""
+    hint = " (or, for a file without a header line, name its columns with --columns)" if header else ""
     for number, row in rows:
         for column, flag in needed.items():
             if column not in row:
-                raise DataError(f"{path}:{number}: no column {column!r} (columns: {sorted(row)}); name it with {flag}")
+                raise DataError(f"{path}:{number}: no column {column!r} (columns: {sorted(row)}); name it with "
+                                f"{flag}{hint if path.suffix != '.jsonl' else ''}")
 
 
 def read_examples(path: Path, text: str, pair: str | None, label: str, regression: bool,
@@ -137,7 +139,7 @@ def read_examples(path: Path, text: str, pair: str | None, label: str, regressio
     `labels` when given)."""
     rows = read_rows(path, columns, quoting, skip_malformed)
     needed = {text: "--text-column", label: "--label-column"} | ({pair: "--pair-column"} if pair else {})
-    column_check(path, rows, needed)
+    column_check(path, rows, needed, header=columns is None)
     values = []
     for number, row in rows:
         value = str(row[label]).strip()
