@@ -149,45 +149,63 @@ def test_ner_labels_the_first_sub_token_of_each_word(tokenizer):
         assert labels[position] == (tags.index(sentence.tags[word]) if is_first else -100)
 
 
-def test_suite_fine_tunes_scores_and_saves_models_transformers_loads(exported, tokenizer_dir, tmp_path):
-    """glue/sst2, squad2 and conll2003 against a random-init baseline, 1 seed: each learns its
-    cue; results.md / results.json hold every row; every run logs to TensorBoard and saves a HF
-    folder whose Auto class (and pipeline, where transformers 5 has one) predicts as scored."""
+def test_suite_fine_tunes_scores_and_saves_models_transformers_loads(exported, tmp_path):
+    """glue/sst2, squad2 and conll2003, 1 seed: each learns its cue; results.md / results.json
+    hold every row; every run logs to TensorBoard and saves a HF folder whose Auto class (and
+    pipeline, where transformers 5 has one) predicts as scored; the medians reach --tensorboard-dir."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = tmp_path / "data"
-    glue_folder(data, "SST-2", 160, 0)
-    squad_file(data / "squad2" / "train-v2.0.json", 150, 0)
-    questions = squad_file(data / "squad2" / "dev-v2.0.json", 30, 1)
-    conll_file(data / "conll2003" / "train.txt", 150, 0)
-    conll_file(data / "conll2003" / "valid.txt", 30, 1)
-    conll_file(data / "conll2003" / "test.txt", 30, 2)
+    glue_folder(data, "SST-2", 96, 0)
+    squad_file(data / "squad2" / "train-v2.0.json", 96, 0)
+    questions = squad_file(data / "squad2" / "dev-v2.0.json", 24, 1)
+    conll_file(data / "conll2003" / "train.txt", 96, 0)
+    conll_file(data / "conll2003" / "valid.txt", 24, 1)
+    conll_file(data / "conll2003" / "test.txt", 24, 2)
     out = tmp_path / "out"
     assert evaluate(["--model", str(exported), "--tasks", "glue/sst2,squad2,conll2003", "--data-dir", str(data),
-                     "--baseline", "random-init", "--seeds", "1", "--out", str(out), "--epochs", "4", "--lr", "2e-3",
-                     "--batch-size", "16", "--max-length", "64", "--doc-stride", "16", "--no-progress",
-                     "--tensorboard-dir", str(tmp_path / "tb"), "--tensorboard-step", "7"]) == 0
+                     "--seeds", "1", "--out", str(out), "--epochs", "4", "--lr", "3e-3", "--batch-size", "16",
+                     "--max-length", "64", "--doc-stride", "16", "--no-progress", "--tensorboard-dir",
+                     str(tmp_path / "tb"), "--tensorboard-step", "7"]) == 0
     report = json.loads((out / "results.json").read_text())
     rows = {(row["task"], row["metric"]): row for row in report["rows"]}
     assert set(rows) == {(task, metric) for task in ("glue/sst2", "squad2", "conll2003")
                          for metric in TASKS[task].shown}
     assert rows[("glue/sst2", "accuracy")]["model"]["median"] >= 90
-    assert rows[("squad2", "HasAns_f1")]["model"]["median"] >= 80
+    assert rows[("squad2", "best_f1")]["model"]["median"] >= 60  # abstaining everywhere: 33
     assert rows[("conll2003", "dev/f1")]["model"]["median"] >= 80
-    assert all("difference" in row for row in rows.values())
     assert "| squad2 | best_f1 |" in (out / "results.md").read_text()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("downstream/glue/sst2/accuracy")] == [7]
-    runs = {(run["task"], run["model"]): out / "runs" / run["task"].replace("/", "_") / f"{run['model']}_seed1"
-            for run in report["runs"]}
+    runs = {run["task"]: out / "runs" / run["task"].replace("/", "_") / "model_seed1" for run in report["runs"]}
     for run_dir in runs.values():
         events = EventAccumulator(str(run_dir / "tensorboard"))
         events.Reload()
         assert "finetune/loss" in events.Tags()["scalars"] and (run_dir / "model" / "config.json").is_file()
-    check_saved_classifier(runs[("glue/sst2", "model")], data)
-    check_saved_tagger(runs[("conll2003", "model")], data)
-    check_saved_reader(runs[("squad2", "model")], questions)
+    check_saved_classifier(runs["glue/sst2"], data)
+    check_saved_tagger(runs["conll2003"], data)
+    check_saved_reader(runs["squad2"], questions)
+
+
+def test_baseline_random_init_has_fresh_weights_per_seed_and_a_difference_column(exported, tmp_path):
+    from safetensors.torch import load_file
+
+    glue_folder(tmp_path / "data", "SST-2", 32, 0)
+    out = tmp_path / "out"
+    assert evaluate(["--model", str(exported), "--tasks", "glue/sst2", "--data-dir", str(tmp_path / "data"),
+                     "--baseline", "random-init", "--seeds", "2", "--out", str(out), "--epochs", "1",
+                     "--batch-size", "16", "--max-length", "32", "--no-progress"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    row = report["rows"][0]
+    assert row["model"]["seeds"] == row["baseline"]["seeds"] == 2
+    assert row["difference"] == pytest.approx(row["model"]["median"] - row["baseline"]["median"])
+    assert "| random-init: median (range) | difference |" in (out / "results.md").read_text()
+    key = "deberta.embeddings.word_embeddings.weight"
+    weights = {name: load_file(out / "runs" / "glue_sst2" / f"{name}/model/model.safetensors")[key]
+               for name in ("model_seed1", "random-init_seed1", "random-init_seed2")}
+    assert not torch.equal(weights["random-init_seed1"], weights["random-init_seed2"])
+    assert (weights["model_seed1"] - weights["random-init_seed1"]).abs().max() > 0.01
 
 
 def check_saved_classifier(run_dir, data):
