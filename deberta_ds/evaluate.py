@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from deberta_ds.errors import UserError
+from deberta_ds.errors import UserError, exit_code
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,12 +137,7 @@ def write_medians(table: dict, folder: Path, step: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        suite(args)
-    except UserError as error:  # bad data, flag or model; anything else keeps its traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(lambda: suite(args))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from deberta_ds.downstream.models import ModelSource, check_hf_folder
 from deberta_ds.downstream.readers import DataError, Examples, read_examples
 from deberta_ds.downstream.runner import save_hf_folder
 from deberta_ds.downstream.tasks import sequence_features, sequence_head_arguments, sequence_scores
-from deberta_ds.errors import UserError
+from deberta_ds.errors import exit_code
 from deberta_ds.training.run_logs import ScalarLog
 
 FinetuneError = DataError  # bad input, named: a file, a column, a line, a checkpoint
@@ -175,12 +175,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        finetune(args)
-    except UserError as error:  # bad data, flag or model; anything else keeps its traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(lambda: finetune(args))
 
 
 if __name__ == "__main__":

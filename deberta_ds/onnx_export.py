@@ -1,6 +1,6 @@
 """ONNX graphs: input_ids and attention_mask [batch, length] (both dynamic) ->
 
-- the discriminator (`--checkpoint`, a deberta_ds checkpoint or run; also `convert to-onnx`):
+- the discriminator of a deberta_ds checkpoint or run (`python -m deberta_ds.convert to-onnx`):
   last_hidden_state [batch, length, hidden] and, for an RTD pair, replaced_logits [batch, length]
   (the RTD head's "this token was replaced" logits);
 - a fine-tuned classifier (`--classifier`, the Hugging Face folder `deberta_ds.finetune` or
@@ -27,7 +27,7 @@ from torch import nn
 
 from deberta_ds.atomic_files import atomic_path
 from deberta_ds.checkpoint_reader import load_strict
-from deberta_ds.errors import UserError
+from deberta_ds.errors import UserError, exit_code
 from deberta_ds.hf_format import encoder_from_hf, read_hf_checkpoint
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 
@@ -104,22 +104,14 @@ def export_classifier_onnx(folder: str | Path, out_file: str | Path) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deberta_ds.onnx_export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="deberta_ds checkpoint or training run: the discriminator")
-    source.add_argument("--classifier", help="a fine-tuned Hugging Face DebertaV2ForSequenceClassification folder")
+    parser.add_argument("--classifier", required=True,
+                        help="a fine-tuned Hugging Face DebertaV2ForSequenceClassification folder")
     parser.add_argument("--out", required=True, help="output .onnx file")
     args = parser.parse_args(argv)
-    try:
-        if args.classifier:
-            export_classifier_onnx(args.classifier, args.out)
-        else:
-            from deberta_ds.checkpoint_reader import load_native
-            export_onnx(load_native(args.checkpoint), args.out)
-    except UserError as error:  # a bad folder or flag; anything else keeps its traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
+    code = exit_code(lambda: export_classifier_onnx(args.classifier, args.out), failure=2)
+    if code == 0:
+        print(f"wrote {args.out}")
+    return code
 
 
 if __name__ == "__main__":
