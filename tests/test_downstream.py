@@ -319,3 +319,42 @@ def test_bf16_and_compile_on_the_gpu_learn_like_fp32(exported, tmp_path):
                         + (["--compile"] if precision == "bf16" else [])) == 0
         report = json.loads((out / "results.json").read_text())
         assert report["rows"][0]["model"]["median"] >= 90, precision
+
+
+@pytest.mark.slow
+def test_a_training_run_with_eval_downstream_evaluates_its_checkpoints(train_shards, tmp_path):
+    """`eval.downstream` in the run config: the trainer (python -m deberta_ds.train) starts the
+    suite on its step-2 checkpoint in the background and finishes without waiting; the suite
+    exports that training checkpoint with the run's tokenizer and logs its median at step 2."""
+    import os
+    import re
+    import sys
+    import time
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.proc_helpers import run_bounded
+    from tests.train_helpers import tiny_run
+
+    glue_folder(tmp_path / "data", "SST-2", 32, 0)
+    downstream = {"every": 2, "tasks": "glue/sst2", "data_dir": str(tmp_path / "data"),
+                  "arguments": ["--epochs", "1", "--batch-size", "8", "--max-length", "32"]}
+    run = tiny_run(train_shards, tmp_path / "run", train={"steps": 4, "save_every": 2}, eval={"downstream": downstream})
+    (tmp_path / "c.json").write_text(json.dumps(run))
+    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(tmp_path / "c.json")],
+                         cwd=Path(__file__).resolve().parents[1])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    pid = int(re.search(r"eval.downstream: evaluating step 2 in the background \(pid (\d+)", output).group(1))
+    deadline = time.monotonic() + 300
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # the suite outlives the trainer
+        time.sleep(1)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, 9)
+        raise AssertionError("the downstream suite of step 2 did not finish within 300 s")
+    log = (tmp_path / "run" / "downstream" / "step_00000002.log").read_text()
+    assert (tmp_path / "run" / "downstream" / "step_00000002" / "results.md").is_file(), log[-3000:]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert 2 in [e.step for e in events.Scalars("downstream/glue/sst2/accuracy")]
