@@ -38,15 +38,13 @@ from deberta_ds.downstream.tasks import sequence_features, sequence_head_argumen
 from deberta_ds.errors import exit_code
 from deberta_ds.training.run_logs import ScalarLog
 
-FinetuneError = DataError  # bad input, named: a file, a column, a line, a checkpoint
-
 
 def hold_out(examples: Examples, fraction: float, path: str) -> tuple[Examples, Examples]:
     """(training, validation) examples: a `fraction` of them held out, chosen with a fixed seed so
     that every --seed fine-tunes and is scored on the same split."""
     held = round(fraction * len(examples))
     if not 0 < held < len(examples):
-        raise FinetuneError(f"--valid-fraction {fraction}: holds out {held} of the {len(examples)} examples "
+        raise DataError(f"--valid-fraction {fraction}: holds out {held} of the {len(examples)} examples "
                             f"of {path}; choose a fraction that leaves both parts non-empty")
     order = np.random.default_rng(0).permutation(len(examples))
     return examples.subset(order[held:]), examples.subset(order[:held])
@@ -57,9 +55,9 @@ def class_names(args, train: Examples) -> list[str]:
     classes = args.labels.split(",") if args.labels else sorted(set(train.labels))
     repeated = sorted({name for name in classes if classes.count(name) > 1})
     if repeated:
-        raise FinetuneError(f"--labels {args.labels}: {repeated} named more than once; name each class once")
+        raise DataError(f"--labels {args.labels}: {repeated} named more than once; name each class once")
     if len(classes) < 2:
-        raise FinetuneError(f"{args.train}: holds one class only ({classes}); a classifier needs two or more "
+        raise DataError(f"{args.train}: holds one class only ({classes}); a classifier needs two or more "
                             "(or use --task regression)")
     return classes
 
@@ -97,10 +95,11 @@ def finetune(args) -> dict:
                     args.seed, args.precision, args.compile)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise FinetuneError(f"--out {out}: is a file; name a folder to write into")
+        raise DataError(f"--out {out}: is a file; name a folder to write into")
     tokenizer_dir = check_hf_folder(Path(args.model), Path(args.tokenizer) if args.tokenizer else None)
     train, valid, test, classes, valid_source = read_data(args, regression)
     placement = Placement.from_environment()
+    placement.bf16(recipe)  # --precision bf16 without a GPU fails before the model loads
     source = ModelSource("model", Path(args.model), tokenizer_dir)
     model = source.build("AutoModelForSequenceClassification", args.seed, **sequence_head_arguments(classes))
     tokenizer = source.load_tokenizer()
