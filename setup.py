@@ -28,9 +28,12 @@ if __name__ == "__main__":
             # launch_scripts/install.sh adds one for the interpreter), and the compile test installs the
             # compilers it gates into their own cached folders (deberta_ds/kernels/compile_check.py).
             "test": ["pytest>=8", "transformers==5.23.0", "megatron-core==0.16.1", "safetensors>=0.4",
-                     "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "ruff==0.17.6"],
+                     "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "ruff==0.17.6",
+                     "scikit-learn==1.9.1", "scipy==1.17.1", "seqeval==1.2.2"],
             # Fused attention kernels (GPU; CPU runs them under TRITON_INTERPRET=1 in the tests).
             "kernels": ["triton>=3.2"],
+            # Downstream evaluation metrics (python -m deberta_ds.evaluate, deberta_ds.finetune).
+            "eval": ["transformers==5.23.0", "scikit-learn==1.9.1", "scipy==1.17.1", "seqeval==1.2.2"],
         },
         entry_points={"console_scripts": ["deberta-ds-convert=deberta_ds.convert:main",
                                           "data-prep=data_prep.cli:main"]},

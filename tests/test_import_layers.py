@@ -19,9 +19,10 @@ LAYERS = [
     ("data", ["deberta_ds.data"]),  # below the model, which takes IGNORE_INDEX from it
     ("model", ["deberta_ds.model"]),
     ("checkpoint formats", ["deberta_ds.checkpoint_reader", "deberta_ds.hf_format"]),
-    ("training", ["deberta_ds.training"]),
+    ("training", ["deberta_ds.training", "deberta_ds.downstream.in_training"]),  # the trainer starts the suite
     ("tools", ["deberta_ds.native_checkpoint", "deberta_ds.convert", "deberta_ds.finetune", "deberta_ds.onnx_export",
-               "deberta_ds.hf_tokenizer", "deberta_ds.hf_oracle", "deberta_ds.train"]),
+               "deberta_ds.hf_tokenizer", "deberta_ds.hf_oracle", "deberta_ds.train", "deberta_ds.downstream",
+               "deberta_ds.evaluate"]),
     ("offline data preparation", ["data_prep"]),
 ]
 

@@ -44,3 +44,32 @@ def test_onnx_discriminator_equals_pytorch_at_any_length(tmp_path, kind):
         real = mask.bool().numpy()
         for got, want in zip(actual, expected):
             assert np.abs(got[real] - want.numpy()[real]).max() <= TOLERANCE, (kind, lengths)
+
+
+def test_fine_tuned_classifier_onnx_equals_transformers(tmp_path, tokenizer_dir, capsys):
+    """A saved DebertaV2ForSequenceClassification folder (three classes, a trained-looking head)
+    exports with `python -m deberta_ds.onnx_export --classifier`; onnxruntime's logits equal
+    transformers' within 1e-4 at several batch sizes and lengths, with padding. `--help` prints."""
+    import onnxruntime
+    from transformers import AutoModelForSequenceClassification
+
+    from deberta_ds.onnx_export import main as onnx_export
+    from tests.downstream_helpers import export_tiny_model
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(export_tiny_model(tmp_path / "hf", tokenizer_dir),
+                                                               num_labels=3).eval()
+    model.save_pretrained(tmp_path / "clf")
+    assert onnx_export(["--classifier", str(tmp_path / "clf"), "--out", str(tmp_path / "clf.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "clf.onnx"))
+    for lengths in ([7], [64, 40, 9]):
+        ids, mask = padded_batch(1024, lengths, seed=len(lengths))
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
+        (logits,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        assert logits.shape == (len(lengths), 3) and np.abs(logits - expected).max() <= TOLERANCE
+    assert onnx_export(["--classifier", str(tmp_path / "hf"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "no pooler.dense / classifier weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:
+        onnx_export(["--help"])
+    assert exit_code.value.code == 0 and "--classifier" in capsys.readouterr().out

@@ -163,6 +163,30 @@ class TrainSection:
 
 
 @dataclass
+class DownstreamSection:
+    """eval.downstream: a short fine-tuning suite (`python -m deberta_ds.evaluate`, one seed) on
+    the checkpoint of every save at a multiple of `every` steps, in the background on rank 0;
+    scores to TensorBoard as downstream/TASK/METRIC (deberta_ds.downstream.in_training)."""
+
+    every: int = 0                      # 0: off
+    tasks: str = ""                     # deberta_ds.evaluate --tasks, e.g. glue/rte,glue/mrpc
+    data_dir: str = ""                  # --data-dir
+    arguments: list[str] = field(default_factory=list)  # further flags, e.g. [--epochs, "1"]
+
+    def __post_init__(self):
+        require(self.every >= 0, "eval.downstream.every", f"must be >= 0 (0: off), got {self.every}")
+        if self.every:
+            require(bool(self.tasks), "eval.downstream.tasks", "name the tasks (e.g. glue/rte,glue/mrpc)")
+            require(Path(self.data_dir).is_dir(), "eval.downstream.data_dir",
+                    f"{self.data_dir!r} is not a folder (the tasks' data, see python -m deberta_ds.evaluate --help)")
+
+
+@dataclass
+class EvalSection:
+    downstream: DownstreamSection = field(default_factory=DownstreamSection)
+
+
+@dataclass
 class RunConfig:
     model: str = "base"
     model_overrides: dict = field(default_factory=dict)
@@ -170,6 +194,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     output_dir: str = "runs/deberta"
     seed: int = 42
     # Continued pre-training: start from a deberta_ds checkpoint (native, a run's output_dir, or

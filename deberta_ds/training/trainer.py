@@ -17,6 +17,7 @@ from tqdm import tqdm
 from deberta_ds.checkpoint_reader import LATEST, checkpoints_folder, is_sharded
 from deberta_ds.data.mixture import MixtureSamples
 from deberta_ds.data.sampler import GlobalBatchSampler
+from deberta_ds.downstream.in_training import DownstreamDuringTraining
 from deberta_ds.errors import UserError
 from deberta_ds.model import ReplacedTokenDetection
 from deberta_ds.model.encoder import set_activation_checkpointing
@@ -98,6 +99,7 @@ class Trainer:
         if latest:
             self._restore(latest, universal)
         self.run_log.start(self.step)
+        self.downstream = DownstreamDuringTraining(config.eval.downstream, self.output, self.log, self.rank == 0)
         self.statistics = TrainingStatistics(self.device)
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self.stop_signal = None  # the name of the signal that asked this rank to save and stop
@@ -181,6 +183,7 @@ class Trainer:
                                  self.model if self.config.train.tp > 1 else None, self.dp_rank,
                                  self.parallel.tp.tracker)
         self.log(f"saved checkpoint {folder}")
+        self.downstream.checkpoint_saved(self.step, folder)
 
     def train_step(self, micro_batches) -> bool:
         """One optimiser step over this rank's micro-batches [(global indices, host tensors)];
@@ -275,6 +278,7 @@ class Trainer:
                                 "one stays); lower optim.lr, check the data, or use bf16 instead of fp16")
         self.save()  # before the final evaluation, which must never cost the run its checkpoint
         self.report_eval()
+        self.downstream.close()
         self.run_log.close()
 
     def _eta(self, clock: _LogClock) -> str:
