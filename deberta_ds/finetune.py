@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from deberta_ds.atomic_files import atomic_path, write_atomic
 from deberta_ds.errors import UserError
+from deberta_ds.extras import require_extra
 from deberta_ds.training.run_logs import ScalarLog
 
 LOG_EVERY = 10  # training steps per TensorBoard point of the loss and learning rate
@@ -140,6 +141,7 @@ def label_ids(examples: Examples, classes: list[str], path: Path) -> list[int]:
 
 
 def load_model(model_dir: str, tokenizer_dir: str | None, num_labels: int, regression: bool):
+    require_extra("hf", "transformers", feature="fine-tuning (deberta_ds.finetune)")
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     if not (Path(model_dir) / "config.json").is_file():
@@ -319,7 +321,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         finetune(args)
-    except FinetuneError as error:
+    except UserError as error:  # FinetuneError, or a missing extra
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deberta_ds.atomic_files import atomic_path
+from deberta_ds.extras import require_extra
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 
 OPSET = 17
@@ -40,6 +41,7 @@ class DiscriminatorForExport(nn.Module):
 
 def export_onnx(model: Encoder | ReplacedTokenDetection, out_file: str | Path) -> Path:
     """Write the graph to out_file (through a temporary name: never a half-written file)."""
+    require_extra("onnx", "onnx", feature="ONNX export (convert to-onnx)")
     module = DiscriminatorForExport(model).eval()
     outputs = ["last_hidden_state"] + (["replaced_logits"] if module.head is not None else [])
     dynamic = {name: {0: "batch", 1: "length"} for name in ["input_ids", "attention_mask", *outputs]}

@@ -1,8 +1,10 @@
 """The files that ship inside the package: DeepSpeed configurations and run-config recipes.
 
 They are package data (read through `importlib.resources`), so a wheel, `pip install .` or the
-Docker image find them as an editable checkout does: nothing is looked up relative to a
-repository. `python -m deberta_ds.resources recipes` lists the recipe names and
+Docker image find them without a checkout. The DeepSpeed configurations live in the checkout's
+top-level `ds_configs/` (the design card's layout), which setup.py maps onto the package's
+`deberta_ds/ds_configs/` in a wheel; a checkout or an editable install reads the folder itself.
+`python -m deberta_ds.resources recipes` lists the recipe names and
 `python -m deberta_ds.resources recipe NAME` prints one recipe's file (for shell scripts).
 """
 
@@ -16,8 +18,17 @@ from pathlib import Path
 from deberta_ds.errors import UserError
 
 _PACKAGE = files("deberta_ds")
-DS_CONFIGS = _PACKAGE / "ds_configs"  # zero{0,1,2,3}[_offload]_{fp32,bf16,fp16}.json
 RECIPES = _PACKAGE / "recipes"        # NAME.yaml, extend/NAME.yaml
+
+
+def _ds_configs() -> Traversable:
+    """zero{0,1,2,3}[_offload]_{fp32,bf16,fp16}.json: inside an installed package (a wheel, `pip
+    install .`, `--target`), else in the checkout beside the package (from a checkout or editable)."""
+    installed = _PACKAGE / "ds_configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+DS_CONFIGS = _ds_configs()
 
 
 def ds_config_names() -> list[str]:

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("base", ["deberta_ds", "deberta_ds.errors", "deberta_ds.config", "deberta_ds.relative_position",
               "deberta_ds.atomic_files", "deberta_ds.content_hash", "deberta_ds.parallel_env", "deberta_ds.resources",
-              "deberta_ds.safe_load"]),
+              "deberta_ds.safe_load", "deberta_ds.extras"]),
     ("kernels", ["deberta_ds.kernels"]),
     ("parallel", ["deberta_ds.parallel"]),
     ("data", ["deberta_ds.data"]),  # below the model, which takes IGNORE_INDEX from it
