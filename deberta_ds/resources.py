@@ -58,8 +58,19 @@ def recipe_file(name: str) -> Traversable:
     """The shipped recipe `name` (`base`, `extend/base_2048`; a trailing .yaml is allowed)."""
     entry = RECIPES.joinpath(*f"{name.removesuffix('.yaml')}.yaml".split("/"))
     if not entry.is_file():
-        raise UserError(f"--config {name}: neither a file nor a shipped recipe; recipes: {' '.join(recipe_names())}")
+        moved = _moved_recipe(name)
+        hint = f"the recipes moved into the package: use --config {moved}; " if moved else ""
+        raise UserError(f"--config {name}: neither a file nor a shipped recipe; {hint}"
+                        f"recipes: {' '.join(recipe_names())}")
     return entry
+
+
+def _moved_recipe(path: str) -> str | None:
+    """The shipped recipe an old file path names (`launch_scripts/quickstart.yaml`, where the
+    recipes once lived, or any folder's `extend/base_2048.yaml`), if any."""
+    parts = Path(path.removesuffix(".yaml")).parts
+    names = recipe_names()
+    return next(("/".join(parts[-n:]) for n in (2, 1) if len(parts) > n and "/".join(parts[-n:]) in names), None)
 
 
 def config_path(config: str | Path) -> Path:
@@ -71,7 +82,14 @@ def config_path(config: str | Path) -> Path:
         return recipe
 
 
+USAGE = "usage: python -m deberta_ds.resources recipes | recipe NAME"
+
+
 def main(argv: list[str]) -> int:
+    if argv in (["-h"], ["--help"]):
+        print(f"{USAGE}\n  recipes      the shipped recipes' names, as --config and RECIPE= take them\n"
+              "  recipe NAME  the file of recipe NAME (a file path is printed as given)")
+        return 0
     if argv == ["recipes"]:
         print(" ".join(recipe_names()))
         return 0
@@ -82,7 +100,7 @@ def main(argv: list[str]) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         return 0
-    print("usage: python -m deberta_ds.resources recipes | recipe NAME", file=sys.stderr)
+    print(USAGE, file=sys.stderr)
     return 2
 
 

@@ -25,7 +25,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, from wherever it is run
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit "${1:-2}"; }
+source "$repo/launch_scripts/usage.sh"
 fail() { echo "error: $*" >&2; echo >&2; usage 2; }
 
 dry_run=${DRY_RUN:-0}
