@@ -1,9 +1,11 @@
 """Launch scripts validate their input and build the right deepspeed command; Docker pins agree."""
 
 import ast
+import json
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,62 @@ def test_recipe_selects_the_run_config_and_a_bad_recipe_is_named(data, tmp_path)
                       cwd=tmp_path)
     assert result.returncode == 0 and "recipes/extend/base_2048.yaml" in result.stdout, result.stderr
     assert f"output_dir={tmp_path}/runs/extend/base_2048" in result.stdout
+
+
+# `--help` of a module README runs, and of each of its subcommands, in one process (runpy, as `python -m`).
+HELP_DRIVER = """
+import contextlib, io, json, runpy, sys
+results = {}
+for command in json.loads(sys.argv[1]):
+    sys.argv, printed = [command[0], *command[1:], "--help"], io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        try:
+            runpy.run_module(command[0], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit:
+            code = 0 if exit.code is None else exit.code
+    results[" ".join(command)] = [code, printed.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def _help_of(commands: list[list[str]]) -> dict:
+    result = subprocess.run([sys.executable, "-c", HELP_DRIVER, json.dumps(commands)], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_every_command_readme_names_answers_help():
+    """Each `python -m MODULE` / `--module MODULE` README names, each subcommand its --help lists,
+    and each launch script README runs: --help exits 0 with a usage text, no traceback."""
+    readme = (REPO / "README.md").read_text()
+    modules = sorted(set(re.findall(r"(?:python -m|--module) ([a-z_][\w.]*)", readme)))
+    assert {"data_prep", "deberta_ds.train", "deberta_ds.convert", "deberta_ds.finetune"} <= set(modules)
+    helps = _help_of([[module] for module in modules])
+    subcommands = [[module, sub] for module in modules
+                   for choices in re.findall(r"\{([\w,-]+)\}", helps[module][1])[:1] for sub in choices.split(",")]
+    assert len(subcommands) >= 12                                     # data_prep's and convert's
+    helps |= _help_of(subcommands)
+    for command, (code, printed) in helps.items():
+        assert code == 0 and "usage" in printed.lower() and "Traceback" not in printed, (command, code, printed[-500:])
+    scripts = sorted(set(re.findall(r"(?:bash|sbatch) (launch_scripts/[\w.]+)", readme)))
+    assert len(scripts) >= 5
+    for script in scripts:
+        result = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                                env={"PATH": "/usr/bin:/bin"})
+        header = (REPO / script).read_text().splitlines()[1].lstrip("# ")
+        assert result.returncode == 0 and header in result.stdout, (script, result.stdout[-500:], result.stderr[-500:])
+
+
+def test_an_old_recipe_path_is_named_as_moved():
+    from deberta_ds.errors import UserError
+
+    for old, recipe in (("launch_scripts/quickstart.yaml", "quickstart"), ("configs/extend/base_2048.yaml",
+                                                                              "extend/base_2048")):
+        with pytest.raises(UserError, match=f"--config {old}: neither a file nor a shipped recipe; the recipes moved "
+                                            f"into the package: use --config {recipe}; recipes: ablation_base base"):
+            config_path(old)
+    with pytest.raises(UserError) as error:
+        config_path("launch_scripts/huge.yaml")
+    assert "moved" not in str(error.value) and "recipes: ablation_base" in str(error.value)
