@@ -33,15 +33,25 @@ def _without_shared_memory_all_reduce() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def cpu_threads_per_rank() -> int:
+    """This machine's usable cores split among the ranks on it (LOCAL_SIZE, which the deepspeed
+    launcher sets). torch's default gives every rank every core: two ranks on two cores then run
+    four compute threads, and each step waits on the slowest rank."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", "1")))
+
+
 def init_distributed(timeout_s: float | None = None) -> None:
     """deepspeed.init_distributed (NCCL on GPUs, gloo on CPU; collectives fail after timeout_s,
-    torch's default when None) without DeepSpeed's shared-memory op: no C++ compile at start-up."""
+    torch's default when None) without DeepSpeed's shared-memory op: no C++ compile at start-up.
+    On the CPU each rank computes on its share of the cores unless OMP_NUM_THREADS says otherwise."""
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
 
     if torch.cuda.is_available():  # NCCL's communicators bind to the current device: this rank's own
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    elif "OMP_NUM_THREADS" not in os.environ:  # the user's choice stands
+        torch.set_num_threads(cpu_threads_per_rank())
     _without_shared_memory_all_reduce()
     timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **timeout)
