@@ -7,6 +7,7 @@ world of one). Resumed runs must reproduce the uninterrupted losses within 1e-6 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,21 +74,23 @@ def test_sigkill_then_resume_auto_reproduces_the_uninterrupted_run(train_shards,
 
 @pytest.mark.slow
 def test_resume_on_a_different_world_size_continues_the_global_batches(train_shards, tmp_path):
-    """2 processes x ZeRO-2 for 4 steps, then 1 process (universal checkpoint) for steps 5-6:
-    the same global batches and, dropout off, the losses of an uninterrupted 2-process run."""
+    """2 processes x ZeRO-2 for 6 steps (checkpoints at 2, 4, 6); a copy cut back to its step-4
+    checkpoint continues on 1 process (universal checkpoint) for steps 5-6: the same global batches
+    and, dropout off, the losses of the uninterrupted 2-process run."""
     no_dropout = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
-    two = write_run(tmp_path / "two.json", tiny_run(train_shards, tmp_path / "two", model_overrides=no_dropout,
-                                                       train={"zero_stage": 2, "steps": 6}))
-    run_ok(launcher(two))
-    run = tiny_run(train_shards, tmp_path / "resized", model_overrides=no_dropout,
-                   train={"zero_stage": 2, "steps": 6, "exit_after_steps": 4})
-    run_ok(launcher(write_run(tmp_path / "first.json", run)))
-    assert (tmp_path / "resized" / "checkpoints" / "latest").read_text() == "step_00000004"
-    run["train"]["exit_after_steps"] = None
+    run = tiny_run(train_shards, tmp_path / "two", model_overrides=no_dropout,
+                   train={"zero_stage": 2, "steps": 6, "save_every": 2})
+    run_ok(launcher(write_run(tmp_path / "two.json", run)))
+    resized = tmp_path / "resized"
+    shutil.copytree(tmp_path / "two", resized)
+    shutil.rmtree(resized / "checkpoints" / "step_00000006")
+    (resized / "checkpoints" / "latest").write_text("step_00000004")  # as a 2-process job stopped at step 4
     resumed = run_ok([sys.executable, "-m", "deberta_ds.train", "--config",
-                      str(write_run(tmp_path / "second.json", run))])
-    assert "resumed from" in resumed.stdout + resumed.stderr
-    expected, actual = last_entry_per_step(tmp_path / "two"), last_entry_per_step(tmp_path / "resized")
+                      str(write_run(tmp_path / "resized.json", run | {"output_dir": str(resized)}))])
+    assert f"resumed from {resized / 'checkpoints' / 'step_00000004'}" in resumed.stdout + resumed.stderr
+    state = json.loads((resized / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1
+    expected, actual = last_entry_per_step(tmp_path / "two"), last_entry_per_step(resized)
     for step in (5, 6):  # one process with 2 micro-batches sees the same global batches as two
         assert actual[step]["consumed_samples"] == expected[step]["consumed_samples"]
         for key in ("generator/mlm_loss", "discriminator/rtd_loss"):
