@@ -21,10 +21,13 @@ RUN PIP_CONSTRAINT= pip install --no-cache-dir --no-build-isolation -r requireme
 
 COPY setup.py README.md ./
 COPY deberta_ds deberta_ds
+COPY ds_configs ds_configs
 COPY data_prep data_prep
 COPY launch_scripts launch_scripts
 # A regular (not editable) install, as a cluster's shared environment has it: the DeepSpeed
-# configurations and recipes travel inside the package (deberta_ds/resources.py).
-RUN pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf build
+# configurations (ds_configs/) and recipes travel inside the package (deberta_ds/resources.py).
+# The extras carry what the image's other commands need: fine-tuning (hf) and `convert to-onnx`
+# (onnx); the requirements above are installed already, so pip adds only the extras' packages.
+RUN PIP_CONSTRAINT= pip install --no-cache-dir --no-build-isolation ".[hf,onnx]" && rm -rf build
 
 CMD ["bash", "launch_scripts/pretrain.sh", "--help"]

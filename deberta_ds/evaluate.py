@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def suite(args) -> dict:
+    from deberta_ds.extras import require_hf
+
+    require_hf("downstream evaluation (deberta_ds.evaluate)")
     from deberta_ds.atomic_files import write_atomic
     from deberta_ds.downstream import report
     from deberta_ds.downstream.loop import Placement, Recipe

@@ -36,6 +36,7 @@ from deberta_ds.downstream.readers import DataError, Examples, read_examples
 from deberta_ds.downstream.runner import save_hf_folder
 from deberta_ds.downstream.tasks import sequence_features, sequence_head_arguments, sequence_scores
 from deberta_ds.errors import exit_code
+from deberta_ds.extras import require_hf
 from deberta_ds.training.run_logs import ScalarLog
 
 
@@ -90,6 +91,7 @@ def scores(model, tokenizer, examples: Examples, classes, recipe: Recipe, placem
 
 
 def finetune(args) -> dict:
+    require_hf("fine-tuning (deberta_ds.finetune)")
     regression = args.task == "regression"
     recipe = Recipe(args.epochs, args.batch_size, args.lr, args.warmup_ratio, args.weight_decay, args.max_length,
                     args.seed, args.precision, args.compile)

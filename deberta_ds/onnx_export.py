@@ -28,6 +28,7 @@ from torch import nn
 from deberta_ds.atomic_files import atomic_path
 from deberta_ds.checkpoint_reader import load_strict
 from deberta_ds.errors import UserError, exit_code
+from deberta_ds.extras import require_extra
 from deberta_ds.hf_format import encoder_from_hf, read_hf_checkpoint
 from deberta_ds.model import Encoder, ReplacedTokenDetection
 
@@ -78,6 +79,7 @@ class ClassifierForExport(nn.Module):
 
 def _export(module: nn.Module, outputs: list[str], out_file: str | Path, dynamic: dict) -> Path:
     """Write the graph to out_file (through a temporary name: never a half-written file)."""
+    require_extra("onnx", "onnx", feature="ONNX export (convert to-onnx)")
     dynamic = {name: {0: "batch", 1: "length"} for name in ["input_ids", "attention_mask"]} | dynamic
     example = torch.randint(5, 100, (2, 16)), torch.ones(2, 16, dtype=torch.long)
     out_file = Path(out_file)

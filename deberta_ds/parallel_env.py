@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from pathlib import Path
 
 
 def free_port() -> int:
@@ -21,33 +20,41 @@ def single_process_environment() -> dict:
             "MASTER_PORT": str(free_port())}
 
 
-def deepspeed_shm_buffer(rank: int, addr: str, port: str) -> Path:
-    """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce creates for one rank."""
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+def _without_shared_memory_all_reduce() -> None:
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op (g++: 1.5-4 min and
+    about 1.5 GB per rank) when the process group starts, in a build cache every environment
+    shares (so two environments rebuild it in turn) and behind a lock file that a build killed
+    midway leaves for every later start to wait on. Only DeepSpeed inference's
+    `inference_all_reduce` uses the op; training's collectives go through gloo. Reported as
+    unavailable, nothing is compiled and no /dev/shm buffer is made."""
+    import importlib
+
+    # by name: `import deepspeed.comm.torch as x` binds torch itself, re-exported by deepspeed.comm
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def cpu_threads_per_rank() -> int:
+    """This machine's usable cores split among the ranks on it (LOCAL_SIZE, which the deepspeed
+    launcher sets). torch's default gives every rank every core: two ranks on two cores then run
+    four compute threads, and each step waits on the slowest rank."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", "1")))
 
 
 def init_distributed(timeout_s: float | None = None) -> None:
     """deepspeed.init_distributed (NCCL on GPUs, gloo on CPU; collectives fail after timeout_s,
-    torch's default when None), then, on the CPU accelerator, unlink
-    this rank's shared-memory all-reduce buffer (about 58 MB), which DeepSpeed never removes.
-
-    The unlink must wait for a barrier: each rank leaves DeepSpeed's shm set-up once it has mapped
-    its peers' buffers, not once its peers have mapped its own, and a peer whose buffer vanishes
-    first spins forever. After the barrier every mapping exists, survives the unlink, and nothing
-    is left in /dev/shm however the process ends later (even SIGKILL)."""
+    torch's default when None) without DeepSpeed's shared-memory op: no C++ compile at start-up.
+    On the CPU each rank computes on its share of the cores unless OMP_NUM_THREADS says otherwise."""
     import deepspeed
     import torch
-    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     if torch.cuda.is_available():  # NCCL's communicators bind to the current device: this rank's own
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    elif "OMP_NUM_THREADS" not in os.environ:  # the user's choice stands
+        torch.set_num_threads(cpu_threads_per_rank())
+    _without_shared_memory_all_reduce()
     timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **timeout)
-    if get_accelerator().device_name() == "cpu":
-        dist.barrier()
-        rank, addr, port = dist.get_rank(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-        deepspeed_shm_buffer(rank, addr, port).unlink(missing_ok=True)
 
 
 def setup_process(timeout_s: float | None) -> None:

@@ -1,8 +1,10 @@
 """The files that ship inside the package: DeepSpeed configurations and run-config recipes.
 
 They are package data (read through `importlib.resources`), so a wheel, `pip install .` or the
-Docker image find them as an editable checkout does: nothing is looked up relative to a
-repository. `python -m deberta_ds.resources recipes` lists the recipe names and
+Docker image find them without a checkout. The DeepSpeed configurations live in the checkout's
+top-level `ds_configs/` (the design card's layout), which setup.py maps onto the package's
+`deberta_ds/ds_configs/` in a wheel; a checkout or an editable install reads the folder itself.
+`python -m deberta_ds.resources recipes` lists the recipe names and
 `python -m deberta_ds.resources recipe NAME` prints one recipe's file (for shell scripts).
 """
 
@@ -16,8 +18,17 @@ from pathlib import Path
 from deberta_ds.errors import UserError
 
 _PACKAGE = files("deberta_ds")
-DS_CONFIGS = _PACKAGE / "ds_configs"  # zero{0,1,2,3}[_offload]_{fp32,bf16,fp16}.json
 RECIPES = _PACKAGE / "recipes"        # NAME.yaml, extend/NAME.yaml
+
+
+def _ds_configs() -> Traversable:
+    """zero{0,1,2,3}[_offload]_{fp32,bf16,fp16}.json: inside an installed package (a wheel, `pip
+    install .`, `--target`), else in the checkout beside the package (from a checkout or editable)."""
+    installed = _PACKAGE / "ds_configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+DS_CONFIGS = _ds_configs()
 
 
 def ds_config_names() -> list[str]:
@@ -47,8 +58,19 @@ def recipe_file(name: str) -> Traversable:
     """The shipped recipe `name` (`base`, `extend/base_2048`; a trailing .yaml is allowed)."""
     entry = RECIPES.joinpath(*f"{name.removesuffix('.yaml')}.yaml".split("/"))
     if not entry.is_file():
-        raise UserError(f"--config {name}: neither a file nor a shipped recipe; recipes: {' '.join(recipe_names())}")
+        moved = _moved_recipe(name)
+        hint = f"the recipes moved into the package: use --config {moved}; " if moved else ""
+        raise UserError(f"--config {name}: neither a file nor a shipped recipe; {hint}"
+                        f"recipes: {' '.join(recipe_names())}")
     return entry
+
+
+def _moved_recipe(path: str) -> str | None:
+    """The shipped recipe an old file path names (`launch_scripts/quickstart.yaml`, where the
+    recipes once lived, or any folder's `extend/base_2048.yaml`), if any."""
+    parts = Path(path.removesuffix(".yaml")).parts
+    names = recipe_names()
+    return next(("/".join(parts[-n:]) for n in (2, 1) if len(parts) > n and "/".join(parts[-n:]) in names), None)
 
 
 def config_path(config: str | Path) -> Path:
@@ -60,7 +82,14 @@ def config_path(config: str | Path) -> Path:
         return recipe
 
 
+USAGE = "usage: python -m deberta_ds.resources recipes | recipe NAME"
+
+
 def main(argv: list[str]) -> int:
+    if argv in (["-h"], ["--help"]):
+        print(f"{USAGE}\n  recipes      the shipped recipes' names, as --config and RECIPE= take them\n"
+              "  recipe NAME  the file of recipe NAME (a file path is printed as given)")
+        return 0
     if argv == ["recipes"]:
         print(" ".join(recipe_names()))
         return 0
@@ -71,7 +100,7 @@ def main(argv: list[str]) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         return 0
-    print("usage: python -m deberta_ds.resources recipes | recipe NAME", file=sys.stderr)
+    print(USAGE, file=sys.stderr)
     return 2
 
 

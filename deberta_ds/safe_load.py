@@ -66,6 +66,10 @@ def weights_only_loads():
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python -m deberta_ds.safe_load MODULE [ARG ...]: runs `python -m MODULE ARG ...` (a DeepSpeed "
+              "tool) with every torch.load weights-only")
+        sys.exit(0 if len(sys.argv) > 1 else 2)
     module, sys.argv = sys.argv[1], sys.argv[1:]
     with weights_only_loads():
         runpy.run_module(module, run_name="__main__", alter_sys=True)

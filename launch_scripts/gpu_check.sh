@@ -27,6 +27,8 @@
 # cut off) and PYTEST_LIMIT the part's limit.
 # and OUT_DIR/summary.md: pass/fail per part, the machine, the headline numbers. Exit 1 if a part failed.
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
+help_requested "$@" && usage 0
 smoke=0
 out=""
 for arg in "$@"; do

@@ -10,6 +10,8 @@
 # gpu_check.sh installs them there with `pip install --no-index --no-deps --target`.
 # Usage: bash launch_scripts/gpu_wheels.sh [DIR]
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
+help_requested "$@" && usage 0
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dir=${1:-$repo/.gpu_wheels}
 python=${PYTHON:-python3}

@@ -5,6 +5,8 @@
 # DEBERTA_DS_OFFLINE=1 (an offline machine whose packages were installed otherwise, e.g. the
 # GPU check): install nothing, only check that the runtime imports.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
+help_requested "$@" && usage 0
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 extras=${1:-}
 python=${PYTHON:-python3}

@@ -19,11 +19,13 @@
 #   HOSTFILE       multi-node with ssh: deepspeed --hostfile (lines "host slots=N"); LAUNCHER pdsh|openmpi
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node without ssh: run this once per node
 #   DRY_RUN=1      same as --dry-run: print the command and exit
+# Relative paths, OUTPUT_DIR's default included, are taken from the directory you run this in.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, from wherever it is run
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit "${1:-2}"; }
+source "$repo/launch_scripts/usage.sh"
 fail() { echo "error: $*" >&2; echo >&2; usage 2; }
 
 dry_run=${DRY_RUN:-0}
@@ -37,6 +39,12 @@ for arg in "$@"; do
   esac
 done
 
+# Every path resolves once, against the caller's directory, before anything is checked or started.
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
+for var in TRAIN_SHARDS TOKENIZER VALID_SHARDS CONFIG HOSTFILE NODES_FILE OUTPUT_DIR; do
+  if [ -n "${!var:-}" ]; then printf -v "$var" '%s' "$(absolute "${!var}")"; fi
+done
+
 [ -n "${TRAIN_SHARDS:-}" ] || fail "TRAIN_SHARDS is not set"
 [ -n "${TOKENIZER:-}" ] || fail "TOKENIZER is not set"
 compgen -G "${TRAIN_SHARDS%/}*" >/dev/null || fail "TRAIN_SHARDS=$TRAIN_SHARDS matches nothing"
@@ -46,9 +54,8 @@ if [ -n "${PRESET:-}" ]; then
   case "$PRESET" in tiny|xsmall|small|base|large) ;; *) fail "PRESET=$PRESET is not tiny, xsmall, small, base or large" ;; esac
 fi
 if [ -z "${CONFIG:-}" ]; then
-  # the installed package's recipe (a wheel or the Docker image have no recipes folder of a checkout)
-  CONFIG=$(cd "$repo" && "$python" -m deberta_ds.resources recipe "$recipe" 2>/dev/null) ||
-    fail "RECIPE=$recipe is not one of: $(cd "$repo" && "$python" -m deberta_ds.resources recipes)"
+  CONFIG=$("$python" -m deberta_ds.resources recipe "$recipe" 2>/dev/null) ||
+    fail "RECIPE=$recipe is not one of: $("$python" -m deberta_ds.resources recipes)"
   if [[ $recipe == extend/* ]] && [[ " ${overrides[*]} " != *" init_from="* ]]; then
     fail "RECIPE=$recipe continues a shorter run: give its checkpoint as init_from=DIR"
   fi
@@ -62,7 +69,7 @@ fi
 [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || fail "NUM_GPUS=$NUM_GPUS is not a positive integer"
 
 run_args=(--config "$config" "data.train=[$TRAIN_SHARDS]" "data.tokenizer=$TOKENIZER"
-          "output_dir=${OUTPUT_DIR:-runs/${PRESET:-$recipe}}")
+          "output_dir=${OUTPUT_DIR:-$PWD/runs/${PRESET:-$recipe}}")
 [ -n "${PRESET:-}" ] && run_args+=("model=$PRESET")
 [ -n "${VALID_SHARDS:-}" ] && run_args+=("data.valid=[$VALID_SHARDS]")
 for pair in ZERO_STAGE:train.zero_stage PRECISION:train.precision GLOBAL_BATCH:train.global_batch_size \
@@ -92,5 +99,4 @@ if [ "$dry_run" = 1 ]; then
   printf '%q ' "${launch[@]}"; echo
   exit 0
 fi
-cd "$repo"
 exec "${launch[@]}"

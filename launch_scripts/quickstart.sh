@@ -7,21 +7,26 @@
 #   4. exports the discriminator (with its tokenizer) to Hugging Face format, loads it with
 #      transformers, shows which tokens it flags as replaced, and fine-tunes it on a sample of
 #      SST-2 when $SST2_DIR (default ../shared/corpora/sst2) holds it
-# Usage: bash launch_scripts/quickstart.sh [OUTPUT_DIR] [SECTION.FIELD=VALUE ...]   (default runs/quickstart)
+# Usage: bash launch_scripts/quickstart.sh [OUTPUT_DIR] [SECTION.FIELD=VALUE ...]
+# OUTPUT_DIR (default runs/quickstart) is taken from the directory you run this in.
 # CORPUS_BYTES / VOCAB_SIZE shrink the data step (default: the whole corpus, 4000 pieces).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
+help_requested "$@" && usage 0
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=runs/quickstart
 if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then out=$1; shift; fi
+[[ "$out" == /* ]] || out=$PWD/$out
 python=${PYTHON:-python3}
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, from wherever it is run
+stage() { echo "== $* (at $((SECONDS / 60))m$((SECONDS % 60))s)"; }
 
-echo "== 1/4 installing what is missing"
+stage "1/4 installing what is missing"
 bash "$repo/launch_scripts/install.sh" test
-cd "$repo"
 mkdir -p "$out/data"
 data=$out/data
 
-echo "== 2/4 data: built-in corpus -> tokenizer -> shards"
+stage "2/4 data: built-in corpus -> tokenizer -> shards"
 if [ ! -f "$data/shards/split_valid.idx" ]; then
   "$python" -m data_prep default-corpus --output "$data/corpus.txt" ${CORPUS_BYTES:+--max-bytes "$CORPUS_BYTES"}
   "$python" -m data_prep train-tokenizer --input "$data/corpus.txt" --output-dir "$data/tokenizer" \
@@ -33,7 +38,7 @@ if [ ! -f "$data/shards/split_valid.idx" ]; then
   "$python" -m data_prep verify "$data/shards" --tokenizer "$data/tokenizer"
 fi
 
-echo "== 3/4 pre-training the tiny RTD pair (GDES, ZeRO-2, 2 processes)"
+stage "3/4 pre-training the tiny RTD pair (GDES, ZeRO-2, 2 processes)"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 [ "${gpus:-0}" -gt 0 ] && processes=$((gpus < 2 ? gpus : 2)) && precision=bf16 || { processes=2; precision=fp32; }
 deepspeed --num_gpus "$processes" --master_port "${MASTER_PORT:-29517}" --module deberta_ds.train \
@@ -41,7 +46,7 @@ deepspeed --num_gpus "$processes" --master_port "${MASTER_PORT:-29517}" --module
   "data.valid=[$data/shards/split_valid]" "data.tokenizer=$data/tokenizer" "output_dir=$out/run" \
   "train.precision=$precision" "$@"
 
-echo "== 4/4 exporting the discriminator for transformers"
+stage "4/4 exporting the discriminator for transformers"
 "$python" -m deberta_ds.convert to-hf --checkpoint "$out/run" --out "$out/hf_discriminator" --part discriminator
 "$python" - "$out" <<'PY'
 import json, sys
@@ -77,7 +82,7 @@ print(f"held-out evaluation at step {evaluation['step']}: MLM loss {evaluation['
 PY
 sst2=${SST2_DIR:-$repo/../shared/corpora/sst2}
 if [ -f "$sst2/train.tsv" ]; then
-  echo "== fine-tuning the export on a sample of SST-2 ($sst2): 8,000 training phrases, 1 epoch"
+  stage "fine-tuning the export on a sample of SST-2 ($sst2): 8,000 training phrases, 1 epoch"
   # lr 1e-3: a model this small (hidden 64) stays at the majority class after 250 steps at 1e-4
   mkdir -p "$out/sst2_sample"
   head -n 8001 "$sst2/train.tsv" > "$out/sst2_sample/train.tsv"
@@ -87,4 +92,9 @@ if [ -f "$sst2/train.tsv" ]; then
 else
   echo "== SST-2 not found at $sst2 (set SST2_DIR): skipping the fine-tuning demo"
 fi
+echo "== done in $((SECONDS / 60))m$((SECONDS % 60))s; outputs under $out:"
+echo "  data/              corpus.txt, tokenizer/, shards/ (Megatron .bin/.idx, split_train / split_valid)"
+echo "  run/               checkpoints/, metrics.jsonl, eval.jsonl, tensorboard/"
+echo "  hf_discriminator/  the discriminator and its tokenizer for transformers"
+[ -d "$out/sst2" ] && echo "  sst2/              the fine-tuned classifier: best/, metrics.json, tensorboard/"
 echo "TensorBoard logs: $out/run/tensorboard   (tensorboard --logdir $out/run/tensorboard)"

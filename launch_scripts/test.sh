@@ -3,6 +3,8 @@
 # suite (slow tests too).
 # Extra arguments go to pytest, e.g. `bash launch_scripts/test.sh -m "not slow"`.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
+help_requested "$@" && usage 0
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$repo/launch_scripts/install.sh" test
 cd "$repo"

@@ -31,3 +31,18 @@ def train_shards(tmp_path_factory, small_corpus, tokenizer_dir):
     cli(["split", "--input", str(out / "all_00000"), "--output-prefix", str(out / "split"), "--valid-fraction",
          "0.05"])
     return {"train": str(out / "split_train"), "valid": str(out / "split_valid"), "tokenizer": str(tokenizer_dir)}
+
+
+@pytest.fixture(scope="session")
+def finished_run(train_shards, tmp_path_factory):
+    """A finished 4-step ZeRO-2 run of the tiny pair through `python -m deberta_ds.train`, with
+    checkpoints at steps 2 and 4 and a held-out set (its run config), made once per session for
+    the checkpoint and resume tests, which work on copies of it (run_helpers.copy_of)."""
+    from tests.run_helpers import train_cli, write_run
+    from tests.train_helpers import tiny_run
+
+    root = tmp_path_factory.mktemp("finished_run")
+    run = tiny_run(train_shards, root / "run", data={"valid": [train_shards["valid"]]},
+                   train={"steps": 4, "save_every": 2, "zero_stage": 2})
+    train_cli(write_run(root / "run.json", run))
+    return run

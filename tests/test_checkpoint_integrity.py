@@ -14,45 +14,15 @@ import pytest
 import torch
 
 from tests.proc_helpers import run_bounded
-from tests.train_helpers import tiny_run
+from tests.run_helpers import copy_of, train_cli, write_run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def train_cli(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(config), *extra], cwd=REPO)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result
 
 
 def convert_cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
     result = run_bounded([sys.executable, "-m", "deberta_ds.convert", *args], cwd=REPO)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def write_run(path: Path, run: dict) -> Path:
-    path.write_text(json.dumps(run))
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished(train_shards, tmp_path_factory):
-    """A 4-step ZeRO-2 run with checkpoints at steps 2 and 4 and a held-out set (its run config)."""
-    root = tmp_path_factory.mktemp("finished")
-    run = tiny_run(train_shards, root / "run", data={"valid": [train_shards["valid"]]},
-                   train={"steps": 4, "save_every": 2, "zero_stage": 2})
-    train_cli(write_run(root / "run.json", run))
-    return run
-
-
-def copy_of(finished: dict, tmp_path: Path, name: str, **train) -> tuple[Path, Path]:
-    """(output_dir, config) of a copy of the finished run (train: changed train fields)."""
-    out = tmp_path / name
-    shutil.copytree(finished["output_dir"], out)
-    run = finished | {"output_dir": str(out), "train": finished["train"] | train}
-    return out, write_run(tmp_path / f"{name}.json", run)
 
 
 def flip_bit(path: Path, offset: int) -> None:
@@ -62,10 +32,10 @@ def flip_bit(path: Path, offset: int) -> None:
 
 
 @pytest.mark.slow
-def test_latest_left_behind_readers_use_the_newest_and_a_relaunch_repairs_it(finished, tmp_path):
+def test_latest_left_behind_readers_use_the_newest_and_a_relaunch_repairs_it(finished_run, tmp_path):
     """The state a kill between COMPLETE and moving `latest` on the final save leaves: `latest`
     names step 2, step 4 is complete, and the final evaluation row was never written."""
-    out, config = copy_of(finished, tmp_path, "behind")
+    out, config = copy_of(finished_run, tmp_path, "behind")
     checkpoints, eval_log = out / "checkpoints", out / "eval.jsonl"
     final_row = json.loads(eval_log.read_text().splitlines()[-1])
     assert final_row["step"] == 4
@@ -106,12 +76,12 @@ def test_latest_left_behind_readers_use_the_newest_and_a_relaunch_repairs_it(fin
 
 
 @pytest.mark.slow
-def test_bit_flips_in_checkpoint_tensors_are_detected_on_resume_and_export(finished, tmp_path):
+def test_bit_flips_in_checkpoint_tensors_are_detected_on_resume_and_export(finished_run, tmp_path):
     """One flipped bit in the middle of a weight tensor, an optimiser state or the RNG file's
     metadata: resume and `convert to-hf` name the file; torch.load alone would read it silently."""
     for relative in ("generator/mp_rank_00_model_states.pt", "discriminator/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                      "rng_rank0.safetensors"):
-        out, config = copy_of(finished, tmp_path, Path(relative).stem, steps=5)
+        out, config = copy_of(finished_run, tmp_path, Path(relative).stem, steps=5)
         target = out / "checkpoints" / "step_00000004" / relative
         flip_bit(target, 20 if relative.endswith("safetensors") else target.stat().st_size // 2)
         if relative.endswith(".pt"):
@@ -124,17 +94,17 @@ def test_bit_flips_in_checkpoint_tensors_are_detected_on_resume_and_export(finis
 
 
 @pytest.mark.slow
-def test_damaged_or_mismatched_checkpoints_are_named(finished, train_shards, tmp_path, small_corpus):
+def test_damaged_or_mismatched_checkpoints_are_named(finished_run, train_shards, tmp_path, small_corpus):
     """trainer_state.json garbage, empty or with a text step; COMPLETE without generator/ (an old
     marker without hashes, so DeepSpeed would be reached); another model shape; another tokenizer
     of the same vocabulary size."""
     for name, text in (("garbage", "\x00\x13garbage{"), ("empty", ""), ("twelve", '{"step": "twelve"}')):
-        out, config = copy_of(finished, tmp_path, name, steps=5)
+        out, config = copy_of(finished_run, tmp_path, name, steps=5)
         (out / "checkpoints" / "step_00000004" / "trainer_state.json").write_text(text)
         result = train_cli(config, expect=1)
         assert "step_00000004/trainer_state.json: damaged, not a trainer state" in result.stderr, name
 
-    out, config = copy_of(finished, tmp_path, "no_generator", steps=5)
+    out, config = copy_of(finished_run, tmp_path, "no_generator", steps=5)
     step4 = out / "checkpoints" / "step_00000004"
     shutil.rmtree(step4 / "generator")
     from deberta_ds.checkpoint_reader import vouch
@@ -142,7 +112,7 @@ def test_damaged_or_mismatched_checkpoints_are_named(finished, train_shards, tmp
     result = train_cli(config, expect=1)
     assert f"{step4 / 'generator'}: missing" in result.stderr
 
-    out, config = copy_of(finished, tmp_path, "shape", steps=5)
+    out, config = copy_of(finished_run, tmp_path, "shape", steps=5)
     wider = json.loads(config.read_text()) | {"model_overrides": {"intermediate_size": 256}}
     result = train_cli(write_run(config, wider), expect=1)
     assert "a checkpoint of another model shape (model.intermediate_size 128 vs 256" in result.stderr
@@ -151,7 +121,7 @@ def test_damaged_or_mismatched_checkpoints_are_named(finished, train_shards, tmp
 
     other = tmp_path / "other_tokenizer"
     train_tokenizer(iter(small_corpus.read_text().splitlines()[::2]), other, 1000, sample_sentences=50_000)
-    out, config = copy_of(finished, tmp_path, "tokenizer", steps=5)
+    out, config = copy_of(finished_run, tmp_path, "tokenizer", steps=5)
     swapped = json.loads(config.read_text())
     from data_prep.cli import main as data_prep  # shards of the other tokenizer: their manifest vouches for them
 
@@ -215,14 +185,14 @@ class _CreatesAFile:
 
 
 @pytest.mark.slow
-def test_init_from_an_hf_folder_whose_weights_are_a_pickle_is_refused(finished, tmp_path):
+def test_init_from_an_hf_folder_whose_weights_are_a_pickle_is_refused(finished_run, tmp_path):
     hf = tmp_path / "hf"
-    convert_cli("to-hf", "--checkpoint", finished["output_dir"], "--out", str(hf))
+    convert_cli("to-hf", "--checkpoint", finished_run["output_dir"], "--out", str(hf))
     (hf / "model.safetensors").unlink()
     marker = tmp_path / "code_ran"
     torch.save({"deberta.embeddings.word_embeddings.weight": torch.zeros(1), "x": _CreatesAFile(marker)},
                hf / "pytorch_model.bin")
-    run = finished | {"output_dir": str(tmp_path / "init"), "init_from": str(hf)}
+    run = finished_run | {"output_dir": str(tmp_path / "init"), "init_from": str(hf)}
     result = train_cli(write_run(tmp_path / "init.json", run), expect=1)
     assert f"{hf / 'pytorch_model.bin'}: refused to load, it holds objects a checkpoint must not hold" \
         in result.stderr and not marker.exists()
@@ -246,16 +216,16 @@ def test_a_damaged_complete_marker_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_rtd_settings_are_recorded_once_and_the_run_config_reads_back_whole(finished):
+def test_the_rtd_settings_are_recorded_once_and_the_run_config_reads_back_whole(finished_run):
     """trainer_state.json keeps one copy of the rtd section (the model's RTDConfig); the run
     config read back from it equals the one the run was given, rtd settings included."""
     from deberta_ds.checkpoint_reader import checkpoints_folder, newest_complete, read_state
     from deberta_ds.training.checkpoint import run_config_of
     from deberta_ds.training.run_config import run_config_from_dict
 
-    state = read_state(newest_complete(checkpoints_folder(finished["output_dir"])))
+    state = read_state(newest_complete(checkpoints_folder(finished_run["output_dir"])))
     assert "rtd" not in state["run_config"] and state["rtd_config"]["embedding_sharing"] == "gdes"
-    given = run_config_from_dict(finished)
+    given = run_config_from_dict(finished_run)
     assert given.rtd.generator_layers is None                     # the model's copy holds the resolved count
     resolved = replace(given, rtd=replace(given.rtd, generator_layers=state["rtd_config"]["generator_layers"]))
     assert run_config_of(state) == resolved and resolved.rtd.generator_layers == 2  # half the tiny model's 4

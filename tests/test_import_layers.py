@@ -1,5 +1,6 @@
 """Dependencies point one way: over every import of the package and of data_prep (function-level
-imports included, read from each module's AST), no module imports one of a higher layer.
+and TYPE_CHECKING imports included, read from each module's AST), no module imports one of a
+higher layer, and no two modules import each other through any chain (inside a layer too).
 
 The layers, lowest first. A module may import its own layer and those below it. The first
 match of a module's dotted name (itself or its package) decides its layer."""
@@ -13,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("base", ["deberta_ds", "deberta_ds.errors", "deberta_ds.config", "deberta_ds.relative_position",
               "deberta_ds.atomic_files", "deberta_ds.content_hash", "deberta_ds.parallel_env", "deberta_ds.resources",
-              "deberta_ds.safe_load"]),
+              "deberta_ds.safe_load", "deberta_ds.extras"]),
     ("kernels", ["deberta_ds.kernels"]),
     ("parallel", ["deberta_ds.parallel"]),
     ("data", ["deberta_ds.data"]),  # below the model, which takes IGNORE_INDEX from it
@@ -94,6 +95,56 @@ def test_every_module_has_a_layer():
 
 def test_no_module_imports_one_of_a_higher_layer():
     assert upward_imports() == []
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle of `graph` (module -> modules it imports), one sorted list of modules per
+    strongly connected component of two or more modules or a module importing itself (Tarjan)."""
+    index: dict[str, int] = {}
+    lowest: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        index[module] = lowest[module] = len(index)
+        stack.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if imported not in index:
+                visit(imported)
+                lowest[module] = min(lowest[module], lowest[imported])
+            elif imported in stack:
+                lowest[module] = min(lowest[module], index[imported])
+        if lowest[module] == index[module]:
+            component = stack[stack.index(module):]
+            del stack[stack.index(module):]
+            if len(component) > 1 or module in graph.get(module, ()):
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(cycles)
+
+
+def test_no_import_cycle_between_modules():
+    graph = {module_name(path): imports_of(path) for path in project_modules()}
+    assert import_cycles(graph) == []
+
+
+@pytest.mark.parametrize("graph, cycles", [
+    ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+    ({"a": {"b"}, "b": {"a"}}, [["a", "b"]]),
+    ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [["a", "b", "c"]]),       # a chain closes the circle
+    ({"a": {"a"}, "b": {"c"}, "c": {"b", "d"}, "d": set()}, [["a"], ["b", "c"]]),
+])
+def test_the_cycle_finder_finds_direct_and_chained_cycles(graph, cycles):
+    assert import_cycles(graph) == cycles
+
+
+def test_the_scan_sees_type_checking_imports():
+    """The circle parallel/random.py <-> parallel/state.py ran through a TYPE_CHECKING import."""
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from deberta_ds.parallel.state import MPU\n"
+    assert imports_in(source, "deberta_ds.parallel") == {"deberta_ds.parallel.state"}
 
 
 def test_the_training_package_imports_neither_convert_nor_native_checkpoint():

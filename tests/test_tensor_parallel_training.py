@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_helpers import run_distributed
+from tests.hf_helpers import padded_batch
 from tests.train_helpers import tiny_run, train_runs
 
 NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
@@ -18,29 +19,31 @@ def _compare_losses(expected, actual, steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["decoupled", "joint"])
-def test_three_steps_tp2_equal_tp1(train_shards, tmp_path, mode):
-    runs = [tiny_run(train_shards, tmp_path / f"tp{tp}", model_overrides=NO_DROPOUT,
-                     train={"steps": 3, "tp": tp, "mode": mode, "global_batch_size": 4, "micro_batch_size": 4})
-            for tp in (1, 2)]
-    one = run_distributed(train_runs, 1, runs[:1], tmp_dir=tmp_path)[0]
-    two = run_distributed(train_runs, 2, runs[1:], tmp_dir=tmp_path)[0]
-    _compare_losses(one, two, 3)
+def test_three_steps_tp2_equal_tp1_in_both_modes(train_shards, tmp_path):
+    """Both modes' runs share one process set-up per TP size (train_runs trains them in turn)."""
+    modes = ("decoupled", "joint")
+    runs = {tp: [tiny_run(train_shards, tmp_path / f"{mode}_tp{tp}", model_overrides=NO_DROPOUT,
+                          train={"steps": 3, "tp": tp, "mode": mode, "global_batch_size": 4, "micro_batch_size": 4})
+                 for mode in modes] for tp in (1, 2)}
+    one = run_distributed(train_runs, 1, runs[1], tmp_dir=tmp_path)
+    two = run_distributed(train_runs, 2, runs[2], tmp_dir=tmp_path)
+    for expected, actual in zip(one, two, strict=True):
+        _compare_losses(expected, actual, 3)
 
 
 @pytest.mark.slow
 def test_tp2_dp2_zero2_equals_tp1_dp2_and_merges_to_hf(train_shards, tmp_path):
     runs = [tiny_run(train_shards, tmp_path / f"tp{tp}", model_overrides=NO_DROPOUT,
                      train={"steps": 3, "tp": tp, "zero_stage": 2}) for tp in (1, 2)]
+    ids, mask = padded_batch(1000, [30, 17])  # ids below the tokenizer's 1000 pieces: in every vocabulary
     one = run_distributed(train_runs, 2, runs[:1], tmp_dir=tmp_path)[0]
-    four = run_distributed(train_runs, 4, runs[1:], tmp_dir=tmp_path)[0]
-    _compare_losses(one, four, 3)
+    trained, tp2_hidden = run_distributed(train_then_discriminator_hidden, 4, runs[1:], ids, mask, tmp_dir=tmp_path)
+    _compare_losses(one, trained[0], 3)
     # The TP = 2 checkpoint merges to TP = 1 and transformers reproduces the TP = 2 model.
     from transformers import DebertaV2Model
 
     from deberta_ds.checkpoint_reader import load_training_checkpoint
     from deberta_ds.convert import to_hf
-    from tests.hf_helpers import padded_batch
 
     merged = load_training_checkpoint(tmp_path / "tp2").eval()
     reference = load_training_checkpoint(tmp_path / "tp1")
@@ -48,12 +51,15 @@ def test_tp2_dp2_zero2_equals_tp1_dp2_and_merges_to_hf(train_shards, tmp_path):
         assert (param - dict(merged.named_parameters())[name]).abs().max().item() <= 1e-5, name
     to_hf(merged, tmp_path / "hf")
     hf = DebertaV2Model.from_pretrained(tmp_path / "hf").eval()
-    ids, mask = padded_batch(merged.config.discriminator.vocab_size, [30, 17])
-    tp2_hidden = run_distributed(discriminator_hidden_at_tp, 2, runs[1], ids, mask, tmp_dir=tmp_path)
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     assert (tp2_hidden[real] - theirs[real]).abs().max().item() <= 1e-5
+
+
+def train_then_discriminator_hidden(runs: list[dict], ids, mask):
+    """train_runs(runs), then discriminator_hidden_at_tp of the first run: one process set-up for both."""
+    return train_runs(runs), discriminator_hidden_at_tp(runs[0], ids, mask)
 
 
 def discriminator_hidden_at_tp(run: dict, ids, mask):
@@ -171,12 +177,11 @@ def test_continued_training_from_hf_at_tp2_equals_tp1(train_shards, tmp_path):
     runs = [tiny_run(train_shards, tmp_path / f"tp{tp}", model_overrides=NO_DROPOUT,
                      init_from=str(tmp_path / "hf_disc"), init_generator_from=str(tmp_path / "hf_gen"),
                      train={"steps": 2, "tp": tp, "global_batch_size": 4, "micro_batch_size": 4}) for tp in (1, 2)]
-    one = run_distributed(train_runs, 1, runs[:1], tmp_dir=tmp_path)[0]
+    fresh = tiny_run(train_shards, tmp_path / "fresh", model_overrides=NO_DROPOUT,
+                     train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 4})
+    one, fresh = run_distributed(train_runs, 1, [runs[0], fresh], tmp_dir=tmp_path)  # one process set-up for both
     two = run_distributed(train_runs, 2, runs[1:], tmp_dir=tmp_path)[0]
     _compare_losses(one, two, 2)
-    fresh = run_distributed(train_runs, 1, [tiny_run(train_shards, tmp_path / "fresh", model_overrides=NO_DROPOUT,
-                                                     train={"steps": 2, "global_batch_size": 4,
-                                                            "micro_batch_size": 4})], tmp_dir=tmp_path)[0]
     assert abs(fresh["losses"][0][0] - one["losses"][0][0]) > 1e-3  # the initial weights really came from HF
 
 

@@ -19,14 +19,10 @@ import pytest
 
 from deberta_ds.parallel_env import free_port
 from tests.proc_helpers import run_bounded
+from tests.run_helpers import copy_of, train_cli, write_run
 from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_config(path: Path, run: dict) -> Path:
-    path.write_text(json.dumps(run))
-    return path
 
 
 def launcher(config: Path, gpus: int = 2, *extra: str) -> list[str]:
@@ -51,10 +47,10 @@ def last_entry_per_step(output_dir: Path) -> dict:
 @pytest.mark.slow
 def test_sigkill_then_resume_auto_reproduces_the_uninterrupted_run(train_shards, tmp_path):
     train = {"steps": 12, "save_every": 6}
-    full = write_config(tmp_path / "full.json", tiny_run(train_shards, tmp_path / "full", train=train))
+    full = write_run(tmp_path / "full.json", tiny_run(train_shards, tmp_path / "full", train=train))
     run_ok(launcher(full))
     killed_dir = tmp_path / "killed"
-    killed = write_config(tmp_path / "killed.json", tiny_run(train_shards, killed_dir, train=train))
+    killed = write_run(tmp_path / "killed.json", tiny_run(train_shards, killed_dir, train=train))
     process = subprocess.Popen(launcher(killed), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     complete = killed_dir / "checkpoints" / "step_00000006" / "COMPLETE"
@@ -78,21 +74,23 @@ def test_sigkill_then_resume_auto_reproduces_the_uninterrupted_run(train_shards,
 
 @pytest.mark.slow
 def test_resume_on_a_different_world_size_continues_the_global_batches(train_shards, tmp_path):
-    """2 processes x ZeRO-2 for 4 steps, then 1 process (universal checkpoint) for steps 5-6:
-    the same global batches and, dropout off, the losses of an uninterrupted 2-process run."""
+    """2 processes x ZeRO-2 for 6 steps (checkpoints at 2, 4, 6); a copy cut back to its step-4
+    checkpoint continues on 1 process (universal checkpoint) for steps 5-6: the same global batches
+    and, dropout off, the losses of the uninterrupted 2-process run."""
     no_dropout = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
-    two = write_config(tmp_path / "two.json", tiny_run(train_shards, tmp_path / "two", model_overrides=no_dropout,
-                                                       train={"zero_stage": 2, "steps": 6}))
-    run_ok(launcher(two))
-    run = tiny_run(train_shards, tmp_path / "resized", model_overrides=no_dropout,
-                   train={"zero_stage": 2, "steps": 6, "exit_after_steps": 4})
-    run_ok(launcher(write_config(tmp_path / "first.json", run)))
-    assert (tmp_path / "resized" / "checkpoints" / "latest").read_text() == "step_00000004"
-    run["train"]["exit_after_steps"] = None
+    run = tiny_run(train_shards, tmp_path / "two", model_overrides=no_dropout,
+                   train={"zero_stage": 2, "steps": 6, "save_every": 2})
+    run_ok(launcher(write_run(tmp_path / "two.json", run)))
+    resized = tmp_path / "resized"
+    shutil.copytree(tmp_path / "two", resized)
+    shutil.rmtree(resized / "checkpoints" / "step_00000006")
+    (resized / "checkpoints" / "latest").write_text("step_00000004")  # as a 2-process job stopped at step 4
     resumed = run_ok([sys.executable, "-m", "deberta_ds.train", "--config",
-                      str(write_config(tmp_path / "second.json", run))])
-    assert "resumed from" in resumed.stdout + resumed.stderr
-    expected, actual = last_entry_per_step(tmp_path / "two"), last_entry_per_step(tmp_path / "resized")
+                      str(write_run(tmp_path / "resized.json", run | {"output_dir": str(resized)}))])
+    assert f"resumed from {resized / 'checkpoints' / 'step_00000004'}" in resumed.stdout + resumed.stderr
+    state = json.loads((resized / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1
+    expected, actual = last_entry_per_step(tmp_path / "two"), last_entry_per_step(resized)
     for step in (5, 6):  # one process with 2 micro-batches sees the same global batches as two
         assert actual[step]["consumed_samples"] == expected[step]["consumed_samples"]
         for key in ("generator/mlm_loss", "discriminator/rtd_loss"):
@@ -102,7 +100,7 @@ def test_resume_on_a_different_world_size_continues_the_global_batches(train_sha
 @pytest.mark.slow
 def test_simulated_two_node_launch_trains_and_checkpoints(train_shards, tmp_path):
     """Two launcher invocations on this host, one per 'node' of a 2-line hostfile, with --no_ssh."""
-    config = write_config(tmp_path / "c.json", tiny_run(train_shards, tmp_path / "out", train={"steps": 2}))
+    config = write_run(tmp_path / "c.json", tiny_run(train_shards, tmp_path / "out", train={"steps": 2}))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = str(free_port())
@@ -164,7 +162,7 @@ def test_fp16_overflow_is_skipped_and_loss_scale_halves(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "fp16", train={"precision": "fp16", "steps": 4, "ds_overrides": fp16,
                                                            "inject_loss_scale_at_step": 2})
     env = os.environ | {"DEBERTA_DS_CPU_FP16": "1"}
-    run_ok([sys.executable, "-m", "deberta_ds.train", "--config", str(write_config(tmp_path / "c.json", run))],
+    run_ok([sys.executable, "-m", "deberta_ds.train", "--config", str(write_run(tmp_path / "c.json", run))],
            env=env)
     entries = last_entry_per_step(tmp_path / "fp16")
     for engine in ("generator", "discriminator"):
@@ -177,7 +175,7 @@ def test_nan_losses_abort_after_the_configured_count(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "nan", train={"steps": 10, "inject_nan_from_step": 2,
                                                           "max_nonfinite_steps": 3})
     result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config",
-                          str(write_config(tmp_path / "c.json", run))], cwd=REPO)
+                          str(write_run(tmp_path / "c.json", run))], cwd=REPO)
     assert result.returncode == 1
     assert "aborting at step 5: 3 non-finite losses in a row" in result.stderr
     entries = last_entry_per_step(tmp_path / "nan")
@@ -208,7 +206,7 @@ def test_bad_input_is_reported_before_training(train_shards, tmp_path, small_cor
 def test_cli_reports_bad_config_without_traceback(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "o", train={"global_batch_size": 10, "micro_batch_size": 4})
     result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config",
-                          str(write_config(tmp_path / "c.json", run))], cwd=REPO)
+                          str(write_run(tmp_path / "c.json", run))], cwd=REPO)
     assert result.returncode == 1
     assert "error: train.global_batch_size: 10 is not divisible" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o" / "metrics.jsonl").exists()
@@ -216,7 +214,7 @@ def test_cli_reports_bad_config_without_traceback(train_shards, tmp_path):
     (tmp_path / "blocked" / "checkpoints").write_text("")  # found at start-up, not at the first save
     blocked = tiny_run(train_shards, tmp_path / "blocked")
     result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config",
-                          str(write_config(tmp_path / "blocked.json", blocked))], cwd=REPO)
+                          str(write_run(tmp_path / "blocked.json", blocked))], cwd=REPO)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"checkpoint folder {tmp_path / 'blocked' / 'checkpoints'}: cannot write there" in result.stderr
     assert not (tmp_path / "blocked" / "metrics.jsonl").exists()
@@ -226,7 +224,7 @@ def test_cli_reports_bad_config_without_traceback(train_shards, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_stops(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "term", train={"steps": 100000, "log_every": 1})
     process = subprocess.Popen([sys.executable, "-m", "deberta_ds.train", "--config",
-                                str(write_config(tmp_path / "c.json", run))], cwd=REPO,
+                                str(write_run(tmp_path / "c.json", run))], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "term" / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -245,15 +243,9 @@ def test_sigterm_saves_a_checkpoint_and_stops(train_shards, tmp_path):
 @pytest.mark.slow
 def test_bf16_zero2_trains(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "bf16", train={"precision": "bf16", "zero_stage": 2, "steps": 3})
-    run_ok([sys.executable, "-m", "deberta_ds.train", "--config", str(write_config(tmp_path / "c.json", run))])
+    run_ok([sys.executable, "-m", "deberta_ds.train", "--config", str(write_run(tmp_path / "c.json", run))])
     entries = last_entry_per_step(tmp_path / "bf16")
     assert all(0 < entries[s]["generator/mlm_loss"] < 20 for s in (1, 2, 3))
-
-
-def train_cli(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(config), *extra], cwd=REPO)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def snapshot(folder: Path) -> dict:
@@ -261,33 +253,28 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_relaunching_a_finished_run_or_mistyping_resume_touches_nothing(train_shards, tmp_path):
-    out = tmp_path / "done"
-    config = write_config(tmp_path / "c.json", tiny_run(train_shards, out, train={"steps": 2}))
-    train_cli(config)
+def test_relaunching_a_finished_run_or_mistyping_resume_touches_nothing(finished_run, tmp_path):
+    out, config = copy_of(finished_run, tmp_path, "done")
     before = snapshot(out)
     again = train_cli(config)
-    assert "already trained to step 2 (train.steps=2); nothing to do" in again.stdout + again.stderr
+    assert "already trained to step 4 (train.steps=4); nothing to do" in again.stdout + again.stderr
     typo = train_cli(config, "--resume", "autp", expect=1)
     assert "--resume 'autp': choose auto, none, or the path of a complete checkpoint folder" in typo.stderr
-    assert "Traceback" not in typo.stderr
     assert snapshot(out) == before  # checkpoint, latest, metrics and logs: not a byte or a timestamp changed
 
 
 @pytest.mark.slow
-def test_resume_from_a_named_checkpoint_continues_that_run(train_shards, tmp_path):
-    """Steps 3-4 resumed from another run's step-2 checkpoint equal the uninterrupted run's; resuming
-    the first run itself from step 2 is refused because its step-4 checkpoint would be replaced."""
-    full = train_cli(write_config(tmp_path / "full.json", tiny_run(train_shards, tmp_path / "full",
-                                                                 train={"steps": 4, "save_every": 2})))
-    assert full.returncode == 0
-    step2 = tmp_path / "full" / "checkpoints" / "step_00000002"
-    refused = train_cli(tmp_path / "full.json", "--resume", str(step2), expect=1)
+def test_resume_from_a_named_checkpoint_continues_that_run(finished_run, tmp_path):
+    """Steps 3-4 resumed from the finished run's step-2 checkpoint equal the uninterrupted run's;
+    resuming that run itself from step 2 is refused because its step-4 checkpoint would be replaced."""
+    full, config = copy_of(finished_run, tmp_path, "full")
+    step2 = full / "checkpoints" / "step_00000002"
+    refused = train_cli(config, "--resume", str(step2), expect=1)
     assert "holds newer checkpoints (step_00000004)" in refused.stderr
-    branch = write_config(tmp_path / "branch.json", tiny_run(train_shards, tmp_path / "branch", train={"steps": 4}))
+    branch = write_run(tmp_path / "branch.json", finished_run | {"output_dir": str(tmp_path / "branch")})
     resumed = train_cli(branch, "--resume", str(step2))
     assert f"resumed from {step2} at step 2" in resumed.stdout + resumed.stderr
-    expected, actual = last_entry_per_step(tmp_path / "full"), last_entry_per_step(tmp_path / "branch")
+    expected, actual = last_entry_per_step(full), last_entry_per_step(tmp_path / "branch")
     assert sorted(actual) == [3, 4]
     for step in (3, 4):
         for key in ("generator/mlm_loss", "discriminator/rtd_loss"):
@@ -295,38 +282,32 @@ def test_resume_from_a_named_checkpoint_continues_that_run(train_shards, tmp_pat
 
 
 @pytest.mark.slow
-def test_damaged_checkpoint_files_and_failed_writes_are_reported_not_tracebacks(train_shards, tmp_path):
+def test_damaged_checkpoint_files_and_failed_writes_are_reported_not_tracebacks(finished_run, tmp_path):
     """A truncated model, optimizer or RNG file in the latest checkpoint is named, with the previous
     complete checkpoint to resume from; a write that fails (here: a file-size limit, as a full
     disk) stops the run with `latest` kept; an unwritable output_dir fails at start-up."""
     import resource
 
-    run = tiny_run(train_shards, tmp_path / "run", train={"steps": 2, "save_every": 1, "zero_stage": 2})
-    config = write_config(tmp_path / "run.json", run)
-    train_cli(config)
     for damaged in ("generator/mp_rank_00_model_states.pt", "discriminator/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                     "rng_rank0.safetensors"):
-        copy = tmp_path / f"copy_{Path(damaged).stem}"
-        shutil.copytree(tmp_path / "run", copy)
-        target = copy / "checkpoints" / "step_00000002" / damaged
+        copy, bigger = copy_of(finished_run, tmp_path, f"copy_{Path(damaged).stem}", steps=5)
+        target = copy / "checkpoints" / "step_00000004" / damaged
         target.write_bytes(target.read_bytes()[:200])
-        bigger = write_config(tmp_path / f"{copy.name}.json", run | {"output_dir": str(copy),
-                                                                    "train": run["train"] | {"steps": 3}})
         result = train_cli(bigger, expect=1)
         assert f"{Path(damaged).name}: the file is truncated or damaged (200 bytes" in result.stderr, damaged
-        assert f"--resume {copy / 'checkpoints' / 'step_00000001'}" in result.stderr
-        assert "Traceback" not in result.stderr
-    limited = write_config(tmp_path / "limited.json", run | {"train": run["train"] | {"steps": 3}})
+        assert f"--resume {copy / 'checkpoints' / 'step_00000002'}" in result.stderr
+    out, limited = copy_of(finished_run, tmp_path, "limited", steps=5)
     result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(limited)], cwd=REPO,
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"writing the checkpoint of step 3 under {tmp_path / 'run' / 'checkpoints'} failed: the generator " \
+    assert f"writing the checkpoint of step 5 under {out / 'checkpoints'} failed: the generator " \
            "engine's DeepSpeed files" in result.stderr  # the first file over the limit
-    assert "(torch.save reports any failed write so: a full disk, a quota or a file-size limit); step_00000002 " \
+    assert "(torch.save reports any failed write so: a full disk, a quota or a file-size limit); step_00000004 " \
            "is still the latest complete checkpoint" in result.stderr
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
     (tmp_path / "a_file").write_text("")
-    unwritable = write_config(tmp_path / "unwritable.json", run | {"output_dir": str(tmp_path / "a_file" / "out")})
+    unwritable = write_run(tmp_path / "unwritable.json",
+                           finished_run | {"output_dir": str(tmp_path / "a_file" / "out")})
     result = train_cli(unwritable, expect=1)
     assert f"output_dir {tmp_path / 'a_file' / 'out'}: cannot write there" in result.stderr
 
@@ -345,7 +326,7 @@ def test_a_peer_lost_at_the_checkpoint_barrier_is_reported_as_lost_not_as_a_writ
         "    checkpoint.save = lambda *args, **kwargs: os._exit(0)\n")
     run = tiny_run(train_shards, tmp_path / "run", train={"steps": 2, "save_every": 1, "collective_timeout_s": 60})
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", str(REPO))])}
-    result = run_bounded(launcher(write_config(tmp_path / "run.json", run)), cwd=REPO, env=env, timeout_s=300)
+    result = run_bounded(launcher(write_run(tmp_path / "run.json", run)), cwd=REPO, env=env, timeout_s=300)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "error: rank 0 lost contact with the other ranks" in output, output[-3000:]
@@ -361,7 +342,7 @@ def test_a_full_disk_while_logging_stops_clearly_and_a_cut_line_never_blocks_a_r
     out = tmp_path / "run"
     out.mkdir()
     run = tiny_run(train_shards, out, data={"valid": [train_shards["valid"]]}, train={"steps": 2})
-    config = write_config(tmp_path / "run.json", run)
+    config = write_run(tmp_path / "run.json", run)
     for log in ("metrics.jsonl", "eval.jsonl"):
         (out / log).symlink_to("/dev/full")
         result = train_cli(config, expect=1)
@@ -377,6 +358,6 @@ def test_a_full_disk_while_logging_stops_clearly_and_a_cut_line_never_blocks_a_r
     assert f"{out / 'metrics.jsonl'}: dropped line 3: not a whole JSON entry" in text
     assert f"{out / 'eval.jsonl'}: dropped line 1: not a whole JSON entry" in text
     assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [2]
-    more = write_config(tmp_path / "more.json", run | {"train": run["train"] | {"steps": 3}})
+    more = write_run(tmp_path / "more.json", run | {"train": run["train"] | {"steps": 3}})
     train_cli(more)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

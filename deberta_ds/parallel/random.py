@@ -9,74 +9,26 @@ states (CPU, and the current CUDA device's when there is one) because a model dr
 masks (and the fused attention kernel its seed tensor) from the generator of the device it runs
 on. Every stream goes into checkpoints (`get_rng_states` / `set_rng_states`).
 
-Nothing here is global: the TP stream lives in an `RNGStatesTracker` that the parallel state
-owns (`TensorParallel.tracker`, made by `parallel.state.initialize` at TP > 1, None at TP = 1)
-and that is passed along with the process group; `seed_streams` seeds it, and forking it
-unseeded is an error.
+Nothing here is global: the TP stream lives in an `RNGStatesTracker` (`parallel.rng_tracker`,
+below this module and `parallel.state`) that the parallel state owns (`TensorParallel.tracker`,
+made by `parallel.state.initialize` at TP > 1, None at TP = 1) and that is passed along with the
+process group; `seed_streams` seeds it, and forking it unseeded is an error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.utils.checkpoint
 
-if TYPE_CHECKING:  # state.py imports the tracker class from here
-    from deberta_ds.parallel.state import ParallelState, TensorParallel
+from deberta_ds.parallel.rng_tracker import RNGStatesTracker, generator_states, set_generator_states
+from deberta_ds.parallel.state import ParallelState, TensorParallel
 
 _TP_SEED_OFFSET = 2718
 _DP_SEED_MULTIPLIER = 1000
-
-
-def _generator_states() -> dict:
-    """The default generators' states: CPU always, the current CUDA device's when CUDA is up."""
-    states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def _set_generator_states(states: dict) -> None:
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-class RNGStatesTracker:
-    """Named generator states swapped in and out of torch's default generators."""
-
-    def __init__(self):
-        self.states: dict[str, dict] = {}
-
-    def add(self, name: str, seed: int) -> None:
-        """A new stream `name` seeded with `seed` (the default generators are left as they were)."""
-        current = _generator_states()
-        torch.manual_seed(seed)  # CPU and every CUDA device
-        self.states[name] = _generator_states()
-        _set_generator_states(current)
-
-    @contextlib.contextmanager
-    def fork(self, name: str):
-        """Run the block on stream `name`; its advanced state is kept for the next fork."""
-        default = _generator_states()
-        _set_generator_states(self.states[name])
-        try:
-            yield
-        finally:
-            self.states[name] = _generator_states()
-            _set_generator_states(default)
-
-    def get_states(self) -> dict:
-        return {name: dict(states) for name, states in self.states.items()}
-
-    def set_states(self, states: dict) -> None:
-        self.states = {name: dict(value) for name, value in states.items()}
-
-
 TP_STREAM = "tensor-parallel"
 
 
@@ -105,14 +57,14 @@ def fork_tp_rng(tp: TensorParallel):
 def get_rng_states(tracker: RNGStatesTracker | None) -> dict:
     """Everything a resumed run needs to draw what the uninterrupted one would have drawn
     (`tracker`: the TP streams, None at TP = 1)."""
-    return {"generators": _generator_states(), "numpy": np.random.get_state(), "python": random.getstate(),
+    return {"generators": generator_states(), "numpy": np.random.get_state(), "python": random.getstate(),
             "tracker": tracker.get_states() if tracker is not None else {}}
 
 
 def set_rng_states(states: dict, tracker: RNGStatesTracker | None) -> None:
     """Restore `get_rng_states`' states; without a tracker (TP = 1, which never forks) the
     saved TP streams are not needed and are left out."""
-    _set_generator_states(states["generators"])
+    set_generator_states(states["generators"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if tracker is not None:

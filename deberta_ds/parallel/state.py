@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from deberta_ds.errors import UserError
-from deberta_ds.parallel.random import RNGStatesTracker
+from deberta_ds.parallel.rng_tracker import RNGStatesTracker
 
 
 @dataclass(frozen=True)

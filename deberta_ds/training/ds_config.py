@@ -1,4 +1,4 @@
-"""The DeepSpeed JSON for a run: a shipped file (`deberta_ds/ds_configs/`) plus what the run config owns.
+"""The DeepSpeed JSON for a run: a shipped file (`ds_configs/`) plus what the run config owns.
 
 The run config is the one source of batch sizes, optimiser settings and clipping; the
 JSON file contributes ZeRO and precision settings. A JSON file that sets a batch field
