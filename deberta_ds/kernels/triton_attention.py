@@ -491,7 +491,9 @@ DEFAULT_TILES = Tiles()
 # What differs from DEFAULT_TILES per compiler (Triton (major, minor): Tiles fields) and for head dims
 # above 64, found with `compile_check` (its gates: 0 spill, wgmma, per-element limits; RESULTS.md).
 TRITON_TILES: dict[tuple[int, int], dict] = {}
-WIDE_HEAD_TILES: dict = {}
+# d = 128 (Triton 3.9; 0 spill): the default dQ and dK/dV tiles spill 48-296 B there (fp32 accumulators
+# of [rows, 128]); a 64-row dQ at 4 warps, a 32-query dK/dV step and, with dropout, 64 keys do not.
+WIDE_HEAD_TILES: dict = {"dq": Tile(64, 64, 4, 2), "dkdv": Tile(128, 32, 8, 2), "dkdv_dropout": Tile(64, 64, 8, 1)}
 
 
 def launch_tiles(head_dim: int, triton_version: str = triton.__version__) -> Tiles:
