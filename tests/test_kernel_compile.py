@@ -17,6 +17,7 @@ or documents) and for the training variants (padding mask and dropout, with and 
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import triton
@@ -78,3 +79,31 @@ def test_the_gated_variants_meet_the_gates_under_every_triton_users_get(version,
     assert {r["triton"] for r in reports} == {version}
     assert len(reports) == 3 * 2 * 3                    # three kernels, two dtypes, three variants
     assert_within_gates(reports)
+
+
+def test_a_compiler_is_installed_once_into_its_own_folder_and_a_failed_install_leaves_none(tmp_path, monkeypatch):
+    """triton_folder: pip's --target output is renamed into place only when pip succeeds; a second call
+    reuses the folder; a failing pip (offline) leaves no folder and says how to install it by hand."""
+    import subprocess
+
+    from deberta_ds.kernels import compile_check
+
+    calls = []
+
+    def pip(command, **kwargs):
+        calls.append(command)
+        target = command[command.index("--target") + 1]
+        if "triton==0.0.1" in command:
+            (Path(target) / "half-written").write_text("")
+            return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")
+        (Path(target) / "triton").mkdir()
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setenv("DEBERTA_DS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compile_check.subprocess, "run", pip)
+    folder = compile_check.triton_folder("3.6.0")
+    assert folder == tmp_path / "cache" / "triton-3.6.0" and (folder / "triton").is_dir()
+    assert compile_check.triton_folder("3.6.0") == folder and len(calls) == 1
+    with pytest.raises(RuntimeError, match=r"triton==0\.0\.1.*pip install --no-deps --target"):
+        compile_check.triton_folder("0.0.1")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == ["triton-3.6.0"]
