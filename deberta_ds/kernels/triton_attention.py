@@ -490,7 +490,9 @@ class Tiles(NamedTuple):
 DEFAULT_TILES = Tiles()
 # What differs from DEFAULT_TILES per compiler (Triton (major, minor): Tiles fields) and for head dims
 # above 64, found with `compile_check` (its gates: 0 spill, wgmma, per-element limits; RESULTS.md).
-TRITON_TILES: dict[tuple[int, int], dict] = {}
+# Triton 3.6 (the GPU image's): one stage in the forward and dQ kernels, whose loops it otherwise
+# issues 0.05-0.13 more instructions per element for (3.7-3.9 issue fewer at two stages).
+TRITON_TILES: dict[tuple[int, int], dict] = {(3, 6): {"forward": Tile(128, 64, 8, 1), "dq": Tile(128, 64, 8, 1)}}
 # d = 128 (Triton 3.9; 0 spill): the default dQ and dK/dV tiles spill 48-296 B there (fp32 accumulators
 # of [rows, 128]); a 64-row dQ at 4 warps, a 32-query dK/dV step and, with dropout, 64 keys do not.
 WIDE_HEAD_TILES: dict = {"dq": Tile(64, 64, 4, 2), "dkdv": Tile(128, 32, 8, 2), "dkdv_dropout": Tile(64, 64, 8, 1)}
