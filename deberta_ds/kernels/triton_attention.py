@@ -143,10 +143,11 @@ def _seed(SEED, DROPOUT: tl.constexpr):
 
 @triton.jit
 def _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN: tl.constexpr, KEY_MAJOR: tl.constexpr):
-    """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR): one byte per
-    cell, as FlashAttention: Philox4x32-10 keyed by the seed, counter (i * ceil(L / 16) + j // 16, b*h,
-    0, 0); a call's four words give 16 consecutive keys their bytes (key 16g + 4w + c: byte c of word
-    w); a cell is kept when its byte is at least `threshold` (the rate in 1/256, `dropout_threshold`)."""
+    """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR: drawn
+    query-major, then transposed): one byte per cell, as FlashAttention: Philox4x32-7 keyed by the seed,
+    counter (i * ceil(L / 16) + j // 16, b*h, 0, 0); a call's four words give 16 consecutive keys their
+    bytes (key 16g + 4w + c: byte c of word w); a cell is kept when its byte is at least `threshold`
+    (the rate in 1/256, `dropout_threshold`)."""
     groups = n0 // 16 + tl.arange(0, BN // 16)
     counters = offs_m[:, None] * ((seq_len + 15) // 16) + groups[None, :]         # [BM, BN / 16]
     r0, r1, r2, r3 = tl.philox(seed, counters, bh, 0, 0, _PHILOX_ROUNDS)
