@@ -177,6 +177,7 @@ def run_under(version: str, argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deberta_ds.kernels.compile_check", description=__doc__,
+                                     allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (80, 90, ...)")
     parser.add_argument("--json", help="also write the reports to this file (a list of objects)")
@@ -191,7 +192,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if args.triton:
-        rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--triton", args.triton)]
+        given = list(argv if argv is not None else sys.argv[1:])
+        rest = [a for i, a in enumerate(given) if not (a == "--triton" or a.startswith("--triton=")
+                                                       or (i and given[i - 1] == "--triton"))]
         return run_under(args.triton, rest)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
     reports, failures = compile_all(args.arch, args.gated)
