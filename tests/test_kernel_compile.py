@@ -88,7 +88,8 @@ def test_every_kernel_variant_compiles_for_sm90_within_the_static_cost_gates(tmp
     assert len(reports) == 3 * len(settings())
     assert {r["triton"] for r in reports} == {triton.__version__}
     assert_within_gates(reports)
-    assert all(r["spill_bytes"] == 0 for r in reports if r["dtype"] != "fp32" and r["head_dim"] == 128)
+    wide = [r for r in reports if r["dtype"] != "fp32" and r["head_dim"] == 128]
+    assert wide and [r for r in wide if r["spill_bytes"]] == []
 
 
 @pytest.mark.slow

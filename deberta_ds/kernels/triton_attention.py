@@ -167,30 +167,6 @@ def _keep_scale(threshold):
 
 
 @triton.jit
-def _band_gradient(g_view, G, ds, sat_hi, sat_lo, m0, n0, offs_m, offs_n, r_min, r_max, seq_len, CS,
-                   BM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr, KEY_MAJOR: tl.constexpr):
-    """A tile's dS (queries m0 + [0, BM) by keys n0 + [0, BN); dS^T, rows the keys, when KEY_MAJOR) into
-    the band buffer G (band and mixed tiles: one block store) and the per-row saturated sums sat_hi
-    (r > r_max), sat_lo (r < r_min), which it returns."""
-    lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
-    if lowest > r_max:
-        sat_hi += tl.sum(ds, axis=1)
-    elif highest < r_min:
-        sat_lo += tl.sum(ds, axis=1)
-    else:
-        if KEY_MAJOR:
-            _view_store(g_view, n0, m0, ds.to(G.dtype.element_ty), seq_len, CS, BN, BM, TMA)
-            rel = offs_m[None, :] - offs_n[:, None]
-        else:
-            _view_store(g_view, m0, n0, ds.to(G.dtype.element_ty), seq_len, CS, BM, BN, TMA)
-            rel = offs_m[:, None] - offs_n[None, :]
-        if (lowest < r_min) | (highest > r_max):
-            sat_hi += tl.sum(tl.where(rel > r_max, ds, 0.0), axis=1)
-            sat_lo += tl.sum(tl.where(rel < r_min, ds, 0.0), axis=1)
-    return sat_hi, sat_lo
-
-
-@triton.jit
 def _document_span(doc_ptr, b, p0, offs, ok, seq_len, STEP: tl.constexpr):
     """For the program's block (positions offs, first p0): its ids, the loop range [start, end) of the
     other side's blocks of STEP that can share a document, and the run of equal ids around p0 with
@@ -371,8 +347,17 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             dp = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, False), dp, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_C2P:
-            sat_hi, sat_lo = _band_gradient(g_view, GC, ds, sat_hi, sat_lo, m0, n0, offs_m, offs_n, r_min, r_max,
-                                            seq_len, CS, BM, BN, TMA, False)
+            lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
+            if lowest > r_max:
+                sat_hi += tl.sum(ds, axis=1)
+            elif highest < r_min:
+                sat_lo += tl.sum(ds, axis=1)
+            else:
+                _view_store(g_view, m0, n0, ds.to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
+                if (lowest < r_min) | (highest > r_max):
+                    rel = offs_m[:, None] - offs_n[None, :]
+                    sat_hi += tl.sum(tl.where(rel > r_max, ds, 0.0), axis=1)
+                    sat_lo += tl.sum(tl.where(rel < r_min, ds, 0.0), axis=1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (scale / _LOG2E), mask=tile_mask)
     if HAS_C2P:
@@ -454,8 +439,17 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                 dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
             if HAS_P2C:
-                sat_hi, sat_lo = _band_gradient(g_view, GP, dst, sat_hi, sat_lo, m0, n0, offs_m, offs_n, r_min,
-                                                r_max, seq_len, CS, BM, BN, TMA, True)
+                lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
+                if lowest > r_max:
+                    sat_hi += tl.sum(dst, axis=1)
+                elif highest < r_min:
+                    sat_lo += tl.sum(dst, axis=1)
+                else:
+                    _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
+                    if (lowest < r_min) | (highest > r_max):
+                        rel = offs_m[None, :] - offs_n[:, None]
+                        sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
+                        sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
     tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (scale / _LOG2E), mask=tile_mask)
     tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
     if HAS_P2C:
