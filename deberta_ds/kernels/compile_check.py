@@ -56,12 +56,12 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     return types
 
 
-def kernels(dropout: bool, head_dim: int):
+def kernels(features: dict, head_dim: int):
     """(name, kernel, tile, tile constexprs) of the three kernels at the tiles they launch with here."""
     from deberta_ds.kernels import triton_attention as ta
 
     tiles = ta.launch_tiles(head_dim)
-    dkdv = tiles.dkdv_dropout if dropout else tiles.dkdv
+    dkdv = tiles.dkdv_dropout if features["DROPOUT"] or features["DOCS"] else tiles.dkdv
     return [("forward", ta._forward_kernel, tiles.forward, {"BM": tiles.forward.rows, "BN": tiles.forward.cols}),
             ("backward dQ", ta._backward_dq_kernel, tiles.dq, {"BM": tiles.dq.rows, "BN": tiles.dq.cols}),
             ("backward dK dV", ta._backward_dkdv_kernel, dkdv, {"BN": dkdv.rows, "BM": dkdv.cols})]
@@ -110,7 +110,7 @@ def compile_all(arch: int, gated: bool = False) -> tuple[list[dict], list[str]]:
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     reports, failures = [], []
     for dtype, head_dim, features, label in settings(gated):
-        for name, kernel, tile, tile_constexprs in kernels(features["DROPOUT"], head_dim):
+        for name, kernel, tile, tile_constexprs in kernels(features, head_dim):
             constexprs = {"TMA": True} | features | tile_constexprs
             constexprs |= launch_constants(torch_dtypes[dtype], head_dim)
             signature = _signature(kernel, dtype, constexprs)

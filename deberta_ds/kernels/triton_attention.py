@@ -471,10 +471,10 @@ class Tile(NamedTuple):
 class Tiles(NamedTuple):
     """The three kernels' launches, the tables' precision (fp32_tables: fp32 tables and band
     buffers for half-precision inputs) and how table blocks are read and written (tma). Defaults:
-    128 x 64 at 8 warps (wgmma, 0 spill at half precision, `compile_check`); with dropout the dK/dV
-    kernel steps 32 queries at a time, one stage (dkdv_dropout): at 64 queries, or 2 stages with
-    p2c alone, its regenerated mask makes it spill. `benchmarks/kernel_tune.py` times the
-    alternatives on a GPU."""
+    128 x 64 at 8 warps (wgmma, 0 spill at half precision, `compile_check`); with dropout or
+    documents the dK/dV kernel steps 32 queries at a time, one stage (dkdv_dropout): at 64 queries
+    it spills with dropout (24 B), and with documents alone under Triton 3.7 (24 B).
+    `benchmarks/kernel_tune.py` times the alternatives on a GPU."""
     forward: Tile = Tile(128, 64, 8, 2)
     dq: Tile = Tile(128, 64, 8, 2)
     dkdv: Tile = Tile(128, 64, 8, 2)
@@ -599,7 +599,7 @@ def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, docume
     _backward_dq_kernel[(triton.cdiv(seq_len, tile.rows), batch * heads)](
         q, k, v, grad_out, *tables, dq, g_c2p, sat_c2p, *scalars, **features, **switches, BM=tile.rows,
         BN=tile.cols, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    tile = tiles.dkdv_dropout if settings.dropout_p > 0 else tiles.dkdv
+    tile = tiles.dkdv_dropout if features["DROPOUT"] or document_ids is not None else tiles.dkdv
     _backward_dkdv_kernel[(triton.cdiv(seq_len, tile.rows), batch * heads)](
         q, k, v, grad_out, *tables, dk, dv, g_p2c, sat_p2c, *scalars, **features, **switches, BN=tile.rows,
         BM=tile.cols, num_warps=tile.num_warps, num_stages=tile.num_stages)
