@@ -11,12 +11,14 @@ attention and, where installed, DisentangledFlash and FlashDeBERTa (benchmarks/a
 Each candidate's worst error against the float64 reference at the shortest length (output and all
 five gradients) is recorded with it, so a fast but wrong configuration cannot win.
 
-The candidates (issue 23): forward 128 x 64 at 2 (default) and 3 stages, 128 x 128, 64 x 64 at 4
-warps; both backward kernels 128 x 64 at 8 warps (default) and 64 x 64 at 4; 3 stages in the
-backward (more stages let the pipeliner prefetch the next tile's loads: static counts cannot price
-latency); tables in the input dtype (default) against fp32; table blocks by tensor descriptors
-(default) against masked pointer loads (which spill 8-528 B and take 1.8-2.1 instructions per
-element in every tile: `compile_check`).
+The candidates (issue 23), each a change to the tiles this Triton launches with (`launch_tiles`):
+forward 128 x 64 at 2 (default) and 3 stages, 128 x 128, 64 x 64 at 4 warps; both backward kernels
+128 x 64 at 8 warps (default) and 64 x 64 at 4; 3 stages in the backward (more stages let the
+pipeliner prefetch the next tile's loads: static counts cannot price latency); with dropout the
+dK/dV kernel stepping 64 queries at one stage instead of 32 (fewer instructions per element,
+1.01-1.04 against 1.06-1.15, but it spills 24 B: `compile_check`); tables in the input dtype
+(default) against fp32; table blocks by tensor descriptors (default) against masked pointer loads
+(which spill 8-528 B and take 1.8-2.1 instructions per element in every tile).
 
     python benchmarks/kernel_tune.py --out OUT/kernel_tune.json [--lengths 512 2048 8192]
     TRITON_INTERPRET=1 python benchmarks/kernel_tune.py --out x.json --cpu-smoke   # harness check only
@@ -50,17 +52,19 @@ from benchmarks.attention_bench import (  # noqa: E402
 from deberta_ds.atomic_files import write_atomic  # noqa: E402
 from deberta_ds.kernels.reference import default_scale, disentangled_attention_reference  # noqa: E402
 from deberta_ds.kernels.settings import AttentionSettings  # noqa: E402
-from deberta_ds.kernels.triton_attention import DEFAULT_TILES, Tile, Tiles, fused_backward, fused_forward  # noqa: E402
+from deberta_ds.kernels.triton_attention import Tile, Tiles, fused_backward, fused_forward, launch_tiles  # noqa: E402
 
+LAUNCH = launch_tiles(HEAD_DIM)   # what the kernels launch with under this Triton
 CANDIDATES = {
-    "default": DEFAULT_TILES,
-    "forward 3 stages": DEFAULT_TILES._replace(forward=Tile(128, 64, 8, 3)),
-    "forward 128x128": DEFAULT_TILES._replace(forward=Tile(128, 128, 8, 2)),
-    "forward 64x64 4 warps": DEFAULT_TILES._replace(forward=Tile(64, 64, 4, 2)),
-    "backward 64x64 4 warps": DEFAULT_TILES._replace(dq=Tile(64, 64, 4, 2), dkdv=Tile(64, 64, 4, 2)),
-    "backward 3 stages": DEFAULT_TILES._replace(dq=Tile(128, 64, 8, 3), dkdv=Tile(128, 64, 8, 3)),
-    "fp32 tables": DEFAULT_TILES._replace(fp32_tables=True),
-    "pointer loads": DEFAULT_TILES._replace(tma=False),
+    "default": LAUNCH,
+    "forward 3 stages": LAUNCH._replace(forward=Tile(128, 64, 8, 3)),
+    "forward 128x128": LAUNCH._replace(forward=Tile(128, 128, 8, 2)),
+    "forward 64x64 4 warps": LAUNCH._replace(forward=Tile(64, 64, 4, 2)),
+    "backward 64x64 4 warps": LAUNCH._replace(dq=Tile(64, 64, 4, 2), dkdv=Tile(64, 64, 4, 2)),
+    "backward 3 stages": LAUNCH._replace(dq=Tile(128, 64, 8, 3), dkdv=Tile(128, 64, 8, 3)),
+    "dK/dV dropout 64 queries": LAUNCH._replace(dkdv_dropout=Tile(128, 64, 8, 1)),
+    "fp32 tables": LAUNCH._replace(fp32_tables=True),
+    "pointer loads": LAUNCH._replace(tma=False),
 }
 PHASES = {"_forward_kernel": "forward kernel", "_backward_dq_kernel": "dQ kernel",
           "_backward_dkdv_kernel": "dK/dV kernel"}   # every other device kernel: "GEMMs and the rest"

@@ -56,12 +56,12 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     return types
 
 
-def kernels(dropout: bool, head_dim: int):
+def kernels(features: dict, head_dim: int):
     """(name, kernel, tile, tile constexprs) of the three kernels at the tiles they launch with here."""
     from deberta_ds.kernels import triton_attention as ta
 
     tiles = ta.launch_tiles(head_dim)
-    dkdv = tiles.dkdv_dropout if dropout else tiles.dkdv
+    dkdv = tiles.dkdv_dropout if features["DROPOUT"] or features["DOCS"] else tiles.dkdv
     return [("forward", ta._forward_kernel, tiles.forward, {"BM": tiles.forward.rows, "BN": tiles.forward.cols}),
             ("backward dQ", ta._backward_dq_kernel, tiles.dq, {"BM": tiles.dq.rows, "BN": tiles.dq.cols}),
             ("backward dK dV", ta._backward_dkdv_kernel, dkdv, {"BN": dkdv.rows, "BM": dkdv.cols})]
@@ -110,7 +110,7 @@ def compile_all(arch: int, gated: bool = False) -> tuple[list[dict], list[str]]:
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     reports, failures = [], []
     for dtype, head_dim, features, label in settings(gated):
-        for name, kernel, tile, tile_constexprs in kernels(features["DROPOUT"], head_dim):
+        for name, kernel, tile, tile_constexprs in kernels(features, head_dim):
             constexprs = {"TMA": True} | features | tile_constexprs
             constexprs |= launch_constants(torch_dtypes[dtype], head_dim)
             signature = _signature(kernel, dtype, constexprs)
@@ -177,6 +177,7 @@ def run_under(version: str, argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deberta_ds.kernels.compile_check", description=__doc__,
+                                     allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (80, 90, ...)")
     parser.add_argument("--json", help="also write the reports to this file (a list of objects)")
@@ -191,7 +192,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if args.triton:
-        rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--triton", args.triton)]
+        given = list(argv if argv is not None else sys.argv[1:])
+        rest = [a for i, a in enumerate(given) if not (a == "--triton" or a.startswith("--triton=")
+                                                       or (i and given[i - 1] == "--triton"))]
         return run_under(args.triton, rest)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
     reports, failures = compile_all(args.arch, args.gated)

@@ -143,10 +143,11 @@ def _seed(SEED, DROPOUT: tl.constexpr):
 
 @triton.jit
 def _dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN: tl.constexpr, KEY_MAJOR: tl.constexpr):
-    """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR): one byte per
-    cell, as FlashAttention: Philox4x32-10 keyed by the seed, counter (i * ceil(L / 16) + j // 16, b*h,
-    0, 0); a call's four words give 16 consecutive keys their bytes (key 16g + 4w + c: byte c of word
-    w); a cell is kept when its byte is at least `threshold` (the rate in 1/256, `dropout_threshold`)."""
+    """Keep-mask of queries offs_m and keys n0 + [0, BN), [BM, BN] ([BN, BM] when KEY_MAJOR: drawn
+    query-major, then transposed): one byte per cell, as FlashAttention: Philox4x32-7 keyed by the seed,
+    counter (i * ceil(L / 16) + j // 16, b*h, 0, 0); a call's four words give 16 consecutive keys their
+    bytes (key 16g + 4w + c: byte c of word w); a cell is kept when its byte is at least `threshold`
+    (the rate in 1/256, `dropout_threshold`)."""
     groups = n0 // 16 + tl.arange(0, BN // 16)
     counters = offs_m[:, None] * ((seq_len + 15) // 16) + groups[None, :]         # [BM, BN / 16]
     r0, r1, r2, r3 = tl.philox(seed, counters, bh, 0, 0, _PHILOX_ROUNDS)
@@ -470,10 +471,10 @@ class Tile(NamedTuple):
 class Tiles(NamedTuple):
     """The three kernels' launches, the tables' precision (fp32_tables: fp32 tables and band
     buffers for half-precision inputs) and how table blocks are read and written (tma). Defaults:
-    128 x 64 at 8 warps (wgmma, 0 spill at half precision, `compile_check`); with dropout the dK/dV
-    kernel steps 32 queries at a time, one stage (dkdv_dropout): at 64 queries, or 2 stages with
-    p2c alone, its regenerated mask makes it spill. `benchmarks/kernel_tune.py` times the
-    alternatives on a GPU."""
+    128 x 64 at 8 warps (wgmma, 0 spill at half precision, `compile_check`); with dropout or
+    documents the dK/dV kernel steps 32 queries at a time, one stage (dkdv_dropout): at 64 queries
+    it spills with dropout (24 B), and with documents alone under Triton 3.7 (24 B).
+    `benchmarks/kernel_tune.py` times the alternatives on a GPU."""
     forward: Tile = Tile(128, 64, 8, 2)
     dq: Tile = Tile(128, 64, 8, 2)
     dkdv: Tile = Tile(128, 64, 8, 2)
@@ -490,8 +491,12 @@ class Tiles(NamedTuple):
 DEFAULT_TILES = Tiles()
 # What differs from DEFAULT_TILES per compiler (Triton (major, minor): Tiles fields) and for head dims
 # above 64, found with `compile_check` (its gates: 0 spill, wgmma, per-element limits; RESULTS.md).
-TRITON_TILES: dict[tuple[int, int], dict] = {}
-WIDE_HEAD_TILES: dict = {}
+# Triton 3.6 (the GPU image's): one stage in the forward and dQ kernels, whose loops it otherwise
+# issues 0.05-0.13 more instructions per element for (3.7-3.9 issue fewer at two stages).
+TRITON_TILES: dict[tuple[int, int], dict] = {(3, 6): {"forward": Tile(128, 64, 8, 1), "dq": Tile(128, 64, 8, 1)}}
+# d = 128 (Triton 3.9; 0 spill): the default dQ and dK/dV tiles spill 48-296 B there (fp32 accumulators
+# of [rows, 128]); a 64-row dQ at 4 warps, a 32-query dK/dV step and, with dropout, 64 keys do not.
+WIDE_HEAD_TILES: dict = {"dq": Tile(64, 64, 4, 2), "dkdv": Tile(128, 32, 8, 2), "dkdv_dropout": Tile(64, 64, 8, 1)}
 
 
 def launch_tiles(head_dim: int, triton_version: str = triton.__version__) -> Tiles:
@@ -594,7 +599,7 @@ def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, docume
     _backward_dq_kernel[(triton.cdiv(seq_len, tile.rows), batch * heads)](
         q, k, v, grad_out, *tables, dq, g_c2p, sat_c2p, *scalars, **features, **switches, BM=tile.rows,
         BN=tile.cols, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    tile = tiles.dkdv_dropout if settings.dropout_p > 0 else tiles.dkdv
+    tile = tiles.dkdv_dropout if features["DROPOUT"] or document_ids is not None else tiles.dkdv
     _backward_dkdv_kernel[(triton.cdiv(seq_len, tile.rows), batch * heads)](
         q, k, v, grad_out, *tables, dk, dv, g_p2c, sat_p2c, *scalars, **features, **switches, BN=tile.rows,
         BM=tile.cols, num_warps=tile.num_warps, num_stages=tile.num_stages)
