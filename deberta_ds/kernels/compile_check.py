@@ -34,12 +34,23 @@ FEATURES = ("HAS_C2P", "HAS_P2C", "HAS_MASK", "DROPOUT", "DOCS")
 INT32_POINTERS = {"MASK", "DOC"}
 FP32_POINTERS = {"LSE", "DELTA", "DQ", "DK", "SATC", "SATP"}
 INT64_POINTERS = {"SEED"}
-POINTERS = {"Q", "K", "V", "DO", "E", "F", "OUT", "DV", "GC", "GP"} | INT32_POINTERS | FP32_POINTERS | INT64_POINTERS
+TABLE_POINTERS = {"E", "F", "GC", "GP"}   # position tables and band buffers: in tables.table_dtype of the inputs
+POINTERS = {"Q", "K", "V", "DO", "OUT", "DV"} | TABLE_POINTERS | INT32_POINTERS | FP32_POINTERS | INT64_POINTERS
 PLAIN = {"HAS_C2P": True, "HAS_P2C": True, "HAS_MASK": False, "DROPOUT": False, "DOCS": False}
 EVERYTHING = dict.fromkeys(FEATURES, True)
 TRAINING = EVERYTHING | {"DOCS": False}   # pre-training: padding mask and attention dropout, both terms
 GATED = ("plain", "all features", "without DOCS")   # the variants gated under every compiler (with documents:
 # "all features"), half precision at d = 64
+
+
+def _table_type(dtype: str) -> str:
+    """Triton's name of the dtype the host code stores E, F and the band buffers in for `dtype` inputs."""
+    import torch
+
+    from deberta_ds.kernels.tables import table_dtype
+
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    return names[table_dtype({name: dt for dt, name in names.items()}[dtype])]
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -50,7 +61,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             types[name] = "constexpr"
         elif name in POINTERS:
             types[name] = ("*i32" if name in INT32_POINTERS else "*i64" if name in INT64_POINTERS
-                           else "*fp32" if name in FP32_POINTERS else "*" + dtype)
+                           else "*fp32" if name in FP32_POINTERS else "*" + _table_type(dtype)
+                           if name in TABLE_POINTERS else "*" + dtype)
         else:
             types[name] = "fp32" if name == "scale" else "i32"
     return types
