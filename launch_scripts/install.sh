@@ -27,6 +27,6 @@ fi
 spec="$repo"
 [ -n "$extras" ] && spec="$repo[$extras]"
 if ! "$python" -c "import deberta_ds, deepspeed, sentencepiece" 2>/dev/null \
-   || { [ "$extras" = test ] && ! "$python" -c "import transformers, megatron.core, pytest, triton, onnxruntime, ruff" 2>/dev/null; }; then
+   || { [ "$extras" = test ] && ! "$python" -c "import transformers, megatron.core, pytest, triton, onnxruntime, ruff, sklearn, scipy, seqeval" 2>/dev/null; }; then
   "$python" -m pip install --quiet -e "$spec"
 fi
