@@ -94,6 +94,7 @@ def test_a_deepspeed_json_that_is_not_an_object_or_nested_too_deep_is_named(trai
 def test_machine_limits_are_refused_before_deepspeed_starts(train_shards, tmp_path, capsys, no_start, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.delenv("DEBERTA_DS_CPU_FP16", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter (set for the tests) runs fused on a CPU
     config = config_file(tmp_path, tiny_run(train_shards, tmp_path / "out"))
     assert "error: train.precision: fp16 needs a GPU" in refused(capsys, ["--config", config, "train.precision=fp16"])
     assert "error: model_overrides.attention_impl: fused needs a CUDA GPU" in refused(

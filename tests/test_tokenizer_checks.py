@@ -93,7 +93,8 @@ def test_to_hf_compares_a_given_tokenizer_with_the_runs_by_hash(tmp_path, tokeni
     step = tmp_path / "run" / "checkpoints" / "step_00000001"  # what export_tokenizer reads of a training run
     step.mkdir(parents=True)
     (step / STATE).write_text(json.dumps({"step": 1, "consumed_samples": 8, "tokenizer": {"sha256": ours.sha256},
-                                          "run_config": {"data": {"tokenizer": str(tokenizer_dir)}}}))
+                                          "run_config": {"data": {"tokenizer": str(tokenizer_dir)}},
+                                          "rtd_config": {}, "engines": []}))  # the fields read_state requires
     (step / COMPLETE).write_text("{}")
     assert load_tokenizer(other_tokenizer)[1].mask_id == ours.mask_id  # the id count cannot tell them apart
     with pytest.raises(CheckpointError, match=f"--tokenizer: {other_tokenizer} has sha256 .*, but the run was "

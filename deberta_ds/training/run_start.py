@@ -47,8 +47,10 @@ def check_machine(config: RunConfig) -> None:
         return
     require(config.train.precision != "fp16" or os.environ.get("DEBERTA_DS_CPU_FP16") == "1", "train.precision",
             "fp16 needs a GPU (DeepSpeed's CPU accelerator does not train in fp16); use bf16 or fp32 on the CPU")
-    require(config.model_overrides.get("attention_impl") != "fused", "model_overrides.attention_impl",
-            "fused needs a CUDA GPU (the Triton kernel); use reference or auto on the CPU")
+    # Triton's interpreter runs the kernel on CPU tensors (the tests and gpu_check.sh's CPU smoke run)
+    require(config.model_overrides.get("attention_impl") != "fused" or os.environ.get("TRITON_INTERPRET") == "1",
+            "model_overrides.attention_impl", "fused needs a CUDA GPU (the Triton kernel); use reference or auto on "
+            "the CPU (or TRITON_INTERPRET=1: Triton's interpreter, slow, for tests)")
 
 
 def prepare(config: RunConfig, resume: str) -> RunStart:
