@@ -38,7 +38,7 @@ def finished_run(train_shards, tmp_path_factory):
     """A finished 4-step ZeRO-2 run of the tiny pair through `python -m deberta_ds.train`, with
     checkpoints at steps 2 and 4 and a held-out set (its run config), made once per session for
     the checkpoint and resume tests, which work on copies of it (run_helpers.copy_of)."""
-    from tests.run_helpers import train_cli, write_run
+    from tests.proc_helpers import train_cli, write_run
     from tests.train_helpers import tiny_run
 
     root = tmp_path_factory.mktemp("finished_run")

@@ -1,30 +1,12 @@
-"""Training runs through the command line for the checkpoint and resume tests: run configs written
-to files, `python -m deberta_ds.train` with its exit status checked, copies of a finished run."""
+"""Copies of the finished tiny run (tests/conftest.py::finished_run) for the checkpoint and resume
+tests: the shared run itself is never written to."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.proc_helpers import run_bounded
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_run(path: Path, run: dict) -> Path:
-    path.write_text(json.dumps(run))
-    return path
-
-
-def train_cli(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    """`python -m deberta_ds.train --config config *extra`: exit status `expect`, and never a traceback."""
-    result = run_bounded([sys.executable, "-m", "deberta_ds.train", "--config", str(config), *extra], cwd=REPO)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result
+from tests.proc_helpers import write_run
 
 
 def copy_of(finished: dict, tmp_path: Path, name: str, **train) -> tuple[Path, Path]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.proc_helpers import run_bounded
-from tests.run_helpers import copy_of, train_cli, write_run
+from tests.proc_helpers import run_bounded, train_cli, write_run
+from tests.run_helpers import copy_of
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from deberta_ds.parallel_env import free_port
-from tests.proc_helpers import run_bounded
-from tests.run_helpers import copy_of, train_cli, write_run
+from tests.proc_helpers import run_bounded, train_cli, write_run
+from tests.run_helpers import copy_of
 from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
