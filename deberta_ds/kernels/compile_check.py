@@ -8,8 +8,8 @@ reports per variant: registers, spill stack, shared memory, how many of its prod
 (`warp_group_dot` in the TTGIR) and how many are not, and the static warp-instructions per score
 element of its main loop per tile class (`sass.py`). Exit status 1 names the variants that do not
 compile. `--triton X` runs it under another Triton, installed once into its own cached folder
-(`triton_folder`), never into the environment; `--gated` compiles only the half-precision d = 64
-variants gated under every compiler (plain and the training variants).
+(`triton_folder`), never into the environment; `--gated` compiles only the half-precision variants
+gated under every compiler (plain and the training variants, d = 64 and 128).
 
     python -m deberta_ds.kernels.compile_check --arch 90 [--json OUT.json]     # H100 / H200
     python -m deberta_ds.kernels.compile_check --arch 90 --triton 3.6.0 --gated
@@ -40,7 +40,7 @@ PLAIN = {"HAS_C2P": True, "HAS_P2C": True, "HAS_MASK": False, "DROPOUT": False, 
 EVERYTHING = dict.fromkeys(FEATURES, True)
 TRAINING = EVERYTHING | {"DOCS": False}   # pre-training: padding mask and attention dropout, both terms
 GATED = ("plain", "all features", "without DOCS")   # the variants gated under every compiler (with documents:
-# "all features"), half precision at d = 64
+# "all features"), half precision at both head dims
 
 
 def _table_type(dtype: str) -> str:
@@ -82,17 +82,17 @@ def kernels(features: dict, head_dim: int):
 def settings(gated: bool = False) -> list[tuple[str, int, dict, str]]:
     """(dtype, head dim, features, label): every dtype and head dim with all features on, the plain
     variant (both terms; no mask, dropout or documents) at half precision for each head dim, the
-    training variant (mask and dropout, no documents) at half precision and d = 64, each other feature
-    off once (bf16, d = 64), and the plain variant with pointer loads (Tiles.tma off). gated: only the
-    half-precision d = 64 variants of GATED."""
+    training variant (mask and dropout, no documents) at half precision for each head dim, each other
+    feature off once (bf16, d = 64), and the plain variant with pointer loads (Tiles.tma off). gated: only
+    the half-precision variants of GATED."""
     out = [(dtype, d, EVERYTHING, "all features") for dtype in DTYPES for d in HEAD_DIMS]
     out += [(dtype, d, PLAIN, "plain") for dtype in ("bf16", "fp16") for d in HEAD_DIMS]
-    out += [(dtype, 64, TRAINING, "without DOCS") for dtype in ("bf16", "fp16")]
+    out += [(dtype, d, TRAINING, "without DOCS") for dtype in ("bf16", "fp16") for d in HEAD_DIMS]
     out += [("bf16", 64, EVERYTHING | {off: False}, f"without {off}") for off in FEATURES if off != "DOCS"]
     out += [("bf16", 64, PLAIN | {"HAS_C2P": False, "HAS_P2C": False}, "plain without terms")]
     out += [("bf16", 64, PLAIN | {"TMA": False}, "plain, pointer loads")]
     if gated:
-        out = [s for s in out if s[0] in ("bf16", "fp16") and s[1] == 64 and s[3] in GATED]
+        out = [s for s in out if s[0] in ("bf16", "fp16") and s[3] in GATED]
     return out
 
 
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (80, 90, ...)")
     parser.add_argument("--json", help="also write the reports to this file (a list of objects)")
     parser.add_argument("--gated", action="store_true",
-                        help="only the half-precision d = 64 variants gated under every compiler")
+                        help="only the half-precision variants gated under every compiler")
     parser.add_argument("--triton", metavar="VERSION",
                         help="compile with this Triton, installed into its own folder under the cache (see "
                              "triton_folder) and put ahead of the installed one")

@@ -489,21 +489,27 @@ class Tiles(NamedTuple):
 
 
 DEFAULT_TILES = Tiles()
-# What differs from DEFAULT_TILES per compiler (Triton (major, minor): Tiles fields) and for head dims
-# above 64, found with `compile_check` (its gates: 0 spill, wgmma, per-element limits; RESULTS.md).
+# What differs from DEFAULT_TILES per compiler at d <= 64 (Triton (major, minor): Tiles fields), found
+# with `compile_check` (its gates: 0 spill, wgmma, per-element limits; RESULTS.md).
 # Triton 3.6 (the GPU image's): one stage in the forward and dQ kernels, whose loops it otherwise
 # issues 0.05-0.13 more instructions per element for (3.7-3.9 issue fewer at two stages).
 TRITON_TILES: dict[tuple[int, int], dict] = {(3, 6): {"forward": Tile(128, 64, 8, 1), "dq": Tile(128, 64, 8, 1)}}
-# d = 128 (Triton 3.9; 0 spill): the default dQ and dK/dV tiles spill 48-296 B there (fp32 accumulators
-# of [rows, 128]); a 64-row dQ at 4 warps, a 32-query dK/dV step and, with dropout, 64 keys do not.
-WIDE_HEAD_TILES: dict = {"dq": Tile(64, 64, 4, 2), "dkdv": Tile(128, 32, 8, 2), "dkdv_dropout": Tile(64, 64, 8, 1)}
+# d > 64, in place of DEFAULT_TILES and TRITON_TILES: the d = 64 tiles spill 48-296 B there (fp32 accumulators
+# of [rows, 128]). These spill none under Triton 3.6-3.9 in every half-precision variant (`compile_check`, the
+# compile test), with a smaller tile per compiler where these spill.
+WIDE_HEAD_TILES: dict = {"dq": Tile(64, 64, 4, 2), "dkdv": Tile(128, 32, 8, 2), "dkdv_dropout": Tile(64, 32, 8, 2)}
+TRITON_WIDE_TILES: dict[tuple[int, int], dict] = {   # 128 x 64 forward: 40 B; 64 x 64 dQ: 8 B there
+    (3, 6): {"forward": Tile(64, 64, 4, 1), "dq": Tile(64, 32, 4, 2)},
+    (3, 9): {"dq": Tile(64, 32, 4, 2)},
+}
 
 
 def launch_tiles(head_dim: int, triton_version: str = triton.__version__) -> Tiles:
     """The tiles the kernels launch with for this head dim under this Triton."""
     major, minor = (int(part) for part in triton_version.split(".")[:2])
-    tiles = DEFAULT_TILES._replace(**TRITON_TILES.get((major, minor), {}))
-    return tiles._replace(**WIDE_HEAD_TILES) if head_dim > 64 else tiles
+    if head_dim > 64:
+        return DEFAULT_TILES._replace(**{**WIDE_HEAD_TILES, **TRITON_WIDE_TILES.get((major, minor), {})})
+    return DEFAULT_TILES._replace(**TRITON_TILES.get((major, minor), {}))
 
 
 def launch_constants(dtype: torch.dtype, head_dim: int) -> dict:
