@@ -206,8 +206,10 @@ def _visits(l0, start, end, DOCS: tl.constexpr, DROPOUT: tl.constexpr):
 @triton.jit
 def _same_document(s, doc_ptr, b, ids, l0, offs_loop, loop_ok, seq_len, run_start, run_end, block_in_run):
     """s with the cells whose query and key lie in different documents masked; a tile whose both
-    blocks lie in one run of equal ids skips the test."""
-    uniform = block_in_run & (l0 >= run_start) & (tl.minimum(l0 + offs_loop.shape[0], seq_len) - 1 <= run_end)
+    blocks lie in one run of equal ids skips the test. The loop block's positions past L read id -2,
+    no document's, and a loop block reaching past L is never uniform: the test masks them too.
+    Padded positions are one document of their own (`_int32`): the test masks padded keys as well."""
+    uniform = block_in_run & (l0 >= run_start) & (l0 + offs_loop.shape[0] - 1 <= run_end)
     if not uniform:
         loop_ids = tl.load(doc_ptr + b.to(tl.int64) * 5 * seq_len + offs_loop, mask=loop_ok, other=-2)
         s = tl.where(ids[:, None] == loop_ids[None, :], s, _NEG)
@@ -258,12 +260,13 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
             s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0,
                            seq_len, CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False,
                            BM, BN, TMA)
-        keep = col_ok
-        if HAS_MASK:
-            keep = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
-        s = tl.where(keep[None, :], s, _NEG)
-        if DOCS:
+        if DOCS:  # masks padded keys and keys past L too
             s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
+        else:
+            keep = col_ok
+            if HAS_MASK:
+                keep = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
+            s = tl.where(keep[None, :], s, _NEG)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -334,13 +337,13 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD,
                            float("-inf"), seq_len, CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P,
                            HAS_P2C, False, BM, BN, TMA)
-        if HAS_MASK:
+        if DOCS:  # masks padded keys and keys past L too
+            s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
+        elif HAS_MASK:
             key_ok = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
             s = tl.where(key_ok[None, :], s, _NEG)
         elif HAS_C2P and not HAS_P2C:  # no -inf p2c values past L: keep those keys out of the saturated sums
             s = tl.where(col_ok[None, :], s, _NEG)
-        if DOCS:
-            s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:  # lse, delta as `fused_backward` passes them with dropout
@@ -423,7 +426,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                 st += _position(m0, n0, offs_m, offs_n, f_hi, f_lo, Eb, offs_m, q_ok, E_PAD, E_PAD + C - 1, 0.0,
                                 seq_len, CS, e_view, f_view, r_min, r_max, HAS_P2C, HAS_C2P, HAS_C2P, HAS_P2C, True,
                                 BM, BN, TMA)
-            if DOCS:  # padded keys are a document of their own (`_int32`): masked by this test too
+            if DOCS:
                 st = _same_document(st, DOC, b, ids, m0, offs_m, q_ok, seq_len, run_start, run_end, block_in_run)
             elif HAS_MASK:
                 st = tl.where(key_ok[:, None], st, _NEG)
