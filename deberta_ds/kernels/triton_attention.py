@@ -6,11 +6,11 @@ Three kernels, FlashAttention-2 style, scores never in HBM:
   dK/dV      key-major: dk's content part and dv, dS^T of band cells into G_p2c, saturated key sums.
 Every tile is classified by two scalar tests on its corners (highest and lowest i - j):
   saturated high / low  every pair on one saturated slot: a row plus a column vector, no table tile;
-  band                  every pair in the band: two block loads of the skewed table views;
-  mixed                 both: the block loads and a `where` against the saturated vectors.
+  band or mixed         some pair in the band: two block loads of the skewed table views.
 The table views are tensor descriptors ([L, L], row stride CS - 1), so a band tile costs two 2D block
-loads in the forward and a block store of dS in the backward (mixed tiles block-store too: the rows
-are padded so their out-of-band cells land in columns the fold ignores).
+loads in the forward and a block store of dS in the backward. A mixed tile (band and saturated pairs)
+costs the same: the rows are padded on both sides with their saturated values, so its out-of-band
+cells read those, and its dS stores land there, which the fold sums into the saturated slots.
 
 Masking: key padding sets the score to -1e30; padded query rows output 0 and keep lse = +inf, so the
 backward gives them p = 0 without a test. Document ids: a block visits only the key (or query) blocks
@@ -83,7 +83,7 @@ def _view_store(view, r0, c0, value, seq_len, CS, ROWS: tl.constexpr, COLS: tl.c
 def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loop_ok, loop_hi_col, loop_lo_col,
               loop_other, seq_len, CS, e_view, f_view, r_min, r_max, HAS_PROG: tl.constexpr,
               HAS_LOOP: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, KEY_MAJOR: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr, SELECT_MIXED: tl.constexpr = False):
     """c2p + p2c of the tile with queries m0 + [0, BM) and keys n0 + [0, BN), fp32 in base-2 units, rows
     = the program's side (queries; keys when KEY_MAJOR). prog_*: the program side's saturated values
     [rows] (E of the queries, or F of the keys); the loop side's are read here per tile (loop_ptr rows of
@@ -100,7 +100,7 @@ def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loo
         else:
             pos = tl.load(loop_ptr + offs_loop * CS + col, mask=loop_ok, other=loop_other).to(tl.float32)
             pos = tl.broadcast_to(pos[None, :], [prog_hi.shape[0], offs_loop.shape[0]])
-    else:                                                  # band or mixed: block loads of the views
+    else:                                                  # band or mixed: block loads of the views (`tables`)
         if HAS_C2P:
             c2p = _view_load(e_view, m0, n0, seq_len, CS, BM, BN, TMA)      # [BM, BN]
             if KEY_MAJOR:
@@ -114,15 +114,12 @@ def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loo
                 pos = pos + p2c.to(tl.float32)
             else:
                 pos = p2c.to(tl.float32)
-        if (lowest < r_min) | (highest > r_max):           # mixed: saturated cells from the vectors
-            if KEY_MAJOR:
-                rel = offs_m[None, :] - offs_n[:, None]
-            else:
-                rel = offs_m[:, None] - offs_n[None, :]
+        if SELECT_MIXED and ((lowest < r_min) | (highest > r_max)):   # the pads hold these values too, but
+            # without this select Triton 3.6-3.9 compute the forward's dropout Philox in the MMA layout,
+            # replicated per thread: 2.0 warp-instructions per element instead of 0.9 (compile_check)
+            rel = offs_m[:, None] - offs_n[None, :]
             high = rel > r_max
-            sat = tl.zeros_like(pos)
-            if HAS_PROG:
-                sat = tl.where(high, prog_hi[:, None], prog_lo[:, None])
+            sat = tl.where(high, prog_hi[:, None], prog_lo[:, None])
             if HAS_LOOP:
                 loop_hi = tl.load(loop_ptr + offs_loop * CS + loop_hi_col, mask=loop_ok, other=loop_other)
                 loop_lo = tl.load(loop_ptr + offs_loop * CS + loop_lo_col, mask=loop_ok, other=loop_other)
@@ -259,7 +256,7 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
         if HAS_C2P or HAS_P2C:
             s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0,
                            seq_len, CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False,
-                           BM, BN, TMA)
+                           BM, BN, TMA, DROPOUT)
         if DOCS:  # masks padded keys and keys past L too
             s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
         else:
@@ -293,8 +290,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
                         HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                         HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr,
                         BN: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """Query-major: dq's content part (scaled, fp32) of BM queries; with c2p, dS of their band cells
-    into G_c2p and their saturated sums into SATC [b*h, L, 2] (r > r_max, r < r_min)."""
+    """Query-major: dq's content part (scaled, fp32) of BM queries; with c2p, dS of their band and mixed
+    tiles into G_c2p and their saturated tiles' sums into SATC [b*h, L, 2] (r > r_max, r < r_min)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
     seed = _seed(SEED, DROPOUT)
@@ -355,12 +352,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
                 sat_hi += tl.sum(ds, axis=1)
             elif highest < r_min:
                 sat_lo += tl.sum(ds, axis=1)
-            else:
+            else:  # band or mixed: the fold sums the out-of-band cells into the saturated slots
                 _view_store(g_view, m0, n0, ds.to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
-                if (lowest < r_min) | (highest > r_max):
-                    rel = offs_m[:, None] - offs_n[None, :]
-                    sat_hi += tl.sum(tl.where(rel > r_max, ds, 0.0), axis=1)
-                    sat_lo += tl.sum(tl.where(rel < r_min, ds, 0.0), axis=1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (scale / _LOG2E), mask=tile_mask)
     if HAS_C2P:
@@ -376,8 +369,8 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                           HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BN: tl.constexpr,
                           BM: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Key-major: BN keys per program, tiles [keys, queries]: dk's content part (scaled, fp32) and dv;
-    with p2c, dS^T of their band cells into G_p2c and their saturated sums into SATP [b*h, L, 2]
-    (r < r_min, r > r_max)."""
+    with p2c, dS^T of their band and mixed tiles into G_p2c and their saturated tiles' sums into SATP
+    [b*h, L, 2] (r < r_min, r > r_max)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
     seed = _seed(SEED, DROPOUT)
@@ -447,12 +440,8 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                     sat_hi += tl.sum(dst, axis=1)
                 elif highest < r_min:
                     sat_lo += tl.sum(dst, axis=1)
-                else:
+                else:  # band or mixed: the fold sums the out-of-band cells into the saturated slots
                     _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
-                    if (lowest < r_min) | (highest > r_max):
-                        rel = offs_m[None, :] - offs_n[:, None]
-                        sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
-                        sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
     tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (scale / _LOG2E), mask=tile_mask)
     tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
     if HAS_P2C:
