@@ -484,14 +484,17 @@ DEFAULT_TILES = Tiles()
 # What differs from DEFAULT_TILES per compiler at d <= 64 (Triton (major, minor): Tiles fields), found
 # with `compile_check` (its gates: 0 spill, wgmma, per-element limits; RESULTS.md).
 # Triton 3.6 (the GPU image's): one stage in the forward and dQ kernels, whose loops it otherwise
-# issues 0.05-0.13 more instructions per element for (3.7-3.9 issue fewer at two stages).
-TRITON_TILES: dict[tuple[int, int], dict] = {(3, 6): {"forward": Tile(128, 64, 8, 1), "dq": Tile(128, 64, 8, 1)}}
+# issues 0.05-0.13 more instructions per element for (3.7-3.9 issue fewer at two stages); Triton 3.8:
+# one stage in the forward (with documents, fp16: 0.985 per element in saturated tiles, 1.005 at two).
+TRITON_TILES: dict[tuple[int, int], dict] = {(3, 6): {"forward": Tile(128, 64, 8, 1), "dq": Tile(128, 64, 8, 1)},
+                                              (3, 8): {"forward": Tile(128, 64, 8, 1)}}
 # d > 64, in place of DEFAULT_TILES and TRITON_TILES: the d = 64 tiles spill 48-296 B there (fp32 accumulators
 # of [rows, 128]). These spill none under Triton 3.6-3.9 in every half-precision variant (`compile_check`, the
 # compile test), with a smaller tile per compiler where these spill.
 WIDE_HEAD_TILES: dict = {"dq": Tile(64, 64, 4, 2), "dkdv": Tile(128, 32, 8, 2), "dkdv_dropout": Tile(64, 32, 8, 2)}
 TRITON_WIDE_TILES: dict[tuple[int, int], dict] = {   # 128 x 64 forward: 40 B; 64 x 64 dQ: 8 B there
     (3, 6): {"forward": Tile(64, 64, 4, 1), "dq": Tile(64, 32, 4, 2)},
+    (3, 8): {"dkdv_dropout": Tile(128, 16, 8, 2)},   # 64 x 32: 8 B with documents in fp16
     (3, 9): {"dq": Tile(64, 32, 4, 2)},
 }
 
