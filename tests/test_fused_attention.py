@@ -16,8 +16,9 @@ from deberta_ds.kernels.fused import disentangled_attention_fused
 from deberta_ds.kernels.reference import attention_scores, default_scale, disentangled_attention_reference
 from deberta_ds.kernels.settings import AttentionSettings, quantised_dropout_rate
 from deberta_ds.kernels.tables import layout
-from deberta_ds.kernels.triton_attention import DEFAULT_TILES, Tile, Tiles, fused_backward, fused_forward
+from deberta_ds.kernels.triton_attention import DEFAULT_TILES, Tile, Tiles, fused_backward, fused_forward, launch_tiles
 from tests.kernel_helpers import tile_classes
+from tests.test_kernel_compile import TRITONS
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 SMALL = Tiles(Tile(32, 16, 4, 1), Tile(32, 16, 4, 1), Tile(32, 16, 4, 1), Tile(32, 16, 4, 1))
@@ -234,11 +235,10 @@ def test_dropout_matches_reference_with_the_kernels_mask_and_backward_is_determi
         assert relative_error(got, want) <= TOLERANCE[torch.float32]
 
 
-def test_dropout_with_every_tile_class_and_padding_matches_the_kernels_mask():
-    """The keep-mask is a function of (seed, b*h, i, j) alone: drawn at one tile size, it reproduces the
-    kernels at another (SMALL tiles: every class, both backward orientations, padding)."""
-    shape, p = (2, 1, 45, 32, 8, 24), 0.3
-    tensors, mask = inputs(shape, torch.float32, ("c2p", "p2c"), True, seed=8)
+def assert_dropout_matches_the_kernels_mask(shape, p, tiles, seed):
+    """With padding and dropout p, the kernels at `tiles` equal float64 attention under the keep-mask the
+    kernel draws at its default tiles (`kernel_dropout_mask`)."""
+    tensors, mask = inputs(shape, torch.float32, ("c2p", "p2c"), True, seed=seed)
     grad_out = torch.randn(*shape[:3], shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     keep = kernel_dropout_mask(*shape[:3], p, seed=0, width=32)
 
@@ -250,10 +250,30 @@ def test_dropout_with_every_tile_class_and_padding_matches_the_kernels_mask():
         return (probs @ v) * attention_mask[:, None, :, None]
 
     expected = run(reference_with_mask, tensors, mask, shape, torch.float64, grad_out)
-    actual = run(kernel(SMALL), tensors, mask, shape, torch.float32, grad_out, dropout_p=p)
+    actual = run(kernel(tiles), tensors, mask, shape, torch.float32, grad_out, dropout_p=p)
     assert relative_error(actual[0], expected[0]) <= TOLERANCE[torch.float32]
     for got, want in zip(actual[1], expected[1]):
         assert relative_error(got, want) <= TOLERANCE[torch.float32]
+
+
+def test_dropout_with_every_tile_class_and_padding_matches_the_kernels_mask():
+    """The keep-mask is a function of (seed, b*h, i, j) alone: drawn at one tile size, it reproduces the
+    kernels at another (SMALL tiles: every class, both backward orientations, padding)."""
+    assert_dropout_matches_the_kernels_mask((2, 1, 45, 32, 8, 24), 0.3, SMALL, seed=8)
+
+
+# The d = 128 tiles `launch_tiles` picks under each compiler the compile test gates (16-query dK/dV steps,
+# 64-row dQ and forward tiles), each run once under the interpreter: {tiles: the compilers that launch them}.
+WIDE_TILES = {}
+for _version in TRITONS:
+    WIDE_TILES.setdefault(launch_tiles(128, _version), []).append(_version)
+
+
+@pytest.mark.parametrize("tiles", list(WIDE_TILES), ids=["triton " + "+".join(v) for v in WIDE_TILES.values()])
+def test_every_compilers_d128_tiles_match_float64_with_padding_and_dropout(tiles):
+    shape = (2, 1, 150, 128, 32, 96)
+    assert_matches_reference(shape, ("c2p", "p2c"), True, torch.float32, tiles)
+    assert_dropout_matches_the_kernels_mask(shape, 0.2, tiles, seed=3)
 
 
 def test_model_with_fused_attention_equals_reference_end_to_end():

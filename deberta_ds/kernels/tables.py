@@ -9,15 +9,17 @@ one saturated column per side, C = r_max - r_min + 3 columns (1,019 at 256 bucke
   F[j, t] = k_j.Qr[slot of column t] (p2c), t = i - j - r_min + 1 in the band, t = 0: r < r_min,
             t = C - 1: r > r_max.
 Both come from one dense GEMM each (q against Kr gathered into distance order). Each row is stored
-with stride CS (CS - 1 a multiple of 8) after a small origin pad, so E[i, j - i + r_max + 1] lies at
+with stride CS (CS - 1 a multiple of 8) after an origin pad, so E[i, j - i + r_max + 1] lies at
 i * (CS - 1) + j + const: the view of stride CS - 1 is an [L, L] matrix whose band tiles are plain
 2D boxes (tensor-descriptor loads, no gather), F likewise transposed. The backward writes dS of
 band cells into buffers G_c2p, G_p2c of the same layout (one writer per cell) and folds them with
 dense GEMMs into dq, dk, dKr, dQr. Memory O(L * CS) per head, not O(L^2).
 
-Rows are padded by at least the sum of a tile's two sides ("mixed-block"): a tile with both band
-and saturated cells then block-stores all of its dS, the out-of-band cells landing only in
-saturated or pad columns, which the fold overwrites or ignores (tests/test_fused_attention.py).
+Rows are padded on both sides by at least the sum of a tile's two sides ("mixed-block"), and the
+pads are saturated columns too (t < 0 like t = 0, t >= C like t = C - 1): a tile with both band and
+saturated cells reads all of its cells' values from its two block loads, as a band tile, and
+block-stores all of its dS, the out-of-band cells landing in their own row's saturated or pad
+columns, which the fold sums into the saturated slots (tests/test_fused_attention.py).
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ class Layout(NamedTuple):
     r_max: int
     columns: int        # C = r_max - r_min + 3
     row_stride: int     # CS: CS - 1 a multiple of 8, so the skewed view's rows are 16-byte aligned
-    e_pad: int          # E's column 0 sits at row offset e_pad; e_pad + r_max + 1 is a multiple of 8
-    f_pad: int          # F's column 0 at f_pad; f_pad + 1 - r_min a multiple of 8
+    e_pad: int          # E's column 0 sits at row offset e_pad (>= the mixed-block pad); e_pad + r_max + 1 is a
+    f_pad: int          # multiple of 8. F's column 0 at f_pad (likewise), f_pad + 1 - r_min a multiple of 8
     rows: int           # L rounded up to 8: per-head buffers stay 16-byte aligned
     position_buckets: int
     max_relative_positions: int
@@ -89,21 +91,21 @@ def layout(seq_len: int, position_buckets: int, max_relative_positions: int, til
     r_min, r_max = band_of(slots)
     columns = r_max - r_min + 3
     extra = tile_sum + (-tile_sum) % 8
-    row_stride = columns + 1 + (-columns) % 8 + 8 + extra
-    return Layout(seq_len, r_min, r_max, columns, row_stride, (-(r_max + 1)) % 8, (-(1 - r_min)) % 8,
+    row_stride = columns + 1 + (-columns) % 8 + 8 + 2 * extra   # origin pad <= extra + 7, then >= extra + 2 after
+    return Layout(seq_len, r_min, r_max, columns, row_stride, extra + (-(r_max + 1)) % 8, extra + (-(1 - r_min)) % 8,
                   seq_len + (-seq_len) % 8, position_buckets, max_relative_positions)
 
 
 def _fold(lay: Layout, pad: int, reverse: bool, table_rows: int, device: torch.device) -> torch.Tensor:
     """One-hot [CS, table_rows], fp32: stored row `pad + t` -> the slot of p2c column t (c2p columns,
-    `reverse`: the same slots in reverse order); zero rows for pads. Built on `device` from aranges:
-    no host data is copied to the device, at any new length."""
+    `reverse`: the same slots in reverse order); the pads (t < 0, t >= C) continue the saturated
+    columns on their side. Built on `device` from aranges: no host data is copied to the device, at
+    any new length."""
     column = torch.arange(lay.row_stride, device=device) - pad                     # [CS]
-    in_table = (column >= 0) & (column < lay.columns)
     if reverse:
         column = lay.columns - 1 - column
     distance = (column + lay.r_min - 1).clamp(-(lay.seq_len - 1), lay.seq_len - 1)
-    slot = torch.where(in_table, _slots(distance, lay.position_buckets, lay.max_relative_positions), -1)
+    slot = _slots(distance, lay.position_buckets, lay.max_relative_positions)
     return (slot[:, None] == torch.arange(table_rows, device=device)[None, :]).float()
 
 
@@ -115,7 +117,7 @@ def _folds(lay: Layout, table_rows: int, device: torch.device) -> tuple[torch.Te
 
 
 def gathered(table: torch.Tensor, fold: torch.Tensor, factor: float) -> torch.Tensor:
-    """[h, 2k, d] -> [h, CS, d]: the table's row for each stored column (0 in pads), times factor."""
+    """[h, 2k, d] -> [h, CS, d]: the table's row for each stored column, times factor."""
     return (fold.to(table.dtype) @ table) * factor
 
 
@@ -140,7 +142,8 @@ def position_tables(q, k, pos_key, pos_query, lay: Layout, scale: float, dtype: 
 
 def fold_gradients(q, k, pos_key, pos_query, g_c2p, g_p2c, sat_c2p, sat_p2c, lay: Layout, scale: float):
     """The position parts of dq, dk [B, h, L, d] (fp32) and dKr, dQr [h, 2k, d] from the band buffers
-    (g_*: [B*h, rows * CS], dS of every band cell) and the saturated sums (sat_*: fp32 [B*h, L, 2]).
+    (g_*: [B*h, rows * CS], dS of every cell of a band or mixed tile) and the saturated tiles' sums
+    (sat_*: fp32 [B*h, L, 2]).
     Every sum is a GEMM or a sum in a fixed order: deterministic."""
     batch, heads, seq_len, _ = q.shape
     folds = _folds(lay, (pos_key if pos_key is not None else pos_query).shape[1], q.device)
@@ -150,7 +153,8 @@ def fold_gradients(q, k, pos_key, pos_query, g_c2p, g_p2c, sat_c2p, sat_p2c, lay
             return 0.0, None
         g = g.view(batch, heads, lay.rows, lay.row_stride)[:, :, :seq_len]          # [B, h, L, CS]
         sat = sat.view(batch, heads, seq_len, 2).to(g.dtype)
-        g[..., pad], g[..., pad + lay.columns - 1] = sat[..., 0], sat[..., 1]
+        g[..., pad] += sat[..., 0]
+        g[..., pad + lay.columns - 1] += sat[..., 1]
         x_grad = (g @ gathered(rel, fold, scale).to(g.dtype)).float()              # [B, h, L, d]
         per_column = (g.transpose(-1, -2) @ x.to(g.dtype)).float().sum(0)          # [h, CS, d]
         rel_grad = (fold.t() @ per_column) * scale                                  # [h, 2k, d]

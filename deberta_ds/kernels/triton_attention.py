@@ -6,11 +6,11 @@ Three kernels, FlashAttention-2 style, scores never in HBM:
   dK/dV      key-major: dk's content part and dv, dS^T of band cells into G_p2c, saturated key sums.
 Every tile is classified by two scalar tests on its corners (highest and lowest i - j):
   saturated high / low  every pair on one saturated slot: a row plus a column vector, no table tile;
-  band                  every pair in the band: two block loads of the skewed table views;
-  mixed                 both: the block loads and a `where` against the saturated vectors.
+  band or mixed         some pair in the band: two block loads of the skewed table views.
 The table views are tensor descriptors ([L, L], row stride CS - 1), so a band tile costs two 2D block
-loads in the forward and a block store of dS in the backward (mixed tiles block-store too: the rows
-are padded so their out-of-band cells land in columns the fold ignores).
+loads in the forward and a block store of dS in the backward. A mixed tile (band and saturated pairs)
+costs the same: the rows are padded on both sides with their saturated values, so its out-of-band
+cells read those, and its dS stores land there, which the fold sums into the saturated slots.
 
 Masking: key padding sets the score to -1e30; padded query rows output 0 and keep lse = +inf, so the
 backward gives them p = 0 without a test. Document ids: a block visits only the key (or query) blocks
@@ -83,11 +83,12 @@ def _view_store(view, r0, c0, value, seq_len, CS, ROWS: tl.constexpr, COLS: tl.c
 def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loop_ok, loop_hi_col, loop_lo_col,
               loop_other, seq_len, CS, e_view, f_view, r_min, r_max, HAS_PROG: tl.constexpr,
               HAS_LOOP: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, KEY_MAJOR: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr, SELECT_MIXED: tl.constexpr = False):
     """c2p + p2c of the tile with queries m0 + [0, BM) and keys n0 + [0, BN), fp32 in base-2 units, rows
     = the program's side (queries; keys when KEY_MAJOR). prog_*: the program side's saturated values
     [rows] (E of the queries, or F of the keys); the loop side's are read here per tile (loop_ptr rows of
-    CS, columns loop_hi_col / loop_lo_col; `loop_other` past L)."""
+    CS, columns loop_hi_col / loop_lo_col; `loop_other` past L). SELECT_MIXED (query-major only): mixed
+    tiles take their saturated cells from those vectors too, not from the block loads' pads."""
     lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
     if (lowest > r_max) | (highest < r_min):               # saturated: a row plus a column vector
         high = lowest > r_max
@@ -100,7 +101,7 @@ def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loo
         else:
             pos = tl.load(loop_ptr + offs_loop * CS + col, mask=loop_ok, other=loop_other).to(tl.float32)
             pos = tl.broadcast_to(pos[None, :], [prog_hi.shape[0], offs_loop.shape[0]])
-    else:                                                  # band or mixed: block loads of the views
+    else:                                                  # band or mixed: block loads of the views (`tables`)
         if HAS_C2P:
             c2p = _view_load(e_view, m0, n0, seq_len, CS, BM, BN, TMA)      # [BM, BN]
             if KEY_MAJOR:
@@ -114,15 +115,13 @@ def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loo
                 pos = pos + p2c.to(tl.float32)
             else:
                 pos = p2c.to(tl.float32)
-        if (lowest < r_min) | (highest > r_max):           # mixed: saturated cells from the vectors
-            if KEY_MAJOR:
-                rel = offs_m[None, :] - offs_n[:, None]
-            else:
-                rel = offs_m[:, None] - offs_n[None, :]
+        if SELECT_MIXED and ((lowest < r_min) | (highest > r_max)):   # the pads hold these values too, but
+            # without this select Triton 3.6-3.9 compute the forward's dropout Philox in the MMA layout,
+            # replicated per thread (`compile_check`, mask + dropout, d = 64: 2.0 warp-instructions per
+            # element instead of 0.9 under 3.6 / 3.7, 1.05-1.2 instead of 0.85-0.97 under 3.8 / 3.9)
+            rel = offs_m[:, None] - offs_n[None, :]
             high = rel > r_max
-            sat = tl.zeros_like(pos)
-            if HAS_PROG:
-                sat = tl.where(high, prog_hi[:, None], prog_lo[:, None])
+            sat = tl.where(high, prog_hi[:, None], prog_lo[:, None])
             if HAS_LOOP:
                 loop_hi = tl.load(loop_ptr + offs_loop * CS + loop_hi_col, mask=loop_ok, other=loop_other)
                 loop_lo = tl.load(loop_ptr + offs_loop * CS + loop_lo_col, mask=loop_ok, other=loop_other)
@@ -206,8 +205,10 @@ def _visits(l0, start, end, DOCS: tl.constexpr, DROPOUT: tl.constexpr):
 @triton.jit
 def _same_document(s, doc_ptr, b, ids, l0, offs_loop, loop_ok, seq_len, run_start, run_end, block_in_run):
     """s with the cells whose query and key lie in different documents masked; a tile whose both
-    blocks lie in one run of equal ids skips the test."""
-    uniform = block_in_run & (l0 >= run_start) & (tl.minimum(l0 + offs_loop.shape[0], seq_len) - 1 <= run_end)
+    blocks lie in one run of equal ids skips the test. The loop block's positions past L read id -2,
+    no document's, and a loop block reaching past L is never uniform: the test masks them too.
+    Padded positions are one document of their own (`_int32`): the test masks padded keys as well."""
+    uniform = block_in_run & (l0 >= run_start) & (l0 + offs_loop.shape[0] - 1 <= run_end)
     if not uniform:
         loop_ids = tl.load(doc_ptr + b.to(tl.int64) * 5 * seq_len + offs_loop, mask=loop_ok, other=-2)
         s = tl.where(ids[:, None] == loop_ids[None, :], s, _NEG)
@@ -257,13 +258,14 @@ def _forward_kernel(Q, K, V, E, F, MASK, DOC, OUT, LSE, seq_len, heads, CS, C, T
         if HAS_C2P or HAS_P2C:
             s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD, 0.0,
                            seq_len, CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P, HAS_P2C, False,
-                           BM, BN, TMA)
-        keep = col_ok
-        if HAS_MASK:
-            keep = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
-        s = tl.where(keep[None, :], s, _NEG)
-        if DOCS:
+                           BM, BN, TMA, DROPOUT)
+        if DOCS:  # masks padded keys and keys past L too
             s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
+        else:
+            keep = col_ok
+            if HAS_MASK:
+                keep = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
+            s = tl.where(keep[None, :], s, _NEG)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -290,8 +292,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
                         HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                         HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BM: tl.constexpr,
                         BN: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """Query-major: dq's content part (scaled, fp32) of BM queries; with c2p, dS of their band cells
-    into G_c2p and their saturated sums into SATC [b*h, L, 2] (r > r_max, r < r_min)."""
+    """Query-major: dq's content part (scaled, fp32) of BM queries; with c2p, dS of their band and mixed
+    tiles into G_c2p and their saturated tiles' sums into SATC [b*h, L, 2] (r > r_max, r < r_min)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
     seed = _seed(SEED, DROPOUT)
@@ -334,13 +336,13 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             s += _position(m0, n0, offs_m, offs_n, e_hi, e_lo, Fb, offs_n, col_ok, F_PAD + C - 1, F_PAD,
                            float("-inf"), seq_len, CS, e_view, f_view, r_min, r_max, HAS_C2P, HAS_P2C, HAS_C2P,
                            HAS_P2C, False, BM, BN, TMA)
-        if HAS_MASK:
+        if DOCS:  # masks padded keys and keys past L too
+            s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
+        elif HAS_MASK:
             key_ok = tl.load(MASK + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=0) != 0
             s = tl.where(key_ok[None, :], s, _NEG)
         elif HAS_C2P and not HAS_P2C:  # no -inf p2c values past L: keep those keys out of the saturated sums
             s = tl.where(col_ok[None, :], s, _NEG)
-        if DOCS:
-            s = _same_document(s, DOC, b, ids, n0, offs_n, col_ok, seq_len, run_start, run_end, block_in_run)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:  # lse, delta as `fused_backward` passes them with dropout
@@ -352,12 +354,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
                 sat_hi += tl.sum(ds, axis=1)
             elif highest < r_min:
                 sat_lo += tl.sum(ds, axis=1)
-            else:
+            else:  # band or mixed: the fold sums the out-of-band cells into the saturated slots
                 _view_store(g_view, m0, n0, ds.to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
-                if (lowest < r_min) | (highest > r_max):
-                    rel = offs_m[:, None] - offs_n[None, :]
-                    sat_hi += tl.sum(tl.where(rel > r_max, ds, 0.0), axis=1)
-                    sat_lo += tl.sum(tl.where(rel < r_min, ds, 0.0), axis=1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (scale / _LOG2E), mask=tile_mask)
     if HAS_C2P:
@@ -373,8 +371,8 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                           HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOCS: tl.constexpr, BN: tl.constexpr,
                           BM: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Key-major: BN keys per program, tiles [keys, queries]: dk's content part (scaled, fp32) and dv;
-    with p2c, dS^T of their band cells into G_p2c and their saturated sums into SATP [b*h, L, 2]
-    (r < r_min, r > r_max)."""
+    with p2c, dS^T of their band and mixed tiles into G_p2c and their saturated tiles' sums into SATP
+    [b*h, L, 2] (r < r_min, r > r_max)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b = bh // heads
     seed = _seed(SEED, DROPOUT)
@@ -423,7 +421,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                 st += _position(m0, n0, offs_m, offs_n, f_hi, f_lo, Eb, offs_m, q_ok, E_PAD, E_PAD + C - 1, 0.0,
                                 seq_len, CS, e_view, f_view, r_min, r_max, HAS_P2C, HAS_C2P, HAS_C2P, HAS_P2C, True,
                                 BM, BN, TMA)
-            if DOCS:  # padded keys are a document of their own (`_int32`): masked by this test too
+            if DOCS:
                 st = _same_document(st, DOC, b, ids, m0, offs_m, q_ok, seq_len, run_start, run_end, block_in_run)
             elif HAS_MASK:
                 st = tl.where(key_ok[:, None], st, _NEG)
@@ -444,12 +442,8 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                     sat_hi += tl.sum(dst, axis=1)
                 elif highest < r_min:
                     sat_lo += tl.sum(dst, axis=1)
-                else:
+                else:  # band or mixed: the fold sums the out-of-band cells into the saturated slots
                     _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
-                    if (lowest < r_min) | (highest > r_max):
-                        rel = offs_m[None, :] - offs_n[:, None]
-                        sat_hi += tl.sum(tl.where(rel > r_max, dst, 0.0), axis=1)
-                        sat_lo += tl.sum(tl.where(rel < r_min, dst, 0.0), axis=1)
     tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (scale / _LOG2E), mask=tile_mask)
     tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
     if HAS_P2C:
@@ -492,15 +486,21 @@ DEFAULT_TILES = Tiles()
 # What differs from DEFAULT_TILES per compiler at d <= 64 (Triton (major, minor): Tiles fields), found
 # with `compile_check` (its gates: 0 spill, wgmma, per-element limits; RESULTS.md).
 # Triton 3.6 (the GPU image's): one stage in the forward and dQ kernels, whose loops it otherwise
-# issues 0.05-0.13 more instructions per element for (3.7-3.9 issue fewer at two stages).
-TRITON_TILES: dict[tuple[int, int], dict] = {(3, 6): {"forward": Tile(128, 64, 8, 1), "dq": Tile(128, 64, 8, 1)}}
+# issues 0.05-0.13 more instructions per element for (3.7-3.9 issue fewer at two stages); Triton 3.8:
+# one stage in the forward (with documents, fp16: 0.985 per element in saturated tiles, 1.005 at two).
+TRITON_TILES: dict[tuple[int, int], dict] = {(3, 6): {"forward": Tile(128, 64, 8, 1), "dq": Tile(128, 64, 8, 1)},
+                                              (3, 8): {"forward": Tile(128, 64, 8, 1)}}
 # d > 64, in place of DEFAULT_TILES and TRITON_TILES: the d = 64 tiles spill 48-296 B there (fp32 accumulators
 # of [rows, 128]). These spill none under Triton 3.6-3.9 in every half-precision variant (`compile_check`, the
 # compile test), with a smaller tile per compiler where these spill.
 WIDE_HEAD_TILES: dict = {"dq": Tile(64, 64, 4, 2), "dkdv": Tile(128, 32, 8, 2), "dkdv_dropout": Tile(64, 32, 8, 2)}
 TRITON_WIDE_TILES: dict[tuple[int, int], dict] = {   # 128 x 64 forward: 40 B; 64 x 64 dQ: 8 B there
     (3, 6): {"forward": Tile(64, 64, 4, 1), "dq": Tile(64, 32, 4, 2)},
-    (3, 9): {"dq": Tile(64, 32, 4, 2)},
+    # dK/dV with dropout or documents: 16-query steps issue 1.6-2.0 per element against 1.9-3.1 at 64 x 32 (which
+    # spills 8 B with documents in fp16 under 3.8); 128 x 16 spills 16-24 B under 3.6 and 3.7, 64 x 16 under 3.6
+    (3, 7): {"dkdv_dropout": Tile(64, 16, 4, 2)},
+    (3, 8): {"dkdv_dropout": Tile(128, 16, 8, 2)},
+    (3, 9): {"dq": Tile(64, 32, 4, 2), "dkdv_dropout": Tile(128, 16, 8, 2)},
 }
 
 
