@@ -68,12 +68,21 @@ def test_default_tiles_give_every_class_at_700_with_256_buckets():
         assert set(tile_classes(700, 256, 512, tile.rows, tile.cols, key_major)) == CLASSES
 
 
+# The d = 128 tiles `launch_tiles` picks under each compiler the compile test gates (16-query dK/dV steps,
+# 64-row dQ and forward tiles), each run once under the interpreter: {tiles: the compilers that launch them}.
+WIDE_TILES = {}
+for _version in TRITONS:
+    WIDE_TILES.setdefault(launch_tiles(128, _version), []).append(_version)
+
+
 @pytest.mark.parametrize("L,k,max_rel,tiles", [(600, 256, 512, DEFAULT_TILES), (2048, 256, 512, DEFAULT_TILES),
-                                               (160, 32, 128, SMALL), (45, 8, 24, SMALL), (1, 4, 8, SMALL)])
+                                               (160, 32, 128, SMALL), (45, 8, 24, SMALL), (1, 4, 8, SMALL),
+                                               *[(600, 256, 512, tiles) for tiles in WIDE_TILES]])
 def test_band_buffers_have_one_writer_per_cell_and_mixed_tiles_miss_other_cells(L, k, max_rel, tiles):
     """Address arithmetic of the skewed views: every band cell (i, j) has its own address in row i's
-    band columns, and a mixed tile's block store puts its out-of-band cells only into saturated or
-    pad columns (the mixed-block padding), for both band buffers and every backward tile."""
+    band columns, and a mixed tile's block store puts its out-of-band cells only into row i's
+    saturated or pad columns (the mixed-block padding), for both band buffers and every backward
+    tile (the default and SMALL tiles, and each compiler's d = 128 tiles)."""
     lay = layout(L, k, max_rel, tiles.pad)
     for origin, pad, tile, key_major in [(lay.e_pad + lay.r_max + 1, lay.e_pad, tiles.dq, False),
                                          (lay.f_pad + 1 - lay.r_min, lay.f_pad, tiles.dkdv, True),
@@ -93,6 +102,10 @@ def test_band_buffers_have_one_writer_per_cell_and_mixed_tiles_miss_other_cells(
                 if band.any() and not band.all():
                     hit = column[a0:a0 + tile.rows, b0:b0 + tile.cols][~band]
                     assert not ((hit >= 1) & (hit <= lay.columns - 2)).any(), (a0, b0)
+                    # ...and only into their own row (its pads hold that row's saturated values)
+                    tile_rows = rows.expand(L, L)[a0:a0 + tile.rows, b0:b0 + tile.cols]
+                    tile_address = address[a0:a0 + tile.rows, b0:b0 + tile.cols]
+                    assert torch.equal(tile_address // lay.row_stride, tile_rows), (a0, b0)
 
 
 def inputs(shape, dtype, terms, padding, seed=0):
@@ -260,13 +273,6 @@ def test_dropout_with_every_tile_class_and_padding_matches_the_kernels_mask():
     """The keep-mask is a function of (seed, b*h, i, j) alone: drawn at one tile size, it reproduces the
     kernels at another (SMALL tiles: every class, both backward orientations, padding)."""
     assert_dropout_matches_the_kernels_mask((2, 1, 45, 32, 8, 24), 0.3, SMALL, seed=8)
-
-
-# The d = 128 tiles `launch_tiles` picks under each compiler the compile test gates (16-query dK/dV steps,
-# 64-row dQ and forward tiles), each run once under the interpreter: {tiles: the compilers that launch them}.
-WIDE_TILES = {}
-for _version in TRITONS:
-    WIDE_TILES.setdefault(launch_tiles(128, _version), []).append(_version)
 
 
 @pytest.mark.parametrize("tiles", list(WIDE_TILES), ids=["triton " + "+".join(v) for v in WIDE_TILES.values()])
