@@ -31,7 +31,6 @@ kernel does not take, run on the reference.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -48,6 +47,7 @@ MEASURED = {512: {"reference": 9.38, "fused": 14.64}, 2048: {"reference": 30.76,
 REFERENCE_BYTES_PER_SCORE = 16
 
 _variants_that_do_not_compile: set[tuple] = set()  # what the auto path gave up on in this process
+_implementations: dict = {}                          # implementation name -> attention function
 
 
 def reference_bytes(seq_len: int, heads: int, layers: int) -> int:
@@ -119,9 +119,16 @@ def _falling_back_to_reference(fused):
     return attention
 
 
-@functools.cache
 def implementation(impl: str):
-    """The attention function of a chosen implementation (AttentionSettings.impl)."""
+    """The attention function of a chosen implementation (AttentionSettings.impl), built once per
+    process. A plain dict, not functools.cache: torch.compile traces this call, and dynamo warns on
+    every cache-wrapped function it traces through."""
+    if impl not in _implementations:
+        _implementations[impl] = _build_implementation(impl)
+    return _implementations[impl]
+
+
+def _build_implementation(impl: str):
     if impl == "reference":
         return disentangled_attention_reference
     fused, error = _fused()
