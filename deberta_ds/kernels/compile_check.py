@@ -9,7 +9,7 @@ reports per variant: registers, spill stack, shared memory, how many of its prod
 element of its main loop per tile class (`sass.py`). Exit status 1 names the variants that do not
 compile. `--triton X` runs it under another Triton, installed once into its own cached folder
 (`triton_folder`), never into the environment; `--gated` compiles only the half-precision variants
-gated under every compiler (plain and the training variants, d = 64 and 128).
+gated under every compiler (plain and the training variants, at every head dim).
 
     python -m deberta_ds.kernels.compile_check --arch 90 [--json OUT.json]     # H100 / H200
     python -m deberta_ds.kernels.compile_check --arch 90 --triton 3.6.0 --gated
