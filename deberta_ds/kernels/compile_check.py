@@ -73,7 +73,7 @@ def kernels(features: dict, head_dim: int):
     from deberta_ds.kernels import triton_attention as ta
 
     tiles = ta.launch_tiles(head_dim)
-    dkdv = tiles.dkdv_dropout if features["DROPOUT"] or features["DOCS"] else tiles.dkdv
+    dkdv = tiles.dkdv_for(features["DROPOUT"], features["DOCS"])
     return [("forward", ta._forward_kernel, tiles.forward, {"BM": tiles.forward.rows, "BN": tiles.forward.cols}),
             ("backward dQ", ta._backward_dq_kernel, tiles.dq, {"BM": tiles.dq.rows, "BN": tiles.dq.cols}),
             ("backward dK dV", ta._backward_dkdv_kernel, dkdv, {"BN": dkdv.rows, "BM": dkdv.cols})]

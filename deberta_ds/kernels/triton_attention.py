@@ -131,6 +131,24 @@ def _position(m0, n0, offs_m, offs_n, prog_hi, prog_lo, loop_ptr, offs_loop, loo
 
 
 @triton.jit
+def _tile_ds(ds, G, g_view, m0, n0, r_min, r_max, sat_hi, sat_lo, seq_len, CS, BM: tl.constexpr, BN: tl.constexpr,
+             KEY_MAJOR: tl.constexpr, TMA: tl.constexpr):
+    """Where the backward puts dS of the tile with queries m0 + [0, BM) and keys n0 + [0, BN) (ds [BM, BN],
+    [BN, BM] when KEY_MAJOR): a saturated tile's row sums into sat_hi / sat_lo, a band or mixed tile's cells
+    block-stored into the band buffer G (the fold sums the out-of-band cells into the saturated slots)."""
+    lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
+    if lowest > r_max:
+        sat_hi += tl.sum(ds, axis=1)
+    elif highest < r_min:
+        sat_lo += tl.sum(ds, axis=1)
+    elif KEY_MAJOR:
+        _view_store(g_view, n0, m0, ds.to(G.dtype.element_ty), seq_len, CS, BN, BM, TMA)
+    else:
+        _view_store(g_view, m0, n0, ds.to(G.dtype.element_ty), seq_len, CS, BM, BN, TMA)
+    return sat_hi, sat_lo
+
+
+@triton.jit
 def _seed(SEED, DROPOUT: tl.constexpr):
     """The dropout seed, read from device memory ([1] int64): no host value, so a captured graph
     replays with whatever seed the tensor holds."""
@@ -349,13 +367,8 @@ def _backward_dq_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DQ, GC, SATC, 
             dp = tl.where(_dropout_keep(seed, bh, offs_m, n0, seq_len, threshold, BN, False), dp, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_C2P:
-            lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
-            if lowest > r_max:
-                sat_hi += tl.sum(ds, axis=1)
-            elif highest < r_min:
-                sat_lo += tl.sum(ds, axis=1)
-            else:  # band or mixed: the fold sums the out-of-band cells into the saturated slots
-                _view_store(g_view, m0, n0, ds.to(GC.dtype.element_ty), seq_len, CS, BM, BN, TMA)
+            sat_hi, sat_lo = _tile_ds(ds, GC, g_view, m0, n0, r_min, r_max, sat_hi, sat_lo, seq_len, CS, BM, BN,
+                                      False, TMA)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + qkv + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * (scale / _LOG2E), mask=tile_mask)
     if HAS_C2P:
@@ -437,13 +450,8 @@ def _backward_dkdv_kernel(Q, K, V, DO, E, F, MASK, DOC, LSE, DELTA, DK, DV, GP, 
                 dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
             if HAS_P2C:
-                lowest, highest = m0 - n0 - (BN - 1), m0 + (BM - 1) - n0
-                if lowest > r_max:
-                    sat_hi += tl.sum(dst, axis=1)
-                elif highest < r_min:
-                    sat_lo += tl.sum(dst, axis=1)
-                else:  # band or mixed: the fold sums the out-of-band cells into the saturated slots
-                    _view_store(g_view, n0, m0, dst.to(GP.dtype.element_ty), seq_len, CS, BN, BM, TMA)
+                sat_hi, sat_lo = _tile_ds(dst, GP, g_view, m0, n0, r_min, r_max, sat_hi, sat_lo, seq_len, CS, BM, BN,
+                                          True, TMA)
     tl.store(DK + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk * (scale / _LOG2E), mask=tile_mask)
     tl.store(DV + qkv + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
     if HAS_P2C:
@@ -475,6 +483,10 @@ class Tiles(NamedTuple):
     dkdv_dropout: Tile = Tile(128, 32, 8, 1)
     fp32_tables: bool = False
     tma: bool = True    # table blocks by tensor descriptors (TMA on sm_90); False: masked pointer loads
+
+    def dkdv_for(self, dropout: bool, documents: bool) -> Tile:
+        """The dK/dV kernel's tile for a launch (the one home of this rule: `compile_check` compiles it)."""
+        return self.dkdv_dropout if dropout or documents else self.dkdv
 
     @property
     def pad(self) -> int:
@@ -605,7 +617,7 @@ def fused_backward(grad_out, q, k, v, pos_key, pos_query, attention_mask, docume
     _backward_dq_kernel[(triton.cdiv(seq_len, tile.rows), batch * heads)](
         q, k, v, grad_out, *tables, dq, g_c2p, sat_c2p, *scalars, **features, **switches, BM=tile.rows,
         BN=tile.cols, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    tile = tiles.dkdv_dropout if features["DROPOUT"] or document_ids is not None else tiles.dkdv
+    tile = tiles.dkdv_for(features["DROPOUT"], switches["DOCS"])
     _backward_dkdv_kernel[(triton.cdiv(seq_len, tile.rows), batch * heads)](
         q, k, v, grad_out, *tables, dk, dv, g_p2c, sat_p2c, *scalars, **features, **switches, BN=tile.rows,
         BM=tile.cols, num_warps=tile.num_warps, num_stages=tile.num_stages)
