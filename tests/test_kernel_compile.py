@@ -49,14 +49,14 @@ def compile_reports(tmp_path, *args) -> list[dict]:
 
 
 def assert_within_gates(reports: list[dict]):
-    gated = [r for r in reports if r["dtype"] in ("bf16", "fp16") and r["variant"] in GATE and r["tma"]]
-    assert {(r["variant"], r["dtype"], r["head_dim"]) for r in gated} == {
+    half = [r for r in reports if r["dtype"] in ("bf16", "fp16") and r["tma"]]
+    assert {(r["variant"], r["dtype"], r["head_dim"]) for r in half if r["variant"] in GATE} == {
         (v, d, h) for v in GATE for d in ("bf16", "fp16") for h in HEAD_DIMS}
     over = []
-    for report in gated:
+    for report in half:   # every half-precision variant compiled (the installed Triton: each feature off too)
         assert report["spill_bytes"] == 0, report
         assert report["wgmma"] == PRODUCTS[report["kernel"]] and report["other_products"] == 0, report
-        if report["head_dim"] == 64:
+        if report["head_dim"] == 64 and report["variant"] in GATE:
             limits = LIMITS[GATE[report["variant"]]][report["kernel"]]
             for tile_class, limit in limits.items():
                 if report["per_element"][tile_class] > limit:
