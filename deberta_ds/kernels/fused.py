@@ -21,7 +21,7 @@ from deberta_ds.kernels.reference import check_inputs, default_scale
 from deberta_ds.kernels.settings import FUSED_DTYPES, AttentionSettings
 from deberta_ds.kernels.triton_attention import fused_backward, fused_forward
 
-SEED_RANGE = 2 ** 32  # the kernels key Philox by seed + (b*h << 32): a seed below 2^32 keeps heads apart
+SEED_RANGE = 2 ** 32  # drawn seeds: the Philox key (b*h is a counter word, so heads stay apart at any seed)
 
 
 def _settings(position_buckets, max_relative_positions, scale, dropout_p) -> AttentionSettings:
