@@ -305,14 +305,15 @@ def _unique_keys(pairs: list) -> dict:
     return dict(pairs)
 
 
-def _check_size(data, where: str) -> None:
-    """Refuse a value whose expansion (aliases followed) exceeds MAX_NODES or MAX_DEPTH; stops early."""
+def _check_size(data, where: str, count_nodes: bool) -> None:
+    """Refuse a value nested deeper than MAX_DEPTH or, with count_nodes (YAML: aliases followed), expanding to
+    more than MAX_NODES values; stops early."""
     stack, nodes = [(data, 1)], 0
     while stack:
         value, depth = stack.pop()
         nodes += 1
-        require(nodes <= MAX_NODES, where, f"expands to more than {MAX_NODES:,} values (YAML aliases that "
-                                           "multiply, an 'alias bomb'?); a run config is a few hundred")
+        require(not count_nodes or nodes <= MAX_NODES, where, f"expands to more than {MAX_NODES:,} values (YAML "
+                "aliases that multiply, an 'alias bomb'?); a run config is a few hundred")
         require(depth <= MAX_DEPTH, where, f"nested deeper than {MAX_DEPTH} levels")
         children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         stack.extend((child, depth + 1) for child in children)
@@ -328,7 +329,9 @@ def parse_config_text(text: str, kind: str, where: str):
         raise UserError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, yaml.YAMLError) as error:  # ValueError: JSONDecodeError and repeated keys
         raise UserError(f"{where}: not valid {kind.upper()}: {error}") from None
-    _check_size(data, where)
+    # JSON has no aliases: its size is its text's, and the program's own files (COMPLETE lists every
+    # checkpoint file) may hold more than a run config's MAX_NODES values
+    _check_size(data, where, count_nodes=kind == "yaml")
     return data
 
 

@@ -159,3 +159,17 @@ def test_forgetting_config_is_refused_naming_it_and_show_config_lists_every_key(
 def test_overrides_may_follow_resume():
     args = train.parse_args(["--config", "c.yaml", "train.steps=3", "--resume", "auto", "optim.lr=1e-3"])
     assert args.resume == "auto" and args.overrides == ["train.steps=3", "optim.lr=1e-3"]
+
+
+def test_a_large_json_of_the_programs_own_is_read_and_still_bounded_in_depth():
+    """JSON has no aliases: a COMPLETE listing 30,000 checkpoint files (120,000 values, past the YAML alias
+    bound) parses; the same data as YAML is refused by that bound, and JSON nested past MAX_DEPTH still is."""
+    from deberta_ds.config import parse_config_text
+    from deberta_ds.errors import UserError
+
+    listing = {"files": {f"rank_{i}.pt": {"bytes": i, "sha256": "0" * 64, "kind": "w"} for i in range(30_000)}}
+    assert parse_config_text(json.dumps(listing), "json", "COMPLETE") == listing
+    with pytest.raises(UserError, match="expands to more than 100,000 values"):
+        parse_config_text(yaml.safe_dump(listing), "yaml", "run.yaml")
+    with pytest.raises(UserError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        parse_config_text("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "json", "COMPLETE")
