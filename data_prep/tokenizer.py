@@ -49,8 +49,8 @@ def train_tokenizer(sentences, output_dir: str | Path, vocab_size: int, model_ty
             model_type=model_type, character_coverage=character_coverage,
             input_sentence_size=sample_sentences, shuffle_input_sentence=True,
             pad_id=PAD_ID, bos_id=CLS_ID, eos_id=SEP_ID, unk_id=UNK_ID,
-            pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]", byte_fallback=byte_fallback,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+            **dict(zip(("pad_piece", "bos_piece", "eos_piece", "unk_piece"), SPECIAL_PIECES)),
+            byte_fallback=byte_fallback, num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as error:
         raise _training_input_error(error, vocab_size) from None
     quantize_scores(Path(f"{prefix}.model"))

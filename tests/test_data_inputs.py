@@ -10,6 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.cli import main as cli
+from data_prep.inputs import text_size
 from deberta_ds.data.indexed_dataset import IndexedShard, find_shard_prefixes
 
 
@@ -127,6 +128,7 @@ def test_the_progress_bar_of_a_gz_input_reaches_its_total_with_an_eta(tmp_path, 
     """The bar's total was the compressed size, so a .gz went past it: no percentage, no ETA."""
     text = ("\n".join(lines * 4) + "\n").encode()
     (tmp_path / "in.txt.gz").write_bytes(gzip.compress(text))
+    assert text_size(tmp_path / "in.txt.gz") == len(text)   # the bar's total (it grows to what was read if short)
     assert cli(["tokenize", "--input", str(tmp_path / "in.txt.gz"), "--output-prefix", str(tmp_path / "s"),
                 "--tokenizer", str(tokenizer_dir)]) == 0
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
