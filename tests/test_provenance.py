@@ -70,6 +70,12 @@ def test_split_and_merge_outputs_carry_the_manifest_of_their_input(tmp_path, job
     assert cli(["merge", "--input", str(tmp_path / "m"), "--output-prefix", str(job / "s")]) == 1
     assert f"{job / 's.manifest.json'}: holds the manifest of other shards" in capsys.readouterr().err
     assert not (job / "s.bin").exists()
+    shard = job / "s_00000.bin"
+    before = shard.read_bytes()
+    assert cli(["merge", "--input", str(tmp_path / "m"), "--output-prefix", str(job / "s_00000")]) == 1
+    error = capsys.readouterr().err
+    assert f"{job / 's.manifest.json'}: lists {job / 's_00000'} as a shard of its tokenize job" in error, error
+    assert shard.read_bytes() == before and not (job / "s_00000.manifest.json").exists()
 
 
 def test_a_split_of_another_tokenizers_shards_is_refused_by_verify_and_training(tmp_path, small_corpus,

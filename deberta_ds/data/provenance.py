@@ -63,7 +63,14 @@ def record_output(prefix: str | Path, kind: str, tokenizer_sha256: str, document
 def release_output(prefix: str | Path) -> None:
     """Before merge/split (re)write the shard PREFIX: drop its old manifest, so a kill between the new
     shard and its new manifest leaves a shard that is refused as unrecorded, never one that passes
-    for the old. A manifest that records other shards (a tokenize job's) is not ours to replace."""
+    for the old. A manifest that records other shards (a tokenize job's) is not ours to replace, nor is
+    a shard its tokenize job's manifest lists (PREFIX = JOB_00001)."""
+    job = job_prefix(prefix)
+    if job and manifest_path(job).exists():
+        listed = [Path(entry["prefix"]).name for entry in read_manifest(manifest_path(job))["shards"]]
+        if Path(prefix).name in listed:
+            raise UserError(f"{manifest_path(job)}: lists {prefix} as a shard of its tokenize job; choose another "
+                            f"--output-prefix than {prefix}")
     path = manifest_path(prefix)
     if not (path.exists() or path.is_symlink()):
         return
