@@ -22,7 +22,7 @@ from deberta_ds.parallel_env import collect_cycles_then_destroy_process_groups, 
 from deberta_ds.resources import recipe_names
 from deberta_ds.training.run_config import load_run_config
 from deberta_ds.training.run_lock import OutputBusyError, RunLock
-from deberta_ds.training.run_start import nothing_to_do, prepare
+from deberta_ds.training.run_start import nothing_to_do, prepare, verify_checkpoint
 from deberta_ds.training.trainer import Trainer, check_writable
 
 
@@ -88,11 +88,12 @@ def main(argv=None) -> int:
             raise UserError(f"--config: missing; name a run config file or a shipped recipe (--config quickstart "
                             f"trains the tiny model on the CPU in minutes; recipes: {' '.join(recipe_names())}). "
                             "Without it the defaults would train the 'base' model; --show-config lists every key")
-        start = prepare(config, args.resume)
+        start = prepare(config, args.resume, verify=False)
         finished = nothing_to_do(config, start)
         if finished:
             _say(finished)
             return 0
+        verify_checkpoint(start)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

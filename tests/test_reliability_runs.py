@@ -93,13 +93,19 @@ def test_resume_with_changed_settings_follows_one_policy(finished, tmp_path, mon
 def test_relaunching_a_finished_run_on_another_process_count_starts_and_writes_nothing(finished, tmp_path,
                                                                                         monkeypatch, capsys):
     """Checked before DeepSpeed starts: no universal conversion, no lock, no file (a read-only
-    file system would do)."""
+    file system would do), and no checkpoint file hashed (a resubmitted job on every rank)."""
+    from deberta_ds.training import checkpoint
+
     run = copy_of(finished, tmp_path)
     before = snapshot(Path(run["output_dir"]))
 
     def started(**_):
         raise AssertionError("DeepSpeed was started for a finished run")
+
+    def hashed(folder):
+        raise AssertionError(f"{folder} was hashed for a finished run")
     monkeypatch.setattr(train, "setup_process", started)
+    monkeypatch.setattr(checkpoint, "checked", hashed)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train.main(["--config", str(write_run(tmp_path / "run.json", run))]) == 0
     assert "already trained to step 4 (train.steps=4); nothing to do" in capsys.readouterr().err

@@ -53,8 +53,10 @@ def check_machine(config: RunConfig) -> None:
             "the CPU (or TRITON_INTERPRET=1: Triton's interpreter, slow, for tests)")
 
 
-def prepare(config: RunConfig, resume: str) -> RunStart:
-    """Check every input of the run (see the module docstring) and read what it needs."""
+def prepare(config: RunConfig, resume: str, verify: bool = True) -> RunStart:
+    """Check every input of the run (see the module docstring) and read what it needs. verify: hash the
+    checkpoint to resume against its COMPLETE here (False: the caller does, with `verify_checkpoint`,
+    once it knows the run goes on; a relaunch of a finished run then reads no checkpoint file)."""
     check_machine(config)
     processor, meta = load_tokenizer(config.data.tokenizer)
     rtd_config = build_rtd_config(config, meta)
@@ -73,8 +75,15 @@ def prepare(config: RunConfig, resume: str) -> RunStart:
         start.state = read_state(folder, with_model=True)
         checkpoint.check_resumable(start.state, folder, rtd_config, asdict(meta))
         start.changes = resume_changes(checkpoint_run_config(start.state, folder), config, start.step, folder)
-        checkpoint.checked(folder)
+        if verify:
+            verify_checkpoint(start)
     return start
+
+
+def verify_checkpoint(start: RunStart) -> None:
+    """Every file of the checkpoint to resume (if any) against the sizes and hashes its COMPLETE records."""
+    if start.checkpoint:
+        checkpoint.checked(start.checkpoint)
 
 
 def nothing_to_do(config: RunConfig, start: RunStart) -> str | None:
