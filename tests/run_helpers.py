@@ -16,3 +16,8 @@ def copy_of(finished: dict, tmp_path: Path, name: str, **train) -> tuple[Path, P
     shutil.copytree(finished["output_dir"], out)
     run = finished | {"output_dir": str(out), "train": finished["train"] | train}
     return out, write_run(tmp_path / f"{name}.json", run)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file below folder with its modification time and bytes (to show nothing was written)."""
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,8 +1,9 @@
 """Runs as the user meets them through `python -m deberta_ds.train`: resuming with changed
 settings (one policy: applies from the resume step, said in the log, or refused naming the way),
 a relaunch of a finished run on another process count, one run per output_dir, Ctrl-C, and a
-run whose last steps were non-finite. One finished 4-step run is shared; the policy's refusals
-and the finished-run relaunch are checked in this process (they happen before DeepSpeed starts)."""
+run whose last steps were non-finite. The session's finished 4-step run (conftest.finished_run) is
+copied; the policy's refusals and the finished-run relaunch are checked in this process (they happen
+before DeepSpeed starts)."""
 
 import json
 import shutil
@@ -19,32 +20,18 @@ from deberta_ds.errors import UserError
 from deberta_ds.training.run_config import run_config_from_dict
 from deberta_ds.training.run_start import prepare
 from tests.proc_helpers import HOLD_LOCK, REPO, signal_a_training_run, train_cli, write_run
+from tests.run_helpers import copy_of, snapshot
 from tests.train_helpers import tiny_run
 
 
-@pytest.fixture(scope="module")
-def finished(train_shards, tmp_path_factory):
-    """A finished 4-step run (checkpoints at steps 2 and 4, a held-out set): its run config."""
-    root = tmp_path_factory.mktemp("finished_run")
-    run = tiny_run(train_shards, root / "run", data={"valid": [train_shards["valid"]]},
-                   train={"steps": 4, "save_every": 2})
-    train_cli(write_run(root / "run.json", run))
-    return run
-
-
-def copy_of(finished: dict, tmp_path: Path) -> dict:
-    """A copy of the finished run (its output_dir and its run config)."""
-    run = json.loads(json.dumps(finished)) | {"output_dir": str(tmp_path / "run")}
-    shutil.copytree(finished["output_dir"], run["output_dir"])
-    return run
-
-
-def snapshot(folder: Path) -> dict:
-    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+def copy_run(finished_run: dict, tmp_path: Path) -> tuple[dict, Path]:
+    """A copy of the shared finished run (conftest.finished_run): its run config and config file."""
+    _, config = copy_of(finished_run, tmp_path, "run")
+    return json.loads(config.read_text()), config
 
 
 REFUSED = [  # (changed section, the message's start)
-    ({"train": {"zero_stage": 2}}, "train.zero_stage: 0 in the checkpoint"),
+    ({"train": {"zero_stage": 0}}, "train.zero_stage: 2 in the checkpoint"),
     ({"train": {"precision": "bf16"}}, "train.precision: 'fp32' in the checkpoint"),
     ({"train": {"global_batch_size": 16}}, "train.global_batch_size: 8 in the checkpoint"),
     ({"seed": 8}, "seed: 7 in the checkpoint"),
@@ -54,12 +41,12 @@ REFUSED = [  # (changed section, the message's start)
 
 
 @pytest.mark.slow
-def test_resume_with_changed_settings_follows_one_policy(finished, tmp_path, monkeypatch):
+def test_resume_with_changed_settings_follows_one_policy(finished_run, tmp_path, monkeypatch):
     """Refused settings name themselves and the way (init_from, or a phase from the resume step);
     a changed optim.lr applies from the resume step (said in the log, seen in the logged rate);
     TensorBoard, like metrics.jsonl, shows each step once after the resume."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    run = copy_of(finished, tmp_path)
+    run, _ = copy_run(finished_run, tmp_path)
     step2 = Path(run["output_dir"]) / "checkpoints" / "step_00000002"
     shutil.rmtree(step2.parent / "step_00000004")  # as if killed after logging step 4, before its checkpoint
     for change, message in REFUSED:
@@ -90,13 +77,13 @@ def test_resume_with_changed_settings_follows_one_policy(finished, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_relaunching_a_finished_run_on_another_process_count_starts_and_writes_nothing(finished, tmp_path,
+def test_relaunching_a_finished_run_on_another_process_count_starts_and_writes_nothing(finished_run, tmp_path,
                                                                                         monkeypatch, capsys):
     """Checked before DeepSpeed starts: no universal conversion, no lock, no file (a read-only
     file system would do), and no checkpoint file hashed (a resubmitted job on every rank)."""
     from deberta_ds.training import checkpoint
 
-    run = copy_of(finished, tmp_path)
+    run, config = copy_run(finished_run, tmp_path)
     before = snapshot(Path(run["output_dir"]))
 
     def started(**_):
@@ -107,7 +94,7 @@ def test_relaunching_a_finished_run_on_another_process_count_starts_and_writes_n
     monkeypatch.setattr(train, "setup_process", started)
     monkeypatch.setattr(checkpoint, "checked", hashed)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train.main(["--config", str(write_run(tmp_path / "run.json", run))]) == 0
+    assert train.main(["--config", str(config)]) == 0
     assert "already trained to step 4 (train.steps=4); nothing to do" in capsys.readouterr().err
     assert snapshot(Path(run["output_dir"])) == before
 

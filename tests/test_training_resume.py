@@ -19,7 +19,7 @@ import pytest
 
 from deberta_ds.parallel_env import free_port
 from tests.proc_helpers import run_bounded, train_cli, write_run
-from tests.run_helpers import copy_of
+from tests.run_helpers import copy_of, snapshot
 from tests.train_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,10 +246,6 @@ def test_bf16_zero2_trains(train_shards, tmp_path):
     run_ok([sys.executable, "-m", "deberta_ds.train", "--config", str(write_run(tmp_path / "c.json", run))])
     entries = last_entry_per_step(tmp_path / "bf16")
     assert all(0 < entries[s]["generator/mlm_loss"] < 20 for s in (1, 2, 3))
-
-
-def snapshot(folder: Path) -> dict:
-    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
