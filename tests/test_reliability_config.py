@@ -5,7 +5,6 @@ overrides after --resume)."""
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +12,7 @@ import yaml
 from deberta_ds import train
 from deberta_ds.config import MAX_DEPTH, to_dict
 from deberta_ds.training.run_config import RunConfig
-from tests.proc_helpers import REPO, run_bounded
+from tests.proc_helpers import REPO, run_bounded, write_run
 from tests.train_helpers import tiny_run
 
 
@@ -30,12 +29,6 @@ def refused(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err, err
     return err
-
-
-def config_file(tmp_path: Path, run: dict) -> str:
-    path = tmp_path / "run.json"
-    path.write_text(json.dumps(run))
-    return str(path)
 
 
 NONSENSE = [  # (override, the message's start)
@@ -71,13 +64,13 @@ NONSENSE = [  # (override, the message's start)
 
 @pytest.mark.parametrize("override,message", NONSENSE, ids=[o for o, _ in NONSENSE])
 def test_nonsense_settings_are_refused_naming_the_field(override, message, train_shards, tmp_path, capsys, no_start):
-    config = config_file(tmp_path, tiny_run(train_shards, tmp_path / "out"))
+    config = str(write_run(tmp_path / "run.json", tiny_run(train_shards, tmp_path / "out")))
     assert refused(capsys, ["--config", config, override]).startswith(message)
     assert not (tmp_path / "out").exists()
 
 
 def test_tp_flag_zero_or_negative_is_refused(train_shards, tmp_path, capsys, no_start):
-    config = config_file(tmp_path, tiny_run(train_shards, tmp_path / "out"))
+    config = str(write_run(tmp_path / "run.json", tiny_run(train_shards, tmp_path / "out")))
     for tp in ("0", "-2"):
         assert refused(capsys, ["--config", config, "--tp", tp]).startswith(f"error: train.tp: must be >= 1, got {tp}")
 
@@ -86,7 +79,7 @@ def test_a_deepspeed_json_that_is_not_an_object_or_nested_too_deep_is_named(trai
     for name, text in (("list.json", "[1, 2]"), ("deep.json", "[" * 5000 + "]" * 5000)):
         (tmp_path / name).write_text(text)
         run = tiny_run(train_shards, tmp_path / "out", train={"ds_config": str(tmp_path / name)})
-        error = refused(capsys, ["--config", config_file(tmp_path, run)])
+        error = refused(capsys, ["--config", str(write_run(tmp_path / "run.json", run))])
         assert f"train.ds_config: {tmp_path / name}" in error
         assert ("must be a JSON object" if name == "list.json" else f"nested deeper than {MAX_DEPTH} levels") in error
 
@@ -95,20 +88,21 @@ def test_machine_limits_are_refused_before_deepspeed_starts(train_shards, tmp_pa
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.delenv("DEBERTA_DS_CPU_FP16", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter (set for the tests) runs fused on a CPU
-    config = config_file(tmp_path, tiny_run(train_shards, tmp_path / "out"))
+    config = str(write_run(tmp_path / "run.json", tiny_run(train_shards, tmp_path / "out")))
     assert "error: train.precision: fp16 needs a GPU" in refused(capsys, ["--config", config, "train.precision=fp16"])
     assert "error: model_overrides.attention_impl: fused needs a CUDA GPU" in refused(
         capsys, ["--config", config, "model_overrides.attention_impl=fused"])
 
 
 def test_data_errors_come_before_deepspeed_starts(train_shards, tmp_path, capsys, no_start):
-    config = config_file(tmp_path, tiny_run(train_shards, tmp_path / "out", data={"train": [str(tmp_path / "gone")]}))
+    run = tiny_run(train_shards, tmp_path / "out", data={"train": [str(tmp_path / "gone")]})
+    config = str(write_run(tmp_path / "run.json", run))
     assert str(tmp_path / "gone") in refused(capsys, ["--config", config])
 
 
 def test_latest_that_is_a_directory_is_named(train_shards, tmp_path, capsys, no_start):
     (tmp_path / "out" / "checkpoints" / "latest").mkdir(parents=True)
-    config = config_file(tmp_path, tiny_run(train_shards, tmp_path / "out"))
+    config = str(write_run(tmp_path / "run.json", tiny_run(train_shards, tmp_path / "out")))
     latest = tmp_path / "out" / "checkpoints" / "latest"
     assert f"error: {latest}: is not a file" in refused(capsys, ["--config", config])
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from deberta_ds.parallel_env import free_port
-from tests.proc_helpers import run_bounded, train_cli, write_run
+from tests.proc_helpers import run_bounded, signal_a_training_run, train_cli, write_run
 from tests.run_helpers import copy_of, snapshot
 from tests.train_helpers import tiny_run
 
@@ -223,16 +223,9 @@ def test_cli_reports_bad_config_without_traceback(train_shards, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_stops(train_shards, tmp_path):
     run = tiny_run(train_shards, tmp_path / "term", train={"steps": 100000, "log_every": 1})
-    process = subprocess.Popen([sys.executable, "-m", "deberta_ds.train", "--config",
-                                str(write_run(tmp_path / "c.json", run))], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "term" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-2000:]
+    returncode, stderr = signal_a_training_run(write_run(tmp_path / "c.json", run), tmp_path / "term" / "metrics.jsonl",
+                                               signal.SIGTERM, timeout_s=120)
+    assert returncode == 0, stderr[-2000:]
     latest = (tmp_path / "term" / "checkpoints" / "latest").read_text()
     saved_step = int(latest.split("_")[1])
     assert 2 <= saved_step < 100000
