@@ -21,6 +21,16 @@ def tokenizer_dir(tmp_path_factory, small_corpus):
 
 
 @pytest.fixture(scope="session")
+def other_tokenizer(tmp_path_factory, small_corpus):
+    """Same vocabulary size as tokenizer_dir, trained on other text: other ids for the same pieces."""
+    from data_prep.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("other_tok")
+    train_tokenizer(iter(small_corpus.read_text().splitlines()[::-1][:4000]), folder, 1000, sample_sentences=50_000)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def train_shards(tmp_path_factory, small_corpus, tokenizer_dir):
     """Training shards plus a held-out validation shard of the built-in corpus."""
     from data_prep.cli import main as cli

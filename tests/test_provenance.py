@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from data_prep.cli import main as cli
-from data_prep.tokenizer import train_tokenizer
 from deberta_ds.data.indexed_dataset import IndexedShard, find_shard_prefixes
 from deberta_ds.training.run_config import run_config_from_dict
 from tests.train_helpers import trainer_data
@@ -33,14 +32,6 @@ def job(tmp_path_factory, small_corpus, tokenizer_dir):
     folder = tmp_path_factory.mktemp("job")
     _tokenize(small_corpus, folder / "s", tokenizer_dir)
     assert len(find_shard_prefixes([folder])) >= 3
-    return folder
-
-
-@pytest.fixture(scope="module")
-def other_tokenizer(tmp_path_factory, small_corpus):
-    """Same vocabulary size as tokenizer_dir, other text: other ids for the same pieces."""
-    folder = tmp_path_factory.mktemp("other_tok")
-    train_tokenizer(iter(small_corpus.read_text().splitlines()[::-1][:4000]), folder, 1000, sample_sentences=50_000)
     return folder
 
 

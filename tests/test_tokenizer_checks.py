@@ -12,19 +12,10 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.cli import main as cli
-from data_prep.tokenizer import train_tokenizer
 from deberta_ds.data.tokenizer import load_tokenizer
 from deberta_ds.errors import UserError
 from deberta_ds.training.run_config import run_config_from_dict
 from tests.train_helpers import trainer_data
-
-
-@pytest.fixture(scope="module")
-def other_tokenizer(tmp_path_factory, small_corpus):
-    """Same vocabulary size as tokenizer_dir, trained on other text."""
-    folder = tmp_path_factory.mktemp("other_tok")
-    train_tokenizer(iter(small_corpus.read_text().splitlines()[::-1][:4000]), folder, 1000, sample_sentences=50_000)
-    return folder
 
 
 def _edited(tokenizer_dir, tmp_path, **fields):
