@@ -94,7 +94,8 @@ def test_bit_flips_in_checkpoint_tensors_are_detected_on_resume_and_export(finis
 
 
 @pytest.mark.slow
-def test_damaged_or_mismatched_checkpoints_are_named(finished_run, train_shards, tmp_path, small_corpus):
+def test_damaged_or_mismatched_checkpoints_are_named(finished_run, train_shards, tmp_path, small_corpus,
+                                                     other_tokenizer):
     """trainer_state.json garbage, empty or with a text step; COMPLETE without generator/ (an old
     marker without hashes, so DeepSpeed would be reached); another model shape; another tokenizer
     of the same vocabulary size."""
@@ -117,10 +118,7 @@ def test_damaged_or_mismatched_checkpoints_are_named(finished_run, train_shards,
     result = train_cli(write_run(config, wider), expect=1)
     assert "a checkpoint of another model shape (model.intermediate_size 128 vs 256" in result.stderr
 
-    from data_prep.tokenizer import train_tokenizer
-
-    other = tmp_path / "other_tokenizer"
-    train_tokenizer(iter(small_corpus.read_text().splitlines()[::2]), other, 1000, sample_sentences=50_000)
+    other = other_tokenizer
     out, config = copy_of(finished_run, tmp_path, "tokenizer", steps=5)
     swapped = json.loads(config.read_text())
     from data_prep.cli import main as data_prep  # shards of the other tokenizer: their manifest vouches for them
