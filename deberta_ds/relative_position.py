@@ -30,12 +30,17 @@ def log_bucket(relative: torch.Tensor, position_buckets: int, max_relative_posit
     return torch.where(abs_pos <= mid, relative.to(log_pos.dtype), log_pos * sign).long()
 
 
+def slots_of_distances(relative: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
+    """clamp(bucket(r) + k, 0, 2k - 1): the relative table's row for each distance r (int64, r's shape)."""
+    slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
+    return slots.clamp(0, 2 * position_buckets - 1)
+
+
 def slots_of_positions(query_positions: torch.Tensor, key_positions: torch.Tensor, position_buckets: int,
                        max_relative_positions: int) -> torch.Tensor:
     """clamp(bucket(i - j) + k, 0, 2k - 1) for positions i [Lq] and j [Lk]: int64 [Lq, Lk]."""
     relative = query_positions[:, None] - key_positions[None, :]
-    slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
-    return slots.clamp(0, 2 * position_buckets - 1)
+    return slots_of_distances(relative, position_buckets, max_relative_positions)
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,21 +30,15 @@ from typing import NamedTuple
 
 import torch
 
-from deberta_ds.relative_position import log_bucket
+from deberta_ds.relative_position import slots_of_distances
 
 LOG2E = math.log2(math.e)  # the kernels run their softmax in base 2: tables are stored times log2(e)
-
-
-def _slots(relative: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
-    """Slot of each relative distance, computed where `relative` lies (the reference's float32 code)."""
-    slots = log_bucket(relative, position_buckets, max_relative_positions) + position_buckets
-    return slots.clamp_(0, 2 * position_buckets - 1)
 
 
 def slot_table(seq_len: int, position_buckets: int, max_relative_positions: int, device) -> torch.Tensor:
     """Slot of every relative distance i - j in [-(L-1), L-1], int32 [2L - 1], built on `device`."""
     relative = torch.arange(-(seq_len - 1), seq_len, device=device)
-    return _slots(relative, position_buckets, max_relative_positions).to(torch.int32)
+    return slots_of_distances(relative, position_buckets, max_relative_positions).to(torch.int32)
 
 
 def table_dtype(input_dtype: torch.dtype) -> torch.dtype:
@@ -105,7 +99,7 @@ def _fold(lay: Layout, pad: int, reverse: bool, table_rows: int, device: torch.d
     if reverse:
         column = lay.columns - 1 - column
     distance = (column + lay.r_min - 1).clamp(-(lay.seq_len - 1), lay.seq_len - 1)
-    slot = _slots(distance, lay.position_buckets, lay.max_relative_positions)
+    slot = slots_of_distances(distance, lay.position_buckets, lay.max_relative_positions)
     return (slot[:, None] == torch.arange(table_rows, device=device)[None, :]).float()
 
 
